@@ -1,0 +1,197 @@
+"""Private fine-tuning on digits: downstream accuracy (CAS) and Fréchet distance at ε ∈ {1, 10, ∞}, DP step time.
+
+    python benchmarks/dp_quality.py [--quick] [--threads 2] [--json out.json]
+
+Public data: printed digits (``printed:count=2000``). Private data: the digits training split (1500). Reference: the
+held-out split (297). Every model samples --per-class images per class (DDIM, 20 steps); CAS trains a logistic regression on the
+samples only and tests it on the held-out digits (``dataward.audit.metrics.downstream_accuracy``); FD uses the digits
+feature CNN (``dataward.audit.features.digits_feature_net``). The CPU budget is ~15 minutes, so the matrix is cut
+(see BENCHMARKS.md, "Private fine-tuning").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import time
+import warnings
+
+import torch
+
+from dataward.audit.features import digits_feature_net
+from dataward.audit.metrics import downstream_accuracy, frechet_distance
+from dataward.data import load_source
+from dataward.latent import AutoencoderConfig, LatentDenoiser, make_latent_scheduler, pretrain_autoencoder, sample_latent, unet_eps
+from dataward.nets import build_unet, derive_seed
+from dataward.privacy import DPConfig, dp_finetune, make_private, plan_dp, pretrain_denoiser, run_private_epochs, trainable_filter
+from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
+from dataward.training import TrainConfig, TrainState, denoiser_loss, run_steps
+
+warnings.filterwarnings("ignore")
+SEED = 0
+
+
+def ema_model(state: TrainState) -> torch.nn.Module:
+    model = copy.deepcopy(state.model)
+    model.load_state_dict(state.ema_state_dict())
+    return model.eval()
+
+
+def generate(model, codec, per_class: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_class samples of each digit: (N, 1, 8, 8) images and (N,) labels."""
+    y = torch.arange(10).repeat_interleave(per_class)
+    g = torch.Generator().manual_seed(derive_seed(SEED, "bench-sample"))
+    training = make_training_scheduler()
+    with torch.no_grad():
+        if codec is None:
+            x_T = torch.randn((len(y), 1, 8, 8), generator=g)
+            images = sample_loop(unet_eps(model), x_T, make_sampler(training, "ddim"), steps=steps, y=y, generator=g)
+        else:
+            images = sample_latent(LatentDenoiser(unet_eps(model), codec), len(y), make_latent_scheduler(training, "ddim"), steps=steps, generator=g, y=y)
+    return images.clamp(-1, 1), y
+
+
+def evaluate(model, codec, heldout, features, args) -> dict:
+    images, y = generate(model, codec, args.per_class, args.sample_steps)
+    cas = downstream_accuracy(images, y, heldout.images, heldout.labels, seed=SEED)
+    fd = frechet_distance(features(images), features(heldout.images))
+    return {"cas": cas, "fd": fd}
+
+
+def nonprivate_finetune(model, data, trainable: str, steps: int, batch: int, lr: float, seed: int) -> TrainState:
+    """The ε=∞ counterpart: the same trainable set, batch and step count, no clipping or noise."""
+    train = TrainConfig(steps=steps, batch_size=batch, lr=lr, threads=torch.get_num_threads())
+    state = TrainState.fresh(model, train, trainable_filter(trainable))
+    run_steps(state, data, denoiser_loss(make_training_scheduler()), steps, train, torch.Generator().manual_seed(derive_seed(seed, "np")))
+    return state
+
+
+def step_times(base, data, trainable: str, batch: int, physical: int, repeats: int) -> dict:
+    """Seconds per logical step, DP vs non-private, same trainable set and batch, measured in this process."""
+    scheduler = make_training_scheduler()
+    train = TrainConfig(lr=1e-3)
+    # DP: one epoch of a plan with `repeats` steps per epoch: batch = N / repeats
+    subset = data.select(list(data.ids[: batch * repeats]))
+    config = DPConfig(epsilon=10, batch=batch, epochs=1, trainable=trainable, accountant="rdp", max_physical_batch=physical)
+    state = TrainState.fresh(copy.deepcopy(base), train, trainable_filter(trainable))
+    private = make_private(state, subset, config, seed=SEED)
+    t0 = time.perf_counter()
+    run_private_epochs(private, denoiser_loss(scheduler), torch.Generator().manual_seed(1))
+    dp = (time.perf_counter() - t0) / state.step
+    private.close()
+    np_state = TrainState.fresh(copy.deepcopy(base), TrainConfig(batch_size=batch, lr=1e-3), trainable_filter(trainable))
+    t0 = time.perf_counter()
+    run_steps(np_state, subset, denoiser_loss(scheduler), repeats, TrainConfig(batch_size=batch), torch.Generator().manual_seed(1))
+    plain = (time.perf_counter() - t0) / repeats
+    return {"dp_s": dp, "nonprivate_s": plain, "ratio": dp / plain}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the script, not figures")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--public-steps", type=int, default=300, help="pretraining steps (public denoiser, non-private scratch reference)")
+    parser.add_argument("--dp-epochs", type=int, default=15)
+    parser.add_argument("--per-class", type=int, default=50)
+    parser.add_argument("--ae-steps", type=int, default=300)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    args.per_class, args.sample_steps = (5, 4) if q else (args.per_class, 20)
+    public_count, public_steps = (200, 5) if q else (2000, args.public_steps)
+    dp_batch, dp_epochs = (100, 1) if q else (500, args.dp_epochs)
+    lr = 2e-3
+    physical = 128
+    ae_steps = 5 if q else args.ae_steps
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    private = load_source("digits")
+    heldout = load_source("digits:heldout")
+    public = load_source(f"printed:count={public_count}")
+    features = digits_feature_net()
+    scheduler = make_training_scheduler()
+    results: list[dict] = []
+
+    def record(space, method, eps, state_or_model, codec, extra=None):
+        model = ema_model(state_or_model) if isinstance(state_or_model, TrainState) else state_or_model
+        row = {"space": space, "method": method, "epsilon": eps, **evaluate(model, codec, heldout, features, args), **(extra or {})}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    real = {"cas_real_train": downstream_accuracy(private.images, private.labels, heldout.images, heldout.labels, seed=SEED),
+            "feature_net_heldout_accuracy": features.heldout_accuracy}
+    print(json.dumps(real), flush=True)
+
+    for space in ("pixel", "latent"):
+        t0 = time.perf_counter()
+        codec = None
+        pub, priv = public, private
+        if space == "latent":
+            codec = pretrain_autoencoder(public, AutoencoderConfig(steps=ae_steps), seed=SEED, threads=args.threads)
+            pub, priv = codec.encode_dataset(public), codec.encode_dataset(private)
+            recon = codec.decode(codec.encode(private.images))
+            real["autoencoder_digits_mse"] = float((recon - private.images).pow(2).mean())
+            real["autoencoder_printed_mse"] = float((codec.decode(pub.images) - public.images).pow(2).mean())
+        pre = pretrain_denoiser(pub, TrainConfig(steps=public_steps, batch_size=128, lr=2e-3), seed=SEED, scheduler=scheduler)
+        base = ema_model(pre)
+        timings[f"{space}_pretrain_s"] = time.perf_counter() - t0
+        record(space, "public only", None, base, codec)
+        steps = dp_epochs * -(-len(priv) // dp_batch)
+        # attention-only after public pretraining (DP-LDM): eps in {1, 10, inf}; latent: {10, inf}
+        for eps in ((1.0, 10.0) if space == "pixel" else (10.0,)):
+            t0 = time.perf_counter()
+            config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="attention", accountant="prv", max_physical_batch=physical)
+            state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
+            record(space, "attention (public pretrain)", eps, state, codec,
+                   {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "eps_rdp": rec.epsilon("rdp"), "steps": rec.steps, "q": rec.sample_rate,
+                    "trainable_fraction": rec.trainable_fraction, "train_s": time.perf_counter() - t0})
+        t0 = time.perf_counter()
+        state = nonprivate_finetune(copy.deepcopy(base), priv, "attention", steps, dp_batch, lr, SEED)
+        record(space, "attention (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
+        if space == "latent":
+            continue
+        # full DP fine-tuning and DP from scratch: eps=10 only (budget); non-private from scratch is the reference
+        t0 = time.perf_counter()
+        config = DPConfig(epsilon=10.0, batch=dp_batch, epochs=dp_epochs, trainable="full", accountant="prv", max_physical_batch=physical)
+        state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
+        record(space, "full (public pretrain)", 10.0, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
+        t0 = time.perf_counter()
+        fresh = build_unet("tiny", 8, 1, 10, seed=derive_seed(SEED, "scratch"))
+        state, rec = dp_finetune(fresh, priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
+        record(space, "full (DP from scratch)", 10.0, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
+        t0 = time.perf_counter()
+        scratch_steps = 5 if q else public_steps
+        train = TrainConfig(steps=scratch_steps, batch_size=128, lr=2e-3)
+        state = TrainState.fresh(build_unet("tiny", 8, 1, 10, seed=derive_seed(SEED, "scratch")), train)
+        run_steps(state, priv, denoiser_loss(scheduler), scratch_steps, train, torch.Generator().manual_seed(derive_seed(SEED, "scratch-np")))
+        record(space, "full (non-private from scratch)", float("inf"), state, codec, {"steps": scratch_steps, "batch": 128, "train_s": time.perf_counter() - t0})
+        # DP / non-private step time for the same trainable set, batch and physical split
+        for trainable in ("attention", "full"):
+            timings[f"step_{trainable}"] = step_times(base, private, trainable, 100 if q else 250, physical, 2 if q else 3)
+            print(json.dumps({trainable: timings[f"step_{trainable}"]}), flush=True)
+
+    selected = plan_dp(DPConfig(accountant="rdp", batch=dp_batch), len(private), build_unet("tiny", 8, 1, 10, seed=0))
+    summary = {
+        "real": real,
+        "results": results,
+        "timings": timings,
+        "trainable_fraction_attention": selected.trainable_fraction,
+        "trainable_params_attention": selected.trainable_params,
+        "total_params": selected.total_params,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "total_s": time.perf_counter() - t_start,
+        "settings": {"public": f"printed:count={public_count}", "public_steps": public_steps, "dp_batch": dp_batch, "dp_epochs": dp_epochs,
+                     "lr": lr, "physical": physical, "per_class": args.per_class, "sample_steps": args.sample_steps, "threads": args.threads},
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "results"}), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(summary, handle, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

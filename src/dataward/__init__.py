@@ -1,0 +1,16 @@
+"""dataward: train and serve diffusion models that protect their training data.
+
+The public API: :class:`Ward` (create/open, train, sample, forget, verify, add, status), :class:`TrainConfig`,
+:class:`DPConfig`, :class:`GuardConfig`, and data sources via :func:`load_source`.
+"""
+
+__version__ = "0.1.0"
+
+from dataward.data import Dataset, load_source  # noqa: E402
+from dataward.errors import DatawardError  # noqa: E402
+from dataward.guard import GuardConfig  # noqa: E402
+from dataward.privacy import DPConfig  # noqa: E402
+from dataward.training import TrainConfig  # noqa: E402
+from dataward.ward import SampleResult, Ward, WardConfig  # noqa: E402
+
+__all__ = ["Ward", "WardConfig", "SampleResult", "TrainConfig", "DPConfig", "GuardConfig", "Dataset", "load_source", "DatawardError", "__version__"]

@@ -1,0 +1,276 @@
+"""Data sources: every example has a stable string ID.
+
+Sources are named by a spec string:
+
+- ``digits`` (scikit-learn's handwritten digits, training split), ``digits:subset=N`` (a seeded subset of N training IDs),
+  ``digits:heldout`` (the fixed 297-image held-out split, never trained on);
+- ``printed`` / ``printed:count=N,seed=S`` (printed digits rendered with Pillow's bundled font, our public data);
+- ``folder:PATH`` (one sub-folder per class, or a flat folder of images);
+- ``npz:PATH`` (``images`` (N, H, W) or (N, C, H, W) or (N, H, W, C), optional ``labels``, ``ids``, ``owners``).
+
+Images are float32 tensors (N, C, H, W) scaled to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from dataward.errors import DatawardError
+
+DIGITS_COUNT = 1797
+DIGITS_HELDOUT = 297
+DIGITS_SPLIT_SEED = 0
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Examples with stable IDs. ``images`` (N, C, H, W) in [-1, 1]; ``labels`` (N,) int64 or None."""
+
+    ids: tuple[str, ...]
+    images: torch.Tensor  # (N, C, H, W)
+    labels: torch.Tensor | None  # (N,)
+    owners: tuple[str, ...] | None = None  # per-example owner, for compartments assigned by source
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if n == 0:
+            raise DatawardError("the data source is empty: expected at least one image")
+        if self.images.ndim != 4 or self.images.shape[0] != n:
+            raise DatawardError(f"images must be (N, C, H, W) with N={n}, got {tuple(self.images.shape)}")
+        if self.labels is not None and self.labels.shape != (n,):
+            raise DatawardError(f"labels must have one entry per image ({n}), got {tuple(self.labels.shape)}")
+        if self.owners is not None and len(self.owners) != n:
+            raise DatawardError(f"owners must have one entry per image ({n}), got {len(self.owners)}")
+        seen: set[str] = set()
+        for sample_id in self.ids:
+            if sample_id in seen:
+                raise DatawardError(f"duplicate sample ID {sample_id!r}: IDs must be unique")
+            seen.add(sample_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def select(self, ids: list[str] | tuple[str, ...]) -> "Dataset":
+        """The examples with these IDs, in the order given; unknown IDs are an error that names them."""
+        index = {sample_id: i for i, sample_id in enumerate(self.ids)}
+        missing = [sample_id for sample_id in ids if sample_id not in index]
+        if missing:
+            raise DatawardError(f"unknown sample ID(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        rows = torch.tensor([index[sample_id] for sample_id in ids], dtype=torch.long)
+        return Dataset(
+            ids=tuple(ids),
+            images=self.images[rows],
+            labels=None if self.labels is None else self.labels[rows],
+            owners=None if self.owners is None else tuple(self.owners[i] for i in rows.tolist()),
+            num_classes=self.num_classes,
+        )
+
+    def resized(self, image_size: int, channels: int) -> "Dataset":
+        """The same examples at ``image_size`` x ``image_size`` with ``channels`` channels (1 grey or 3 RGB)."""
+        images = self.images
+        if images.shape[1] != channels:
+            if channels == 1:
+                images = images.mean(dim=1, keepdim=True)
+            elif images.shape[1] == 1 and channels == 3:
+                images = images.expand(-1, 3, -1, -1)
+            else:
+                raise DatawardError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
+        if images.shape[-2:] != (image_size, image_size):
+            images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        return Dataset(self.ids, images.contiguous().clamp(-1, 1), self.labels, self.owners, self.num_classes)
+
+
+def ids_hash(ids) -> str:
+    """SHA-256 of the sorted sample IDs: what a model was trained on, in one string."""
+    digest = hashlib.sha256()
+    for sample_id in sorted(ids):
+        digest.update(sample_id.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _parse_options(spec: str, text: str, allowed: dict[str, type]) -> dict:
+    options = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in allowed:
+            raise DatawardError(f"bad data source {spec!r}: unknown option {part!r} (expected {', '.join(allowed)})")
+        try:
+            options[key] = allowed[key](value)
+        except ValueError:
+            raise DatawardError(f"bad data source {spec!r}: option {key} must be {allowed[key].__name__}, got {value!r}") from None
+    return options
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images.astype(np.float32), bunch.target.astype(np.int64)  # (1797, 8, 8) in 0..16
+
+
+def _digits_split() -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training split and the fixed held-out split (last 297 of a seeded permutation)."""
+    perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(DIGITS_COUNT)
+    return np.sort(perm[:-DIGITS_HELDOUT]), np.sort(perm[-DIGITS_HELDOUT:])
+
+
+def load_digits(split: str = "train", subset: int | None = None, seed: int = 0) -> Dataset:
+    """scikit-learn's digits, IDs ``digits:0042``; ``split`` is ``train`` or ``heldout``."""
+    images, labels = _digits_arrays()
+    train, heldout = _digits_split()
+    rows = {"train": train, "heldout": heldout}[split]
+    if subset is not None:
+        if not 0 < subset <= len(rows):
+            raise DatawardError(f"digits subset must be between 1 and {len(rows)}, got {subset}")
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=subset, replace=False))
+    x = torch.from_numpy(images[rows] / 16.0 * 2.0 - 1.0).unsqueeze(1)
+    return Dataset(tuple(f"digits:{i:04d}" for i in rows), x.contiguous(), torch.from_numpy(labels[rows]), num_classes=10)
+
+
+def render_printed(count: int, seed: int = 0, image_size: int = 8) -> Dataset:
+    """Printed digits 0-9 from Pillow's bundled font at seeded random size, offset, rotation and stroke."""
+    if count <= 0:
+        raise DatawardError(f"printed count must be positive, got {count}")
+    rng = np.random.default_rng(seed)
+    canvas = 32
+    images = np.empty((count, image_size, image_size), dtype=np.float32)
+    labels = np.arange(count, dtype=np.int64) % 10
+    rng.shuffle(labels)
+    for i, label in enumerate(labels):
+        font = ImageFont.load_default(size=float(rng.uniform(20, 28)))
+        img = Image.new("L", (canvas, canvas), 0)
+        draw = ImageDraw.Draw(img)
+        stroke = int(rng.integers(0, 3))
+        draw.text((canvas / 2, canvas / 2), str(label), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
+        img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, translate=tuple(rng.uniform(-2.5, 2.5, 2)))
+        bbox = img.getbbox() or (0, 0, canvas, canvas)
+        side = max(bbox[2] - bbox[0], bbox[3] - bbox[1]) + 4  # keep the digit's aspect ratio, with a margin
+        cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+        img = img.crop((int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)))
+        images[i] = np.asarray(img.resize((image_size, image_size), Image.LANCZOS), dtype=np.float32) / 255.0
+    x = torch.from_numpy(np.clip(images, 0, 1) * 2.0 - 1.0).unsqueeze(1)
+    return Dataset(tuple(f"printed:{seed}:{i:06d}" for i in range(count)), x.contiguous(), torch.from_numpy(labels), num_classes=10)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = "L" if img.mode in ("1", "L", "I", "I;16", "F", "LA", "P") and img.mode != "P" else "RGB"
+            return np.asarray(img.convert(mode), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DatawardError(f"cannot read image {path}: {error}") from None
+
+
+def load_folder(root: Path) -> Dataset:
+    """A folder of images: one sub-folder per class (labels by sorted sub-folder name) or flat (no labels)."""
+    if not root.is_dir():
+        raise DatawardError(f"data folder {root} does not exist or is not a folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if class_dirs:
+        entries = [(f, c) for c, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if f.is_file()]
+    else:
+        entries = [(f, None) for f in sorted(root.iterdir()) if f.is_file()]
+    entries = [(f, c) for f, c in entries if not f.name.startswith(".")]
+    if not entries:
+        raise DatawardError(f"data folder {root} holds no images")
+    for f, _ in entries:
+        if f.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DatawardError(f"{f} is not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
+    arrays = [_read_image(f) for f, _ in entries]
+    size = arrays[0].shape[:2]
+    channels = 3 if any(a.ndim == 3 for a in arrays) else 1
+    tensors = []
+    for (f, _), a in zip(entries, arrays):
+        t = torch.from_numpy(a)
+        t = t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0).expand(channels, -1, -1)
+        if t.shape[-2:] != size:
+            t = torch.nn.functional.interpolate(t[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        tensors.append(t)
+    images = torch.stack(tensors) * 2.0 - 1.0
+    labels = torch.tensor([c for _, c in entries]) if class_dirs else None
+    ids = tuple(str(f.relative_to(root)) for f, _ in entries)
+    return Dataset(ids, images.contiguous(), labels, num_classes=len(class_dirs) if class_dirs else None)
+
+
+def load_npz(path: Path) -> Dataset:
+    """An .npz with ``images`` and optional ``labels``, ``ids``, ``owners``; never unpickles anything."""
+    if not path.is_file():
+        raise DatawardError(f"npz file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        raise DatawardError(f"cannot read {path} as an npz without pickles: {error}") from None
+    if "images" not in arrays:
+        raise DatawardError(f"{path} has no 'images' array (found: {', '.join(arrays) or 'nothing'})")
+    images = arrays["images"]
+    if images.dtype.kind not in "fiu":
+        raise DatawardError(f"{path}: 'images' must be numeric, got dtype {images.dtype}")
+    images = images.astype(np.float32)
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise DatawardError(f"{path}: 'images' must be (N, H, W), (N, C, H, W) or (N, H, W, C) with C in 1 or 3, got {arrays['images'].shape}")
+    n = images.shape[0]
+    if n == 0:
+        raise DatawardError(f"{path}: 'images' is empty")
+    bad = ~np.isfinite(images).reshape(n, -1).all(axis=1)
+    ids = [str(i) for i in arrays["ids"]] if "ids" in arrays else [f"{path.stem}:{i:06d}" for i in range(n)]
+    if len(ids) != n:
+        raise DatawardError(f"{path}: 'ids' has {len(ids)} entries but there are {n} images")
+    if bad.any():
+        raise DatawardError(f"{path}: image {ids[int(np.argmax(bad))]!r} contains NaN or inf")
+    lo, hi = float(images.min()), float(images.max())
+    if lo >= 0 and hi > 1:  # 0..255 or 0..16 style integers
+        images = images / hi
+    if images.min() >= 0:
+        images = images * 2.0 - 1.0
+    labels = None
+    if "labels" in arrays:
+        raw = arrays["labels"]
+        if raw.shape != (n,):
+            raise DatawardError(f"{path}: 'labels' must have one entry per image ({n}), got shape {raw.shape}")
+        if raw.dtype.kind not in "iu" or (raw < 0).any():
+            raise DatawardError(f"{path}: 'labels' must be non-negative integers, got dtype {raw.dtype}")
+        labels = torch.from_numpy(raw.astype(np.int64))
+    owners = None
+    if "owners" in arrays:
+        owners = tuple(str(o) for o in arrays["owners"])
+    num_classes = int(labels.max()) + 1 if labels is not None else None
+    return Dataset(tuple(ids), torch.from_numpy(np.ascontiguousarray(images)).clamp(-1, 1), labels, owners, num_classes)
+
+
+def load_source(spec: str) -> Dataset:
+    """Load a data source from its spec string (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "digits":
+        if rest == "heldout":
+            return load_digits("heldout")
+        options = _parse_options(spec, rest, {"subset": int, "seed": int})
+        return load_digits("train", options.get("subset"), options.get("seed", 0))
+    if kind == "printed":
+        options = _parse_options(spec, rest, {"count": int, "seed": int, "size": int})
+        return render_printed(options.get("count", 2000), options.get("seed", 0), options.get("size", 8))
+    if kind == "folder":
+        return load_folder(Path(rest).expanduser())
+    if kind == "npz":
+        return load_npz(Path(rest).expanduser())
+    raise DatawardError(f"unknown data source {spec!r}: expected digits, digits:subset=N, printed[:count=N], folder:PATH or npz:PATH")

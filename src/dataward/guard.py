@@ -1,0 +1,236 @@
+"""CPSample guards: a classifier on noisy inputs that overfits random bits, and the guidance that steers away from it.
+
+Kazdan et al., *CPSample: Classifier Protected Sampling for Guarding Training Data During Diffusion* (arXiv 2409.07025).
+Every training image gets a random label ``y ∈ {0, 1}`` fixed by (seed, sample ID). The guard ``p_φ(y | x_t, t)`` is
+trained on ``x_t = add_noise(x_0, ε, t)`` (the same scheduler object as the denoiser) until it labels the training data
+with near-certainty at small ``t``. Random labels carry no signal, so the guard is confident only near the training
+images it memorised and uncertain (≈ 1/2) elsewhere. During sampling, wherever the guard is confident
+(``max_y p_φ(y | x_t) > 1 − α``) the noise prediction is pushed toward the *less* likely label:
+
+    ε̂(x_t, t) = ε(x_t, t) − sqrt(1 − ᾱ_t) · s · ∇_{x_t} log p_φ(ŷ | x_t, t),   ŷ = argmin_y p_φ(y | x_t, t)
+
+and ``ε̂ = ε`` where the guard is not confident. This moves ``x_t`` toward the guard's uncertainty (p = 1/2), i.e. away
+from memorised training points. The formula is the paper's (its ε-space classifier guidance, Dhariwal & Nichol's
+``condition_score``); the ``sqrt(1 − ᾱ_t)`` factor lives in :func:`dataward.sampling.guide_eps`, the one place guidance
+is applied, and this module returns only ``s · ∇ log p_φ(ŷ | x_t)`` (zero where not confident).
+
+Deviations from the paper, all documented on the functions:
+
+- the guard trains on ``t < max_timestep`` only (random labels cannot be learned at large ``t``), and guidance is zero
+  for ``t >= max_timestep`` (the guard was never trained there, so its confidence would be meaningless);
+- the confidence test is per sample (the paper's Algorithm 1 is per sample too; we state it so batched sampling is clear).
+
+Training is a pure function of (the data's IDs, sorted; its images; the seed; the config): it reuses the shared
+deterministic trainer (:class:`dataward.training.TrainState`, :func:`dataward.training.run_steps`) and
+:func:`dataward.training.classifier_loss` with the guard labels as ``targets``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+
+from dataward.data import Dataset
+from dataward.errors import DatawardError
+from dataward.nets import NoisyClassifier, build_classifier, derive_seed
+from dataward.sampling import Denoiser, Guidance, guide_eps
+from dataward.training import PerSampleLoss, TrainConfig, TrainState, classifier_loss, run_steps
+
+
+# The memorization testbed (issue 5): the tiny UNet trained on ``digits:subset=MEMORIZE_SUBSET`` with this config
+# replicates training images when sampled unguarded (see BENCHMARKS.md, "Guarded sampling").
+MEMORIZE_SUBSET = 64  # training images: digits:subset=64 (seed 0)
+MEMORIZE_PRESET = TrainConfig(steps=600, batch_size=64, lr=2e-3, ema_decay=0.995)  # 600 full-batch steps (600 epochs)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """How a guard is built, trained and applied. Saved as JSON next to the guard's weights."""
+
+    width: int = 64  # classifier base channels (NoisyClassifier width): enough to memorise the random bits of 64 digits at t < 300 (~0.9 at t = 500)
+    levels: int = 2  # resolution levels of the classifier (8x8 -> 4x4)
+    blocks_per_level: int = 1  # ResNet blocks per level
+    epochs: float = 500.0  # passes over the guard's data (used when ``steps`` is None); 500 steps for 64 images
+    steps: int | None = None  # if set, overrides epochs: optimizer steps over all stages
+    batch_size: int = 64  # examples per optimizer step
+    lr: float = 1e-3  # Adam learning rate
+    ema_decay: float = 0.99  # EMA of the guard's weights; the EMA weights are the ones that guide sampling
+    max_timestep: int = 600  # the guard trains on t in [0, max_timestep) and guides only there (of T = 1000)
+    scale: float = 10.0  # default guidance scale s (benchmark: s = 10 removes replicas, s <= 3 does not)
+    alpha: float = 0.01  # default threshold α: guide where max_y p(y | x_t) > 1 − α
+    threads: int = 2  # torch intra-op threads during training (part of the determinism contract)
+
+    def __post_init__(self) -> None:
+        if self.width < 16 or self.width % 16:
+            raise DatawardError(f"guard width must be a positive multiple of 16 (GroupNorm groups), got {self.width}")
+        if self.levels < 1 or self.blocks_per_level < 1:
+            raise DatawardError(f"guard levels and blocks_per_level must be >= 1, got {self.levels} and {self.blocks_per_level}")
+        if self.max_timestep < 1:
+            raise DatawardError(f"guard max_timestep must be >= 1, got {self.max_timestep}")
+        if self.scale < 0:
+            raise DatawardError(f"guard scale must be >= 0, got {self.scale}")
+        if not 0.0 < self.alpha < 0.5:
+            raise DatawardError(f"guard alpha must be in (0, 0.5), got {self.alpha}")
+
+    def train_config(self) -> TrainConfig:
+        """The shared trainer's config for this guard."""
+        return TrainConfig(
+            epochs=self.epochs, steps=self.steps, batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, threads=self.threads
+        )
+
+
+def guard_labels(ids, seed: int) -> torch.Tensor:
+    """Bernoulli(1/2) labels (N,) int64, one per sample ID, each a hash of (seed, ID): stable when other IDs change."""
+    return torch.tensor([derive_seed("guard-label", seed, sample_id) & 1 for sample_id in ids], dtype=torch.long)
+
+
+def build_guard(channels: int, seed: int, config: GuardConfig = GuardConfig()) -> NoisyClassifier:
+    """A fresh two-class noisy classifier (a diffusers ModelMixin: ``save_pretrained`` folders) with weights from ``seed``."""
+    return build_classifier(channels, num_classes=2, seed=seed, width=config.width, levels=config.levels, blocks_per_level=config.blocks_per_level)
+
+
+def guard_loss(scheduler: DDPMScheduler, config: GuardConfig = GuardConfig()) -> PerSampleLoss:
+    """Per-example cross-entropy on x_t = scheduler.add_noise(x_0, ε, t), t uniform in [0, max_timestep)."""
+    if config.max_timestep > scheduler.config.num_train_timesteps:
+        raise DatawardError(
+            f"guard max_timestep {config.max_timestep} exceeds the scheduler's num_train_timesteps {scheduler.config.num_train_timesteps}"
+        )
+    return classifier_loss(scheduler, config.max_timestep)
+
+
+def guard_generator(seed: int, stage: int = 0) -> torch.Generator:
+    """The generator of one training stage of the guard seeded by ``seed``: noise, timesteps and batch order."""
+    return torch.Generator().manual_seed(derive_seed("guard-train", seed, stage))
+
+
+def sorted_by_id(data: Dataset) -> Dataset:
+    """``data`` in sorted-ID order (training depends only on the set of IDs, not on how they were listed)."""
+    ids = sorted(data.ids)
+    return data if list(data.ids) == ids else data.select(ids)
+
+
+def fresh_guard_state(channels: int, seed: int, config: GuardConfig = GuardConfig(), device: str = "cpu") -> TrainState:
+    """A new training state (guard, EMA, Adam) for the guard seeded by ``seed``."""
+    return TrainState.fresh(build_guard(channels, derive_seed("guard-init", seed), config).to(device), config.train_config())
+
+
+def train_guard_steps(
+    state: TrainState,
+    data: Dataset,
+    scheduler: DDPMScheduler,
+    seed: int,
+    config: GuardConfig,
+    steps: int,
+    stage: int = 0,
+    device: str = "cpu",
+    on_step=None,
+) -> None:
+    """Continue training ``state`` for ``steps`` steps on ``data`` (one SISA stage: slices 0..stage) with its guard labels.
+
+    The labels come from :func:`guard_labels` with ``seed``; the generator from (seed, stage); the order from sorted IDs.
+    """
+    data = sorted_by_id(data)
+    run_steps(
+        state,
+        data,
+        guard_loss(scheduler, config),
+        steps,
+        config.train_config(),
+        guard_generator(seed, stage),
+        targets=guard_labels(data.ids, seed),
+        device=device,
+        on_step=on_step,
+    )
+
+
+def train_guard(
+    data: Dataset, scheduler: DDPMScheduler, seed: int, config: GuardConfig = GuardConfig(), device: str = "cpu", on_step=None
+) -> TrainState:
+    """Train a guard from scratch on ``data`` in one stage; a pure function of (IDs, images, seed, config, thread count).
+
+    The guard used for sampling is the EMA model: ``guard_model(state)``.
+    """
+    state = fresh_guard_state(data.shape[0], seed, config, device)
+    steps = config.train_config().total_steps(len(data))
+    train_guard_steps(state, data, scheduler, seed, config, steps, stage=0, device=device, on_step=on_step)
+    return state
+
+
+def guard_model(state: TrainState) -> NoisyClassifier:
+    """A copy of the trained guard holding the EMA weights, in eval mode (what guides sampling and gets saved)."""
+    guard = copy.deepcopy(state.model)  # (not from_config: nets builds it with positional args, which from_config drops)
+    guard.load_state_dict(state.ema_state_dict())
+    return guard.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def guard_accuracy_by_t(
+    guard: torch.nn.Module,
+    data: Dataset,
+    labels: torch.Tensor,
+    scheduler: DDPMScheduler,
+    timesteps,
+    generator: torch.Generator,
+    batch_size: int = 512,
+) -> dict[int, float]:
+    """Accuracy of ``guard`` on ``labels`` at each timestep t, on x_t = add_noise(x_0, ε, t) with ε from ``generator``."""
+    if labels.shape != (len(data),):
+        raise DatawardError(f"labels must have one entry per image ({len(data)}), got {tuple(labels.shape)}")
+    guard.eval()
+    device = next(guard.parameters()).device
+    result: dict[int, float] = {}
+    for t in timesteps:
+        correct = 0
+        for start in range(0, len(data), batch_size):
+            x0 = data.images[start : start + batch_size]
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+            tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
+            x_t = scheduler.add_noise(x0, noise, tt).to(device)
+            pred = guard(x_t, tt.to(device)).argmax(dim=1).cpu()
+            correct += int((pred == labels[start : start + batch_size]).sum())
+        result[int(t)] = correct / len(data)
+    return result
+
+
+def guard_guidance(guard: torch.nn.Module, scale: float, alpha: float, max_timestep: int | None = None) -> Guidance:
+    """The CPSample guidance callable ``grad_log_p(x_t, t) -> (N, C, H, W)`` for :func:`dataward.sampling.sample_loop`.
+
+    For each sample with ``max_y p_φ(y | x_t, t) > 1 − alpha`` it returns ``scale · ∇_{x_t} log p_φ(ŷ | x_t, t)`` with
+    ``ŷ`` the less likely label; zero for the others, and zero for every sample when ``t >= max_timestep`` (None: all t).
+    The loop turns it into ε̂ = ε − sqrt(1 − ᾱ_t) · (this) in :func:`dataward.sampling.guide_eps`.
+    Gradients are enabled here, since the loop runs under ``no_grad``; the guard must treat samples independently
+    (GroupNorm, no BatchNorm), which the NoisyClassifier does, so one backward pass gives every per-sample gradient.
+    """
+    if scale < 0:
+        raise DatawardError(f"guard scale must be >= 0, got {scale}")
+    if not 0.0 < alpha < 0.5:
+        raise DatawardError(f"guard alpha must be in (0, 0.5), got {alpha}")
+    guard.eval()
+
+    def grad_log_p(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if max_timestep is not None and int(t) >= max_timestep:
+            return torch.zeros_like(x_t)
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            log_p = torch.log_softmax(guard(x, t).float(), dim=1)  # (N, 2)
+            y_hat = log_p.argmin(dim=1)  # the less likely label
+            confident = log_p.max(dim=1).values.exp() > 1.0 - alpha  # (N,)
+            (grad,) = torch.autograd.grad(log_p.gather(1, y_hat[:, None]).sum(), x)
+        return scale * grad.to(x_t.dtype) * confident.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+
+    return grad_log_p
+
+
+def guarded(eps: Denoiser, guidance: Guidance, alpha_bar: torch.Tensor) -> Denoiser:
+    """A denoiser whose ε is guided by ``guidance`` (via :func:`dataward.sampling.guide_eps`): one compartment's ε_i
+    guided by its own guard, before the mixture. ``alpha_bar`` is the sampling scheduler's ``alphas_cumprod``."""
+
+    def eps_guarded(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            e = eps(x_t, t, y)
+        return guide_eps(e, x_t, t, guidance, alpha_bar)
+
+    return eps_guarded

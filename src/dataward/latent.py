@@ -1,0 +1,214 @@
+"""Latent diffusion (DP-LDM's first half): a small diffusers ``AutoencoderKL`` trained on PUBLIC data, and the latent
+denoiser wrapper that lets the one sampling loop run in its latent space.
+
+The autoencoder is trained with the ordinary trainer (:func:`dataward.training.run_steps`) on an unreduced per-sample
+loss (reconstruction + ``kl_weight`` * KL). Encoding uses the posterior mean (deterministic), scaled by a factor computed
+from the public latents so they have unit standard deviation (Rombach et al.'s ``scaling_factor``). Latents are not in
+[-1, 1], so latent sampling uses a scheduler without x_0 clipping (:func:`make_latent_scheduler`).
+
+Sampling: ``decode(sample_loop(eps_latent, z_T, ...))``. :class:`LatentDenoiser` is just a denoiser over latents that
+also knows how to decode; the loop in :mod:`dataward.sampling` never knows it runs in latent space.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+
+import dataward.sampling as sampling
+from dataward.data import Dataset
+from dataward.errors import DatawardError
+from dataward.nets import derive_seed, seeded_init
+from dataward.training import TrainConfig, TrainState, run_steps
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """A small ``AutoencoderKL`` for 8x8 (or 16x16) grey digits. Saved as JSON next to the weights."""
+
+    image_size: int = 8  # input H = W
+    channels: int = 1  # input channels
+    latent_channels: int = 4  # C' of the latent (C', H / 2, W / 2): 4x4x4 for 8x8 images
+    block_out_channels: tuple[int, ...] = (16, 32)  # encoder/decoder widths; len - 1 downsamplings by 2
+    layers_per_block: int = 1  # resnet blocks per level
+    norm_num_groups: int = 8  # GroupNorm groups (must divide every width)
+    kl_weight: float = 1e-4  # β: weight of the KL to N(0, I) per latent dimension, relative to the pixel MSE
+    steps: int = 300  # Adam steps of pretraining
+    batch_size: int = 64  # examples per step
+    lr: float = 3e-3  # Adam learning rate
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C', h, w) of one latent."""
+        side = self.image_size // 2 ** (len(self.block_out_channels) - 1)
+        return (self.latent_channels, side, side)
+
+
+def build_autoencoder(config: AutoencoderConfig, seed: int) -> AutoencoderKL:
+    """An ``AutoencoderKL`` with weights drawn from ``seed``."""
+    levels = len(config.block_out_channels)
+    if config.image_size % 2 ** (levels - 1):
+        raise DatawardError(f"autoencoder image_size {config.image_size} is not divisible by {2 ** (levels - 1)}")
+    return seeded_init(
+        lambda: AutoencoderKL(
+            in_channels=config.channels,
+            out_channels=config.channels,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            latent_channels=config.latent_channels,
+            norm_num_groups=config.norm_num_groups,
+            sample_size=config.image_size,
+            mid_block_add_attention=False,
+        ),
+        seed,
+    )
+
+
+def autoencoder_loss(kl_weight: float):
+    """Per-example ``mean (x - D(z))^2 + kl_weight * KL(q(z|x) || N(0, I)) / dim(z)``, z ~ q(z|x) from ``generator``."""
+
+    def loss(model, x0, y, targets, generator):
+        posterior = model.encode(x0).latent_dist
+        z = posterior.sample(generator=generator)  # (B, C', h, w)
+        recon = model.decode(z).sample  # (B, C, H, W)
+        kl = posterior.kl() / z[0].numel()  # (B,)
+        return (recon - x0).pow(2).flatten(1).mean(dim=1) + kl_weight * kl
+
+    return loss
+
+
+@dataclass
+class LatentCodec:
+    """A trained autoencoder and its latent scaling factor: images (N, C, H, W) <-> latents (N, C', h, w)."""
+
+    autoencoder: AutoencoderKL
+    scaling_factor: float  # 1 / std of the public latents: scaled latents have unit standard deviation
+    config: AutoencoderConfig
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled posterior means (deterministic) of images in [-1, 1]."""
+        self.autoencoder.eval()
+        return self.autoencoder.encode(images).latent_dist.mode() * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from scaled latents."""
+        self.autoencoder.eval()
+        return self.autoencoder.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+
+    def encode_dataset(self, data: Dataset, batch: int = 512) -> Dataset:
+        """The same examples (IDs, labels) as latents: what the latent denoiser trains on. Encoding is a per-example
+        deterministic map with a public model, so DP-SGD on the latents is DP for the images."""
+        if data.shape != (self.config.channels, self.config.image_size, self.config.image_size):
+            raise DatawardError(
+                f"the autoencoder takes {self.config.channels}x{self.config.image_size}x{self.config.image_size} images, got {'x'.join(map(str, data.shape))}"
+            )
+        z = torch.cat([self.encode(data.images[i : i + batch]) for i in range(0, len(data), batch)])
+        return Dataset(data.ids, z.contiguous(), data.labels, data.owners, data.num_classes)
+
+    def save(self, folder: Path) -> None:
+        """Weights as safetensors (diffusers ``save_pretrained``) plus ``codec.json``."""
+        folder = Path(folder)
+        self.autoencoder.save_pretrained(folder, safe_serialization=True)
+        meta = {"scaling_factor": self.scaling_factor, "config": asdict(self.config)}
+        (folder / "codec.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> "LatentCodec":
+        """Load what :meth:`save` wrote (safetensors only: no pickle)."""
+        folder = Path(folder)
+        meta_path = folder / "codec.json"
+        if not meta_path.is_file():
+            raise DatawardError(f"{folder} holds no autoencoder (codec.json is missing)")
+        meta = json.loads(meta_path.read_text())
+        config = AutoencoderConfig(**{**meta["config"], "block_out_channels": tuple(meta["config"]["block_out_channels"])})
+        autoencoder = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+        return cls(autoencoder.eval(), float(meta["scaling_factor"]), config)
+
+
+def pretrain_autoencoder(
+    public: Dataset,
+    config: AutoencoderConfig = AutoencoderConfig(),
+    *,
+    seed: int,
+    threads: int = 2,
+    on_step: Callable[[float], None] | None = None,
+) -> LatentCodec:
+    """Train the autoencoder on PUBLIC images with the ordinary trainer; deterministic in ``seed`` (and ``threads``).
+    Uses the EMA weights (decay 0.99) and computes the scaling factor from the public latents."""
+    if public.shape != (config.channels, config.image_size, config.image_size):
+        raise DatawardError(
+            f"autoencoder config expects {config.channels}x{config.image_size}x{config.image_size} images, public data is {'x'.join(map(str, public.shape))}"
+        )
+    train = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, ema_decay=0.99, threads=threads)
+    state = TrainState.fresh(build_autoencoder(config, derive_seed(seed, "autoencoder", "init")), train)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "autoencoder", "train"))
+    run_steps(state, public, autoencoder_loss(config.kl_weight), config.steps, train, generator, on_step=on_step)
+    state.model.load_state_dict(state.ema_state_dict())
+    codec = LatentCodec(state.model.eval(), 1.0, config)
+    z = codec.encode_dataset(public).images
+    codec.scaling_factor = float(1.0 / z.std())
+    return codec
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling in latent space
+
+
+def make_latent_scheduler(training_scheduler: DDPMScheduler, sampler: sampling.SamplerName = "ddim") -> DDPMScheduler | DDIMScheduler:
+    """The sampling scheduler of ``training_scheduler``'s noise schedule without x_0 clipping (latents are unbounded)."""
+    scheduler = sampling.make_sampler(training_scheduler, sampler)
+    return type(scheduler).from_config(scheduler.config, clip_sample=False)
+
+
+def unet_eps(model: torch.nn.Module) -> sampling.Denoiser:
+    """A diffusers UNet as a denoiser callable ``eps(x_t, t, y)``."""
+
+    def eps(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        return model(x_t, t, class_labels=y).sample
+
+    return eps
+
+
+class LatentDenoiser:
+    """A denoiser over scaled latents (N, C', h, w) that also decodes: ``sample_loop`` runs on it unchanged, and
+    :meth:`decode` maps its x_0 to images."""
+
+    def __init__(self, eps: sampling.Denoiser, codec: LatentCodec):
+        self.eps = eps
+        self.codec = codec
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.eps(x_t, t, y)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C', h, w) of one latent: the shape of x_T to draw."""
+        return self.codec.config.latent_shape()
+
+    def decode(self, z_0: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] from the loop's output latents."""
+        return self.codec.decode(z_0)
+
+
+def sample_latent(
+    denoiser: LatentDenoiser,
+    n: int,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    *,
+    steps: int,
+    generator: torch.Generator,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``n`` images: z_T ~ N(0, I) from ``generator``, the one sampling loop in latent space, then decode."""
+    z_T = torch.randn((n, *denoiser.latent_shape), generator=generator)  # (N, C', h, w)
+    z_0 = sampling.sample_loop(denoiser, z_T, scheduler, steps=steps, y=y, generator=generator)
+    return denoiser.decode(z_0)

@@ -1,0 +1,393 @@
+"""The ward's ledger: one SQLite database that remembers every sample, model, forget request, key and event.
+
+Durability: WAL journal with ``synchronous=FULL``, every change in one ``BEGIN IMMEDIATE`` transaction, so a crash
+(even ``kill -9``) at any point leaves either the whole change or none of it. The event log is append-only
+(triggers refuse UPDATE and DELETE). Images live in the ledger too, so forgetting erases them in the same transaction
+that takes the forget into effect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from dataward.errors import DatawardError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS compartments (
+    id INTEGER PRIMARY KEY,               -- 0..K-1, never reused
+    source TEXT NOT NULL,                 -- the data source spec or owner it was made from
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id TEXT PRIMARY KEY,                  -- stable sample ID, e.g. digits:0042
+    label INTEGER,                        -- class label or NULL
+    compartment INTEGER NOT NULL REFERENCES compartments(id),
+    slice INTEGER NOT NULL,               -- SISA slice within the compartment
+    source TEXT NOT NULL,
+    owner TEXT,
+    image BLOB,                           -- float32 (C, H, W) in [-1, 1]; NULL once forgotten
+    added_at REAL NOT NULL,
+    forgotten_at REAL                     -- NULL while the sample is part of the ward
+);
+CREATE INDEX IF NOT EXISTS samples_by_compartment ON samples (compartment, slice);
+CREATE TABLE IF NOT EXISTS models (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,                   -- denoiser | router | guard | public-denoiser | autoencoder
+    compartment INTEGER,                  -- NULL for models that span compartments (router) or none (public)
+    stage INTEGER NOT NULL,               -- SISA stage: trained on slices 0..stage
+    path TEXT NOT NULL,                   -- folder under the ward
+    ids_hash TEXT NOT NULL,               -- sha256 of the sorted sample IDs it was trained on
+    status TEXT NOT NULL,                 -- ready | quarantined | retired | deleted
+    public INTEGER NOT NULL DEFAULT 0,    -- 1 when trained on public data only
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_samples (
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    sample_id TEXT NOT NULL,
+    PRIMARY KEY (sample_id, model_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS forget_requests (
+    id TEXT PRIMARY KEY,
+    ids TEXT NOT NULL,                    -- JSON list of sample IDs
+    state TEXT NOT NULL,                  -- accepted (in effect, retraining pending) | done
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,        -- sha256 of the key; the key itself is never stored
+    allow TEXT NOT NULL,                  -- JSON list of compartment IDs
+    admin INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL                  -- JSON
+);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One row of the models table."""
+
+    id: int
+    kind: str
+    compartment: int | None
+    stage: int
+    path: str
+    ids_hash: str
+    status: str
+    public: bool
+    metadata: dict
+
+
+class Ledger:
+    """Access to the ward's SQLite ledger. Every public method is one transaction."""
+
+    def __init__(self, path: Path, create: bool = False):
+        if not create and not path.exists():
+            raise DatawardError(f"no ledger at {path}: is this a ward? (create one with `dataward init`)")
+        self.path = path
+        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=60.0, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        if create:
+            with self.transaction():
+                for statement in SCHEMA.split(";\n"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        version = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if version is None or int(version[0]) != SCHEMA_VERSION:
+            raise DatawardError(f"{path}: ledger schema version {version and version[0]} is not the supported {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """An IMMEDIATE transaction: all or nothing, even under kill -9."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # events -------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def log(db: sqlite3.Connection, kind: str, **detail) -> None:
+        """Append an event inside the caller's transaction."""
+        db.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)", (time.time(), kind, json.dumps(detail, sort_keys=True)))
+
+    def events(self, limit: int = 50) -> list[dict]:
+        """The newest events, newest first."""
+        rows = self.db.execute("SELECT id, at, kind, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [{"id": r[0], "at": r[1], "kind": r[2], "detail": json.loads(r[3])} for r in rows]
+
+    # samples ------------------------------------------------------------------------------------------------------
+    def add_samples(self, rows: list[tuple], compartments: dict[int, str], event: str, **detail) -> None:
+        """Insert samples ``(id, label, compartment, slice, source, owner, image float32 array)`` and new compartments."""
+        now = time.time()
+        with self.transaction() as db:
+            existing = {r[0] for r in db.execute("SELECT id FROM compartments")}
+            for cid, source in sorted(compartments.items()):
+                if cid not in existing:
+                    db.execute("INSERT INTO compartments VALUES (?, ?, ?)", (cid, source, now))
+            clash = []
+            for sample_id, *_ in rows:
+                if db.execute("SELECT 1 FROM samples WHERE id=?", (sample_id,)).fetchone():
+                    clash.append(sample_id)
+                    if len(clash) >= 5:
+                        break
+            if clash:
+                raise DatawardError(f"sample ID(s) already in the ward: {', '.join(clash)}")
+            db.executemany(
+                "INSERT INTO samples (id, label, compartment, slice, source, owner, image, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(i, l, c, s, src, o, np.ascontiguousarray(img, dtype=np.float32).tobytes(), now) for i, l, c, s, src, o, img in rows],
+            )
+            self.log(db, event, count=len(rows), **detail)
+
+    def compartments(self) -> list[int]:
+        """All compartment IDs, in order."""
+        return [r[0] for r in self.db.execute("SELECT id FROM compartments ORDER BY id")]
+
+    def compartment_sources(self) -> dict[int, str]:
+        """Compartment ID -> the source or owner it was made from."""
+        return dict(self.db.execute("SELECT id, source FROM compartments ORDER BY id").fetchall())
+
+    def samples(self, compartment: int | None = None, max_slice: int | None = None, include_forgotten: bool = False) -> list[tuple]:
+        """``(id, label, compartment, slice, image bytes)`` sorted by ID; live samples unless ``include_forgotten``."""
+        query = "SELECT id, label, compartment, slice, image FROM samples WHERE 1=1"
+        args: list = []
+        if not include_forgotten:
+            query += " AND forgotten_at IS NULL"
+        if compartment is not None:
+            query += " AND compartment=?"
+            args.append(compartment)
+        if max_slice is not None:
+            query += " AND slice<=?"
+            args.append(max_slice)
+        return self.db.execute(query + " ORDER BY id", args).fetchall()
+
+    def sample_rows(self, ids: list[str]) -> dict[str, tuple]:
+        """``id -> (compartment, slice, forgotten_at)`` for the known IDs among ``ids``."""
+        out = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self.db.execute(f"SELECT id, compartment, slice, forgotten_at FROM samples WHERE id IN ({marks})", chunk):
+                out[r[0]] = r[1:]
+        return out
+
+    def counts(self) -> dict[int, dict]:
+        """Per compartment: live sample count, forgotten count, label histogram."""
+        out: dict[int, dict] = {c: {"samples": 0, "forgotten": 0, "labels": {}} for c in self.compartments()}
+        for c, label, forgotten, n in self.db.execute(
+            "SELECT compartment, label, forgotten_at IS NOT NULL, COUNT(*) FROM samples GROUP BY compartment, label, forgotten_at IS NOT NULL"
+        ):
+            if forgotten:
+                out[c]["forgotten"] += n
+            else:
+                out[c]["samples"] += n
+                if label is not None:
+                    out[c]["labels"][int(label)] = n
+        return out
+
+    # models -------------------------------------------------------------------------------------------------------
+    def register_model(self, kind: str, compartment: int | None, stage: int, path: str, sample_ids: list[str], ids_hash: str,
+                       metadata: dict, public: bool = False) -> int:
+        """Record a finished model as ready, with the exact IDs it saw; one transaction."""
+        with self.transaction() as db:
+            # a forget accepted while this model trained: it is born quarantined, never served
+            forgotten = self._any_forgotten(db, sample_ids)
+            status = "quarantined" if forgotten else "ready"
+            cur = db.execute(
+                "INSERT INTO models (kind, compartment, stage, path, ids_hash, status, public, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, compartment, stage, path, ids_hash, status, int(public), json.dumps(metadata, sort_keys=True), time.time()),
+            )
+            model_id = cur.lastrowid
+            db.executemany("INSERT INTO model_samples VALUES (?, ?)", [(model_id, s) for s in sample_ids])
+            self.log(db, "model-ready" if not forgotten else "model-quarantined", model=model_id, model_kind=kind, compartment=compartment,
+                     stage=stage, ids_hash=ids_hash)
+        return model_id
+
+    @staticmethod
+    def _any_forgotten(db: sqlite3.Connection, sample_ids: list[str]) -> bool:
+        for start in range(0, len(sample_ids), 500):
+            chunk = sample_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            if db.execute(f"SELECT 1 FROM samples WHERE forgotten_at IS NOT NULL AND id IN ({marks}) LIMIT 1", chunk).fetchone():
+                return True
+        return False
+
+    def models(self, kind: str | None = None, compartment: int | None = None, status: str | None = "ready", any_compartment: bool = False) -> list[ModelRecord]:
+        """Models, filtered; newest stage last."""
+        query = "SELECT id, kind, compartment, stage, path, ids_hash, status, public, metadata FROM models WHERE 1=1"
+        args: list = []
+        if kind is not None:
+            query += " AND kind=?"
+            args.append(kind)
+        if not any_compartment:
+            query += " AND compartment IS ?"
+            args.append(compartment)
+        if status is not None:
+            query += " AND status=?"
+            args.append(status)
+        rows = self.db.execute(query + " ORDER BY stage, id", args).fetchall()
+        return [ModelRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), json.loads(r[8])) for r in rows]
+
+    def set_status(self, model_ids: list[int], status: str, event: str) -> None:
+        """Change models' status in one transaction."""
+        if not model_ids:
+            return
+        with self.transaction() as db:
+            db.executemany("UPDATE models SET status=? WHERE id=?", [(status, m) for m in model_ids])
+            self.log(db, event, models=model_ids)
+
+    # forgetting ---------------------------------------------------------------------------------------------------
+    def accept_forget(self, request_id: str, ids: list[str]) -> list[int]:
+        """Take a forget into effect in ONE transaction: record it, erase the images, quarantine every model that saw them.
+
+        Returns the quarantined model IDs.
+        """
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("INSERT INTO forget_requests VALUES (?, ?, 'accepted', ?, NULL)", (request_id, json.dumps(ids), now))
+            db.executemany("UPDATE samples SET forgotten_at=?, image=NULL WHERE id=?", [(now, i) for i in ids])
+            marks = ",".join("?" * len(ids))
+            tainted = [r[0] for r in db.execute(
+                f"SELECT DISTINCT m.id FROM models m JOIN model_samples s ON s.model_id=m.id WHERE s.sample_id IN ({marks}) AND m.status IN ('ready', 'retired')",
+                ids,
+            )]
+            db.executemany("UPDATE models SET status='quarantined' WHERE id=?", [(m,) for m in tainted])
+            self.log(db, "forget-accepted", request=request_id, count=len(ids), quarantined=tainted)
+        return tainted
+
+    def pending_forgets(self) -> list[tuple[str, list[str]]]:
+        """Forget requests in effect whose retraining has not finished."""
+        return [(r[0], json.loads(r[1])) for r in self.db.execute("SELECT id, ids FROM forget_requests WHERE state='accepted' ORDER BY created_at")]
+
+    def finish_forgets(self, request_ids: list[str]) -> None:
+        """Mark forget requests done."""
+        with self.transaction() as db:
+            db.executemany("UPDATE forget_requests SET state='done', finished_at=? WHERE id=?", [(time.time(), r) for r in request_ids])
+            self.log(db, "forget-done", requests=request_ids)
+
+    def forget_request(self, request_id: str) -> dict | None:
+        """One forget request's state, or None if unknown."""
+        r = self.db.execute("SELECT id, ids, state, created_at, finished_at FROM forget_requests WHERE id=?", (request_id,)).fetchone()
+        if r is None:
+            return None
+        return {"id": r[0], "ids": json.loads(r[1]), "state": r[2], "created_at": r[3], "finished_at": r[4]}
+
+    def forgotten_ids(self) -> list[str]:
+        """Every forgotten sample ID, sorted."""
+        return [r[0] for r in self.db.execute("SELECT id FROM samples WHERE forgotten_at IS NOT NULL ORDER BY id")]
+
+    # meta ---------------------------------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        """A value from the meta table."""
+        r = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if r is None else r[0]
+
+    def set_meta(self, key: str, value: str, event: str | None = None) -> None:
+        """Set a meta value (and log an event) in one transaction."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            if event:
+                self.log(db, event, key=key, value=value)
+
+    # api keys (the service: dataward.service) ---------------------------------------------------------------------
+    # Only the SHA-256 of a key is stored; the raw key is returned once by create_key and never again.
+    KEY_PREFIX = "dw_"
+
+    @staticmethod
+    def hash_key(key: str) -> str:
+        """SHA-256 hex digest of a raw API key (what the ledger stores and looks up)."""
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+    def create_key(self, name: str, allow: list[int], admin: bool = False) -> tuple[int, str]:
+        """Make an API key reaching compartments ``allow`` (admin keys may also forget); returns ``(id, raw key)``.
+
+        The raw key is shown once: only its hash is stored. Names are unique among keys that are not revoked.
+        """
+        name = name.strip()
+        if not name or len(name) > 100:
+            raise DatawardError(f"key name must be 1-100 characters, got {name!r}")
+        if name.isdigit():
+            raise DatawardError(f"key name {name!r} must not be a number (numbers name key IDs in `keys revoke`)")
+        allow = sorted({int(c) for c in allow})
+        known = self.compartments()
+        unknown = [c for c in allow if c not in known]
+        if unknown:
+            raise DatawardError(f"--allow names unknown compartment(s) {unknown}: this ward has {known}")
+        if not allow and not admin:
+            raise DatawardError("--allow must name at least one compartment (only an --admin key may have none)")
+        raw = self.KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM api_keys WHERE name=? AND revoked_at IS NULL", (name,)).fetchone():
+                raise DatawardError(f"a key named {name!r} already exists: choose another --name or revoke it first")
+            cur = db.execute("INSERT INTO api_keys (name, key_hash, allow, admin, created_at) VALUES (?, ?, ?, ?, ?)",
+                             (name, self.hash_key(raw), json.dumps(allow), int(admin), time.time()))
+            key_id = cur.lastrowid
+            self.log(db, "key-created", key=key_id, name=name, allow=allow, admin=bool(admin))
+        return key_id, raw
+
+    def list_keys(self, include_revoked: bool = True) -> list[dict]:
+        """Every key's record (never the key or its hash), oldest first."""
+        query = "SELECT id, name, allow, admin, created_at, revoked_at FROM api_keys"
+        if not include_revoked:
+            query += " WHERE revoked_at IS NULL"
+        return [{"id": r[0], "name": r[1], "allow": json.loads(r[2]), "admin": bool(r[3]), "created_at": r[4], "revoked_at": r[5]}
+                for r in self.db.execute(query + " ORDER BY id")]
+
+    def revoke_key(self, key: int | str) -> dict:
+        """Revoke a key by ID (a number) or name; effective for the very next request. Returns its record."""
+        with self.transaction() as db:
+            if isinstance(key, int) or str(key).isdigit():
+                rows = db.execute("SELECT id, revoked_at FROM api_keys WHERE id=?", (int(key),)).fetchall()
+            else:
+                rows = db.execute("SELECT id, revoked_at FROM api_keys WHERE name=? AND revoked_at IS NULL", (key,)).fetchall()
+            if not rows:
+                raise DatawardError(f"no active key with ID or name {key!r} (see `dataward keys WARD list`)")
+            key_id, revoked_at = rows[0]
+            if revoked_at is None:
+                db.execute("UPDATE api_keys SET revoked_at=? WHERE id=?", (time.time(), key_id))
+                self.log(db, "key-revoked", key=key_id)
+        return next(k for k in self.list_keys() if k["id"] == key_id)
+
+    def key_for_hash(self, key_hash: str) -> dict | None:
+        """The key record whose stored hash equals ``key_hash`` (revoked ones too: check ``revoked_at``), or None.
+
+        The stored hash is compared with :func:`hmac.compare_digest` after the indexed lookup.
+        """
+        r = self.db.execute("SELECT id, name, key_hash, allow, admin, revoked_at FROM api_keys WHERE key_hash=?", (key_hash,)).fetchone()
+        if r is None or not hmac.compare_digest(r[2], key_hash):
+            return None
+        return {"id": r[0], "name": r[1], "allow": json.loads(r[3]), "admin": bool(r[4]), "revoked_at": r[5]}

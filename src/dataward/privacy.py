@@ -1,0 +1,532 @@
+"""Private fine-tuning (DP-LDM, Lyu et al. arXiv 2305.15759; DPDM, Dockhorn et al.): DP-SGD around the one trainer.
+
+Privacy is a wrapper, not a fork. The model, optimizer and EMA live in the same :class:`~dataward.training.TrainState`
+as every other model; :func:`make_private` wraps the model (per-sample gradients), the optimizer (clip to ``C``, add
+Gaussian noise ``sigma * C``) and a data loader (Poisson sampling at rate ``q``) with opacus ``PrivacyEngine.make_private``,
+and :func:`run_private_epochs` steps them with the unreduced per-sample loss the non-private trainer uses
+(:func:`dataward.training.denoiser_loss`). Checkpoints are ``TrainState.save`` as usual.
+
+The accounting is an object you can save: :class:`PrivacyRecord` holds the accountant's state (opacus
+``IAccountant.state_dict()``: the history of ``(sigma, q, steps)``), ``delta``, ``C``, and the trainable set, goes to JSON
+for the model's metadata, and recomputes ε with either accountant. Disjoint compartments compose in parallel:
+:func:`ward_epsilon` is the maximum over compartments.
+
+Per-sample gradients: opacus's default ``hooks`` grad sampler for ``Conv2d`` unfolds its input with ``as_strided``
+assuming an NCHW-contiguous tensor; in a diffusers UNet the activations that leave an attention block are not, and the
+per-sample gradients of the following convolutions come out wrong (all zero). In ``hooks`` mode we make every trainable
+convolution's input contiguous first (a forward pre-hook, removed by :meth:`PrivateTraining.close`); ``functorch`` mode
+(vmap per layer) is right as is. ``tests/test_privacy.py`` checks both against single-sample backward passes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal, Mapping, Sequence
+
+import torch
+from diffusers import DDPMScheduler
+from torch.utils.data import DataLoader, TensorDataset
+
+from dataward.data import Dataset
+from dataward.errors import DatawardError
+from dataward.nets import build_unet, derive_seed
+from dataward.training import PerSampleLoss, TrainConfig, TrainState, denoiser_loss, run_steps
+
+Trainable = Literal["attention", "full"]
+AccountantName = Literal["prv", "rdp"]
+GradSampleMode = Literal["hooks", "functorch"]
+
+TRAINABLE_CHOICES = ("attention", "full")
+ACCOUNTANT_CHOICES = ("prv", "rdp")
+GRAD_SAMPLE_CHOICES = ("hooks", "functorch")
+DELTA_DEFAULT_FACTOR = 10  # default delta = 1 / (DELTA_DEFAULT_FACTOR * N)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """How a model is trained with DP-SGD. Saved as JSON in the model's metadata (with the :class:`PrivacyRecord`).
+
+    The optimizer's learning rate, EMA decay and thread count come from :class:`~dataward.training.TrainConfig`;
+    its ``epochs`` / ``steps`` / ``batch_size`` are NOT used here: ``epochs`` and ``batch`` below define the sampling
+    the accountant sees.
+    """
+
+    epsilon: float = 10.0  # target ε for the whole run; sigma is calibrated so the accountant's ε <= this
+    delta: float | None = None  # target δ; None -> 1 / (10 N) for N private examples; must be < 1 / N
+    clip: float = 1.0  # C: every per-sample gradient is clipped to L2 norm <= C (flat clipping over trainable params)
+    batch: int = 256  # expected logical batch under Poisson sampling; q = 1 / ceil(N / batch) (opacus's convention)
+    epochs: int = 50  # passes; one pass = ceil(N / batch) logical steps, so steps = epochs * ceil(N / batch)
+    trainable: Trainable = "attention"  # attention: the DP-LDM recipe (attention modules + class embedding); full: all
+    accountant: AccountantName = "prv"  # prv (Gopi et al. 2021, tight) or rdp (Mironov 2017, looser upper bound)
+    max_physical_batch: int = 128  # logical batches are split into physical ones of at most this size (BatchMemoryManager)
+    secure_rng: bool = False  # cryptographically secure sampling and noise (needs torchcsprng); not bitwise reproducible
+    grad_sample_mode: GradSampleMode = "hooks"  # per-sample gradients: opacus hooks (+ contiguity fix) or functorch
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """What the validated config means for N examples: the numbers the accountant and the loop use."""
+
+    n_examples: int  # N: private examples
+    delta: float  # δ actually used
+    sample_rate: float  # q: Poisson sampling probability per example per step
+    steps_per_epoch: int  # logical steps in one pass
+    steps: int  # total logical (optimizer) steps
+    sigma: float  # noise multiplier: noise std = sigma * C on the summed clipped gradients
+    trainable_params: int  # parameters DP-SGD updates
+    total_params: int  # all parameters of the model
+
+    @property
+    def trainable_fraction(self) -> float:
+        """Share of the model's parameters that DP-SGD updates."""
+        return self.trainable_params / self.total_params
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainable set
+
+
+def trainable_attention(name: str) -> bool:
+    """The DP-LDM recipe: True for parameters of attention modules (diffusers names hold ``attentions``) and of the
+    class embedding; everything else stays at its public-pretrained value."""
+    parts = name.split(".")
+    return "attentions" in parts or "class_embedding" in parts
+
+
+def trainable_filter(trainable: Trainable) -> Callable[[str], bool]:
+    """The ``trainable(name)`` predicate for ``TrainState.fresh`` for a :class:`DPConfig` ``trainable`` choice."""
+    if trainable == "attention":
+        return trainable_attention
+    if trainable == "full":
+        return lambda name: True
+    raise DatawardError(f"trainable must be one of {', '.join(TRAINABLE_CHOICES)}, got {trainable!r}")
+
+
+def trainable_counts(model: torch.nn.Module, trainable: Trainable) -> tuple[int, int]:
+    """(parameters selected by ``trainable``, all parameters) of ``model``."""
+    keep = trainable_filter(trainable)
+    selected = sum(p.numel() for n, p in model.named_parameters() if keep(n))
+    return selected, sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Accounting
+
+
+def _accountant(name: str):
+    from opacus.accountants import create_accountant
+
+    if name not in ACCOUNTANT_CHOICES:
+        raise DatawardError(f"accountant must be one of {', '.join(ACCOUNTANT_CHOICES)}, got {name!r}")
+    return create_accountant(mechanism=name)
+
+
+def epsilon_for(sigma: float, sample_rate: float, steps: int, delta: float, accountant: AccountantName = "prv") -> float:
+    """ε after ``steps`` Poisson-subsampled Gaussian steps with noise multiplier ``sigma`` and rate ``sample_rate``."""
+    acc = _accountant(accountant)
+    acc.history = [(float(sigma), float(sample_rate), int(steps))]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_sigma(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: AccountantName = "prv") -> float:
+    """The noise multiplier sigma that meets (ε, δ) after ``steps`` steps at rate ``sample_rate`` (opacus
+    ``get_noise_multiplier``: a bisection that returns the upper end, so the accountant's ε never exceeds ``epsilon``)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    _accountant(accountant)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(
+                get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
+            )
+    except (ValueError, RuntimeError, OverflowError, ZeroDivisionError) as error:
+        raise DatawardError(
+            f"the privacy budget epsilon={epsilon:g}, delta={delta:.3g} cannot be met with {steps} steps at sampling rate "
+            f"q={sample_rate:.4g} (the {accountant} accountant found no noise multiplier: {error}); "
+            f"raise epsilon, or lower epochs or batch"
+        ) from None
+
+
+@dataclass(frozen=True)
+class PrivacyRecord:
+    """The saved accounting of one DP-trained model: accountant state plus the DP-SGD parameters (DESIGN Guarantee 5).
+
+    ``history`` is opacus ``IAccountant.state_dict()["history"]``: ``(sigma, q, steps)`` per phase of training.
+    """
+
+    accountant: str  # the accountant that calibrated sigma and reports epsilon: prv or rdp
+    history: tuple[tuple[float, float, int], ...]  # accountant state: (sigma, q, steps) per phase
+    delta: float  # δ
+    clip: float  # C
+    target_epsilon: float  # the ε the noise was calibrated to
+    n_examples: int  # N: private examples
+    expected_batch: float  # N * q
+    epochs: int  # passes planned
+    trainable: str  # attention or full
+    trainable_params: int  # parameters DP-SGD updated
+    total_params: int  # all parameters of the model
+    grad_sample_mode: str  # how per-sample gradients were computed
+    secure_rng: bool  # whether sampling and noise used a cryptographically secure RNG
+    extra: dict = field(default_factory=dict)  # anything else the caller records (e.g. public pretraining source)
+
+    @property
+    def steps(self) -> int:
+        """Total DP-SGD steps accounted."""
+        return sum(int(s) for _, _, s in self.history)
+
+    @property
+    def sigma(self) -> float:
+        """The noise multiplier (of the last phase; training uses one phase)."""
+        return float(self.history[-1][0]) if self.history else float("nan")
+
+    @property
+    def sample_rate(self) -> float:
+        """q, the Poisson sampling rate (of the last phase)."""
+        return float(self.history[-1][1]) if self.history else float("nan")
+
+    @property
+    def trainable_fraction(self) -> float:
+        """Share of parameters updated with DP-SGD."""
+        return self.trainable_params / self.total_params
+
+    def accountant_state(self) -> dict:
+        """The opacus accountant ``state_dict()`` (JSON-ready)."""
+        return {"mechanism": self.accountant, "history": [list(h) for h in self.history]}
+
+    def epsilon(self, accountant: AccountantName | None = None) -> float:
+        """ε at ``delta`` from the history, with this record's accountant or another one (a cross-check)."""
+        if not self.history:
+            return 0.0
+        acc = _accountant(accountant or self.accountant)
+        acc.load_state_dict({"mechanism": acc.mechanism(), "history": [tuple(h) for h in self.history]})
+        return float(acc.get_epsilon(delta=self.delta))
+
+    def to_dict(self, check_accountant: AccountantName | None = None) -> dict:
+        """JSON-ready metadata: every field, the accountant state, and ε (plus ε from ``check_accountant``)."""
+        out = asdict(self)
+        out["history"] = [list(h) for h in self.history]
+        out["dp"] = True
+        out["accountant_state"] = self.accountant_state()
+        out["epsilon"] = self.epsilon()
+        out["sigma"] = self.sigma
+        out["sample_rate"] = self.sample_rate
+        out["steps"] = self.steps
+        out["trainable_fraction"] = self.trainable_fraction
+        if check_accountant is not None:
+            out["epsilon_check"] = {check_accountant: self.epsilon(check_accountant)}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "PrivacyRecord":
+        """Rebuild a record from :meth:`to_dict` output (derived keys are ignored, ε is recomputed on demand)."""
+        names = [f for f in cls.__dataclass_fields__]
+        missing = [n for n in names if n not in data and n != "extra"]
+        if missing:
+            raise DatawardError(f"privacy metadata is missing {', '.join(missing)}")
+        values = {n: data[n] for n in names if n in data}
+        values["history"] = tuple((float(s), float(q), int(k)) for s, q, k in data["history"])
+        values["extra"] = dict(data.get("extra", {}))
+        return cls(**values)
+
+
+def ward_epsilon(records: Sequence[PrivacyRecord | Mapping | None]) -> float:
+    """ε of a ward whose compartments are disjoint: parallel composition, so the maximum over compartments.
+
+    Each entry is a compartment's :class:`PrivacyRecord` (or its :meth:`~PrivacyRecord.to_dict`); ``None`` marks a
+    compartment trained without DP, which makes the ward's ε infinite. Models that see several compartments (a joint
+    router) or that train on private data without DP (a guard) are outside this bound: the caller must add them.
+    """
+    if not records:
+        raise DatawardError("ward_epsilon needs at least one compartment")
+    eps = []
+    for record in records:
+        if record is None:
+            return math.inf
+        if not isinstance(record, PrivacyRecord):
+            record = PrivacyRecord.from_dict(record)
+        eps.append(record.epsilon())
+    return max(eps)
+
+
+def ward_delta(records: Sequence[PrivacyRecord | Mapping | None]) -> float:
+    """δ of a ward of disjoint DP compartments: the maximum over compartments (1.0 if one is not DP)."""
+    if not records:
+        raise DatawardError("ward_delta needs at least one compartment")
+    out = 0.0
+    for record in records:
+        if record is None:
+            return 1.0
+        out = max(out, float(record.delta if isinstance(record, PrivacyRecord) else record["delta"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation: every problem the user can fix is found before any training starts
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    from opacus.validators import ModuleValidator
+
+    errors = [e for e in ModuleValidator.validate(model, strict=False) if "training mode" not in str(e)]  # training sets it
+    if errors:
+        details = "; ".join(str(e) for e in errors[:5])
+        raise DatawardError(f"the model has layers opacus cannot train with DP ({len(errors)} problem(s)): {details}")
+
+
+def plan_dp(config: DPConfig, n_examples: int, model: torch.nn.Module) -> DPPlan:
+    """Validate ``config`` for ``n_examples`` private examples and ``model``, and calibrate sigma.
+
+    Raises :class:`DatawardError` naming the field and the numbers for: ε <= 0 or not finite, δ >= 1/N or <= 0,
+    C <= 0, batch < 1, epochs < 1, a budget no noise multiplier meets, layers opacus cannot handle,
+    an empty trainable set, secure RNG without torchcsprng.
+    """
+    n = int(n_examples)
+    if n < 1:
+        raise DatawardError(f"DP training needs at least one private example, got N={n}")
+    if not (isinstance(config.epsilon, (int, float)) and math.isfinite(config.epsilon) and config.epsilon > 0):
+        raise DatawardError(f"epsilon must be a positive finite number, got epsilon={config.epsilon!r} (train without --dp for no privacy)")
+    delta = config.delta if config.delta is not None else 1.0 / (DELTA_DEFAULT_FACTOR * n)
+    if not (math.isfinite(delta) and delta > 0):
+        raise DatawardError(f"delta must be positive, got delta={delta!r}")
+    if delta >= 1.0 / n:
+        raise DatawardError(
+            f"delta={delta:.3g} is >= 1/N = {1.0 / n:.3g} for N={n} private examples: such a delta allows releasing "
+            f"whole examples; use delta < {1.0 / n:.3g} (default 1/(10 N) = {1.0 / (DELTA_DEFAULT_FACTOR * n):.3g})"
+        )
+    if not (math.isfinite(config.clip) and config.clip > 0):
+        raise DatawardError(f"clip (the per-sample gradient norm C) must be positive, got clip={config.clip!r}")
+    if not (isinstance(config.batch, int) and config.batch >= 1):
+        raise DatawardError(f"batch must be a positive integer, got batch={config.batch!r} (N={n}; batch >= N means q=1)")
+    if not (isinstance(config.epochs, int) and config.epochs >= 1):
+        raise DatawardError(f"epochs must be a positive integer, got epochs={config.epochs!r}")
+    if not (isinstance(config.max_physical_batch, int) and config.max_physical_batch >= 1):
+        raise DatawardError(f"max_physical_batch must be a positive integer, got {config.max_physical_batch!r}")
+    if config.accountant not in ACCOUNTANT_CHOICES:
+        raise DatawardError(f"accountant must be one of {', '.join(ACCOUNTANT_CHOICES)}, got {config.accountant!r}")
+    if config.grad_sample_mode not in GRAD_SAMPLE_CHOICES:
+        raise DatawardError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_CHOICES)}, got {config.grad_sample_mode!r}")
+    if config.secure_rng:
+        try:
+            import torchcsprng  # noqa: F401
+        except ImportError:
+            raise DatawardError("secure_rng=True needs the torchcsprng package (opacus secure mode), which is not installed") from None
+    selected, total = trainable_counts(model, config.trainable)
+    if selected == 0:
+        raise DatawardError(
+            f"trainable={config.trainable!r} selects no parameters of this model "
+            f"(attention needs parameters named '*.attentions.*' or 'class_embedding.*')"
+        )
+    _check_model(model)
+    steps_per_epoch = math.ceil(n / config.batch)
+    sample_rate = 1.0 / steps_per_epoch  # what opacus derives from a loader of len ceil(N / batch)
+    steps = config.epochs * int(1 / sample_rate)  # DPDataLoader yields int(1 / q) logical batches per pass
+    sigma = calibrate_sigma(config.epsilon, delta, sample_rate, steps, config.accountant)
+    return DPPlan(n, delta, sample_rate, int(1 / sample_rate), steps, sigma, selected, total)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The wrapper
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+@dataclass
+class PrivateTraining:
+    """A :class:`TrainState` wrapped for DP-SGD: per-sample-gradient model, clipping/noising optimizer, Poisson loader.
+
+    ``state`` is the unwrapped state: its model, Adam and EMA are what :meth:`TrainState.save` writes.
+    """
+
+    state: TrainState
+    module: torch.nn.Module  # opacus GradSampleModule around state.model
+    optimizer: torch.optim.Optimizer  # opacus DPOptimizer around state.optimizer
+    loader: DataLoader  # opacus DPDataLoader: Poisson sampling at plan.sample_rate
+    engine: object  # opacus PrivacyEngine (holds the accountant)
+    config: DPConfig
+    plan: DPPlan
+    handles: list = field(default_factory=list)  # forward pre-hooks of the contiguity fix
+
+    def record(self, **extra) -> PrivacyRecord:
+        """The accounting so far: the engine's accountant state plus the DP-SGD parameters."""
+        history = tuple((float(s), float(q), int(k)) for s, q, k in self.engine.accountant.state_dict()["history"])
+        return PrivacyRecord(
+            accountant=self.config.accountant,
+            history=history,
+            delta=self.plan.delta,
+            clip=float(self.config.clip),
+            target_epsilon=float(self.config.epsilon),
+            n_examples=self.plan.n_examples,
+            expected_batch=self.plan.n_examples * self.plan.sample_rate,
+            epochs=self.config.epochs,
+            trainable=self.config.trainable,
+            trainable_params=self.plan.trainable_params,
+            total_params=self.plan.total_params,
+            grad_sample_mode=self.config.grad_sample_mode,
+            secure_rng=self.config.secure_rng,
+            extra=dict(extra),
+        )
+
+    def close(self) -> None:
+        """Remove opacus's hooks and ours from ``state.model`` (it is a plain module again)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.module._close()
+        for p in self.state.model.parameters():
+            for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
+def _dataset(data: Dataset) -> TensorDataset:
+    if data.labels is None:
+        return TensorDataset(data.images)
+    return TensorDataset(data.images, data.labels)
+
+
+def make_private(state: TrainState, data: Dataset, config: DPConfig, *, seed: int, plan: DPPlan | None = None) -> PrivateTraining:
+    """Wrap ``state``'s model and optimizer and a loader over ``data`` with opacus ``PrivacyEngine.make_private``.
+
+    ``state`` must come from ``TrainState.fresh(model, train_config, trainable_filter(config.trainable))`` so Adam holds
+    exactly the trainable parameters. With ``secure_rng`` off, Poisson sampling and the DP noise draw from generators
+    seeded by ``seed``, so two runs are bitwise equal.
+    """
+    from opacus import PrivacyEngine
+
+    plan = plan or plan_dp(config, len(data), state.model)
+    keep = trainable_filter(config.trainable)
+    wrong = [n for n, p in state.model.named_parameters() if p.requires_grad != keep(n)]
+    if wrong:
+        raise DatawardError(f"the train state's trainable parameters do not match trainable={config.trainable!r} (e.g. {wrong[0]})")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_rng)
+    sampling = None if config.secure_rng else torch.Generator().manual_seed(derive_seed(seed, "dp-poisson"))
+    noise = None if config.secure_rng else torch.Generator().manual_seed(derive_seed(seed, "dp-noise"))
+    loader = DataLoader(_dataset(data), batch_size=config.batch, shuffle=False, generator=sampling)
+    state.model.train()  # opacus refuses eval-mode models
+    handles = []
+    if config.grad_sample_mode == "hooks":
+        for module in state.model.modules():
+            if isinstance(module, torch.nn.Conv2d) and any(p.requires_grad for p in module.parameters(recurse=False)):
+                handles.append(module.register_forward_pre_hook(_contiguous_input))
+    module, optimizer, dp_loader = engine.make_private(
+        module=state.model,
+        optimizer=state.optimizer,
+        data_loader=loader,
+        noise_multiplier=plan.sigma,
+        max_grad_norm=config.clip,
+        poisson_sampling=True,
+        noise_generator=noise,
+        grad_sample_mode=config.grad_sample_mode,
+        loss_reduction="mean",
+    )
+    if abs(optimizer.expected_batch_size - int(plan.n_examples * plan.sample_rate)) > 0 or len(dp_loader) != plan.steps_per_epoch:
+        raise AssertionError("opacus derived a different sampling rate than the plan")  # guards the accounting
+    return PrivateTraining(state, module, optimizer, dp_loader, engine, config, plan, handles)
+
+
+def run_private_epochs(
+    private: PrivateTraining,
+    per_sample_loss: PerSampleLoss,
+    generator: torch.Generator,
+    *,
+    device: str = "cpu",
+    on_step: Callable[[float], None] | None = None,
+) -> PrivacyRecord:
+    """``config.epochs`` passes of DP-SGD: Poisson logical batches, split into physical batches of at most
+    ``max_physical_batch`` (opacus BatchMemoryManager); the same per-sample loss, Adam and EMA as ``run_steps``.
+
+    ``on_step`` gets the mean loss of the last physical batch: it is computed on private data and is NOT covered
+    by ε, so show it locally and never publish it. Returns the :class:`PrivacyRecord`.
+    """
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    state, optimizer = private.state, private.optimizer
+    trainable = [p for p in state.model.parameters() if p.requires_grad]
+    state.model.train()
+    with BatchMemoryManager(data_loader=private.loader, max_physical_batch_size=private.config.max_physical_batch, optimizer=optimizer) as loader:
+        for _ in range(private.config.epochs):
+            for batch in loader:
+                x0 = batch[0].to(device)  # (B, C, H, W), B varies (Poisson)
+                y = batch[1].to(device) if len(batch) > 1 else None
+                loss = torch.zeros(())
+                if x0.shape[0] == 0:  # an empty Poisson batch still takes a (pure-noise) step
+                    for p in trainable:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                else:
+                    loss = per_sample_loss(private.module, x0, y, None, generator).mean()
+                    if not torch.isfinite(loss):
+                        raise DatawardError(f"DP training diverged at step {state.step}: loss is {loss.item()}")
+                    with warnings.catch_warnings():  # the class embedding's integer input: harmless
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if optimizer._is_last_step_skipped:  # a physical batch inside a logical one: no step yet
+                    continue
+                state.ema.step(state.model.parameters())
+                state.step += 1
+                if on_step is not None:
+                    on_step(loss.item())
+    return private.record()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two entry points the ward calls
+
+
+def pretrain_denoiser(
+    public: Dataset,
+    train: TrainConfig,
+    *,
+    seed: int,
+    preset: str = "tiny",
+    scheduler: DDPMScheduler,
+    on_step: Callable[[float], None] | None = None,
+) -> TrainState:
+    """Train a class-conditional denoiser on PUBLIC data (pixels, or latents from
+    :meth:`dataward.latent.LatentCodec.encode_dataset`) with the ordinary trainer. Deterministic in ``seed``."""
+    _, channels, size, width = public.images.shape
+    if size != width:
+        raise DatawardError(f"public images must be square, got {size}x{width}")
+    model = build_unet(preset, size, channels, public.num_classes, derive_seed(seed, "public-denoiser", "init"))
+    state = TrainState.fresh(model, train)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "public-denoiser", "train"))
+    run_steps(state, public, denoiser_loss(scheduler), train.total_steps(len(public)), train, generator, on_step=on_step)
+    return state
+
+
+def dp_finetune(
+    model: torch.nn.Module,
+    private: Dataset,
+    config: DPConfig,
+    train: TrainConfig,
+    *,
+    seed: int,
+    scheduler: DDPMScheduler,
+    device: str = "cpu",
+    on_step: Callable[[float], None] | None = None,
+    **extra,
+) -> tuple[TrainState, PrivacyRecord]:
+    """DP-SGD fine-tuning of ``model`` (public-pretrained: DP-LDM; freshly built: DP from scratch, DPDM-style) on the
+    ``private`` data. Validates everything before training. ``train`` gives lr, EMA decay and threads; ``extra`` goes
+    into the record (e.g. ``public="printed:count=3000"``). Returns the trained state and its :class:`PrivacyRecord`.
+    """
+    if private.num_classes is not None and getattr(model.config, "num_class_embeds", None) not in (None, private.num_classes):
+        raise DatawardError(f"the model has {model.config.num_class_embeds} class embeddings but the private data has {private.num_classes} classes")
+    plan = plan_dp(config, len(private), model)
+    state = TrainState.fresh(model, train, trainable_filter(config.trainable))
+    wrapped = make_private(state, private, config, seed=seed, plan=plan)
+    try:
+        generator = torch.Generator().manual_seed(derive_seed(seed, "dp-loss"))
+        run_private_epochs(wrapped, denoiser_loss(scheduler), generator, device=device, on_step=on_step)
+        record = wrapped.record(**extra)
+    finally:
+        wrapped.close()
+    return state, record

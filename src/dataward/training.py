@@ -1,0 +1,181 @@
+"""Deterministic training, shared by every model the ward trains (denoisers, routers, guards, DP fine-tuning).
+
+Training is a sequence of *stages* (SISA slices): stage r trains on slices 0..r and ends with a checkpoint holding
+everything needed to continue bitwise-exactly: the raw weights, the EMA weights, Adam's state and the step counter.
+Randomness comes only from a generator seeded by (seed, model, stage), and the data order from the sorted IDs of the stage,
+so the same IDs, seed, config and thread count always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+from dataward.data import Dataset
+from dataward.errors import DatawardError
+
+# per_sample_loss(model, x0 (B, C, H, W), y (B,) or None, targets (B,) or None, generator) -> (B,) unreduced losses
+PerSampleLoss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one model is trained. Saved as JSON in every checkpoint's metadata."""
+
+    epochs: float = 200.0  # passes over the model's data (the explicit compute budget, comparable across K)
+    steps: int | None = None  # if set, overrides epochs: optimizer steps over all stages
+    batch_size: int = 128  # examples per optimizer step
+    lr: float = 2e-3  # Adam learning rate
+    ema_decay: float = 0.995  # EMA of weights used for sampling (warm-up: min(decay, (1+n)/(10+n)))
+    threads: int = 2  # torch intra-op threads; part of the determinism contract
+
+    def total_steps(self, n_examples: int) -> int:
+        """Optimizer steps over all stages for a model trained on ``n_examples``."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * n_examples / self.batch_size))
+
+
+def stage_steps(total: int, stages: int) -> list[int]:
+    """Split ``total`` optimizer steps over ``stages`` SISA stages (the earlier stages take the remainder)."""
+    base, extra = divmod(total, stages)
+    return [base + (1 if r < extra else 0) for r in range(stages)]
+
+
+def denoiser_loss(scheduler: DDPMScheduler) -> PerSampleLoss:
+    """ε-prediction loss ||ε − ε_θ(x_t, t, y)||² per example, x_t from ``scheduler.add_noise``."""
+
+    def loss(model, x0, y, targets, generator):
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+        x_t = scheduler.add_noise(x0, noise, t)
+        pred = model(x_t, t, class_labels=y).sample
+        return (pred - noise).pow(2).flatten(1).mean(dim=1)
+
+    return loss
+
+
+def classifier_loss(scheduler: DDPMScheduler, max_timestep: int | None = None) -> PerSampleLoss:
+    """Cross-entropy of a noisy classifier on x_t = add_noise(x0, ε, t) against ``targets``."""
+
+    def loss(model, x0, y, targets, generator):
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        high = max_timestep or scheduler.config.num_train_timesteps
+        t = torch.randint(0, high, (x0.shape[0],), generator=generator).to(x0.device)
+        logits = model(scheduler.add_noise(x0, noise, t), t)
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+    return loss
+
+
+@dataclass
+class TrainState:
+    """What continues training exactly: the model (raw weights), its EMA, Adam, and the global step."""
+
+    model: torch.nn.Module
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+
+    @classmethod
+    def fresh(cls, model: torch.nn.Module, config: TrainConfig, trainable: Callable[[str], bool] | None = None) -> "TrainState":
+        """A new state; ``trainable(name)`` picks the parameters Adam updates (all by default)."""
+        if trainable is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable(name))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise DatawardError("no trainable parameters were selected")
+        optimizer = torch.optim.Adam(params, lr=config.lr, foreach=False)
+        ema = EMAModel(model.parameters(), decay=config.ema_decay, foreach=False)
+        return cls(model, ema, optimizer, 0)
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA weights under the model's parameter names, plus buffers (what sampling uses)."""
+        names = [n for n, _ in self.model.named_parameters()]
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        for name, shadow in zip(names, self.ema.shadow_params):
+            state[name] = shadow.detach().clone()
+        return state
+
+    def save(self, path: Path) -> None:
+        """Write raw weights, EMA shadow and Adam state to one safetensors file (no pickle)."""
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        for i, shadow in enumerate(self.ema.shadow_params):
+            tensors[f"ema.{i}"] = shadow.detach().contiguous()
+        opt = self.optimizer.state_dict()
+        for index, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"adam.{index}.{key}"] = torch.as_tensor(value).contiguous()
+        meta = {"step": str(self.step), "ema_step": str(self.ema.optimization_step), "param_groups": json.dumps(opt["param_groups"])}
+        save_file(tensors, str(path), metadata=meta)
+
+    def load(self, path: Path) -> None:
+        """Restore a state written by :meth:`save` into this (freshly built) state."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+        tensors = load_file(str(path))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        for i, shadow in enumerate(self.ema.shadow_params):
+            shadow.copy_(tensors[f"ema.{i}"])
+        self.ema.optimization_step = int(meta["ema_step"])
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        self.step = int(meta["step"])
+
+
+def run_steps(
+    state: TrainState,
+    data: Dataset,
+    per_sample_loss: PerSampleLoss,
+    steps: int,
+    config: TrainConfig,
+    generator: torch.Generator,
+    targets: torch.Tensor | None = None,
+    device: str = "cpu",
+    on_step: Callable[[float], None] | None = None,
+) -> None:
+    """``steps`` Adam steps on ``data`` (epoch-wise shuffles from ``generator``); updates EMA after each step."""
+    n = len(data)
+    batch = min(config.batch_size, n)
+    order = torch.empty(0, dtype=torch.long)
+    images, labels = data.images.to(device), None if data.labels is None else data.labels.to(device)
+    targets = None if targets is None else targets.to(device)
+    state.model.train()
+    for _ in range(steps):
+        if len(order) < batch:
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        rows, order = order[:batch], order[batch:]
+        rows_d = rows.to(device)
+        losses = per_sample_loss(
+            state.model, images[rows_d], None if labels is None else labels[rows_d], None if targets is None else targets[rows_d], generator
+        )
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            raise DatawardError(f"training diverged at step {state.step}: loss is {loss.item()}")
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.ema.step(state.model.parameters())
+        state.step += 1
+        if on_step is not None:
+            on_step(loss.item())
+
+
+def config_dict(config) -> dict:
+    """A frozen config dataclass as a JSON-ready dict."""
+    return asdict(config)

@@ -1,0 +1,275 @@
+"""Tests of the audit: metrics on known cases, the feature net, the JSON schema and the HTML report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dataward.audit import metrics as M
+from dataward.audit.features import FeatureNetConfig, digits_feature_net, inception_features, module_features
+from dataward.data import load_source
+from dataward.errors import DatawardError
+from dataward.sampling import make_training_scheduler
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory):
+    """One cache dir for the whole session (DATAWARD_CACHE), so the feature net trains once."""
+    root = tmp_path_factory.mktemp("dataward-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DATAWARD_CACHE", str(root))
+    yield root
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def feature_net(feature_cache):
+    return digits_feature_net()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_source("digits"), load_source("digits:heldout")
+
+
+@pytest.fixture(scope="session")
+def scheduler():
+    return make_training_scheduler()
+
+
+def memorizing_denoiser(bank: torch.Tensor, scheduler):
+    """Closed-form denoiser that knows ``bank`` (M, C, H, W): ε implied by the nearest bank image at x_t."""
+    alpha_bar = scheduler.alphas_cumprod
+
+    def eps(x_t, t, y=None):
+        a = alpha_bar[int(t)]
+        d = torch.cdist(x_t.flatten(1), (a.sqrt() * bank).flatten(1))  # (N, M)
+        x0 = bank[d.argmin(dim=1)]
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    return eps
+
+
+# ------------------------------------------------------------------------------------------------------------ features
+
+
+def test_feature_net_is_accurate_cached_and_deterministic(feature_cache, feature_net):
+    assert feature_net.heldout_accuracy >= 0.95
+    assert feature_net.path is not None and feature_net.path.is_relative_to(feature_cache)
+    assert (feature_net.path / "model.safetensors").is_file() and (feature_net.path / "config.json").is_file()
+    again = digits_feature_net()  # from the cache
+    assert again.heldout_accuracy == feature_net.heldout_accuracy
+    for a, b in zip(feature_net.module.state_dict().values(), again.module.state_dict().values()):
+        assert torch.equal(a, b)
+    assert FeatureNetConfig(seed=1).key() != FeatureNetConfig().key()
+
+
+def test_feature_net_retrains_bitwise(feature_net):
+    """Training is deterministic: a short retrain twice gives identical bytes."""
+    from dataward.audit.features import train_feature_net
+
+    config = FeatureNetConfig(epochs=1, width=8, feature_dim=16)
+    a, b = train_feature_net(config), train_feature_net(config)
+    for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_user_module_and_missing_inception(tmp_path):
+    extractor = module_features(torch.nn.Flatten(), image_shape=(1, 4, 4))
+    assert extractor(torch.zeros(3, 1, 8, 8)).shape == (3, 16)
+    with pytest.raises(DatawardError, match="nope.safetensors"):
+        inception_features(tmp_path / "nope.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------- quality
+
+
+def test_frechet_distance_zero_for_itself_and_monotone_in_noise(feature_net, digits):
+    _, heldout = digits
+    reference = feature_net(heldout.images)
+    assert M.frechet_distance(reference, reference) == pytest.approx(0.0, abs=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(heldout.images.shape, generator=generator)
+    distances = [M.frechet_distance(feature_net((heldout.images + s * noise).clamp(-1, 1)), reference) for s in (0.1, 0.2, 0.4, 0.8)]
+    assert all(a < b for a, b in zip(distances, distances[1:])), distances
+    assert distances[0] > 0.1
+
+
+def test_frechet_distance_matches_gaussian_closed_form():
+    """Two Gaussians with known means and diagonal covariances: FD = |Δμ|² + Σ (σ_a − σ_b)²."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    b = torch.randn(20000, 3, generator=generator, dtype=torch.float64) * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64) + 1.0
+    expected = 3 * 1.0 + (1 - 2) ** 2 + (2 - 1) ** 2 + 0.0
+    assert M.frechet_distance(a, b) == pytest.approx(expected, rel=0.05)
+
+
+def test_downstream_accuracy_real_vs_shuffled_labels(digits):
+    train, heldout = digits
+    assert M.downstream_accuracy(train.images, train.labels, heldout.images, heldout.labels) > 0.9
+    shuffled = train.labels[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))]
+    assert M.downstream_accuracy(train.images, shuffled, heldout.images, heldout.labels) < 0.3
+
+
+# ------------------------------------------------------------------------------------------------------ replication
+
+
+def test_replication_flags_planted_copies_not_heldout(feature_net, digits):
+    train, heldout = digits
+    generator = torch.Generator().manual_seed(0)
+    copies = (train.images[:20] + 0.05 * torch.randn(20, 1, 8, 8, generator=generator)).clamp(-1, 1)
+    generated = torch.cat([copies, heldout.images[:80]])
+    result = M.replication(generated, train.images, features=feature_net.copy_features, top_k=20)
+    assert result.replicated[:20].all() and not result.replicated[20:].any()
+    assert result.replication_rate == pytest.approx(0.2)
+    assert np.array_equal(result.nearest_index[:20], np.arange(20))
+    assert set(result.closest.tolist()) == set(range(20))
+    assert (result.cosine[:20] > result.cosine_threshold).all()
+    assert (result.cosine[20:] > result.cosine_threshold).mean() <= 0.03
+    assert np.all(result.nearest_l2 <= result.second_l2)
+
+
+def test_replication_of_heldout_is_low(feature_net, digits):
+    train, heldout = digits
+    result = M.replication(heldout.images, train.images, features=feature_net.copy_features)
+    assert result.replication_rate == 0.0
+    assert result.cosine_share <= 0.02
+    assert set(result.summary()) >= {"replication_rate", "cosine_share", "closest_pairs"}
+
+
+# ----------------------------------------------------------------------------------------------- membership inference
+
+
+def _split(images: torch.Tensor, seed: int = 0):
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    half = len(images) // 2
+    return images[order[:half]], images[order[half:]]
+
+
+def test_mia_is_chance_for_a_model_that_saw_neither(digits, scheduler):
+    _, heldout = digits
+    members, nonmembers = _split(heldout.images)
+    other = memorizing_denoiser(load_source("printed:count=64").images, scheduler)  # memorized printed digits only
+    for attack in (M.loss_attack, M.pia):
+        result = attack(other, scheduler, members, nonmembers, timesteps=(50, 200))
+        assert abs(result.auc - 0.5) < 0.1, (attack.__name__, result.auc)
+        assert result.tpr_at_1pct_fpr < 0.1
+
+
+def test_mia_detects_a_memorizing_model(digits, scheduler):
+    _, heldout = digits
+    members, nonmembers = _split(heldout.images[:128])
+    memorized = memorizing_denoiser(members, scheduler)
+    for attack in (M.loss_attack, M.pia):
+        result = attack(memorized, scheduler, members, nonmembers)
+        assert result.auc > 0.97, (attack.__name__, result.auc)
+        assert result.tpr_at_1pct_fpr > 0.8
+        assert result.best_t in M.DEFAULT_TIMESTEPS
+        assert result.fpr[0] == 0 and result.tpr[-1] == 1
+    assert M.forgetting_attack(memorized, scheduler, members, nonmembers).auc > 0.97
+
+
+def test_loss_attack_is_seeded(digits, scheduler):
+    _, heldout = digits
+    members, nonmembers = _split(heldout.images[:64])
+    eps = memorizing_denoiser(members[:8], scheduler)
+    a = M.loss_attack(eps, scheduler, members, nonmembers, timesteps=(300,), seed=3)
+    b = M.loss_attack(eps, scheduler, members, nonmembers, timesteps=(300,), seed=3)
+    c = M.loss_attack(eps, scheduler, members, nonmembers, timesteps=(300,), seed=4)
+    assert np.array_equal(a.member_scores, b.member_scores)
+    assert not np.array_equal(a.member_scores, c.member_scores)
+
+
+def test_roc_known_values():
+    auc, tpr_low, fpr, tpr = M.roc(np.array([3.0, 4.0]), np.array([1.0, 2.0]))
+    assert auc == 1.0 and tpr_low == 1.0
+    auc, _, _, _ = M.roc(np.array([1.0, 3.0]), np.array([2.0, 4.0]))
+    assert auc == pytest.approx(0.25)
+
+
+def test_recompute_epsilon_accountants_agree_roughly():
+    prv = M.recompute_epsilon([(1.0, 0.05, 1000)], 1e-5, "prv")
+    rdp = M.recompute_epsilon([(1.0, 0.05, 1000)], 1e-5, "rdp")
+    assert 0 < prv <= rdp * 1.01  # PRV is tighter than RDP
+    assert prv == pytest.approx(rdp, rel=0.3)
+    with pytest.raises(DatawardError, match="sigma"):
+        M.recompute_epsilon([(0.0, 0.05, 10)], 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- audit_ward + report
+
+
+@pytest.fixture(scope="session")
+def audited(feature_net, tmp_path_factory):
+    """One audit of the closed-form stand-in ward (a memorizing and a Gaussian compartment, 40 leaky forgotten IDs)."""
+    from dataward.audit import audit_ward
+    from dataward.audit.standin import StandInWard
+
+    privacy = {"epsilon": 5.0, "delta": 1e-5, "models": [
+        {"compartment": 1, "epsilon": 5.0, "delta": 1e-5, "accountant": "prv", "noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 1000}]}
+    ward = StandInWard(per_compartment=150, forgotten=40, privacy=privacy)
+    html = tmp_path_factory.mktemp("report") / "report.html"
+    report = audit_ward(ward, n=120, steps=10, grid=16, members=100, timesteps=(10, 100), html=html, strict=True)
+    return report, html
+
+
+def test_audit_report_schema_is_stable(audited):
+    import json
+
+    from dataward.audit import SCHEMA
+    from dataward.audit.report import ATTACK_KEYS, REPORT_KEYS, SECTION_KEYS
+
+    report, _ = audited
+    assert tuple(report) == REPORT_KEYS == (
+        "schema", "ward", "settings", "sampling", "quality", "replication", "membership", "forgetting", "privacy", "timings"
+    )
+    assert report["schema"] == SCHEMA == "dataward.audit/1"
+    for section, keys in SECTION_KEYS.items():
+        assert report[section]["status"] == "ok", (section, report[section])
+        assert set(keys) <= set(report[section]), (section, set(keys) - set(report[section]))
+    for attack in report["membership"]["attacks"]:
+        assert set(attack) == {"compartment", "denoiser", "loss", "pia"}
+        assert tuple(attack["loss"]) == ATTACK_KEYS
+    json.loads(json.dumps(report))  # JSON-ready as is
+
+
+def test_audit_numbers_on_the_stand_in(audited):
+    report, _ = audited
+    by_compartment = {a["compartment"]: a for a in report["membership"]["attacks"]}
+    assert by_compartment[0]["loss"]["auc"] > 0.97  # the memorizer
+    assert report["membership"]["worst_auc"]["raw_loss"] == by_compartment[0]["loss"]["auc"]
+    assert report["forgetting"]["max_auc"] > 0.97  # the stand-in's "forgotten" IDs are still memorized
+    assert report["replication"]["replication_rate"] > 0.2  # half the samples come from the memorizer
+    assert report["replication"]["heldout_baseline"]["replication_rate"] == 0.0
+    assert report["quality"]["fd"] > 0 and report["quality"]["feature_net"]["heldout_accuracy"] >= 0.95
+    assert report["privacy"]["epsilon"] == 5.0
+    check = report["privacy"]["models"][0]
+    assert check["check_accountant"] == "rdp" and check["epsilon_check"] == pytest.approx(M.recompute_epsilon([(1.0, 0.05, 1000)], 1e-5, "rdp"))
+    assert report["sampling"]["attribution_mean"] == pytest.approx([0.5, 0.5])
+
+
+def test_html_report_has_every_figure(audited):
+    report, html = audited
+    page = html.read_text()
+    # 3 sample grids (composed + 2 compartments), attribution, 2 ROC figures, NN histograms, closest pairs
+    assert page.count("<img ") == 8
+    assert page.count("data:image/png;base64,") == 8
+    assert "http://" not in page and "https://" not in page  # self-contained
+    for heading in ("Samples", "Quality", "Replication", "Membership inference", "Forgetting", "Privacy budget"):
+        assert f"<h2>{heading}</h2>" in page
+
+
+def test_sections_degrade_gracefully(feature_net):
+    """A ward without held-out data, forgetting or privacy: those sections are skipped with reasons, not errors."""
+    from dataward.audit import audit_ward
+    from dataward.audit.report import render_html
+    from dataward.audit.standin import StandInWard
+
+    ward = StandInWard(per_compartment=40)
+    ward.heldout_data = lambda: None
+    report = audit_ward(ward, n=30, steps=5, grid=0, timesteps=(50,))
+    for section in ("quality", "membership", "privacy", "forgetting"):
+        assert report[section]["status"] == "skipped" and report[section]["reason"], section
+    assert report["replication"]["status"] == "ok"
+    assert "skipped:" in render_html(report, {})

@@ -1,0 +1,57 @@
+"""The command line end to end on a tiny run, and its error handling."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+CLI = [sys.executable, "-c", "from dataward.cli import main; main()"]
+
+
+def run(*args, check=True, columns=200):
+    """Run the CLI at a given terminal width (rich wraps human-readable output to it)."""
+    env = dict(os.environ, COLUMNS=str(columns))
+    proc = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=900, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_cli_end_to_end(tmp_path):
+    ward = tmp_path / "w"
+    run("init", ward, "--data", "digits:subset=40", "-k", "2", "--slices", "2", "--steps", "3", "--batch-size", "16", "--no-router")
+    run("train", ward)
+    grid, npz = tmp_path / "g.png", tmp_path / "s.npz"
+    out = run("sample", ward, "-n", "6", "--steps", "5", "--out", grid, "--save", npz, "--json")
+    summary = json.loads(out.stdout)
+    assert summary["compartments"] == [0, 1] and len(summary["attribution"]) == 6
+    assert grid.stat().st_size > 100
+    with np.load(npz, allow_pickle=False) as data:
+        assert data["images"].shape == (6, 1, 8, 8) and data["images"].dtype == np.float32
+        assert 0.0 <= data["images"].min() and data["images"].max() <= 1.0
+        assert data["labels"].shape == (6,) and np.allclose(data["attribution"].sum(1), 1.0, atol=1e-5)
+    status = json.loads(run("status", ward, "--json").stdout)
+    assert [c["samples"] for c in status["compartments"]] and sum(c["samples"] for c in status["compartments"]) == 40
+    ids_file = tmp_path / "ids.txt"
+    from dataward.ward import Ward
+
+    first = Ward.open(ward).training_data(0).ids[0]
+    ids_file.write_text(first + "\n")
+    forgot = json.loads(run("forget", ward, "--ids-file", ids_file, "--json").stdout)
+    assert forgot["ids"] == [first] and forgot["state"] == "done"
+    again = run("forget", ward, first)
+    assert "already forgotten" in again.stdout
+    cert = json.loads(run("verify", ward, "--json").stdout)
+    assert cert["ok"] and cert["forgotten"] == 1
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = run("status", tmp_path / "missing", check=False, columns=40)  # errors never wrap, even when narrow
+    assert proc.returncode == 1
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2
+    proc = run("init", tmp_path / "w", "--data", "npz:/does/not/exist.npz", check=False)
+    assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()

@@ -1,0 +1,242 @@
+"""CPSample guards: labels, deterministic training, overfitting, guidance formula and its effect, guard-off equivalence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from dataward.data import Dataset, load_source
+from dataward.errors import DatawardError
+from dataward.guard import (
+    GuardConfig,
+    build_guard,
+    guard_accuracy_by_t,
+    guard_guidance,
+    guard_labels,
+    guard_model,
+    guarded,
+    train_guard,
+)
+from dataward.sampling import guide_eps, make_sampler, make_training_scheduler, sample_loop
+
+# small enough to train in a few seconds on one core, big enough to memorise 48 random bits
+FAST = GuardConfig(width=32, levels=2, steps=250, batch_size=48, lr=2e-3, ema_decay=0.9, max_timestep=100)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    return make_training_scheduler()
+
+
+@pytest.fixture(scope="module")
+def members() -> Dataset:
+    return load_source("digits:subset=48,seed=3")
+
+
+@pytest.fixture(scope="module")
+def trained(members, scheduler):
+    return guard_model(train_guard(members, scheduler, seed=7, config=FAST))
+
+
+# ------------------------------------------------------------------------------------------------------------- labels
+
+
+def test_labels_are_fair_bits_stable_under_adding_ids():
+    ids = [f"digits:{i:04d}" for i in range(2000)]
+    labels = guard_labels(ids, seed=1)
+    assert labels.dtype == torch.long and labels.shape == (2000,)
+    assert set(labels.tolist()) == {0, 1}
+    assert abs(labels.float().mean().item() - 0.5) < 0.05  # 2000 fair bits: std 0.011
+    more = guard_labels(["printed:0:000001"] + ids[::-1] + ["x"], seed=1)
+    assert torch.equal(more[1:-1].flip(0), labels)  # each ID keeps its bit whatever else is in the set
+    other = guard_labels(ids, seed=2)
+    assert 0.4 < (other == labels).float().mean().item() < 0.6  # a new seed redraws the bits independently
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(DatawardError, match="alpha"):
+        GuardConfig(alpha=0.7)
+    with pytest.raises(DatawardError, match="width"):
+        GuardConfig(width=20)
+    with pytest.raises(DatawardError, match="max_timestep"):
+        from dataward.guard import guard_loss
+
+        guard_loss(make_training_scheduler(100), GuardConfig(max_timestep=300))
+
+
+# ------------------------------------------------------------------------------------------------------------ training
+
+
+def _weights(state) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in state.ema_state_dict().items()}
+
+
+def test_training_is_deterministic_and_depends_on_ids_not_order(members, scheduler):
+    config = GuardConfig(width=16, steps=4, batch_size=16)
+    a = _weights(train_guard(members, scheduler, seed=5, config=config))
+    b = _weights(train_guard(members.select(list(members.ids)[::-1]), scheduler, seed=5, config=config))
+    c = _weights(train_guard(members, scheduler, seed=6, config=config))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same IDs, seed, config: bitwise equal, whatever the listing order
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # another seed: other weights
+    d = _weights(train_guard(members.select(list(members.ids)[1:]), scheduler, seed=5, config=config))
+    assert any(not torch.equal(a[k], d[k]) for k in a)  # one ID fewer: other weights
+
+
+def test_guard_overfits_members_and_is_at_chance_on_heldout(trained, members, scheduler):
+    labels = guard_labels(members.ids, seed=7)
+    small_t = guard_accuracy_by_t(trained, members, labels, scheduler, [0, 10, 30], torch.Generator().manual_seed(0))
+    assert min(small_t.values()) >= 0.95, small_t
+    heldout = load_source("digits:heldout")
+    chance = guard_accuracy_by_t(trained, heldout, guard_labels(heldout.ids, seed=7), scheduler, [0, 30], torch.Generator().manual_seed(0))
+    # 297 held-out images, accuracy of a coin: std 0.029; the bits are random, so nothing generalises
+    assert all(abs(a - 0.5) < 0.12 for a in chance.values()), chance
+
+
+# ------------------------------------------------------------------------------------------------------------ guidance
+
+
+def _confidence(guard, x_t, t):
+    with torch.no_grad():
+        return guard(x_t, t).softmax(dim=1).max(dim=1).values
+
+
+def test_one_guidance_step_lowers_the_guards_confidence(trained, members, scheduler):
+    t = torch.tensor(20)
+    x_t = scheduler.add_noise(members.images, torch.randn(members.images.shape, generator=torch.Generator().manual_seed(1)), t)
+    before = _confidence(trained, x_t, t)
+    g = guard_guidance(trained, scale=1.0, alpha=0.01)(x_t, t)
+    confident = before > 0.99
+    assert confident.float().mean() > 0.8
+    assert torch.all(g[~confident] == 0)  # not confident: no guidance
+    # ε̂ = ε − σ·g moves the DDIM x_0-prediction by +σ²/sqrt(ᾱ)·g: x_t moves along +g. One explicit step of size 1:
+    after = _confidence(trained, x_t + g, t)
+    assert (after[confident] < before[confident]).float().mean() > 0.9
+    assert after[confident].mean() < before[confident].mean() - 0.01
+    # and the opposite direction (toward the more likely label) raises it: the sign is the one that protects
+    assert _confidence(trained, x_t - g, t)[confident].mean() > before[confident].mean()
+
+
+def test_guidance_is_zero_above_the_trained_range(trained):
+    x_t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = guard_guidance(trained, scale=5.0, alpha=0.4, max_timestep=100)(x_t, torch.tensor(100))
+    assert torch.equal(g, torch.zeros_like(x_t))
+
+
+class LinearGuard(torch.nn.Module):
+    """Stand-in guard with logits (0, w·x + b): p(1 | x) = sigmoid(w·x + b), ∇ log p(1|x) = (1 − p) w, ∇ log p(0|x) = −p w."""
+
+    def __init__(self, w: torch.Tensor, b: float):
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x_t, t):
+        z = (x_t.flatten(1) * self.w.flatten()).sum(dim=1) + self.b
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
+
+def gaussian_eps(mu: torch.Tensor, tau: float, alpha_bar: torch.Tensor):
+    """Exact ε for x_0 ~ N(mu, tau² I): x_t ~ N(sqrt(ᾱ) mu, v I), v = ᾱ tau² + 1 − ᾱ, ε = sqrt(1 − ᾱ)(x_t − sqrt(ᾱ) mu) / v."""
+
+    def eps(x_t, t, y=None):
+        a = alpha_bar[int(t)]
+        return (1 - a).sqrt() * (x_t - a.sqrt() * mu) / (a * tau**2 + 1 - a)
+
+    return eps
+
+
+def test_guided_eps_matches_the_closed_form():
+    scheduler = make_sampler(make_training_scheduler(), "ddim")
+    alpha_bar = scheduler.alphas_cumprod
+    mu, tau = torch.full((1, 1, 4, 4), 0.3), 0.5
+    w = torch.linspace(-1, 1, 16).reshape(1, 1, 4, 4)
+    guard = LinearGuard(w, b=0.2)
+    eps = gaussian_eps(mu, tau, alpha_bar)
+    z = torch.tensor([-9.0, -3.0, -0.5, 0.0, 0.5, 3.0, 9.0])  # target logits: confident below / above, uncertain between
+    x_t = (z - 0.2)[:, None, None, None] * w / w.pow(2).sum()  # w·x + b = z
+    s, alpha = 1.7, 0.02
+    for t in (10, 400):
+        t = torch.tensor(t)
+        got = guarded(eps, guard_guidance(guard, s, alpha), alpha_bar)(x_t, t, None)
+        p1 = torch.sigmoid(z)
+        confident = torch.maximum(p1, 1 - p1) > 1 - alpha
+        grad_less_likely = torch.where(p1 > 0.5, -p1, 1 - p1)[:, None, None, None] * w  # ∇ log p(ŷ) for ŷ = argmin p
+        sigma = (1 - alpha_bar[int(t)]).sqrt()
+        want = eps(x_t, t) - sigma * s * confident[:, None, None, None] * grad_less_likely
+        assert confident.tolist() == [True, False, False, False, False, False, True]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_guided_sampling_behaves_as_derived():
+    """Gaussian data N(0, tau² I) with its exact ε and a linear guard p(1 | x) = sigmoid(k w·x), |w| = 1.
+
+    Derived: ∇ log p(ŷ | x) is parallel to w, and ε is isotropic and linear, so the components of the samples orthogonal
+    to w are untouched; along w the guard acts as a barrier: wherever |k w·x_t| > log((1 − α) / α) it pushes x_t back
+    toward w·x = 0, so the samples end inside the band where the guard is not confident, while the plain samples
+    follow the data law (std tau along w) and mostly lie outside it.
+    """
+    scheduler = DDIMScheduler.from_config(make_training_scheduler().config, clip_sample=False)
+    alpha_bar = scheduler.alphas_cumprod
+    tau, k, alpha = 0.3, 20.0, 0.05
+    w = torch.ones(1, 1, 4, 4) / 4.0  # |w| = 1
+    eps = gaussian_eps(torch.zeros(1, 1, 4, 4), tau, alpha_bar)
+    guidance = guard_guidance(LinearGuard(k * w, b=0.0), scale=2.0, alpha=alpha)
+    x_T = torch.randn(512, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    plain = sample_loop(eps, x_T, scheduler, steps=50)
+    guided = sample_loop(eps, x_T, scheduler, steps=50, guidance=guidance)
+    along = lambda x: x.flatten(1) @ w.flatten()  # (N,)
+    orthogonal = lambda x: x.flatten(1) - along(x)[:, None] * w.flatten()
+    band = math.log((1 - alpha) / alpha) / k  # the guard is confident where |w·x| > band
+    assert abs(along(plain).std().item() - tau) < 0.03  # the plain sampler reproduces the data law
+    assert along(plain).abs().gt(band).float().mean() > 0.4
+    assert along(guided).abs().gt(band).float().mean() < 0.02
+    torch.testing.assert_close(orthogonal(guided), orthogonal(plain), rtol=0, atol=1e-4)
+    assert not torch.allclose(along(guided), along(plain), atol=1e-2)
+
+
+def test_guard_off_is_bitwise_the_plain_sampler(trained, scheduler):
+    from dataward.nets import build_unet
+
+    unet = build_unet("tiny", 8, 1, None, seed=0).eval()
+    eps = lambda x_t, t, y: unet(x_t, t).sample
+    x_T = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for name in ("ddim", "ddpm"):
+        sampler = make_sampler(scheduler, name)
+
+        def run(**kwargs):
+            return sample_loop(eps, x_T, sampler, steps=8, generator=torch.Generator().manual_seed(1), **kwargs)
+
+        plain = run()
+        # the plain loop by hand (diffusers DDPMPipeline): no guidance code path at all
+        sampler.set_timesteps(8)
+        x, generator = x_T * sampler.init_noise_sigma, torch.Generator().manual_seed(1)
+        for t in sampler.timesteps:
+            with torch.no_grad():
+                x = sampler.step(eps(x, t, None), t, x, generator=generator).prev_sample
+        assert torch.equal(plain, x)
+        assert torch.equal(run(guidance=None), plain)
+        assert torch.equal(run(guidance=guard_guidance(trained, scale=0.0, alpha=0.01)), plain)  # s = 0: ε − σ·0 = ε exactly
+        guided = run(guidance=guard_guidance(trained, scale=3.0, alpha=0.01))
+        wrapped = sample_loop(guarded(eps, guard_guidance(trained, 3.0, 0.01), sampler.alphas_cumprod), x_T, sampler, steps=8, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(guided, wrapped)  # the wrapper and the loop's guidance argument are one formula
+
+
+def test_build_guard_is_a_diffusers_model(tmp_path):
+    guard = build_guard(1, seed=3, config=GuardConfig(width=16))
+    guard.save_pretrained(tmp_path / "guard")
+    loaded = type(guard).from_pretrained(tmp_path / "guard")
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, torch.tensor(5)), guard.eval()(x, torch.tensor(5)))
+    assert sorted(p.name for p in (tmp_path / "guard").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]

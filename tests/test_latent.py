@@ -1,0 +1,115 @@
+"""Latent diffusion pieces: the public autoencoder, its scaling, and sampling through the one loop."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import dataward.sampling as sampling
+from dataward.data import load_source
+from dataward.errors import DatawardError
+from dataward.latent import (
+    AutoencoderConfig,
+    LatentCodec,
+    LatentDenoiser,
+    make_latent_scheduler,
+    pretrain_autoencoder,
+    sample_latent,
+    unet_eps,
+)
+from dataward.nets import build_unet
+from dataward.privacy import DPConfig, dp_finetune
+from dataward.training import TrainConfig
+
+warnings.filterwarnings("ignore", message="Secure RNG")
+CONFIG = AutoencoderConfig(steps=150)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def codec() -> LatentCodec:
+    torch.set_num_threads(1)
+    return pretrain_autoencoder(load_source("printed:count=600"), CONFIG, seed=0, threads=1)
+
+
+def test_autoencoder_reconstructs_unseen_printed_digits(codec):
+    test = load_source("printed:count=200,seed=1")  # other renderings than the training ones
+    recon = codec.decode(codec.encode(test.images))
+    mse = (recon - test.images).pow(2).mean().item()
+    baseline = (test.images - test.images.mean(dim=0)).pow(2).mean().item()  # predicting the mean image
+    assert recon.shape == test.images.shape
+    assert mse < 0.1 * baseline, (mse, baseline)
+
+
+def test_latents_are_scaled_to_unit_std_and_keep_ids(codec):
+    public = load_source("printed:count=600")
+    latents = codec.encode_dataset(public)
+    assert latents.images.shape == (600, *CONFIG.latent_shape()) == (600, 4, 4, 4)
+    assert latents.images.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert latents.ids == public.ids and torch.equal(latents.labels, public.labels)
+
+
+def test_autoencoder_training_is_deterministic():
+    small = AutoencoderConfig(steps=5)
+    public = load_source("printed:count=64")
+    a = pretrain_autoencoder(public, small, seed=3, threads=1)
+    b = pretrain_autoencoder(public, small, seed=3, threads=1)
+    c = pretrain_autoencoder(public, small, seed=4, threads=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.autoencoder.state_dict().values(), b.autoencoder.state_dict().values()))
+    assert a.scaling_factor == b.scaling_factor
+    assert not torch.equal(a.autoencoder.encoder.conv_in.weight, c.autoencoder.encoder.conv_in.weight)
+
+
+def test_codec_save_load_round_trip(codec, tmp_path):
+    codec.save(tmp_path / "ae")
+    assert not list((tmp_path / "ae").glob("*.bin"))  # safetensors only
+    back = LatentCodec.load(tmp_path / "ae")
+    z = torch.randn(3, *CONFIG.latent_shape(), generator=torch.Generator().manual_seed(0))
+    assert back.scaling_factor == codec.scaling_factor
+    assert torch.equal(back.decode(z), codec.decode(z))
+    with pytest.raises(DatawardError, match="codec.json"):
+        LatentCodec.load(tmp_path)
+
+
+def test_wrong_image_shape_is_refused(codec):
+    with pytest.raises(DatawardError, match="1x8x8"):
+        codec.encode_dataset(load_source("printed:count=10,size=16"))
+
+
+def test_latent_sampling_runs_through_the_unmodified_loop(codec, monkeypatch):
+    calls = []
+    original = sampling.sample_loop
+
+    def spy(eps, x_T, scheduler, **kwargs):
+        out = original(eps, x_T, scheduler, **kwargs)
+        calls.append((eps, x_T.shape, out))
+        return out
+
+    monkeypatch.setattr(sampling, "sample_loop", spy)
+    unet = build_unet("tiny", 4, 4, 10, seed=0).eval()  # a latent denoiser: 4 channels at 4x4
+    denoiser = LatentDenoiser(unet_eps(unet), codec)
+    scheduler = make_latent_scheduler(sampling.make_training_scheduler(), "ddim")
+    assert scheduler.config.clip_sample is False
+    y = torch.arange(5)
+    images = sample_latent(denoiser, 5, scheduler, steps=4, generator=torch.Generator().manual_seed(0), y=y)
+    assert len(calls) == 1 and calls[0][0] is denoiser and calls[0][1] == (5, 4, 4, 4)
+    assert images.shape == (5, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
+    assert torch.equal(images, codec.decode(calls[0][2]))
+    again = sample_latent(denoiser, 5, scheduler, steps=4, generator=torch.Generator().manual_seed(0), y=y)
+    assert torch.equal(images, again)
+
+
+def test_dp_finetuning_in_latent_space(codec):
+    latents = codec.encode_dataset(load_source("digits:subset=32"))
+    config = DPConfig(epsilon=10, batch=8, epochs=1, trainable="attention", accountant="rdp")
+    state, record = dp_finetune(build_unet("tiny", 4, 4, 10, seed=0), latents, config, TrainConfig(), seed=0, scheduler=sampling.make_training_scheduler())
+    assert state.step == record.steps == 4 and record.epsilon() <= 10

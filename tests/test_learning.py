@@ -1,0 +1,23 @@
+"""Learning is real: after a short CPU training, conditional samples show the digit they were asked for."""
+
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from dataward.data import load_source
+from dataward.training import TrainConfig
+from dataward.ward import Ward
+
+
+@pytest.mark.slow
+def test_short_training_gives_recognisable_digits(tmp_path):
+    torch.set_num_threads(2)
+    ward = Ward.create(tmp_path / "w", "digits", train=TrainConfig(steps=300, batch_size=128))
+    ward.train()
+    heldout = load_source("digits:heldout")
+    judge = LogisticRegression(max_iter=3000).fit(heldout.images.flatten(1).numpy(), heldout.labels.numpy())
+    assert judge.score(heldout.images.flatten(1).numpy(), heldout.labels.numpy()) > 0.95
+    result = ward.sample(200, seed=0, steps=50)
+    predicted = judge.predict((result.images * 2 - 1).flatten(1).numpy())
+    accuracy = (predicted == result.labels.numpy()).mean()
+    assert accuracy >= 0.6, f"only {accuracy:.2f} of conditional samples look like their class"

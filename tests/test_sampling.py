@@ -1,0 +1,134 @@
+"""The one sampling loop and composition, with closed-form stand-in denoisers."""
+
+import pytest
+import torch
+
+from dataward.compose import ComposedDenoiser
+from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
+
+SCHEDULER = make_training_scheduler()
+ALPHA_BAR = SCHEDULER.alphas_cumprod
+
+
+def point_mass_eps(m):
+    """The exact ε for data that is a single point m: ε = (x_t − sqrt(ᾱ) m) / sqrt(1 − ᾱ)."""
+
+    def eps(x_t, t, y):
+        a = ALPHA_BAR[int(t)]
+        return (x_t - a.sqrt() * m) / (1 - a).sqrt()
+
+    return eps
+
+
+def gaussian_eps(m, v):
+    """The exact ε for data N(m, v I)."""
+
+    def eps(x_t, t, y):
+        a = ALPHA_BAR[int(t)]
+        return (1 - a).sqrt() * (x_t - a.sqrt() * m) / (a * v + 1 - a)
+
+    return eps
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_full_loop_reaches_the_point_mass(sampler):
+    m = torch.tensor([0.5, -0.25, 0.0, 0.75]).reshape(1, 1, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    x = sample_loop(point_mass_eps(m), torch.randn(8, 1, 2, 2, generator=g), make_sampler(SCHEDULER, sampler), steps=25, generator=g)
+    assert torch.allclose(x, m.expand_as(x), atol=1e-4)
+
+
+def test_loop_is_seeded():
+    eps = gaussian_eps(torch.zeros(1, 1, 2, 2), 0.1)
+    runs = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(3)
+        runs.append(sample_loop(eps, torch.randn(4, 1, 2, 2, generator=g), make_sampler(SCHEDULER, "ddpm"), steps=10, generator=g))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_guidance_is_applied_in_eps_space():
+    """A constant guidance gradient g shifts ε by −sqrt(1−ᾱ_t) g; DDIM on a point mass m then ends at m + (1 − ᾱ)/sqrt(ᾱ) g
+    (the last step returns the predicted x_0 at the last timestep)."""
+    m = torch.zeros(1, 1, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(16, 1, 2, 2, generator=g)
+    plain = sample_loop(point_mass_eps(m), x_T, make_sampler(SCHEDULER, "ddim"), steps=20)
+    pushed = sample_loop(point_mass_eps(m), x_T, make_sampler(SCHEDULER, "ddim"), steps=20, guidance=lambda x, t: torch.ones_like(x))
+    sampler = make_sampler(SCHEDULER, "ddim")
+    sampler.set_timesteps(20)
+    a = ALPHA_BAR[int(sampler.timesteps[-1])]
+    assert torch.allclose(plain, m.expand_as(plain), atol=1e-5)
+    assert torch.allclose(pushed - plain, ((1 - a) / a.sqrt()).expand_as(plain), rtol=1e-3, atol=1e-7)
+
+
+MEANS = [torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), -1.0), torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]])]
+LAMBDA = torch.tensor([0.5, 0.3, 0.2])
+
+
+def test_density_weights_recover_the_mixture():
+    """Itô density weights over three Gaussian 'compartments' sample the λ-mixture and attribute samples correctly."""
+    n = 600
+    g = torch.Generator().manual_seed(0)
+    composed = ComposedDenoiser([gaussian_eps(m, 0.05) for m in MEANS], LAMBDA.log().expand(n, 3).clone(), ALPHA_BAR, "density")
+    x = sample_loop(composed, torch.randn(n, 1, 2, 2, generator=g), make_sampler(SCHEDULER, "ddpm"), steps=50, generator=g)
+    nearest = torch.stack([(x - m).flatten(1).pow(2).sum(1) for m in MEANS], 1).argmin(1)
+    share = torch.bincount(nearest, minlength=3) / n
+    assert torch.allclose(share, LAMBDA, atol=0.06), share
+    assert (composed.final_weights.argmax(1) == nearest).float().mean() > 0.97
+    assert torch.allclose(composed.attribution().sum(1), torch.ones(n), atol=1e-5)
+
+
+def test_density_weights_track_the_true_posterior_mid_trajectory():
+    """At an intermediate step the estimated w equals p(i | x_t) computed in closed form, within tolerance."""
+    n, v = 400, 0.05
+    g = torch.Generator().manual_seed(1)
+    composed = ComposedDenoiser([gaussian_eps(m, v) for m in MEANS], LAMBDA.log().expand(n, 3).clone(), ALPHA_BAR, "density")
+    sampler = make_sampler(SCHEDULER, "ddpm")
+    sampler.set_timesteps(100)
+    x = torch.randn(n, 1, 2, 2, generator=g)
+    for i, t in enumerate(sampler.timesteps):
+        e = composed(x, t, None)
+        if i == 70:
+            a = ALPHA_BAR[int(t)]
+            var = a * v + 1 - a
+            log_post = torch.stack([-(x - a.sqrt() * m).flatten(1).pow(2).sum(1) / (2 * var) for m in MEANS], 1) + LAMBDA.log()
+            true_w = torch.softmax(log_post, 1)
+            assert (composed.current_weights(x, t) - true_w).abs().mean() < 0.08
+        x = sampler.step(e, t, x, generator=g).prev_sample
+
+
+def test_top_k_equal_to_k_is_the_full_mixture_and_top1_evaluates_once():
+    n = 32
+    calls = []
+
+    def counting(eps, i):
+        def inner(x, t, y):
+            calls.append((i, len(x)))
+            return eps(x, t, y)
+
+        return inner
+
+    x_T = torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for k in (None, 3):
+        g = torch.Generator().manual_seed(5)
+        c = ComposedDenoiser([gaussian_eps(m, 0.05) for m in MEANS], LAMBDA.log().expand(n, 3).clone(), ALPHA_BAR, "density", top_k=k)
+        outs.append(sample_loop(c, x_T, make_sampler(SCHEDULER, "ddpm"), steps=20, generator=g))
+    assert torch.equal(outs[0], outs[1])
+    calls.clear()
+    c = ComposedDenoiser([counting(gaussian_eps(m, 0.05), i) for i, m in enumerate(MEANS)], LAMBDA.log().expand(n, 3).clone(), ALPHA_BAR, "density", top_k=1)
+    sample_loop(c, x_T, make_sampler(SCHEDULER, "ddpm"), steps=20, generator=torch.Generator().manual_seed(5))
+    per_step = {}
+    for i, rows in calls:
+        per_step.setdefault(i, 0)
+    assert sum(rows for _, rows in calls) == 20 * n  # each sample evaluated by exactly one compartment per step
+    assert len(calls) <= 20 * 3
+
+
+def test_router_weights_use_only_allowed_columns():
+    n = 8
+    router = lambda x, t: torch.tensor([[0.0, 50.0, 0.0, 1.0]]).expand(len(x), -1)  # column 1 (excluded) dominates
+    c = ComposedDenoiser([gaussian_eps(MEANS[0], 0.05), gaussian_eps(MEANS[1], 0.05)], torch.zeros(n, 2), ALPHA_BAR, "router", router, [0, 3])
+    w = c.current_weights(torch.zeros(n, 1, 2, 2), torch.tensor(500))
+    assert torch.allclose(w, torch.softmax(torch.tensor([0.0, 1.0]), 0).expand(n, -1))

@@ -1,0 +1,63 @@
+"""Guards and DP inside a ward: recorded in the ledger, retrained by forget, certified by verify, accounted in status."""
+
+import json
+
+import pytest
+import torch
+
+from dataward.errors import DatawardError
+from dataward.guard import GuardConfig
+from dataward.privacy import DPConfig
+from dataward.training import TrainConfig
+
+from conftest import make_ward
+
+TINY_GUARD = GuardConfig(steps=4, batch_size=16)
+
+
+def test_guards_per_compartment_are_forgotten_and_certified(tmp_path):
+    ward = make_ward(tmp_path / "w", router=False, guard=True, guard_settings=TINY_GUARD)
+    ward.train()
+    guards = ward.served("guard")
+    assert set(guards) == {0, 1}
+    saw = {r[0] for r in ward.ledger.db.execute("SELECT sample_id FROM model_samples WHERE model_id=?", (guards[0].id,))}
+    assert saw == set(ward.training_data(0).ids) & saw and saw <= set(ward.training_data(0).ids)  # purity: its compartment only
+    plain = ward.sample(4, seed=3, steps=8)
+    guarded = ward.sample(4, seed=3, steps=8, guard=True, guard_scale=50.0, guard_alpha=0.49)
+    assert not torch.equal(plain.images, guarded.images)
+    off = ward.sample(4, seed=3, steps=8, guard=False)
+    assert torch.equal(plain.images, off.images)
+    victim = ward.training_data(1).ids[0]
+    ward.forget([victim])
+    assert ward.served("guard")[1].id != guards[1].id and ward.served("guard")[0].id == guards[0].id
+    cert = ward.verify()
+    assert cert["ok"] and {(m["kind"], m["compartment"]) for m in cert["models"]} >= {("guard", 0), ("guard", 1)}
+
+
+def test_dp_compartment_after_public_pretraining(tmp_path):
+    ward = make_ward(tmp_path / "w", data="digits:subset=80", router=False)
+    ward.train()
+    ward.pretrain("printed:count=60", TrainConfig(steps=2, batch_size=30))
+    assert ward.status()["public_model"]["public"] is True
+    before = ward.served()[0].id
+    ward.enable_dp(DPConfig(epsilon=10.0, batch=20, epochs=1), compartments=[1])
+    privacy = ward.status()["privacy"]
+    record = privacy["compartments"]["1"]
+    assert record["epsilon"] <= 10.0 + 1e-9 and record["trainable"] == "attention"
+    assert 0.05 < record["trainable_fraction"] < 0.15  # DP-LDM: ~90% fewer trainable parameters
+    assert privacy["compartments"]["0"] == "not DP" and privacy["ward_epsilon"] == "inf"
+    assert ward.served()[0].id == before  # the non-DP compartment is untouched
+    json.dumps(ward.status())  # status is valid JSON (no inf floats)
+    ward.forget([ward.training_data(1).ids[0]])
+    assert ward.verify()["ok"]
+
+
+def test_dp_bad_input_is_refused_before_training(tmp_path):
+    ward = make_ward(tmp_path / "w", data="digits:subset=40", router=False)
+    config_before = (ward.path / "ward.json").read_text()
+    for bad, message in ((DPConfig(epsilon=0), "epsilon"), (DPConfig(clip=0), "clip"), (DPConfig(delta=0.5), "delta")):
+        with pytest.raises(DatawardError, match=message):
+            ward.enable_dp(bad)
+    with pytest.raises(DatawardError, match="unknown compartment"):
+        ward.enable_dp(DPConfig(), compartments=[5])
+    assert (ward.path / "ward.json").read_text() == config_before and ward.ledger.models(any_compartment=True) == []
