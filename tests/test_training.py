@@ -65,3 +65,23 @@ def test_loss_decreases_on_real_data():
     losses = []
     run_steps(state, DATA, denoiser_loss(SCHED), 25, TrainConfig(batch_size=40), torch.Generator().manual_seed(0), on_step=losses.append)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_epoch_budget_counts_passes_at_the_batch_actually_drawn():
+    config = TrainConfig(epochs=10, batch_size=128)
+    assert config.total_steps(1280) == 100
+    assert config.total_steps(40) == 10  # a compartment smaller than a batch still gets its 10 passes
+    assert TrainConfig(steps=7).total_steps(40) == 7
+
+
+def test_sisa_stages_add_up_to_the_epoch_budget():
+    from dataward.ward import Lineage
+
+    ids = [f"digits:{i:04d}" for i in range(1200)]
+    stages = tuple(tuple(ids[: 300 * (r + 1)]) for r in range(4))
+    lineage = Lineage("denoiser", 0, stages, TrainConfig(epochs=8, batch_size=100))
+    steps = [lineage.stage_steps(r) for r in range(4)]
+    assert steps == sorted(steps) and abs(sum(steps) - 8 * 1200 / 100) <= 4  # ceil per stage
+    small = Lineage("denoiser", 0, (tuple(ids[:20]), tuple(ids[:40])), TrainConfig(epochs=9, batch_size=128))
+    # each stage makes 2/3 of 9 = 6 passes over its data at batch = its size
+    assert [small.stage_steps(r) for r in range(2)] == [6, 6]

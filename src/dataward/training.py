@@ -37,17 +37,19 @@ class TrainConfig:
     ema_decay: float = 0.995  # EMA of weights used for sampling (warm-up: min(decay, (1+n)/(10+n)))
     threads: int = 2  # torch intra-op threads; part of the determinism contract
 
+    def batch_for(self, n_examples: int) -> int:
+        """The batch actually drawn from ``n_examples``: ``batch_size``, or all of them when there are fewer."""
+        return max(1, min(self.batch_size, n_examples))
+
+    def epoch_steps(self, epochs: float, n_examples: int) -> int:
+        """Optimizer steps that make ``epochs`` passes over ``n_examples`` at the batch actually drawn (at least 1)."""
+        return max(1, math.ceil(epochs * n_examples / self.batch_for(n_examples)))
+
     def total_steps(self, n_examples: int) -> int:
         """Optimizer steps over all stages for a model trained on ``n_examples``."""
         if self.steps is not None:
             return self.steps
-        return max(1, math.ceil(self.epochs * n_examples / self.batch_size))
-
-
-def stage_steps(total: int, stages: int) -> list[int]:
-    """Split ``total`` optimizer steps over ``stages`` SISA stages (the earlier stages take the remainder)."""
-    base, extra = divmod(total, stages)
-    return [base + (1 if r < extra else 0) for r in range(stages)]
+        return self.epoch_steps(self.epochs, n_examples)
 
 
 def denoiser_loss(scheduler: DDPMScheduler) -> PerSampleLoss:
@@ -151,7 +153,7 @@ def run_steps(
 ) -> None:
     """``steps`` Adam steps on ``data`` (epoch-wise shuffles from ``generator``); updates EMA after each step."""
     n = len(data)
-    batch = min(config.batch_size, n)
+    batch = config.batch_for(n)
     order = torch.empty(0, dtype=torch.long)
     images, labels = data.images.to(device), None if data.labels is None else data.labels.to(device)
     targets = None if targets is None else targets.to(device)

@@ -126,8 +126,8 @@ class Lineage:
         if self.config.steps is not None:
             base, extra = divmod(self.config.steps, stages)
             return base + (1 if stage < extra else 0)
-        n = len(self.stage_ids[stage])
-        return max(1, math.ceil(2 * self.config.epochs * n / (self.config.batch_size * (stages + 1))))
+        # stage r gets a 2/(R+1) share of the epochs, so the R stages add up to ``epochs`` passes over the final data
+        return self.config.epoch_steps(2 * self.config.epochs / (stages + 1), len(self.stage_ids[stage]))
 
 
 @dataclass(frozen=True)
