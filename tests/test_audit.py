@@ -188,6 +188,22 @@ def test_roc_known_values():
     assert auc == pytest.approx(0.25)
 
 
+def test_pooled_rank_auc_is_the_roc_auc_for_one_model_and_has_the_uniform_null():
+    rng = np.random.default_rng(0)
+    members, nonmembers = rng.normal(0.5, 1, 40), rng.normal(0, 1, 300)
+    auc, *_ = M.roc(members, nonmembers)
+    pooled = M.pooled_rank_auc([(members, nonmembers)])
+    assert pooled["auc"] == pytest.approx(auc, abs=1e-12) and pooled["n"] == 40
+    # never-seen members from the non-members' distribution, in 5 models: within 0.5 ± 1.96 null_sd most of the time
+    inside = 0
+    for trial in range(200):
+        pairs = [(rng.normal(0, 1, 2), rng.normal(0, 1, 300)) for _ in range(5)]
+        result = M.pooled_rank_auc(pairs)
+        assert result["null_sd"] == pytest.approx(1 / np.sqrt(120))
+        inside += abs(result["z"]) <= 1.96
+    assert 0.9 <= inside / 200 <= 0.99
+
+
 def test_recompute_epsilon_accountants_agree_roughly():
     prv = M.recompute_epsilon([(1.0, 0.05, 1000)], 1e-5, "prv")
     rdp = M.recompute_epsilon([(1.0, 0.05, 1000)], 1e-5, "rdp")
@@ -206,8 +222,10 @@ def audited(feature_net, tmp_path_factory):
     from dataward.audit import audit_ward
     from dataward.audit.standin import StandInWard
 
-    privacy = {"epsilon": 5.0, "delta": 1e-5, "models": [
-        {"compartment": 1, "epsilon": 5.0, "delta": 1e-5, "accountant": "prv", "noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 1000}]}
+    privacy = {"ward_epsilon": "inf", "ward_delta": 1.0, "notes": ["some compartments are not DP-trained"], "compartments": {
+        "0": "not DP",
+        "1": {"epsilon": 5.0, "delta": 1e-5, "accountant": "prv", "sigma": 1.0, "sample_rate": 0.05, "steps": 1000, "clip": 1.0,
+              "history": [[1.0, 0.05, 1000]], "trainable_fraction": 0.1}}}  # the shape of Ward.privacy()
     ward = StandInWard(per_compartment=150, forgotten=40, privacy=privacy)
     html = tmp_path_factory.mktemp("report") / "report.html"
     report = audit_ward(ward, n=120, steps=10, grid=16, members=100, timesteps=(10, 100), html=html, strict=True)
@@ -239,12 +257,15 @@ def test_audit_numbers_on_the_stand_in(audited):
     by_compartment = {a["compartment"]: a for a in report["membership"]["attacks"]}
     assert by_compartment[0]["loss"]["auc"] > 0.97  # the memorizer
     assert report["membership"]["worst_auc"]["raw_loss"] == by_compartment[0]["loss"]["auc"]
-    assert report["forgetting"]["max_auc"] > 0.97  # the stand-in's "forgotten" IDs are still memorized
+    forgetting = report["forgetting"]
+    assert forgetting["auc"] > 0.97 and not forgetting["consistent_with_unseen"]  # the stand-in's "forgotten" IDs are still memorized
     assert report["replication"]["replication_rate"] > 0.2  # half the samples come from the memorizer
     assert report["replication"]["heldout_baseline"]["replication_rate"] == 0.0
     assert report["quality"]["fd"] > 0 and report["quality"]["feature_net"]["heldout_accuracy"] >= 0.95
-    assert report["privacy"]["epsilon"] == 5.0
-    check = report["privacy"]["models"][0]
+    assert report["privacy"]["epsilon"] == "inf"  # compartment 0 is not DP
+    assert [m["dp"] for m in report["privacy"]["models"]] == [False, True]
+    check = report["privacy"]["models"][1]
+    assert check["epsilon"] == 5.0
     assert check["check_accountant"] == "rdp" and check["epsilon_check"] == pytest.approx(M.recompute_epsilon([(1.0, 0.05, 1000)], 1e-5, "rdp"))
     assert report["sampling"]["attribution_mean"] == pytest.approx([0.5, 0.5])
 

@@ -25,8 +25,13 @@ def test_guards_per_compartment_are_forgotten_and_certified(tmp_path):
     plain = ward.sample(4, seed=3, steps=8)
     guarded = ward.sample(4, seed=3, steps=8, guard=True, guard_scale=50.0, guard_alpha=0.49)
     assert not torch.equal(plain.images, guarded.images)
+    assert 0.0 < guarded.guard_guided <= 1.0 and plain.guard_guided is None  # alpha 0.49: guides wherever p > 0.51
+    strict = ward.sample(4, seed=3, steps=8, guard=True, guard_alpha=1e-9)  # a 4-step guard is never that confident
+    assert strict.guard_guided == 0.0 and torch.equal(strict.images, plain.images)
     off = ward.sample(4, seed=3, steps=8, guard=False)
     assert torch.equal(plain.images, off.images)
+    accuracy = ward.status()["compartments"][0]["guard"]["accuracy_by_t"]
+    assert list(accuracy) == ["0", "100", "200", "300", "400", "500"] and all(0.0 <= a <= 1.0 for a in accuracy.values())
     victim = ward.training_data(1).ids[0]
     ward.forget([victim])
     assert ward.served("guard")[1].id != guards[1].id and ward.served("guard")[0].id == guards[0].id

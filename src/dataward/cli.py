@@ -249,7 +249,7 @@ def sample(
         "n": n, "compartments": r.compartments, "weights": r.weights, "sampler": r.sampler, "seconds": round(r.seconds, 3),
         "models": {str(k): v for k, v in r.models.items()}, "grid": str(out_png) if out_png else None, "npz": str(save) if save else None,
         "labels": None if r.labels is None else r.labels.tolist(),
-        "attribution": r.attribution.tolist(), "final_weights": r.final_weights.tolist(),
+        "attribution": r.attribution.tolist(), "final_weights": r.final_weights.tolist(), "guard_guided": r.guard_guided,
     }
     if as_json:
         print(json.dumps(summary))
@@ -263,6 +263,8 @@ def sample(
         info = r.models[c]
         table.add_row(str(c), f"{mean[w.compartments().index(c)]:.3f}", f"stage {info['stage'] + 1}" + (" (fallback)" if info["fallback"] else ""))
     out.print(table)
+    if r.guard_guided is not None:
+        out.print(f"guards guided {100 * r.guard_guided:.1f}% of their checks (sample x step x compartment, t below the guard's max timestep)")
     for label_, path in (("grid", out_png), ("npz", save)):
         if path:
             out.print(f"{label_}: {path}")
@@ -281,20 +283,31 @@ def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: b
     cfg = s["config"]
     out.print(f"[bold]{s['path']}[/bold]: {s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, "
               f"{cfg['slices']} slice(s), weights {cfg['weights']}")
+    guards = bool(cfg["guard"])
     table = Table()
-    for col in ("compartment", "source", "samples", "forgotten", "serving", "model"):
+    for col in ("compartment", "source", "samples", "forgotten", "serving", "model") + (("guard accuracy on its bits by t",) if guards else ()):
         table.add_column(col)
     for c in s["compartments"]:
         model = c.get("model")
-        table.add_row(str(c["id"]), c["source"], str(c["samples"]), str(c["forgotten"]), c["serving"],
-                      "-" if model is None else f"#{model['id']} stage {model['stage'] + 1}, {model['steps']} steps")
+        row = [str(c["id"]), c["source"], str(c["samples"]), str(c["forgotten"]), c["serving"],
+               "-" if model is None else f"#{model['id']} stage {model['stage'] + 1}, {model['steps']} steps"]
+        if guards:
+            row.append("-" if not c["guard"] else ", ".join(f"{t}: {a:.2f}" for t, a in (c["guard"]["accuracy_by_t"] or {}).items()))
+        table.add_row(*row)
     out.print(table)
     if s["router"]:
         out.print(f"router: model #{s['router']['id']} stage {s['router']['stage'] + 1} (joint: saw every compartment; retrained on forget)")
     if s["pending_forgets"]:
         out.print(f"[yellow]forget requests in effect, retraining pending: {', '.join(s['pending_forgets'])}[/yellow] (run any command to finish)")
     if s.get("privacy"):
-        out.print(f"privacy: {json.dumps(s['privacy'])}")
+        p = s["privacy"]
+        per = "; ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"ε = {v['epsilon']:.3f}, δ = {v['delta']:.2e}, σ = {v['sigma']:.3f}, "
+                                                   f"{v['steps']} steps, {100 * v['trainable_fraction']:.1f}% of parameters ({v['trainable']})")
+                        for c, v in p["compartments"].items())
+        ward_eps = p["ward_epsilon"] if isinstance(p["ward_epsilon"], str) else f"{p['ward_epsilon']:.3f}"
+        out.print(f"privacy: ward ε = {ward_eps} at δ = {p['ward_delta']:.2e} (max over compartments); {per}")
+        for note in p["notes"]:
+            out.print(f"  note: {note}")
 
 
 @app.command()

@@ -195,7 +195,31 @@ def guard_accuracy_by_t(
     return result
 
 
-def guard_guidance(guard: torch.nn.Module, scale: float, alpha: float, max_timestep: int | None = None) -> Guidance:
+# timesteps at which a trained guard's accuracy on its own random bits is recorded (issue 5: "how accuracy varies with t")
+ACCURACY_TIMESTEPS = (0, 100, 200, 300, 400, 500)
+
+
+class GuardActivity:
+    """Counts how often guards were confident enough to guide: one check per (sample, step, compartment) below the
+    guard's ``max_timestep``. ``share`` is the guided fraction (None before any check)."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+        self.guided = 0
+
+    def __call__(self, confident: torch.Tensor) -> None:
+        self.checked += int(confident.numel())
+        self.guided += int(confident.sum())
+
+    @property
+    def share(self) -> float | None:
+        """Guided checks / all checks."""
+        return self.guided / self.checked if self.checked else None
+
+
+def guard_guidance(
+    guard: torch.nn.Module, scale: float, alpha: float, max_timestep: int | None = None, activity: GuardActivity | None = None
+) -> Guidance:
     """The CPSample guidance callable ``grad_log_p(x_t, t) -> (N, C, H, W)`` for :func:`dataward.sampling.sample_loop`.
 
     For each sample with ``max_y p_φ(y | x_t, t) > 1 − alpha`` it returns ``scale · ∇_{x_t} log p_φ(ŷ | x_t, t)`` with
@@ -203,6 +227,7 @@ def guard_guidance(guard: torch.nn.Module, scale: float, alpha: float, max_times
     The loop turns it into ε̂ = ε − sqrt(1 − ᾱ_t) · (this) in :func:`dataward.sampling.guide_eps`.
     Gradients are enabled here, since the loop runs under ``no_grad``; the guard must treat samples independently
     (GroupNorm, no BatchNorm), which the NoisyClassifier does, so one backward pass gives every per-sample gradient.
+    ``activity``, if given, is told which samples were confident at each guided step.
     """
     if scale < 0:
         raise DatawardError(f"guard scale must be >= 0, got {scale}")
@@ -219,6 +244,8 @@ def guard_guidance(guard: torch.nn.Module, scale: float, alpha: float, max_times
             y_hat = log_p.argmin(dim=1)  # the less likely label
             confident = log_p.max(dim=1).values.exp() > 1.0 - alpha  # (N,)
             (grad,) = torch.autograd.grad(log_p.gather(1, y_hat[:, None]).sum(), x)
+        if activity is not None:
+            activity(confident)
         return scale * grad.to(x_t.dtype) * confident.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
 
     return grad_log_p

@@ -526,7 +526,7 @@ def render_result(result: SampleResult, body: GenerateRequest, key: ApiKey, seed
         "compartments": result.compartments, "allowed": list(key.allow),
         "models": {str(c): info for c, info in result.models.items()},
         "shared_models": ["router"] if result.weights == "router" else [],
-        "format": body.format, "seconds": round(result.seconds, 4), "samples": samples,
+        "format": body.format, "seconds": round(result.seconds, 4), "guard_guided": result.guard_guided, "samples": samples,
     }
     if body.format == "png" and body.grid:
         from dataward.plots import grid_array

@@ -36,7 +36,9 @@ import dataward
 from dataward.compose import ComposedDenoiser, WeightsName
 from dataward.data import Dataset, ids_hash, load_source
 from dataward.errors import DatawardError
-from dataward.guard import GuardConfig, build_guard, guard_guidance, guard_labels, guard_loss, guarded
+from dataward.guard import (
+    ACCURACY_TIMESTEPS, GuardActivity, GuardConfig, build_guard, guard_accuracy_by_t, guard_guidance, guard_labels, guard_loss, guard_model, guarded,
+)
 from dataward.ledger import Ledger, ModelRecord
 from dataward.privacy import DPConfig, dp_finetune, ward_delta, ward_epsilon
 from dataward.nets import NoisyClassifier, build_classifier, build_unet, derive_seed
@@ -108,6 +110,7 @@ class SampleResult:
     weights: str  # router | density | single
     sampler: str
     seconds: float
+    guard_guided: float | None = None  # with guards: share of guard checks (sample x step x compartment, t < max_timestep) that guided
 
 
 @dataclass(frozen=True)
@@ -446,8 +449,15 @@ class Ward:
             generator = torch.Generator().manual_seed(derive_seed(self.config.seed, lineage.kind, lineage.compartment, "stage", stage))
             run_steps(state, data, loss, lineage.stage_steps(stage), lineage.config, generator, targets, device,
                       on_step=lambda value: update(1, description=f"train {name} stage {stage + 1}/{stages} loss {value:.3f}"))
-            results.append(self._save_stage(lineage, stage, ids, state, out_root))
+            extra = self._guard_accuracy(state, data, targets, stage) if lineage.kind == "guard" else None
+            results.append(self._save_stage(lineage, stage, ids, state, out_root, extra))
         return results
+
+    def _guard_accuracy(self, state: TrainState, data: Dataset, labels: torch.Tensor, stage: int) -> dict:
+        """A guard's accuracy on its own random bits by timestep (EMA weights, as it guides sampling), for its metadata."""
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "guard-accuracy", stage))
+        accuracy = guard_accuracy_by_t(guard_model(state), data, labels, self.scheduler, ACCURACY_TIMESTEPS, generator)
+        return {"accuracy_by_t": {str(t): round(a, 4) for t, a in accuracy.items()}}
 
     def _stage_data(self, lineage: Lineage, stage: int) -> Dataset:
         """The examples one stage trains on, checked against the plan (sorted by ID)."""
@@ -570,8 +580,9 @@ class Ward:
             self._loaded[record.id] = model.eval()
         return self._loaded[record.id]
 
-    def denoiser(self, compartment: int, guard: bool = False, guard_scale: float | None = None, guard_alpha: float | None = None) -> Denoiser:
-        """The served ε callable of one compartment (optionally guided by its guard)."""
+    def denoiser(self, compartment: int, guard: bool = False, guard_scale: float | None = None, guard_alpha: float | None = None,
+                 guard_activity: GuardActivity | None = None) -> Denoiser:
+        """The served ε callable of one compartment (optionally guided by its guard, counting its checks in ``guard_activity``)."""
         served = self.served()
         if compartment not in served:
             raise DatawardError(f"compartment {compartment} has no servable model (known: {sorted(served)})")
@@ -587,7 +598,7 @@ class Ward:
             raise DatawardError(f"compartment {compartment} has no trained guard: run `dataward guard {self.path}`")
         settings = self.config.guard_settings
         guidance = guard_guidance(self._load(guards[compartment]), settings.scale if guard_scale is None else guard_scale,
-                                  settings.alpha if guard_alpha is None else guard_alpha, settings.max_timestep)
+                                  settings.alpha if guard_alpha is None else guard_alpha, settings.max_timestep, guard_activity)
         return guarded(eps, guidance, self.scheduler.alphas_cumprod)
 
     def sample(
@@ -642,7 +653,8 @@ class Ward:
             raise DatawardError("this ward is unconditional: --label is not available")
         shape = (n, self.config.channels, self.config.image_size, self.config.image_size)
         x_T = torch.randn(shape, generator=generator)
-        denoisers = [self.denoiser(c, guard, guard_scale, guard_alpha) for c in use]
+        activity = GuardActivity() if guard else None
+        denoisers = [self.denoiser(c, guard, guard_scale, guard_alpha, activity) for c in use]
         composed = None
         if len(use) == 1:
             eps, mode = denoisers[0], "single"
@@ -673,7 +685,8 @@ class Ward:
             attribution[:, cols] = composed.attribution()
             final[:, cols] = composed.final_weights
         stages = {c: {"model": served[c].id, "stage": served[c].stage, "fallback": served[c].stage < self.config.slices - 1} for c in use}
-        return SampleResult(((x0.clamp(-1, 1) + 1) / 2), y, attribution, final, use, stages, mode, sampler, time.time() - started)
+        return SampleResult(((x0.clamp(-1, 1) + 1) / 2), y, attribution, final, use, stages, mode, sampler, time.time() - started,
+                            None if activity is None else activity.share)
 
     def _log_prior(self, use: list[int], y: torch.Tensor | None, counts: dict, n: int) -> torch.Tensor:
         """log λ_i per sample: the compartment's share of the data (of the sample's class when conditional)."""
@@ -789,7 +802,7 @@ class Ward:
             privacy = record.metadata.get("privacy") if record else None
             records.append(privacy)
             per[str(c)] = "not DP" if privacy is None else {k: privacy.get(k) for k in (
-                "epsilon", "delta", "sigma", "clip", "sample_rate", "steps", "trainable", "trainable_fraction", "accountant", "epsilon_check")}
+                "epsilon", "delta", "sigma", "clip", "sample_rate", "steps", "history", "trainable", "trainable_fraction", "accountant", "epsilon_check")}
         eps = ward_epsilon(records)
         notes = []
         if any(r is None for r in records):
@@ -837,7 +850,8 @@ class Ward:
             if c in served:
                 entry["model"] = {"id": served[c].id, "stage": served[c].stage, "path": served[c].path, "steps": served[c].metadata.get("steps"), "ids_hash": served[c].ids_hash}
             if self.config.guard:
-                entry["guard"] = c in guards
+                entry["guard"] = None if c not in guards else {
+                    "id": guards[c].id, "stage": guards[c].stage, "accuracy_by_t": guards[c].metadata.get("accuracy_by_t")}
             compartments.append(entry)
         router = self.served("router").get(None)
         public = self.served("public-denoiser").get(None)

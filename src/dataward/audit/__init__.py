@@ -299,6 +299,10 @@ def audit_ward(
         data, where = found
         say(f"forgetting: {len(data)} forgotten samples")
         out: dict[str, Any] = {"forgotten": len(data), "attacks": []}
+        # one timestep per compartment, chosen without looking at the forgotten samples (a sweep over a handful of
+        # them would pick the luckiest t): the membership attack's best t for that compartment, else FORGETTING_T
+        membership_t = {a["compartment"]: a["loss"]["best_t"] for a in report.get("membership", {}).get("attacks", []) if a["denoiser"] == "raw"}
+        pairs = []
         for c in sorted(set(where.values())):
             ids = [i for i in data.ids if where.get(i) == c]
             subset = data.select(ids)
@@ -308,12 +312,17 @@ def audit_ward(
                 out["attacks"].append({"compartment": c, "forgotten": len(ids), "reason": str(error)})
                 continue
             labelled = subset.labels is not None and heldout.labels is not None
+            t = membership_t.get(c, M.FORGETTING_T)
             attack = forgetting_attack(eps, ward.scheduler, subset.images, heldout.images,
                                        forgotten_labels=subset.labels if labelled else None,
-                                       heldout_labels=heldout.labels if labelled else None, timesteps=timesteps, seed=seed)
-            out["attacks"].append({"compartment": c, "forgotten": len(ids), "loss": attack.summary()})
-        aucs = [a["loss"]["auc"] for a in out["attacks"] if "loss" in a]
-        out["max_auc"] = max(aucs) if aucs else None
+                                       heldout_labels=heldout.labels if labelled else None, timesteps=(t,), seed=seed)
+            pairs.append((attack.member_scores, attack.nonmember_scores))
+            out["attacks"].append({"compartment": c, "forgotten": len(ids), "timestep": t,
+                                   "timestep_from": "membership" if c in membership_t else "default", "loss": attack.summary()})
+        if not pairs:
+            raise _Skip("no compartment that held forgotten samples has a servable model")
+        pooled = M.pooled_rank_auc(pairs)
+        out |= {"auc": pooled["auc"], "null_sd": pooled["null_sd"], "z": pooled["z"], "consistent_with_unseen": abs(pooled["z"]) <= 1.96}
         if verify:
             say("forgetting: bitwise certificate (retraining every model)")
             certificate = ward.verify()
@@ -356,46 +365,22 @@ def _finite(value):
     return "inf" if isinstance(value, float) and math.isinf(value) else value
 
 
-def _privacy_models(entry: dict) -> list[dict]:
-    models = entry.get("models") or entry.get("compartments")
-    if isinstance(models, dict):
-        return [{"compartment": k} | dict(v or {"dp": False}) for k, v in models.items()]
-    if isinstance(models, list):
-        return [dict(m) for m in models]
-    nested = {k: v for k, v in entry.items() if isinstance(v, dict) and "epsilon" in v}
-    if nested:
-        return [{"compartment": k} | dict(v) for k, v in nested.items()]
-    return [dict(entry)] if "epsilon" in entry else []
-
-
 def _privacy(entry: dict) -> dict:
-    """Per DP model: the recorded (ε, δ) and ε recomputed by the other opacus accountant from the recorded
-    (σ, q, steps) history; the ward's ε is the max over compartments (disjoint data: parallel composition)."""
+    """Per compartment, from :meth:`Ward.privacy`: the recorded (ε, δ) and ε recomputed by the other opacus accountant
+    from the recorded (σ, q, steps) history; the ward's ε is the max over compartments (disjoint data: parallel
+    composition), infinite when one compartment is not DP."""
     rows = []
-    for m in _privacy_models(entry):
-        history = m.get("history")
-        sigma = m.get("noise_multiplier", m.get("sigma"))
-        if not history and None not in (sigma, m.get("sample_rate"), m.get("steps")):
-            history = [[sigma, m["sample_rate"], m["steps"]]]
-        row = {
-            "compartment": m.get("compartment"), "epsilon": _finite(m.get("epsilon")), "delta": m.get("delta"),
-            "accountant": m.get("accountant"), "noise_multiplier": sigma, "sample_rate": m.get("sample_rate"),
-            "steps": m.get("steps"), "clip": m.get("clip", m.get("max_grad_norm")),
-        }
-        if history and m.get("delta") is not None:
-            other = "rdp" if str(m.get("accountant", "prv")).lower() == "prv" else "prv"
-            try:
-                row["epsilon_check"] = recompute_epsilon(history, m["delta"], other)
-                row["check_accountant"] = other
-            except DatawardError as error:
-                row["epsilon_check"], row["check_reason"] = None, str(error)
-        else:
-            row["epsilon_check"], row["check_reason"] = None, "not a DP model, or its metadata lacks the (sigma, q, steps) history or delta"
-        rows.append(row)
-    epsilons = [r["epsilon"] for r in rows if isinstance(r.get("epsilon"), (int, float))]
-    deltas = [r["delta"] for r in rows if r.get("delta") is not None]
-    return {
-        "epsilon": _finite(entry.get("epsilon", max(epsilons) if epsilons else None)),
-        "delta": entry.get("delta", max(deltas) if deltas else None),
-        "models": rows,
-    }
+    for compartment, m in entry["compartments"].items():
+        if not isinstance(m, dict):  # "not DP"
+            rows.append({"compartment": int(compartment), "dp": False, "epsilon": "inf", "delta": None, "accountant": None,
+                         "noise_multiplier": None, "sample_rate": None, "steps": None, "clip": None,
+                         "epsilon_check": None, "check_accountant": None})
+            continue
+        other = "rdp" if m["accountant"] == "prv" else "prv"
+        rows.append({
+            "compartment": int(compartment), "dp": True, "epsilon": _finite(m["epsilon"]), "delta": m["delta"],
+            "accountant": m["accountant"], "noise_multiplier": m["sigma"], "sample_rate": m["sample_rate"],
+            "steps": m["steps"], "clip": m["clip"], "trainable_fraction": m.get("trainable_fraction"),
+            "epsilon_check": recompute_epsilon(m["history"], m["delta"], other), "check_accountant": other,
+        })
+    return {"epsilon": entry["ward_epsilon"], "delta": entry["ward_delta"], "models": rows, "notes": list(entry.get("notes", []))}

@@ -15,6 +15,7 @@ noise takes a ``seed`` (a fresh ``torch.Generator`` per call), never global RNG 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -30,6 +31,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.T
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # images (N, C, H, W) in [-1, 1] -> (N, D)
 
 DEFAULT_TIMESTEPS: tuple[int, ...] = (10, 25, 50, 100, 150, 200, 300, 400, 500)  # sweep for the MIA attacks (T = 1000)
+FORGETTING_T = 100  # the forgetting attack's timestep when no membership attack chose one for the compartment
 REPLICATION_RATIO = 1.0 / 3.0  # Gu et al. 2023: replicated if d(nearest) / d(second nearest) < 1/3
 COSINE_THRESHOLD = 0.975  # centered feature cosine above this counts as a near copy (~1% of held-out digits; docs/audit.md)
 
@@ -393,6 +395,26 @@ def forgetting_attack(
     return result
 
 
+def pooled_rank_auc(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """AUC of "members" vs non-members pooled over several models (e.g. forgotten samples of several compartments).
+
+    ``pairs`` holds, per model, (member scores, non-member scores) under that model. Each member's score is ranked
+    among its own model's non-member scores (ties count half) and the AUC is the mean of those percentiles; for one
+    model it equals the ROC AUC. If members are distributed like non-members and the model never saw them, each
+    percentile is ~uniform, so the AUC is 0.5 with standard deviation ``null_sd`` = 1/sqrt(12 n): ``z`` measures the
+    distance from that null in those units (|z| <= 1.96: consistent with never seen, at the 5% level).
+    """
+    percentiles = [
+        (float((nonmembers < score).sum()) + 0.5 * float((nonmembers == score).sum())) / len(nonmembers)
+        for members, nonmembers in pairs for score in np.asarray(members)
+    ]
+    if not percentiles:
+        raise DatawardError("no member scores to pool")
+    auc = float(np.mean(percentiles))
+    null_sd = 1.0 / math.sqrt(12 * len(percentiles))
+    return {"auc": auc, "n": len(percentiles), "null_sd": null_sd, "z": (auc - 0.5) / null_sd}
+
+
 # ---------------------------------------------------------------------------------------------------------- privacy
 
 
@@ -400,14 +422,11 @@ def recompute_epsilon(history: Sequence[Sequence[float]], delta: float, accounta
     """ε of DP-SGD from its accountant history ``[(sigma, sample_rate, steps), ...]`` (Poisson sampling rate q, noise
     multiplier σ) at ``delta``, by an opacus accountant (``prv``: Gopi et al. 2021, ``rdp``: Mironov 2017). The audit
     uses the accountant the training did not use, as an independent check of the recorded ε."""
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    from dataward.privacy import history_epsilon
 
-    accountants = {"prv": PRVAccountant, "rdp": RDPAccountant}
-    if accountant not in accountants:
+    if accountant not in ("prv", "rdp"):
         raise DatawardError(f"unknown accountant {accountant!r}: expected prv or rdp")
-    phases = [(float(s), float(q), int(k)) for s, q, k in history]
+    phases = tuple((float(s), float(q), int(k)) for s, q, k in history)
     if not phases or not 0 < delta < 1 or any(s <= 0 or not 0 < q <= 1 or k < 1 for s, q, k in phases):
-        raise DatawardError(f"bad DP history or delta: history (sigma, q, steps) = {phases}, delta = {delta}")
-    acc = accountants[accountant]()
-    acc.history = phases
-    return float(acc.get_epsilon(delta=float(delta)))
+        raise DatawardError(f"bad DP history or delta: history (sigma, q, steps) = {list(phases)}, delta = {delta}")
+    return history_epsilon(phases, float(delta), accountant)

@@ -27,7 +27,7 @@ SECTION_KEYS = {
         "cosine_threshold", "cosine_share", "cosine_median", "cosine_max", "closest_pairs",
     ),
     "membership": ("attacks", "skipped", "worst_auc"),
-    "forgetting": ("forgotten", "attacks", "max_auc", "certificate"),
+    "forgetting": ("forgotten", "attacks", "auc", "null_sd", "z", "consistent_with_unseen", "certificate"),
     "privacy": ("epsilon", "delta", "models"),
 }
 ATTACK_KEYS = ("attack", "auc", "tpr_at_1pct_fpr", "best_t", "auc_by_t", "n_members", "n_nonmembers", "roc")
@@ -263,8 +263,9 @@ def render_html(report: dict, artifacts: dict[str, Any]) -> str:
               "good" if ok(rep) and rep["replication_rate"] == 0 else "warn" if ok(rep) else ""),
         _card("Worst MIA AUC (loss, raw)", (mia.get("worst_auc") or {}).get("raw_loss") if ok(mia) else None, "0.5 = chance",
               _auc_tone((mia.get("worst_auc") or {}).get("raw_loss") if ok(mia) else None)),
-        _card("Forgotten: MIA AUC", forget.get("max_auc") if ok(forget) else None, f"{forget.get('forgotten', 0)} forgotten" if ok(forget) else "nothing forgotten",
-              _auc_tone(forget.get("max_auc") if ok(forget) else None)),
+        _card("Forgotten: MIA AUC", forget.get("auc") if ok(forget) else None,
+              f"{forget['forgotten']} forgotten; never-seen range 0.5 ± {1.96 * forget['null_sd']:.2f}" if ok(forget) else "nothing forgotten",
+              ("good" if forget["consistent_with_unseen"] else "bad") if ok(forget) else ""),
         _card("Privacy ε", priv.get("epsilon") if ok(priv) else None, f"δ = {_fmt(priv.get('delta'), 6)}" if ok(priv) else "no DP model"),
     ]
     parts = [
@@ -334,8 +335,13 @@ def render_html(report: dict, artifacts: dict[str, Any]) -> str:
 
     # forgetting
     if ok(forget):
-        rows = [[f"compartment {a['compartment']}", a["forgotten"], a.get("loss", {}).get("auc"), a.get("loss", {}).get("tpr_at_1pct_fpr"), a.get("reason", "")] for a in forget["attacks"]]
-        body = _table(["model", "forgotten samples", "loss-attack AUC", "TPR @ 1% FPR", "note"], rows, {1, 2, 3})
+        rows = [[f"compartment {a['compartment']}", a["forgotten"], a.get("timestep"), a.get("loss", {}).get("auc"), a.get("loss", {}).get("tpr_at_1pct_fpr"),
+                 a.get("reason", "")] for a in forget["attacks"]]
+        body = _table(["model", "forgotten samples", "t", "loss-attack AUC", "TPR @ 1% FPR", "note"], rows, {1, 2, 3, 4})
+        verdict = "consistent with samples the models never saw" if forget["consistent_with_unseen"] else "NOT consistent with never-seen samples"
+        body += (f"<p class='{'good' if forget['consistent_with_unseen'] else 'bad'}'>Pooled AUC {_fmt(forget['auc'])} over {forget['forgotten']} forgotten samples "
+                 f"(each ranked among the held-out losses under its compartment's model, at a timestep chosen without them): {verdict} "
+                 f"(0.5 ± {1.96 * forget['null_sd']:.3f} at the 5% level; z = {forget['z']:.2f}).</p>")
         curves = [(f"c{a['compartment']} forgotten loss", a["loss"]) for a in forget["attacks"] if "loss" in a]
         if curves:
             body += roc_figure(curves, "forgotten vs held-out")
@@ -354,6 +360,7 @@ def render_html(report: dict, artifacts: dict[str, Any]) -> str:
         rows = [[m.get("compartment"), m.get("epsilon"), m.get("delta"), m.get("accountant"), m.get("epsilon_check"), m.get("check_accountant"), m.get("noise_multiplier"), m.get("sample_rate"), m.get("steps")] for m in priv["models"]]
         body = _table(["compartment", "ε", "δ", "accountant", "ε (check)", "check accountant", "σ", "sample rate", "steps"], rows, {1, 2, 4, 6, 7, 8})
         body += f"<p class='note'>Ward ε = {_fmt(priv.get('epsilon'))} at δ = {_fmt(priv.get('delta'), 6)} (max over disjoint compartments: parallel composition).</p>"
+        body += "".join(f"<p class='note'>{html.escape(note)}</p>" for note in priv.get("notes", []))
     else:
         body = _skipped(priv)
     parts.append(f"<section><h2>Privacy budget</h2>{body}</section>")
@@ -390,12 +397,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     g = report.get("forgetting", {})
     if g.get("status") == "ok":
         cert = g.get("certificate")
-        rows.append(("forgetting", f"{g['forgotten']} forgotten: loss AUC vs held-out {f(g.get('max_auc'))}; certificate "
+        rows.append(("forgetting", f"{g['forgotten']} forgotten: loss AUC vs held-out {f(g['auc'])} (never seen: 0.5 ± {1.96 * g['null_sd']:.2f}); certificate "
                      + ("not run (--verify)" if cert is None else "OK" if cert["ok"] else "FAILED")))
     else:
         rows.append(("forgetting", f"{g.get('status')}: {g.get('reason')}"))
     p = report.get("privacy", {})
     rows.append(("privacy", f"ε = {f(p.get('epsilon'), 2)} at δ = {f(p.get('delta'), 6)}; check: "
-                 + ", ".join(f"c{x.get('compartment')} {f(x.get('epsilon_check'), 2)} ({x.get('check_accountant')})" for x in p.get("models", []))
+                 + ", ".join(f"c{x['compartment']} ε {f(x['epsilon'], 2)}, {f(x['epsilon_check'], 2)} by {x['check_accountant']}" for x in p.get("models", []) if x["dp"])
                  if p.get("status") == "ok" else f"{p.get('status')}: {p.get('reason')}"))
     return rows
