@@ -118,8 +118,13 @@ def attribution_figure(attribution: torch.Tensor, compartments: list[int], shown
     return _png(fig)
 
 
-def roc_figure(curves: list[tuple[str, dict]], title: str) -> str:
-    """ROC curves (log-log and linear) from attack summaries ``(label, summary)``, with the chance diagonal."""
+# line style per (denoiser, attack) in the ROC figures; the colour is the compartment's
+ROC_STYLES = {("raw", "loss"): "-", ("raw", "pia"): ":", ("guarded", "loss"): "--", ("guarded", "pia"): "-."}
+
+
+def roc_figure(curves: list[tuple[str, dict, int, str]], title: str) -> str:
+    """ROC curves (linear and log-log) from attack summaries ``(label, summary, compartment, line style)``, with the
+    chance diagonal; one colour per compartment."""
     plt = _plt()
     from matplotlib.ticker import NullLocator
 
@@ -127,10 +132,9 @@ def roc_figure(curves: list[tuple[str, dict]], title: str) -> str:
     for ax, log in zip(axes, (False, True)):
         grid = np.logspace(-3, 0, 50) if log else np.linspace(0, 1, 50)
         ax.plot(grid, grid, color="#aaaaaa", linestyle="--", linewidth=1, label="chance")
-        for i, (label, summary) in enumerate(curves):
+        for label, summary, compartment, style in curves:
             fpr, tpr = np.asarray(summary["roc"]["fpr"]), np.asarray(summary["roc"]["tpr"])
-            style = "-" if "loss" in label else ":"
-            ax.plot(fpr, tpr, style, color=PALETTE[(i // 2) % len(PALETTE)], linewidth=1.6,
+            ax.plot(fpr, tpr, style, color=PALETTE[compartment % len(PALETTE)], linewidth=1.6,
                     label=f"{label}  AUC {summary['auc']:.3f}, t={summary['best_t']}")
         if log:
             ax.set_xscale("log")
@@ -147,7 +151,7 @@ def roc_figure(curves: list[tuple[str, dict]], title: str) -> str:
         ax.set_ylabel("true-positive rate")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.subplots_adjust(wspace=0.3)
-    fig.legend(handles, labels, loc="upper center", ncol=2, frameon=False, fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    fig.legend(handles, labels, loc="upper center", ncol=2 if len(labels) <= 9 else 3, frameon=False, fontsize=8, bbox_to_anchor=(0.5, 0.0))
     return _png(fig)
 
 
@@ -251,6 +255,14 @@ def _auc_tone(auc) -> str:
     return "good" if auc < 0.6 else "warn" if auc < 0.75 else "bad"
 
 
+def _privacy_caption(priv: dict) -> str:
+    """The DP compartments' (ε, δ) under the ward's ε (which is infinite while one compartment is not DP)."""
+    dp = [m for m in priv["models"] if m["dp"]]
+    text = "; ".join(f"compartment {m['compartment']}: ε = {_fmt(m['epsilon'], 2)} at δ = {_fmt(m['delta'], 6)}" for m in dp)
+    others = len(priv["models"]) - len(dp)
+    return text + (f"; {others} compartment(s) not DP" if others else "")
+
+
 def render_html(report: dict, artifacts: dict[str, Any]) -> str:
     """The whole report as one HTML string (figures inlined)."""
     ward, q, rep, mia, forget, priv = (report.get(k, {}) for k in ("ward", "quality", "replication", "membership", "forgetting", "privacy"))
@@ -266,7 +278,7 @@ def render_html(report: dict, artifacts: dict[str, Any]) -> str:
         _card("Forgotten: MIA AUC", forget.get("auc") if ok(forget) else None,
               f"{forget['forgotten']} forgotten; never-seen range 0.5 ± {1.96 * forget['null_sd']:.2f}" if ok(forget) else "nothing forgotten",
               ("good" if forget["consistent_with_unseen"] else "bad") if ok(forget) else ""),
-        _card("Privacy ε", priv.get("epsilon") if ok(priv) else None, f"δ = {_fmt(priv.get('delta'), 6)}" if ok(priv) else "no DP model"),
+        _card("Privacy ε (ward)", priv.get("epsilon") if ok(priv) else None, _privacy_caption(priv) if ok(priv) else "no DP model"),
     ]
     parts = [
         f"<h1>dataward audit</h1><div class='sub'>ward <b>{html.escape(str(ward.get('path', '')))}</b> · data {html.escape(str(ward.get('data', '')))} · "
@@ -323,9 +335,9 @@ def render_html(report: dict, artifacts: dict[str, Any]) -> str:
         for a in mia["attacks"]:
             for kind in ("loss", "pia"):
                 rows.append([f"compartment {a['compartment']}", a["denoiser"], kind, a[kind]["auc"], a[kind]["tpr_at_1pct_fpr"], a[kind]["best_t"], f"{a[kind]['n_members']} / {a[kind]['n_nonmembers']}"])
-                curves.append((f"c{a['compartment']} {a['denoiser']} {kind}", a[kind]))
+                curves.append((f"c{a['compartment']} {a['denoiser']} {kind}", a[kind], a["compartment"], ROC_STYLES[a["denoiser"], kind]))
         body = _table(["model", "denoiser", "attack", "AUC", "TPR @ 1% FPR", "best t", "members / held-out"], rows, {3, 4, 5})
-        body += roc_figure(curves[:12], "members vs held-out")
+        body += roc_figure(curves, "members vs held-out")
         body += "<p class='note'>Loss attack (Matsumoto et al. 2023) and PIA (Kong et al. 2024), best timestep of the sweep: the attacker's best case. 0.5 is chance.</p>"
         for s_ in mia.get("skipped", []):
             body += f"<p class='skip'>compartment {s_['compartment']} {html.escape(s_['denoiser'])}: {html.escape(s_['reason'])}</p>"
@@ -342,7 +354,7 @@ def render_html(report: dict, artifacts: dict[str, Any]) -> str:
         body += (f"<p class='{'good' if forget['consistent_with_unseen'] else 'bad'}'>Pooled AUC {_fmt(forget['auc'])} over {forget['forgotten']} forgotten samples "
                  f"(each ranked among the held-out losses under its compartment's model, at a timestep chosen without them): {verdict} "
                  f"(0.5 ± {1.96 * forget['null_sd']:.3f} at the 5% level; z = {forget['z']:.2f}).</p>")
-        curves = [(f"c{a['compartment']} forgotten loss", a["loss"]) for a in forget["attacks"] if "loss" in a]
+        curves = [(f"c{a['compartment']} forgotten loss", a["loss"], a["compartment"], "-") for a in forget["attacks"] if "loss" in a]
         if curves:
             body += roc_figure(curves, "forgotten vs held-out")
         cert = forget.get("certificate")
