@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--dp-epochs", type=int, default=15)
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--ae-steps", type=int, default=300)
+    parser.add_argument("--all-cells", action="store_true",
+                        help="the whole matrix: every method at ε ∈ {1, 10, ∞} in pixel and latent space (~2x the time)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     q = args.quick
@@ -142,7 +144,7 @@ def main() -> None:
         record(space, "public only", None, base, codec)
         steps = dp_epochs * -(-len(priv) // dp_batch)
         # attention-only after public pretraining (DP-LDM): eps in {1, 10, inf}; latent: {10, inf}
-        for eps in ((1.0, 10.0) if space == "pixel" else (10.0,)):
+        for eps in ((1.0, 10.0) if space == "pixel" or args.all_cells else (10.0,)):
             t0 = time.perf_counter()
             config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="attention", accountant="prv", max_physical_batch=physical)
             state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
@@ -152,23 +154,31 @@ def main() -> None:
         t0 = time.perf_counter()
         state = nonprivate_finetune(copy.deepcopy(base), priv, "attention", steps, dp_batch, lr, SEED)
         record(space, "attention (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
-        if space == "latent":
+        if space == "latent" and not args.all_cells:
             continue
-        # full DP fine-tuning and DP from scratch: eps=10 only (budget); non-private from scratch is the reference
-        t0 = time.perf_counter()
-        config = DPConfig(epsilon=10.0, batch=dp_batch, epochs=dp_epochs, trainable="full", accountant="prv", max_physical_batch=physical)
-        state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
-        record(space, "full (public pretrain)", 10.0, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
-        t0 = time.perf_counter()
-        fresh = build_unet("tiny", 8, 1, 10, seed=derive_seed(SEED, "scratch"))
-        state, rec = dp_finetune(fresh, priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
-        record(space, "full (DP from scratch)", 10.0, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
+        # full DP fine-tuning and DP from scratch: eps=10 only by default (budget); non-private from scratch is the reference
+        _, channels, size, _ = priv.images.shape
+        for eps in ((1.0, 10.0) if args.all_cells else (10.0,)):
+            t0 = time.perf_counter()
+            config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="full", accountant="prv", max_physical_batch=physical)
+            state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
+            record(space, "full (public pretrain)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
+            t0 = time.perf_counter()
+            fresh = build_unet("tiny", size, channels, 10, seed=derive_seed(SEED, "scratch"))
+            state, rec = dp_finetune(fresh, priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
+            record(space, "full (DP from scratch)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
+        if args.all_cells:
+            t0 = time.perf_counter()
+            state = nonprivate_finetune(copy.deepcopy(base), priv, "full", steps, dp_batch, lr, SEED)
+            record(space, "full (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
         t0 = time.perf_counter()
         scratch_steps = 5 if q else public_steps
         train = TrainConfig(steps=scratch_steps, batch_size=128, lr=2e-3)
-        state = TrainState.fresh(build_unet("tiny", 8, 1, 10, seed=derive_seed(SEED, "scratch")), train)
+        state = TrainState.fresh(build_unet("tiny", size, channels, 10, seed=derive_seed(SEED, "scratch")), train)
         run_steps(state, priv, denoiser_loss(scheduler), scratch_steps, train, torch.Generator().manual_seed(derive_seed(SEED, "scratch-np")))
         record(space, "full (non-private from scratch)", float("inf"), state, codec, {"steps": scratch_steps, "batch": 128, "train_s": time.perf_counter() - t0})
+        if space == "latent":
+            continue
         # DP / non-private step time for the same trainable set, batch and physical split
         for trainable in ("attention", "full"):
             timings[f"step_{trainable}"] = step_times(base, private, trainable, 100 if q else 250, physical, 2 if q else 3)
@@ -185,7 +195,8 @@ def main() -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "total_s": time.perf_counter() - t_start,
         "settings": {"public": f"printed:count={public_count}", "public_steps": public_steps, "dp_batch": dp_batch, "dp_epochs": dp_epochs,
-                     "lr": lr, "physical": physical, "per_class": args.per_class, "sample_steps": args.sample_steps, "threads": args.threads},
+                     "lr": lr, "physical": physical, "per_class": args.per_class, "sample_steps": args.sample_steps, "threads": args.threads,
+                     "all_cells": args.all_cells},
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}), flush=True)
     if args.json:

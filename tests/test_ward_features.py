@@ -52,6 +52,8 @@ def test_dp_compartment_after_public_pretraining(tmp_path):
     assert 0.05 < record["trainable_fraction"] < 0.15  # DP-LDM: ~90% fewer trainable parameters
     assert privacy["compartments"]["0"] == "not DP" and privacy["ward_epsilon"] == "inf"
     assert ward.served()[0].id == before  # the non-DP compartment is untouched
+    assert ward.serving_state()["1"] == "complete"  # one DP phase: its only stage is not a fallback
+    assert ward.sample(2, steps=2, allowed=[1], weights="density", sampler="ddpm").models[1]["fallback"] is False
     json.dumps(ward.status())  # status is valid JSON (no inf floats)
     ward.forget([ward.training_data(1).ids[0]])
     assert ward.verify()["ok"]
