@@ -132,8 +132,8 @@ def main() -> None:
     result = {"load_after": load_avg(), "steps_per_s": total, "rounds": args.rounds, "steps_per_round": args.steps,
               "batch": args.batch, "threads": args.threads, "ratios": {}}
     result["cpu_seconds_per_step"] = {n: cpu[n] / (args.steps * args.rounds) for n in names}
-    print(f"\nsteps/s over all rounds: " + ", ".join(f"{n} {v:.3f}" for n, v in total.items()))
-    print(f"CPU seconds per step (process time, both threads): " + ", ".join(f"{n} {v:.4f}" for n, v in result["cpu_seconds_per_step"].items()))
+    print("\nsteps/s over all rounds: " + ", ".join(f"{n} {v:.3f}" for n, v in total.items()))
+    print("CPU seconds per step (process time, both threads): " + ", ".join(f"{n} {v:.4f}" for n, v in result["cpu_seconds_per_step"].items()))
     for base in ("plain", "plain+ema"):
         for n in ("dataward", "dataward-foreach"):
             per_round = [seconds[base][i] / seconds[n][i] for i in range(args.rounds)]

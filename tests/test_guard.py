@@ -20,7 +20,7 @@ from dataward.guard import (
     guarded,
     train_guard,
 )
-from dataward.sampling import guide_eps, make_sampler, make_training_scheduler, sample_loop
+from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
 
 # small enough to train in a few seconds on one core, big enough to memorise 48 random bits
 FAST = GuardConfig(width=32, levels=2, steps=250, batch_size=48, lr=2e-3, ema_decay=0.9, max_timestep=100)

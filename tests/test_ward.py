@@ -1,14 +1,12 @@
 """The ward's guarantees: purity, exact and immediate forgetting, crash safety, continual learning, access rights."""
 
 import json
-import os
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from dataward.errors import DatawardError
 from dataward.ward import WEIGHTS_FILE, Ward, weights_hash
 
-from conftest import TINY, make_ward
+from conftest import make_ward
 
 
 def served_hashes(ward: Ward) -> dict:
