@@ -221,3 +221,16 @@ def test_a_model_registered_after_a_forget_that_saw_the_id_is_never_served(ward_
     for record in ward.served().values():
         saw = {r[0] for r in ward.ledger.db.execute("SELECT sample_id FROM model_samples WHERE model_id=?", (record.id,))}
         assert victim not in saw
+
+
+def test_a_checkpoint_that_vanished_before_registration_is_refused(tmp_path):
+    ward = make_ward(tmp_path / "w", router=False)
+    lineage = next(l for l in ward.lineages() if l.kind == "denoiser")
+    job = ward.plan(lineage)
+    results = ward.run_job(job)
+    shutil.rmtree(ward.path / "models" / results[0]["folder"])  # e.g. another writer removed it as an orphan
+    with pytest.raises(DatawardError, match="vanished before it was registered"):
+        ward.register(job, results)
+    assert ward.served() == {}  # nothing was registered
+    ward.train()  # a re-run redoes the job
+    assert set(ward.served()) == {0, 1}

@@ -512,6 +512,9 @@ class Ward:
     def register(self, job: TrainJob, results: list[dict]) -> None:
         """Record a finished job's checkpoints in the ledger (the driver's part; one transaction per stage, in order)."""
         for r in results:
+            if not (self.path / "models" / r["folder"] / WEIGHTS_FILE).is_file():
+                raise DatawardError(f"checkpoint models/{r['folder']} vanished before it was registered (did another process open "
+                                    f"this ward for writing while training ran?): run `dataward train {self.path}` again")
             self.ledger.register_model(job.lineage.kind, job.lineage.compartment, r["stage"], f"models/{r['folder']}", r["ids"],
                                        r["metadata"]["ids_hash"], r["metadata"], public=job.lineage.kind == "public-denoiser")
 
