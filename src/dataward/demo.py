@@ -18,15 +18,11 @@ from dataward.training import TrainConfig
 from dataward.ward import Ward
 
 
-def _progress():
-    from dataward.cli import progress_bar  # (imported here: the CLI imports this module)
-
-    return progress_bar()
-
-
 def run_demo(out_dir: Path, quick: bool = False, console: Console | None = None) -> dict:
     """The product end to end: a K=4 guarded ward on digits; train; sample; a key for {0, 1}; forget 5 IDs and certify;
     DP fine-tuning of one compartment after public pretraining; audit and report.html. Returns the key figures."""
+    from dataward.cli import progress_bar  # (imported here: the CLI imports this module)
+
     console = console or Console()
     out_dir = Path(out_dir)
     ward_dir = out_dir / "ward"
@@ -36,16 +32,17 @@ def run_demo(out_dir: Path, quick: bool = False, console: Console | None = None)
     started = time.time()
     rows: list[tuple[str, str, str, str]] = []
     figures: dict = {}
-    clock = [started]
+    last_row = started
 
     def step(title: str) -> None:
         console.rule(f"[bold]{title}")
 
     def done(name: str, result: str, where: str) -> None:
         """One summary row, with the wall time since the previous row."""
+        nonlocal last_row
         now = time.time()
-        rows.append((name, result, where, f"{now - clock[0]:.1f}"))
-        clock[0] = now
+        rows.append((name, result, where, f"{now - last_row:.1f}"))
+        last_row = now
 
     step("1. create a ward on digits: 4 compartments x 2 slices, with CPSample guards")
     budget = TrainConfig(epochs=20.0 if quick else 40.0, batch_size=64)
@@ -59,7 +56,7 @@ def run_demo(out_dir: Path, quick: bool = False, console: Console | None = None)
 
     step("2. train each compartment (denoiser + guard) in isolation")
     t0 = time.time()
-    with _progress() as progress:
+    with progress_bar() as progress:
         ward.train(progress=progress)
     figures["train_seconds"] = round(time.time() - t0, 1)
     accuracy = {c["id"]: c["guard"]["accuracy_by_t"] for c in ward.status()["compartments"]}
@@ -98,11 +95,11 @@ def run_demo(out_dir: Path, quick: bool = False, console: Console | None = None)
     for c, state in accepted["serving_during_retraining"].items():
         console.print(f"  compartment {c}: {state}")
     t0 = time.time()
-    with _progress() as progress:
+    with progress_bar() as progress:
         ward.train(progress=progress)
     figures["forget_retrain_seconds"] = round(time.time() - t0, 1)
     affected = sorted({ward.ledger.sample_rows(victims)[v][0] for v in victims})
-    with _progress() as progress:
+    with progress_bar() as progress:
         certificate = ward.verify(progress=progress, compartments=affected)
     figures["certificate_ok"] = certificate["ok"]
     console.print(f"certificate (retrained from scratch, compared bit for bit): {'OK' if certificate['ok'] else 'FAILED'}")
@@ -110,7 +107,7 @@ def run_demo(out_dir: Path, quick: bool = False, console: Console | None = None)
          "dataward verify")
 
     step("6. DP fine-tuning of compartment 3 at ε = 10 after public pretraining on printed digits (DP-LDM)")
-    with _progress() as progress:
+    with progress_bar() as progress:
         ward.pretrain("printed:count=1000" if quick else "printed:count=1500", TrainConfig(epochs=10.0 if quick else 15.0, batch_size=128), progress=progress)
         ward.enable_dp(DPConfig(epsilon=10.0, batch=128, epochs=5 if quick else 10), compartments=[3], progress=progress)
     privacy = ward.privacy()["compartments"]["3"]

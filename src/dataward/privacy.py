@@ -125,6 +125,11 @@ def _accountant(name: str):
     return create_accountant(mechanism=name)
 
 
+def other_accountant(name: AccountantName) -> AccountantName:
+    """The accountant that cross-checks ``name``'s ε (PRV <-> RDP)."""
+    return "rdp" if name == "prv" else "prv"
+
+
 def epsilon_for(sigma: float, sample_rate: float, steps: int, delta: float, accountant: AccountantName = "prv") -> float:
     """ε after ``steps`` Poisson-subsampled Gaussian steps with noise multiplier ``sigma`` and rate ``sample_rate``."""
     return history_epsilon(((float(sigma), float(sample_rate), int(steps)),), float(delta), accountant)

@@ -40,7 +40,7 @@ from dataward.guard import (
     ACCURACY_TIMESTEPS, GuardActivity, GuardConfig, build_guard, guard_accuracy_by_t, guard_guidance, guard_labels, guard_loss, guard_model, guarded,
 )
 from dataward.ledger import Ledger, ModelRecord
-from dataward.privacy import DPConfig, dp_finetune, ward_delta, ward_epsilon
+from dataward.privacy import DPConfig, dp_finetune, other_accountant, ward_delta, ward_epsilon
 from dataward.nets import NoisyClassifier, build_classifier, build_unet, derive_seed
 from dataward.sampling import Denoiser, make_sampler, make_training_scheduler, sample_loop
 from dataward.training import PerSampleLoss, TrainConfig, TrainState, classifier_loss, denoiser_loss, run_steps
@@ -111,6 +111,14 @@ class SampleResult:
     sampler: str
     seconds: float
     guard_guided: float | None = None  # with guards: share of guard checks (sample x step x compartment, t < max_timestep) that guided
+
+
+DP_VARIANT_PREFIX = "dp-"  # Lineage.variant of DP fine-tuning: one phase (no slices), started from the public model
+
+
+def is_dp_variant(variant: str) -> bool:
+    """Whether a lineage variant (also saved in each checkpoint's metadata) is DP fine-tuning."""
+    return variant.startswith(DP_VARIANT_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -372,7 +380,7 @@ class Ward:
         """Names the DP recipe: the DP config and the public model it starts from (so changing either retrains)."""
         public = self.served("public-denoiser").get(None)
         basis = json.dumps(asdict(self.config.dp), sort_keys=True) + (public.metadata["weights_sha256"] if public else "scratch")
-        return "dp-" + hashlib.sha256(basis.encode()).hexdigest()[:16]
+        return DP_VARIANT_PREFIX + hashlib.sha256(basis.encode()).hexdigest()[:16]
 
     def _variant(self, kind: str, compartment: int | None) -> str:
         return self._dp_variant() if kind == "denoiser" and compartment is not None and self._is_dp(compartment) else ""
@@ -433,7 +441,7 @@ class Ward:
         from dataward.executors import configure_torch
 
         configure_torch(device, lineage.config.threads)  # thread count (and deterministic CUDA kernels): part of determinism
-        if lineage.variant.startswith("dp-"):
+        if is_dp_variant(lineage.variant):
             return [self._run_dp(lineage, device, progress, out_root)]
         model = self._build(lineage).to(device)
         state = TrainState.fresh(model, lineage.config)
@@ -486,8 +494,7 @@ class Ward:
             device=device, on_step=lambda value: update(1, description=f"DP fine-tune {lineage.compartment} (ε={dp.epsilon})"),
             public=self.config.public,
         )
-        other = "rdp" if dp.accountant == "prv" else "prv"
-        return self._save_stage(lineage, 0, lineage.stage_ids[0], state, out_root, {"privacy": record.to_dict(check_accountant=other)})
+        return self._save_stage(lineage, 0, lineage.stage_ids[0], state, out_root, {"privacy": record.to_dict(check_accountant=other_accountant(dp.accountant))})
 
     def _save_stage(self, lineage: Lineage, stage: int, ids: tuple[str, ...], state: TrainState, out_root: Path, extra: dict | None = None) -> dict:
         """Write one stage's checkpoint folder atomically (temp folder, then rename)."""
@@ -727,7 +734,7 @@ class Ward:
 
     def _stage_count(self, record: ModelRecord) -> int:
         """Stages of the lineage a served model belongs to: DP models train in one phase, others in ``slices`` stages."""
-        return 1 if record.metadata.get("variant", "").startswith("dp-") else self.config.slices
+        return 1 if is_dp_variant(record.metadata.get("variant", "")) else self.config.slices
 
     def _is_fallback(self, record: ModelRecord) -> bool:
         """Whether a served model is an earlier stage's checkpoint (its lineage is retraining after a forget)."""

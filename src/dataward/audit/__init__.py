@@ -9,7 +9,6 @@ the HTML page in :mod:`dataward.audit.report`.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +38,7 @@ from dataward.audit.metrics import (
 )
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
+from dataward.privacy import other_accountant
 
 SCHEMA = "dataward.audit/1"
 SECTIONS = ("quality", "replication", "membership", "forgetting", "privacy")
@@ -360,11 +360,6 @@ def _accepts_compartment(ward) -> bool:
         return False
 
 
-def _finite(value):
-    """JSON has no infinity: an infinite ε (a compartment without DP) is reported as the string "inf"."""
-    return "inf" if isinstance(value, float) and math.isinf(value) else value
-
-
 def _privacy(entry: dict) -> dict:
     """Per compartment, from :meth:`Ward.privacy`: the recorded (ε, δ) and ε recomputed by the other opacus accountant
     from the recorded (σ, q, steps) history; the ward's ε is the max over compartments (disjoint data: parallel
@@ -376,9 +371,9 @@ def _privacy(entry: dict) -> dict:
                          "noise_multiplier": None, "sample_rate": None, "steps": None, "clip": None,
                          "epsilon_check": None, "check_accountant": None})
             continue
-        other = "rdp" if m["accountant"] == "prv" else "prv"
+        other = other_accountant(m["accountant"])
         rows.append({
-            "compartment": int(compartment), "dp": True, "epsilon": _finite(m["epsilon"]), "delta": m["delta"],
+            "compartment": int(compartment), "dp": True, "epsilon": m["epsilon"], "delta": m["delta"],
             "accountant": m["accountant"], "noise_multiplier": m["sigma"], "sample_rate": m["sample_rate"],
             "steps": m["steps"], "clip": m["clip"], "trainable_fraction": m.get("trainable_fraction"),
             "epsilon_check": recompute_epsilon(m["history"], m["delta"], other), "check_accountant": other,
