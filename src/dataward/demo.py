@@ -45,7 +45,7 @@ def run_demo(out_dir: Path, quick: bool = False, console: Console | None = None)
         last_row = now
 
     step("1. create a ward on digits: 4 compartments x 2 slices, with CPSample guards")
-    budget = TrainConfig(epochs=20.0 if quick else 40.0, batch_size=64)
+    budget = TrainConfig(epochs=16.0 if quick else 40.0, batch_size=64)
     # a guard must memorise ~370 random bits before it is ever confident (> 1 − α): ~100 epochs on t < 300 does that
     # here; --quick cannot afford it, so its guards are placeholders that rarely or never steer (the demo says so)
     guards = GuardConfig(epochs=10.0, batch_size=64) if quick else GuardConfig(epochs=100.0, batch_size=64, max_timestep=300)
