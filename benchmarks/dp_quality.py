@@ -33,12 +33,6 @@ warnings.filterwarnings("ignore")
 SEED = 0
 
 
-def ema_model(state: TrainState) -> torch.nn.Module:
-    model = copy.deepcopy(state.model)
-    model.load_state_dict(state.ema_state_dict())
-    return model.eval()
-
-
 def generate(model, codec, per_class: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """per_class samples of each digit: (N, 1, 8, 8) images and (N,) labels."""
     y = torch.arange(10).repeat_interleave(per_class)
@@ -119,7 +113,7 @@ def main() -> None:
     results: list[dict] = []
 
     def record(space, method, eps, state_or_model, codec, extra=None):
-        model = ema_model(state_or_model) if isinstance(state_or_model, TrainState) else state_or_model
+        model = state_or_model.ema_model() if isinstance(state_or_model, TrainState) else state_or_model
         row = {"space": space, "method": method, "epsilon": eps, **evaluate(model, codec, heldout, features, args), **(extra or {})}
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -139,7 +133,7 @@ def main() -> None:
             real["autoencoder_digits_mse"] = float((recon - private.images).pow(2).mean())
             real["autoencoder_printed_mse"] = float((codec.decode(pub.images) - public.images).pow(2).mean())
         pre = pretrain_denoiser(pub, TrainConfig(steps=public_steps, batch_size=128, lr=2e-3), seed=SEED, scheduler=scheduler)
-        base = ema_model(pre)
+        base = pre.ema_model()
         timings[f"{space}_pretrain_s"] = time.perf_counter() - t0
         record(space, "public only", None, base, codec)
         steps = dp_epochs * -(-len(priv) // dp_batch)

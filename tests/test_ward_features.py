@@ -68,3 +68,41 @@ def test_dp_bad_input_is_refused_before_training(tmp_path):
     with pytest.raises(DatawardError, match="unknown compartment"):
         ward.enable_dp(DPConfig(), compartments=[5])
     assert (ward.path / "ward.json").read_text() == config_before and ward.ledger.models(any_compartment=True) == []
+
+
+def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
+    from dataward.audit import audit_ward
+    from dataward.latent import AutoencoderConfig
+
+    ward = make_ward(tmp_path / "w", data="digits:subset=80", guard=True, guard_settings=TINY_GUARD)
+    ward.train()
+    pixel = {c: r.id for c, r in ward.served().items()}
+    ward.pretrain("printed:count=60", TrainConfig(steps=2, batch_size=30), latent=True, autoencoder=AutoencoderConfig(steps=3, batch_size=30))
+    autoencoder = ward.served("autoencoder")[None]
+    assert autoencoder.public and ward.ledger.models("autoencoder", None)[0].public
+    assert ward.model_shape() == (4, 4, 4) and ward.status()["latent"]["autoencoder"]["id"] == autoencoder.id
+    assert ward.models_missing() and ward.served() == {}  # the pixel models are no longer served: `train` retrains in latent space
+    ward.train()
+    served = ward.served()
+    assert set(served) == {0, 1} and not set(pixel.values()) & {r.id for r in served.values()}
+    unet = ward._load(served[0])
+    assert (unet.config.in_channels, unet.config.sample_size) == (4, 4)  # the denoisers see 4x4x4 latents
+    assert all(r.metadata["variant"] == "latent-" + autoencoder.metadata["weights_sha256"][:16]
+               for kind in ("denoiser", "guard", "router", "public-denoiser") for r in ward.served(kind).values())
+    assert {r.status for r in ward.ledger.models("denoiser", 0, status=None)} == {"ready", "retired"}
+    for options in ({"weights": "router"}, {"weights": "density", "sampler": "ddpm"}, {"guard": True}):
+        result = ward.sample(3, seed=1, steps=4, **options)
+        assert result.images.shape == (3, 1, 8, 8) and 0.0 <= result.images.min() and result.images.max() <= 1.0
+    alone = ward.sample(3, seed=1, steps=4, allowed=[0])
+    assert torch.equal(alone.images, ward.sample(3, seed=1, steps=4, allowed=[0]).images)
+    assert ward.model_inputs(ward.training_data(0).images[:2]).shape == (2, 4, 4, 4)
+    report = audit_ward(ward, n=20, steps=4, grid=0, members=10, timesteps=(50,), strict=True)
+    assert {a["compartment"] for a in report["membership"]["attacks"]} == {0, 1}  # the attacks ran on latents
+    victim = ward.training_data(1).ids[0]
+    ward.forget([victim])
+    assert ward.served("autoencoder")[None].id == autoencoder.id  # public: untouched by forgetting
+    cert = ward.verify()
+    assert cert["ok"] and {(m["kind"], m["compartment"]) for m in cert["models"]} >= {("autoencoder", None), ("denoiser", 1), ("guard", 1)}
+    ward.enable_dp(DPConfig(epsilon=10.0, batch=20, epochs=1), compartments=[1])  # DP-LDM: DP-SGD on the latents
+    assert ward.served()[1].metadata["variant"].startswith("dp-") and ward.privacy()["compartments"]["1"]["epsilon"] <= 10.0 + 1e-9
+    assert ward.sample(2, steps=2, allowed=[1], weights="density", sampler="ddpm").images.shape == (2, 1, 8, 8)

@@ -147,20 +147,34 @@ def pretrain(
     ward: Path = typer.Argument(..., help="The ward folder."),
     public: str = typer.Option("printed:count=3000", "--public", help="Public data, e.g. printed:count=3000."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the ward's public budget in epochs)."),
-    latent: bool = typer.Option(False, "--latent", help="Latent diffusion (autoencoder + latent denoiser)."),
+    latent: bool = typer.Option(False, "--latent", help="Latent diffusion: train a public autoencoder first; every model of the ward then works on its latents."),
+    autoencoder_steps: Optional[int] = typer.Option(None, "--autoencoder-steps", help="With --latent: autoencoder training steps."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
-    """Pretrain a public denoiser on public data; `train --dp` fine-tunes from it (DP-LDM)."""
-    if latent:
-        raise DatawardError("--latent wards are not available yet: the latent autoencoder and denoiser exist as a library "
-                            "(dataward.latent, see docs) but the ward serves pixel-space models only")
+    """Pretrain the public models on public data: a denoiser (and with --latent an autoencoder); `train --dp` fine-tunes from them (DP-LDM)."""
+    from dataclasses import replace
+
     from dataward.training import TrainConfig
 
+    if autoencoder_steps is not None and not latent:
+        raise DatawardError("--autoencoder-steps needs --latent (pixel wards have no autoencoder)")
+    if autoencoder_steps is not None and autoencoder_steps < 1:
+        raise DatawardError(f"--autoencoder-steps must be at least 1, got {autoencoder_steps}")
     w = open_ward(ward, device=device)
+    trained_before = {r.metadata.get("variant", "") for r in w.served().values()}
     budget = TrainConfig(steps=steps) if steps is not None else None
+    autoencoder = None if autoencoder_steps is None else replace(w.config.autoencoder, steps=autoencoder_steps)
     with progress_bar() as progress:
-        result = w.pretrain(public, budget, device=device, progress=progress)
-    out.print(f"pretrained the public denoiser on {public} in {result['seconds']:.1f} s (recorded in the ledger as public)")
+        result = w.pretrain(public, budget, device=device, progress=progress, latent=latent, autoencoder=autoencoder)
+    models = "the public autoencoder and latent denoiser" if latent else "the public denoiser"
+    out.print(f"pretrained {models} on {public} in {result['seconds']:.1f} s (recorded in the ledger as public)")
+    if latent:
+        shape = "x".join(map(str, w.model_shape()))
+        mse = w.served("autoencoder")[None].metadata["public_reconstruction_mse"]
+        out.print(f"latent space: {shape} latents; autoencoder reconstruction MSE on the public data {mse:.4f}")
+    if trained_before and w.models_missing():
+        out.print(f"the compartments' models are out of date (trained in another space or from another public model): "
+                  f"run `dataward train {ward}` to retrain them")
 
 
 @app.command()
@@ -295,6 +309,13 @@ def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: b
             row.append("-" if not c["guard"] else ", ".join(f"{t}: {a:.2f}" for t, a in (c["guard"]["accuracy_by_t"] or {}).items()))
         table.add_row(*row)
     out.print(table)
+    if s["public_model"]:
+        out.print(f"public denoiser: model #{s['public_model']['id']} trained on {s['public_model']['data']} (public data only)")
+    if s["latent"]:
+        ae = s["latent"]["autoencoder"]
+        shape = "x".join(map(str, s["latent"]["latent_shape"]))
+        out.print(f"latent space: {shape} latents of " + ("[yellow]no trained autoencoder yet[/yellow]" if ae is None else
+                  f"autoencoder #{ae['id']} (public data only; reconstruction MSE {ae['public_reconstruction_mse']:.4f} on it)"))
     if s["router"]:
         out.print(f"router: model #{s['router']['id']} stage {s['router']['stage'] + 1} (joint: saw every compartment; retrained on forget)")
     if s["pending_forgets"]:

@@ -27,7 +27,6 @@ deterministic trainer (:class:`dataward.training.TrainState`, :func:`dataward.tr
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -161,9 +160,7 @@ def train_guard(
 
 def guard_model(state: TrainState) -> NoisyClassifier:
     """A copy of the trained guard holding the EMA weights, in eval mode (what guides sampling and gets saved)."""
-    guard = copy.deepcopy(state.model)  # (not from_config: nets builds it with positional args, which from_config drops)
-    guard.load_state_dict(state.ema_state_dict())
-    return guard.eval().requires_grad_(False)
+    return state.ema_model().requires_grad_(False)
 
 
 @torch.no_grad()

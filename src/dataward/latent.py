@@ -47,6 +47,18 @@ class AutoencoderConfig:
         side = self.image_size // 2 ** (len(self.block_out_channels) - 1)
         return (self.latent_channels, side, side)
 
+    def train_config(self, threads: int = 2) -> TrainConfig:
+        """The trainer settings of autoencoder pretraining (EMA decay 0.99: few steps)."""
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, ema_decay=0.99, threads=threads)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AutoencoderConfig":
+        """Parse the JSON form (``asdict``), naming any unknown field."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise DatawardError(f"autoencoder config has unknown field(s): {', '.join(sorted(unknown))}")
+        return cls(**{**data, "block_out_channels": tuple(data.get("block_out_channels", cls.block_out_channels))})
+
 
 def build_autoencoder(config: AutoencoderConfig, seed: int) -> AutoencoderKL:
     """An ``AutoencoderKL`` with weights drawn from ``seed``."""
@@ -128,7 +140,7 @@ class LatentCodec:
         if not meta_path.is_file():
             raise DatawardError(f"{folder} holds no autoencoder (codec.json is missing)")
         meta = json.loads(meta_path.read_text())
-        config = AutoencoderConfig(**{**meta["config"], "block_out_channels": tuple(meta["config"]["block_out_channels"])})
+        config = AutoencoderConfig.from_dict(meta["config"])
         autoencoder = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
         return cls(autoencoder.eval(), float(meta["scaling_factor"]), config)
 
@@ -147,15 +159,18 @@ def pretrain_autoencoder(
         raise DatawardError(
             f"autoencoder config expects {config.channels}x{config.image_size}x{config.image_size} images, public data is {'x'.join(map(str, public.shape))}"
         )
-    train = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, ema_decay=0.99, threads=threads)
+    train = config.train_config(threads)
     state = TrainState.fresh(build_autoencoder(config, derive_seed(seed, "autoencoder", "init")), train)
     generator = torch.Generator().manual_seed(derive_seed(seed, "autoencoder", "train"))
     run_steps(state, public, autoencoder_loss(config.kl_weight), config.steps, train, generator, on_step=on_step)
-    state.model.load_state_dict(state.ema_state_dict())
-    codec = LatentCodec(state.model.eval(), 1.0, config)
-    z = codec.encode_dataset(public).images
-    codec.scaling_factor = float(1.0 / z.std())
-    return codec
+    autoencoder = state.ema_model()
+    return LatentCodec(autoencoder, latent_scaling_factor(autoencoder, config, public), config)
+
+
+def latent_scaling_factor(autoencoder: AutoencoderKL, config: AutoencoderConfig, public: Dataset) -> float:
+    """1 / std of the (unscaled) latents of the public images: scaled latents have unit standard deviation."""
+    z = LatentCodec(autoencoder, 1.0, config).encode_dataset(public).images
+    return float(1.0 / z.std())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ so the same IDs, seed, config and thread count always give the same bytes.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -107,6 +108,12 @@ class TrainState:
         for name, shadow in zip(names, self.ema.shadow_params):
             state[name] = shadow.detach().clone()
         return state
+
+    def ema_model(self) -> torch.nn.Module:
+        """A copy of the model holding the EMA weights, in eval mode (what samples, guides and gets saved)."""
+        model = copy.deepcopy(self.model)  # (not from_config: some models are built with positional args, which it drops)
+        model.load_state_dict(self.ema_state_dict())
+        return model.eval()
 
     def save(self, path: Path) -> None:
         """Write raw weights, EMA shadow and Adam state to one safetensors file (no pickle)."""

@@ -29,7 +29,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from diffusers import UNet2DModel
+from diffusers import AutoencoderKL, UNet2DModel
 from safetensors.torch import load_file
 
 import dataward
@@ -39,6 +39,7 @@ from dataward.errors import DatawardError
 from dataward.guard import (
     ACCURACY_TIMESTEPS, GuardActivity, GuardConfig, build_guard, guard_accuracy_by_t, guard_guidance, guard_labels, guard_loss, guard_model, guarded,
 )
+from dataward.latent import AutoencoderConfig, LatentCodec, LatentDenoiser, autoencoder_loss, build_autoencoder, latent_scaling_factor, make_latent_scheduler
 from dataward.ledger import Ledger, ModelRecord
 from dataward.privacy import DPConfig, dp_finetune, other_accountant, ward_delta, ward_epsilon
 from dataward.nets import NoisyClassifier, build_classifier, build_unet, derive_seed
@@ -71,6 +72,8 @@ class WardConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # denoiser training
     public: str | None = None  # public data spec of the public pretrained denoiser (dataward pretrain); None: none
     public_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40.0))  # public pretraining budget
+    latent: bool = False  # latent diffusion (dataward pretrain --latent): every denoiser, router and guard works on the latents of a public autoencoder
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # the public autoencoder of a latent ward
     dp: DPConfig | None = None  # DP-SGD fine-tuning of the compartments' denoisers (dataward train --dp); None: no DP
     dp_compartments: tuple[int, ...] | None = None  # which compartments train with DP (None: all)
     router_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30.0, lr=1e-3))  # router training
@@ -94,6 +97,8 @@ class WardConfig:
             data["dp_compartments"] = tuple(data["dp_compartments"])
         if "guard_settings" in data:
             data["guard_settings"] = GuardConfig(**data["guard_settings"])
+        if "autoencoder" in data:
+            data["autoencoder"] = AutoencoderConfig.from_dict(data["autoencoder"])
         return cls(**data)
 
 
@@ -114,6 +119,8 @@ class SampleResult:
 
 
 DP_VARIANT_PREFIX = "dp-"  # Lineage.variant of DP fine-tuning: one phase (no slices), started from the public model
+LATENT_VARIANT_PREFIX = "latent-"  # Lineage.variant of models on latents: names the autoencoder whose latents they saw
+PUBLIC_KINDS = ("autoencoder", "public-denoiser")  # models trained on public data only (recorded as public in the ledger)
 
 
 def is_dp_variant(variant: str) -> bool:
@@ -125,11 +132,11 @@ def is_dp_variant(variant: str) -> bool:
 class Lineage:
     """One kind of model for one compartment (or for all, the router), trained stage by stage."""
 
-    kind: str  # denoiser | router | guard
+    kind: str  # denoiser | router | guard | public-denoiser | autoencoder
     compartment: int | None
     stage_ids: tuple[tuple[str, ...], ...]  # sorted IDs each stage trains on (cumulative slices)
     config: TrainConfig
-    variant: str = ""  # "" for ordinary training; "dp-<hash of DP config and public model>" for DP fine-tuning
+    variant: str = ""  # "": pixel space; "latent-<autoencoder hash>"; "dp-<hash of DP config, public model, autoencoder>"
 
     def stage_steps(self, stage: int) -> int:
         """Optimizer steps of one stage: a share of ``config.steps``, or from the stage's own data size (epochs)."""
@@ -184,6 +191,7 @@ class Ward:
         self.ledger = ledger
         self.scheduler = make_training_scheduler(config.num_train_timesteps, config.beta_schedule)
         self._loaded: dict[int, torch.nn.Module] = {}
+        self._codec: tuple[int, LatentCodec] | None = None  # (autoencoder model id, codec) of a latent ward, loaded once
         if not worker:
             self._delete_quarantined()
             self._remove_orphans()
@@ -348,7 +356,10 @@ class Ward:
         """Every model the ward should hold, with the IDs each stage trains on."""
         out = []
         if self.config.public is not None:
-            out.append(Lineage("public-denoiser", None, (tuple(sorted(self._public_data().ids)),), self.config.public_train))
+            public_ids = (tuple(sorted(self._public_data().ids)),)
+            if self.config.latent:
+                out.append(Lineage("autoencoder", None, public_ids, self.config.autoencoder.train_config(self.config.public_train.threads)))
+            out.append(Lineage("public-denoiser", None, public_ids, self.config.public_train, self._variant("public-denoiser", None)))
         compartments = self.compartments()
         for c in compartments:
             stage_ids = self._stage_ids(c)
@@ -357,11 +368,11 @@ class Ward:
             if self._is_dp(c):  # DP-SGD runs as one phase over the whole compartment (accounted as one run)
                 out.append(Lineage("denoiser", c, (stage_ids[-1],), self.config.train, self._dp_variant()))
             else:
-                out.append(Lineage("denoiser", c, stage_ids, self.config.train))
+                out.append(Lineage("denoiser", c, stage_ids, self.config.train, self._variant("denoiser", c)))
             if self.config.guard:
-                out.append(Lineage("guard", c, stage_ids, self.config.guard_settings.train_config()))
+                out.append(Lineage("guard", c, stage_ids, self.config.guard_settings.train_config(), self._variant("guard", c)))
         if self.config.router and len(compartments) > 1:
-            out.append(Lineage("router", None, self._stage_ids(None), self.config.router_train))
+            out.append(Lineage("router", None, self._stage_ids(None), self.config.router_train, self._variant("router", None)))
         return out
 
     def _public_data(self) -> Dataset:
@@ -377,23 +388,63 @@ class Ward:
         return self.config.dp is not None and (dp_set is None or compartment in dp_set)
 
     def _dp_variant(self) -> str:
-        """Names the DP recipe: the DP config and the public model it starts from (so changing either retrains)."""
+        """Names the DP recipe: the DP config, the public model it starts from and the latent space (changing any retrains)."""
         public = self.served("public-denoiser").get(None)
-        basis = json.dumps(asdict(self.config.dp), sort_keys=True) + (public.metadata["weights_sha256"] if public else "scratch")
+        basis = json.dumps(asdict(self.config.dp), sort_keys=True) + (public.metadata["weights_sha256"] if public else "scratch") + self._latent_tag()
         return DP_VARIANT_PREFIX + hashlib.sha256(basis.encode()).hexdigest()[:16]
 
+    def _latent_tag(self) -> str:
+        """"" for a pixel ward; "latent-<autoencoder weights hash>" for a latent one (a new autoencoder retrains every model)."""
+        if not self.config.latent:
+            return ""
+        autoencoder = self.served("autoencoder").get(None)
+        return LATENT_VARIANT_PREFIX + (autoencoder.metadata["weights_sha256"][:16] if autoencoder else "untrained")
+
     def _variant(self, kind: str, compartment: int | None) -> str:
-        return self._dp_variant() if kind == "denoiser" and compartment is not None and self._is_dp(compartment) else ""
+        """The variant a model of this kind must carry to be current (see :class:`Lineage`)."""
+        if kind == "autoencoder":
+            return ""
+        if kind == "denoiser" and compartment is not None and self._is_dp(compartment):
+            return self._dp_variant()
+        return self._latent_tag()
+
+    def model_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the denoisers, router and guards see: the images, or the autoencoder's latents."""
+        if self.config.latent:
+            return self.config.autoencoder.latent_shape()
+        return (self.config.channels, self.config.image_size, self.config.image_size)
+
+    def codec(self) -> LatentCodec:
+        """The served public autoencoder of a latent ward, with its scaling factor."""
+        if not self.config.latent:
+            raise DatawardError("this ward works in pixel space: it has no autoencoder (pretrain with --latent for one)")
+        record = self.served("autoencoder").get(None)
+        if record is None:
+            raise DatawardError(f"this latent ward has no trained autoencoder: run `dataward pretrain {self.path} --latent`")
+        if self._codec is None or self._codec[0] != record.id:
+            self._codec = (record.id, LatentCodec(self._load(record), float(record.metadata["scaling_factor"]), self.config.autoencoder))
+        return self._codec[1]
+
+    def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] as the models see them: unchanged, or encoded to scaled latents."""
+        return self.codec().encode(images) if self.config.latent else images
+
+    def _model_data(self, data: Dataset) -> Dataset:
+        """A dataset as the models see it (the same IDs and labels; latents in a latent ward)."""
+        return self.codec().encode_dataset(data) if self.config.latent else data
 
     def _build(self, lineage: Lineage) -> torch.nn.Module:
         cfg = self.config
         seed = derive_seed(cfg.seed, lineage.kind, lineage.compartment, "init")
+        channels, size, _ = self.model_shape()
         if lineage.kind in ("denoiser", "public-denoiser"):
-            return build_unet(cfg.model, cfg.image_size, cfg.channels, cfg.num_classes, seed)
+            return build_unet(cfg.model, size, channels, cfg.num_classes, seed)
         if lineage.kind == "router":
-            return build_classifier(cfg.channels, len(self.compartments()), seed)
+            return build_classifier(channels, len(self.compartments()), seed)
         if lineage.kind == "guard":
-            return build_guard(cfg.channels, seed, cfg.guard_settings)
+            return build_guard(channels, seed, cfg.guard_settings)
+        if lineage.kind == "autoencoder":
+            return build_autoencoder(cfg.autoencoder, seed)
         raise ValueError(lineage.kind)
 
     def _loss_and_targets(self, lineage: Lineage, ids: tuple[str, ...]) -> tuple[PerSampleLoss, torch.Tensor | None]:
@@ -405,6 +456,8 @@ class Ward:
             return classifier_loss(self.scheduler), torch.tensor([column[rows[i][0]] for i in ids])
         if lineage.kind == "guard":
             return guard_loss(self.scheduler, self.config.guard_settings), guard_labels(list(ids), self.config.seed)
+        if lineage.kind == "autoencoder":
+            return autoencoder_loss(self.config.autoencoder.kl_weight), None
         raise ValueError(lineage.kind)
 
     def _ready_stages(self, lineage: Lineage) -> dict[int, ModelRecord]:
@@ -457,7 +510,11 @@ class Ward:
             generator = torch.Generator().manual_seed(derive_seed(self.config.seed, lineage.kind, lineage.compartment, "stage", stage))
             run_steps(state, data, loss, lineage.stage_steps(stage), lineage.config, generator, targets, device,
                       on_step=lambda value: update(1, description=f"train {name} stage {stage + 1}/{stages} loss {value:.3f}"))
-            extra = self._guard_accuracy(state, data, targets, stage) if lineage.kind == "guard" else None
+            extra = None
+            if lineage.kind == "guard":
+                extra = self._guard_accuracy(state, data, targets, stage)
+            elif lineage.kind == "autoencoder":
+                extra = self._autoencoder_summary(state, data)
             results.append(self._save_stage(lineage, stage, ids, state, out_root, extra))
         return results
 
@@ -467,15 +524,24 @@ class Ward:
         accuracy = guard_accuracy_by_t(guard_model(state), data, labels, self.scheduler, ACCURACY_TIMESTEPS, generator)
         return {"accuracy_by_t": {str(t): round(a, 4) for t, a in accuracy.items()}}
 
+    def _autoencoder_summary(self, state: TrainState, public: Dataset) -> dict:
+        """The trained autoencoder's latent scaling factor and reconstruction error on its public data, for its metadata."""
+        autoencoder = state.ema_model()
+        codec = LatentCodec(autoencoder, latent_scaling_factor(autoencoder, self.config.autoencoder, public), self.config.autoencoder)
+        reconstruction = codec.decode(codec.encode(public.images))
+        return {"scaling_factor": codec.scaling_factor, "latent_shape": list(self.config.autoencoder.latent_shape()),
+                "public_reconstruction_mse": round(float((reconstruction - public.images).pow(2).mean()), 6)}
+
     def _stage_data(self, lineage: Lineage, stage: int) -> Dataset:
-        """The examples one stage trains on, checked against the plan (sorted by ID)."""
-        if lineage.kind == "public-denoiser":
+        """The examples one stage trains on, checked against the plan (sorted by ID), as the model sees them."""
+        if lineage.kind in PUBLIC_KINDS:
             public = self._public_data()
-            return public.select(sorted(public.ids))
+            public = public.select(sorted(public.ids))
+            return public if lineage.kind == "autoencoder" else self._model_data(public)
         data = self._dataset(self.ledger.samples(lineage.compartment, max_slice=stage if len(lineage.stage_ids) > 1 else None))
         if data.ids != lineage.stage_ids[stage]:
             raise DatawardError(f"the ward's data changed while training {lineage.kind} {lineage.compartment} stage {stage}: run `dataward train` again")
-        return data
+        return self._model_data(data)
 
     def _run_dp(self, lineage: Lineage, device: str, progress, out_root: Path) -> dict:
         """DP-SGD fine-tuning of one compartment's denoiser from the public model (DP-LDM), or from scratch (DPDM-style)."""
@@ -523,7 +589,7 @@ class Ward:
                 raise DatawardError(f"checkpoint models/{r['folder']} vanished before it was registered (did another process open "
                                     f"this ward for writing while training ran?): run `dataward train {self.path}` again")
             self.ledger.register_model(job.lineage.kind, job.lineage.compartment, r["stage"], f"models/{r['folder']}", r["ids"],
-                                       r["metadata"]["ids_hash"], r["metadata"], public=job.lineage.kind == "public-denoiser")
+                                       r["metadata"]["ids_hash"], r["metadata"], public=job.lineage.kind in PUBLIC_KINDS)
 
     # training -----------------------------------------------------------------------------------------------------
     def train(self, device: str = "cpu", progress=None, executor: str = "local", only: tuple[str, ...] | None = None, **executor_options) -> dict:
@@ -534,8 +600,10 @@ class Ward:
         ``only`` limits training to some model kinds (e.g. ``("public-denoiser",)`` for ``dataward pretrain``).
         """
         started = time.time()
-        waves = (lambda l: l.kind == "public-denoiser", lambda l: l.compartment is not None, lambda l: l.kind == "router")
-        for in_wave in waves:  # public model first (DP starts from it), then compartments, then the router that spans them
+        waves = (lambda l: l.kind == "autoencoder", lambda l: l.kind == "public-denoiser", lambda l: l.compartment is not None,
+                 lambda l: l.kind == "router")
+        # the autoencoder first (the others see its latents), the public denoiser (DP starts from it), compartments, the router
+        for in_wave in waves:
             wave = [l for l in self.lineages() if in_wave(l) and (only is None or l.kind in only)]
             jobs = [job for job in (self.plan(l) for l in wave) if job is not None]
             if executor == "local":
@@ -555,11 +623,11 @@ class Ward:
         return {"seconds": time.time() - started, "finished_forgets": pending}
 
     def _retire_stale(self) -> None:
-        """Retire ready models that no longer fit the ward: routers after add, denoisers of another recipe (DP on/off)."""
+        """Retire ready models that no longer fit the ward: routers after add, models of another recipe (DP on/off, another
+        latent space or none)."""
         stale = [r.id for r in self.ledger.models("router", None) if r.metadata.get("num_outputs") != len(self.compartments())]
-        for c in self.compartments():
-            variant = self._variant("denoiser", c)
-            stale += [r.id for r in self.ledger.models("denoiser", c) if r.metadata.get("variant", "") != variant]
+        for lineage in self.lineages():
+            stale += [r.id for r in self.ledger.models(lineage.kind, lineage.compartment) if r.metadata.get("variant", "") != lineage.variant]
         self.ledger.set_status(stale, "retired", "models-retired")
 
     def models_missing(self) -> bool:
@@ -570,7 +638,7 @@ class Ward:
     def served(self, kind: str = "denoiser") -> dict[int | None, ModelRecord]:
         """Per compartment (None for the router), the newest ready stage that saw no forgotten ID."""
         out: dict[int | None, ModelRecord] = {}
-        keys = [None] if kind in ("router", "public-denoiser") else self.compartments()
+        keys = [None] if kind in ("router", *PUBLIC_KINDS) else self.compartments()
         for c in keys:
             records = [r for r in self.ledger.models(kind, c) if r.metadata.get("variant", "") == self._variant(kind, c)]
             if kind == "router":
@@ -581,7 +649,7 @@ class Ward:
 
     def _load(self, record: ModelRecord) -> torch.nn.Module:
         if record.id not in self._loaded:
-            cls = UNet2DModel if record.kind in ("denoiser", "public-denoiser") else NoisyClassifier
+            cls = {"denoiser": UNet2DModel, "public-denoiser": UNet2DModel, "autoencoder": AutoencoderKL}.get(record.kind, NoisyClassifier)
             folder = self.path / record.path
             try:
                 model = cls.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
@@ -661,8 +729,7 @@ class Ward:
                 y = torch.tensor(present)[torch.randint(0, len(present), (n,), generator=generator)]
         elif label is not None:
             raise DatawardError("this ward is unconditional: --label is not available")
-        shape = (n, self.config.channels, self.config.image_size, self.config.image_size)
-        x_T = torch.randn(shape, generator=generator)
+        x_T = torch.randn((n, *self.model_shape()), generator=generator)  # images, or latents in a latent ward
         activity = GuardActivity() if guard else None
         denoisers = [self.denoiser(c, guard, guard_scale, guard_alpha, activity) for c in use]
         composed = None
@@ -685,7 +752,14 @@ class Ward:
         if mode == "density" and sampler != "ddpm":
             raise DatawardError("density weights need the stochastic sampler: use --sampler ddpm (or --weights router)")
         update = _progress_task(progress, f"sample {n}", steps)
-        x0 = sample_loop(eps, x_T, make_sampler(self.scheduler, sampler), steps=steps, y=y, generator=generator, progress=lambda i: update(1))
+        if self.config.latent:  # the same loop over latents (no x_0 clipping), then the public autoencoder decodes
+            eps = LatentDenoiser(eps, self.codec())
+            scheduler = make_latent_scheduler(self.scheduler, sampler)
+        else:
+            scheduler = make_sampler(self.scheduler, sampler)
+        x0 = sample_loop(eps, x_T, scheduler, steps=steps, y=y, generator=generator, progress=lambda i: update(1))
+        if self.config.latent:
+            x0 = eps.decode(x0)
         k = len(known)
         attribution, final = torch.zeros(n, k), torch.zeros(n, k)
         cols = [known.index(c) for c in use]
@@ -780,15 +854,22 @@ class Ward:
         ok = bool(checks) and all(c["equal"] and not c.get("saw_forgotten_ids") for c in checks)
         return {"ok": ok, "forgotten": len(forgotten), "models": checks}
 
-    def pretrain(self, public: str, train: TrainConfig | None = None, device: str = "cpu", progress=None) -> dict:
-        """Pretrain the public denoiser on public data (``dataward pretrain``); DP fine-tuning starts from it."""
+    def pretrain(self, public: str, train: TrainConfig | None = None, device: str = "cpu", progress=None, latent: bool = False,
+                 autoencoder: AutoencoderConfig | None = None) -> dict:
+        """Pretrain the public models on public data (``dataward pretrain``): the denoiser that DP fine-tuning starts from,
+        in pixel space or (``latent``) in the latent space of a public autoencoder trained first (DP-LDM).
+
+        Switching between pixel and latent space makes every compartment model out of date: ``train`` retrains them."""
         from dataclasses import replace as replace_config
 
-        self.config = replace_config(self.config, public=public, public_train=train or self.config.public_train)
+        autoencoder = replace_config(autoencoder or self.config.autoencoder, image_size=self.config.image_size, channels=self.config.channels)
+        if latent:
+            build_autoencoder(autoencoder, 0)  # fails early on an image size the autoencoder cannot take
+        self.config = replace_config(self.config, public=public, public_train=train or self.config.public_train, latent=latent, autoencoder=autoencoder)
         self._public_cache = None
         self._public_data()  # fails early on bad public data
         self._write_config()
-        return self.train(device=device, progress=progress, only=("public-denoiser",))
+        return self.train(device=device, progress=progress, only=PUBLIC_KINDS)
 
     def enable_dp(self, dp: DPConfig, compartments: list[int] | None = None, train: bool = True, device: str = "cpu", progress=None) -> dict:
         """Train the compartments' denoisers with DP-SGD (``dataward train --dp``): validated before anything is written."""
@@ -801,7 +882,8 @@ class Ward:
         unknown = [c for c in chosen if c not in known]
         if unknown:
             raise DatawardError(f"unknown compartment(s) {unknown}: this ward has {known}")
-        probe = build_unet(self.config.model, self.config.image_size, self.config.channels, self.config.num_classes, 0)
+        channels, size, _ = self.model_shape()
+        probe = build_unet(self.config.model, size, channels, self.config.num_classes, 0)
         for c in chosen:
             plan_dp(dp, self.ledger.counts()[c]["samples"], probe)  # ε, δ, clip, budget, layers: errors before training
         self.config = replace_config(self.config, dp=dp, dp_compartments=None if compartments is None else tuple(chosen))
@@ -872,6 +954,7 @@ class Ward:
             compartments.append(entry)
         router = self.served("router").get(None)
         public = self.served("public-denoiser").get(None)
+        autoencoder = self.served("autoencoder").get(None) if self.config.latent else None
         return {
             "path": str(self.path),
             "config": asdict(self.config),
@@ -881,6 +964,11 @@ class Ward:
             "forgotten": sum(c["forgotten"] for c in counts.values()),
             "pending_forgets": [r for r, _ in self.ledger.pending_forgets()],
             "public_model": None if public is None else {"id": public.id, "data": self.config.public, "public": True},
+            "latent": None if not self.config.latent else {
+                "latent_shape": list(self.model_shape()),
+                "autoencoder": None if autoencoder is None else {
+                    "id": autoencoder.id, "data": self.config.public, "public": True,
+                    **{k: autoencoder.metadata.get(k) for k in ("scaling_factor", "public_reconstruction_mse")}}},
             "privacy": self.privacy(),
             "events": self.ledger.events(10),
         }

@@ -159,6 +159,7 @@ def audit_ward(
     status = ward.status() if hasattr(ward, "status") else {}
     train = ward.training_data()
     heldout = heldout if heldout is not None else ward.heldout_data()
+    model_inputs = getattr(ward, "model_inputs", lambda images: images)  # images as the denoisers see them (latents in a latent ward)
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "ward": {
@@ -260,6 +261,7 @@ def audit_ward(
         use_guard = guard if guard is not None else bool(getattr(getattr(ward, "config", None), "guard", False))
         attacks, skipped = [], []
         labels_known = heldout.labels is not None and train.labels is not None
+        heldout_inputs = model_inputs(heldout.images)
         for c in compartments:
             data = ward.training_data(c) if _accepts_compartment(ward) else train
             member_set = _subset(data, members, seed + 1 + c)
@@ -276,8 +278,8 @@ def audit_ward(
                     nonmember_labels=heldout.labels if labels_known else None,
                     timesteps=timesteps, seed=seed,
                 )
-                loss = loss_attack(eps, ward.scheduler, member_set.images, heldout.images, **common)
-                pia_result = pia(eps, ward.scheduler, member_set.images, heldout.images, **common)
+                loss = loss_attack(eps, ward.scheduler, model_inputs(member_set.images), heldout_inputs, **common)
+                pia_result = pia(eps, ward.scheduler, model_inputs(member_set.images), heldout_inputs, **common)
                 attacks.append({"compartment": c, "denoiser": name, "loss": loss.summary(), "pia": pia_result.summary()})
         if not attacks:
             raise _Skip("no compartment has a servable denoiser: " + "; ".join(s["reason"] for s in skipped))
@@ -313,7 +315,7 @@ def audit_ward(
                 continue
             labelled = subset.labels is not None and heldout.labels is not None
             t = membership_t.get(c, M.FORGETTING_T)
-            attack = forgetting_attack(eps, ward.scheduler, subset.images, heldout.images,
+            attack = forgetting_attack(eps, ward.scheduler, model_inputs(subset.images), model_inputs(heldout.images),
                                        forgotten_labels=subset.labels if labelled else None,
                                        heldout_labels=heldout.labels if labelled else None, timesteps=(t,), seed=seed)
             pairs.append((attack.member_scores, attack.nonmember_scores))
