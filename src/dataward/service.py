@@ -480,7 +480,7 @@ class Service:
             entry = {"id": c, "source": sources.get(c), "samples": counts.get(c, {}).get("samples", 0),
                      "labels": sorted(counts.get(c, {}).get("labels", {})), "serving": serving.get(str(c), "unknown")}
             if c in served:
-                entry["model"] = {"stage": served[c].stage, "fallback": served[c].stage < ward.config.slices - 1}
+                entry["model"] = {"stage": served[c].stage, "fallback": ward.is_fallback(served[c])}
             out.append(entry)
         everything = set(key.allow) >= set(ward.compartments())
         config = ward.config
@@ -488,7 +488,7 @@ class Service:
             "key": key.name, "admin": key.admin, "compartments": out,
             "weights": {"default": config.weights if everything or config.weights == "density" else "density",
                         "router_allowed": everything},
-            "guard": config.guard, "image": {"size": config.image_size, "channels": config.channels},
+            "guard": config.guard, "image": {"size": config.image_size, "channels": config.channels}, "latent": config.latent,
             "num_classes": config.num_classes,
             "limits": {"max_n": self.limits.max_n, "max_steps": self.limits.max_steps},
         }

@@ -768,7 +768,7 @@ class Ward:
         else:
             attribution[:, cols] = composed.attribution()
             final[:, cols] = composed.final_weights
-        stages = {c: {"model": served[c].id, "stage": served[c].stage, "fallback": self._is_fallback(served[c])} for c in use}
+        stages = {c: {"model": served[c].id, "stage": served[c].stage, "fallback": self.is_fallback(served[c])} for c in use}
         return SampleResult(((x0.clamp(-1, 1) + 1) / 2), y, attribution, final, use, stages, mode, sampler, time.time() - started,
                             None if activity is None else activity.share)
 
@@ -810,7 +810,7 @@ class Ward:
         """Stages of the lineage a served model belongs to: DP models train in one phase, others in ``slices`` stages."""
         return 1 if is_dp_variant(record.metadata.get("variant", "")) else self.config.slices
 
-    def _is_fallback(self, record: ModelRecord) -> bool:
+    def is_fallback(self, record: ModelRecord) -> bool:
         """Whether a served model is an earlier stage's checkpoint (its lineage is retraining after a forget)."""
         return record.stage < self._stage_count(record) - 1
 
@@ -821,7 +821,7 @@ class Ward:
         for c in self.compartments():
             if c not in served:
                 out[str(c)] = "left out (no model that never saw a forgotten ID; retraining)" if self.ledger.pending_forgets() else "untrained"
-            elif self._is_fallback(served[c]):
+            elif self.is_fallback(served[c]):
                 out[str(c)] = f"fallback: stage {served[c].stage + 1}/{self._stage_count(served[c])} checkpoint"
             else:
                 out[str(c)] = "complete"
