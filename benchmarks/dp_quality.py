@@ -1,8 +1,8 @@
 """Private fine-tuning on digits: downstream accuracy (CAS) and Fréchet distance at ε ∈ {1, 10, ∞}, DP step time.
 
-    python benchmarks/dp_quality.py [--quick] [--threads 2] [--json out.json]
+    python benchmarks/dp_quality.py [--quick] [--threads 2] [--json out.json] [--spaces pixel,latent] [--all-cells]
 
-Public data: printed digits (``printed:count=2000``). Private data: the digits training split (1500). Reference: the
+Public data: printed digits (``printed:count=2000``; the latent autoencoder: ``--ae-data``, pen strokes). Private data: the digits training split (1500). Reference: the
 held-out split (297). Every model samples --per-class images per class (DDIM, 20 steps); CAS trains a logistic regression on the
 samples only and tests it on the held-out digits (``dataward.audit.metrics.downstream_accuracy``); FD uses the digits
 feature CNN (``dataward.audit.features.digits_feature_net``). The CPU budget is ~15 minutes, so the matrix is cut
@@ -90,7 +90,9 @@ def main() -> None:
     parser.add_argument("--public-steps", type=int, default=300, help="pretraining steps (public denoiser, non-private scratch reference)")
     parser.add_argument("--dp-epochs", type=int, default=15)
     parser.add_argument("--per-class", type=int, default=50)
-    parser.add_argument("--ae-steps", type=int, default=300)
+    parser.add_argument("--ae-steps", type=int, default=AutoencoderConfig.steps, help="autoencoder training steps (latent space)")
+    parser.add_argument("--ae-data", default="strokes:count=4000", help="the autoencoder's public data (the ward's default)")
+    parser.add_argument("--spaces", default="pixel,latent", help="which spaces to run: pixel, latent or both")
     parser.add_argument("--all-cells", action="store_true",
                         help="the whole matrix: every method at ε ∈ {1, 10, ∞} in pixel and latent space (~2x the time)")
     args = parser.parse_args()
@@ -122,12 +124,13 @@ def main() -> None:
             "feature_net_heldout_accuracy": features.heldout_accuracy}
     print(json.dumps(real), flush=True)
 
-    for space in ("pixel", "latent"):
+    for space in args.spaces.split(","):
         t0 = time.perf_counter()
         codec = None
         pub, priv = public, private
         if space == "latent":
-            codec = pretrain_autoencoder(public, AutoencoderConfig(steps=ae_steps), seed=SEED, threads=args.threads)
+            ae_public = load_source("strokes:count=200" if q else args.ae_data)
+            codec = pretrain_autoencoder(ae_public, AutoencoderConfig(steps=ae_steps), seed=SEED, threads=args.threads)
             pub, priv = codec.encode_dataset(public), codec.encode_dataset(private)
             recon = codec.decode(codec.encode(private.images))
             real["autoencoder_digits_mse"] = float((recon - private.images).pow(2).mean())
@@ -188,7 +191,7 @@ def main() -> None:
         "total_params": selected.total_params,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "total_s": time.perf_counter() - t_start,
-        "settings": {"public": f"printed:count={public_count}", "public_steps": public_steps, "dp_batch": dp_batch, "dp_epochs": dp_epochs,
+        "settings": {"public": f"printed:count={public_count}", "ae_data": args.ae_data, "ae_steps": ae_steps, "public_steps": public_steps, "dp_batch": dp_batch, "dp_epochs": dp_epochs,
                      "lr": lr, "physical": physical, "per_class": args.per_class, "sample_steps": args.sample_steps, "threads": args.threads,
                      "all_cells": args.all_cells},
     }

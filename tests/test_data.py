@@ -34,6 +34,15 @@ def test_printed_digits_are_seeded_and_labelled():
     assert (a.images.flatten(1).max(1).values > 0.2).all() and (a.images.flatten(1).min(1).values < -0.9).all()
 
 
+def test_strokes_are_seeded_unlabelled_and_inked():
+    a, b = load_source("strokes:count=40"), load_source("strokes:count=40")
+    assert torch.equal(a.images, b.images) and a.ids == b.ids and a.ids[0] == "strokes:0:000000"
+    assert a.images.shape == (40, 1, 8, 8) and a.labels is None
+    assert not torch.equal(load_source("strokes:count=40,seed=1").images, a.images)
+    assert (a.images.flatten(1).max(1).values > 0.2).all() and (a.images.flatten(1).min(1).values < -0.9).all()
+    assert a.images.min() >= -1 and a.images.max() <= 1
+
+
 def test_folder_with_classes_and_resize(tmp_path):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()

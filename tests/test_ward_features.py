@@ -77,9 +77,10 @@ def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
     ward = make_ward(tmp_path / "w", data="digits:subset=80", guard=True, guard_settings=TINY_GUARD)
     ward.train()
     pixel = {c: r.id for c, r in ward.served().items()}
-    ward.pretrain("printed:count=60", TrainConfig(steps=2, batch_size=30), latent=True, autoencoder=AutoencoderConfig(steps=3, batch_size=30))
+    ward.pretrain("printed:count=60", TrainConfig(steps=2, batch_size=30), latent=True, autoencoder=AutoencoderConfig(steps=3, batch_size=30),
+                  autoencoder_data="strokes:count=40")
     autoencoder = ward.served("autoencoder")[None]
-    assert autoencoder.public and ward.ledger.models("autoencoder", None)[0].public
+    assert autoencoder.public and autoencoder.metadata["num_ids"] == 40  # trained on the 40 public strokes only
     assert ward.model_shape() == (4, 4, 4) and ward.status()["latent"]["autoencoder"]["id"] == autoencoder.id
     assert ward.models_missing() and ward.served() == {}  # the pixel models are no longer served: `train` retrains in latent space
     ward.train()

@@ -149,6 +149,7 @@ def pretrain(
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the ward's public budget in epochs)."),
     latent: bool = typer.Option(False, "--latent", help="Latent diffusion: train a public autoencoder first; every model of the ward then works on its latents."),
     autoencoder_steps: Optional[int] = typer.Option(None, "--autoencoder-steps", help="With --latent: autoencoder training steps."),
+    autoencoder_data: Optional[str] = typer.Option(None, "--autoencoder-data", help="With --latent: public data of the autoencoder (default strokes:count=4000)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Pretrain the public models on public data: a denoiser (and with --latent an autoencoder); `train --dp` fine-tunes from them (DP-LDM)."""
@@ -156,8 +157,8 @@ def pretrain(
 
     from dataward.training import TrainConfig
 
-    if autoencoder_steps is not None and not latent:
-        raise DatawardError("--autoencoder-steps needs --latent (pixel wards have no autoencoder)")
+    if (autoencoder_steps is not None or autoencoder_data is not None) and not latent:
+        raise DatawardError("--autoencoder-steps and --autoencoder-data need --latent (pixel wards have no autoencoder)")
     if autoencoder_steps is not None and autoencoder_steps < 1:
         raise DatawardError(f"--autoencoder-steps must be at least 1, got {autoencoder_steps}")
     w = open_ward(ward, device=device)
@@ -165,13 +166,13 @@ def pretrain(
     budget = TrainConfig(steps=steps) if steps is not None else None
     autoencoder = None if autoencoder_steps is None else replace(w.config.autoencoder, steps=autoencoder_steps)
     with progress_bar() as progress:
-        result = w.pretrain(public, budget, device=device, progress=progress, latent=latent, autoencoder=autoencoder)
+        result = w.pretrain(public, budget, device=device, progress=progress, latent=latent, autoencoder=autoencoder, autoencoder_data=autoencoder_data)
     models = "the public autoencoder and latent denoiser" if latent else "the public denoiser"
     out.print(f"pretrained {models} on {public} in {result['seconds']:.1f} s (recorded in the ledger as public)")
     if latent:
         shape = "x".join(map(str, w.model_shape()))
         mse = w.served("autoencoder")[None].metadata["public_reconstruction_mse"]
-        out.print(f"latent space: {shape} latents; autoencoder reconstruction MSE on the public data {mse:.4f}")
+        out.print(f"latent space: {shape} latents; autoencoder trained on {w.config.autoencoder_data}, reconstruction MSE on it {mse:.4f}")
     if trained_before and w.models_missing():
         out.print(f"the compartments' models are out of date (trained in another space or from another public model): "
                   f"run `dataward train {ward}` to retrain them")
@@ -315,7 +316,7 @@ def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: b
         ae = s["latent"]["autoencoder"]
         shape = "x".join(map(str, s["latent"]["latent_shape"]))
         out.print(f"latent space: {shape} latents of " + ("[yellow]no trained autoencoder yet[/yellow]" if ae is None else
-                  f"autoencoder #{ae['id']} (public data only; reconstruction MSE {ae['public_reconstruction_mse']:.4f} on it)"))
+                  f"autoencoder #{ae['id']} trained on {ae['data']} (public data only; reconstruction MSE {ae['public_reconstruction_mse']:.4f} on it)"))
     if s["router"]:
         out.print(f"router: model #{s['router']['id']} stage {s['router']['stage'] + 1} (joint: saw every compartment; retrained on forget)")
     if s["pending_forgets"]:

@@ -5,6 +5,7 @@ Sources are named by a spec string:
 - ``digits`` (scikit-learn's handwritten digits, training split), ``digits:subset=N`` (a seeded subset of N training IDs),
   ``digits:heldout`` (the fixed 297-image held-out split, never trained on);
 - ``printed`` / ``printed:count=N,seed=S`` (printed digits rendered with Pillow's bundled font, our public data);
+- ``strokes`` / ``strokes:count=N,seed=S`` (unlabelled random pen strokes: public data for the latent autoencoder);
 - ``folder:PATH`` (one sub-folder per class, or a flat folder of images);
 - ``npz:PATH`` (``images`` (N, H, W) or (N, C, H, W) or (N, H, W, C), optional ``labels``, ``ids``, ``owners``).
 
@@ -158,13 +159,56 @@ def render_printed(count: int, seed: int = 0, image_size: int = 8) -> Dataset:
         stroke = int(rng.integers(0, 3))
         draw.text((canvas / 2, canvas / 2), str(label), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
         img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, translate=tuple(rng.uniform(-2.5, 2.5, 2)))
-        bbox = img.getbbox() or (0, 0, canvas, canvas)
-        side = max(bbox[2] - bbox[0], bbox[3] - bbox[1]) + 4  # keep the digit's aspect ratio, with a margin
-        cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
-        img = img.crop((int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)))
-        images[i] = np.asarray(img.resize((image_size, image_size), Image.LANCZOS), dtype=np.float32) / 255.0
+        images[i] = _crop_to_ink(img, image_size, margin=4)
     x = torch.from_numpy(np.clip(images, 0, 1) * 2.0 - 1.0).unsqueeze(1)
     return Dataset(tuple(f"printed:{seed}:{i:06d}" for i in range(count)), x.contiguous(), torch.from_numpy(labels), num_classes=10)
+
+
+def _crop_to_ink(img: Image.Image, image_size: int, margin: int) -> np.ndarray:
+    """The square around the drawn pixels (keeping their aspect ratio) plus ``margin``, resized: (H, W) in [0, 1]."""
+    bbox = img.getbbox() or (0, 0, *img.size)
+    side = max(bbox[2] - bbox[0], bbox[3] - bbox[1]) + margin
+    cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+    img = img.crop((int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)))
+    return np.asarray(img.resize((image_size, image_size), Image.LANCZOS), dtype=np.float32) / 255.0
+
+
+def _bezier(control: np.ndarray, points: int = 24) -> list[tuple[float, float]]:
+    """``points`` points along the Bézier curve with control points ``control`` (k, 2) (de Casteljau)."""
+    t = np.linspace(0, 1, points)[:, None, None]
+    curve = np.broadcast_to(control, (points, *control.shape)).copy()
+    while curve.shape[1] > 1:
+        curve = (1 - t) * curve[:, :-1] + t * curve[:, 1:]
+    return [tuple(p) for p in curve[:, 0]]
+
+
+def render_strokes(count: int, seed: int = 0, image_size: int = 8) -> Dataset:
+    """Unlabelled pen strokes: 1-3 random Bézier curves, polylines or elliptic arcs of one random width, drawn on a 32 px
+    canvas and cropped to the ink like :func:`render_printed`. Public data for the latent autoencoder: it learns to
+    represent any handwriting-like stroke (an autoencoder trained on printed digits alone does not generalize)."""
+    if count <= 0:
+        raise DatawardError(f"strokes count must be positive, got {count}")
+    rng = np.random.default_rng(seed)
+    canvas = 32
+    images = np.empty((count, image_size, image_size), dtype=np.float32)
+    for i in range(count):
+        img = Image.new("L", (canvas, canvas), 0)
+        draw = ImageDraw.Draw(img)
+        strokes, width = int(rng.integers(1, 4)), int(rng.integers(2, 7))
+        for _ in range(strokes):
+            kind = rng.random()
+            if kind < 0.7:
+                points = _bezier(rng.uniform(2, canvas - 2, (int(rng.integers(2, 5)), 2)))
+            elif kind < 0.9:
+                points = [tuple(p) for p in rng.uniform(2, canvas - 2, (int(rng.integers(2, 5)), 2))]
+            else:  # an elliptic arc
+                centre, radii = rng.uniform(8, canvas - 8, 2), rng.uniform(3, 12, 2)
+                angles = rng.uniform(0, 2 * np.pi) + np.linspace(0, rng.uniform(np.pi, 2 * np.pi), 24)
+                points = [tuple(p) for p in np.stack([centre[0] + radii[0] * np.cos(angles), centre[1] + radii[1] * np.sin(angles)], 1)]
+            draw.line(points, fill=255, width=width, joint="curve")
+        images[i] = _crop_to_ink(img, image_size, margin=int(rng.integers(0, 3)))
+    x = torch.from_numpy(np.clip(images, 0, 1) * 2.0 - 1.0).unsqueeze(1)
+    return Dataset(tuple(f"strokes:{seed}:{i:06d}" for i in range(count)), x.contiguous(), None)
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -269,8 +313,11 @@ def load_source(spec: str) -> Dataset:
     if kind == "printed":
         options = _parse_options(spec, rest, {"count": int, "seed": int, "size": int})
         return render_printed(options.get("count", 2000), options.get("seed", 0), options.get("size", 8))
+    if kind == "strokes":
+        options = _parse_options(spec, rest, {"count": int, "seed": int, "size": int})
+        return render_strokes(options.get("count", 4000), options.get("seed", 0), options.get("size", 8))
     if kind == "folder":
         return load_folder(Path(rest).expanduser())
     if kind == "npz":
         return load_npz(Path(rest).expanduser())
-    raise DatawardError(f"unknown data source {spec!r}: expected digits, digits:subset=N, printed[:count=N], folder:PATH or npz:PATH")
+    raise DatawardError(f"unknown data source {spec!r}: expected digits, digits:subset=N, printed[:count=N], strokes[:count=N], folder:PATH or npz:PATH")

@@ -74,6 +74,7 @@ class WardConfig:
     public_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40.0))  # public pretraining budget
     latent: bool = False  # latent diffusion (dataward pretrain --latent): every denoiser, router and guard works on the latents of a public autoencoder
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # the public autoencoder of a latent ward
+    autoencoder_data: str = "strokes:count=4000"  # public data spec the autoencoder trains on (pen strokes: any handwriting)
     dp: DPConfig | None = None  # DP-SGD fine-tuning of the compartments' denoisers (dataward train --dp); None: no DP
     dp_compartments: tuple[int, ...] | None = None  # which compartments train with DP (None: all)
     router_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30.0, lr=1e-3))  # router training
@@ -192,6 +193,7 @@ class Ward:
         self.scheduler = make_training_scheduler(config.num_train_timesteps, config.beta_schedule)
         self._loaded: dict[int, torch.nn.Module] = {}
         self._codec: tuple[int, LatentCodec] | None = None  # (autoencoder model id, codec) of a latent ward, loaded once
+        self._public_sources: dict[str, Dataset] = {}  # public data specs, loaded once
         if not worker:
             self._delete_quarantined()
             self._remove_orphans()
@@ -356,10 +358,11 @@ class Ward:
         """Every model the ward should hold, with the IDs each stage trains on."""
         out = []
         if self.config.public is not None:
-            public_ids = (tuple(sorted(self._public_data().ids)),)
             if self.config.latent:
-                out.append(Lineage("autoencoder", None, public_ids, self.config.autoencoder.train_config(self.config.public_train.threads)))
-            out.append(Lineage("public-denoiser", None, public_ids, self.config.public_train, self._variant("public-denoiser", None)))
+                out.append(Lineage("autoencoder", None, (tuple(sorted(self._autoencoder_data().ids)),),
+                                   self.config.autoencoder.train_config(self.config.public_train.threads)))
+            out.append(Lineage("public-denoiser", None, (tuple(sorted(self._public_data().ids)),), self.config.public_train,
+                               self._variant("public-denoiser", None)))
         compartments = self.compartments()
         for c in compartments:
             stage_ids = self._stage_ids(c)
@@ -375,13 +378,23 @@ class Ward:
             out.append(Lineage("router", None, self._stage_ids(None), self.config.router_train, self._variant("router", None)))
         return out
 
+    def _public_source(self, spec: str) -> Dataset:
+        """A public data source at the ward's image size, sorted by ID (loaded once)."""
+        if spec not in self._public_sources:
+            data = load_source(spec).resized(self.config.image_size, self.config.channels)
+            self._public_sources[spec] = data.select(sorted(data.ids))
+        return self._public_sources[spec]
+
     def _public_data(self) -> Dataset:
-        if getattr(self, "_public_cache", None) is None:
-            public = load_source(self.config.public).resized(self.config.image_size, self.config.channels)
-            if (public.labels is None) != (self.config.num_classes is None) or (public.num_classes or 0) > (self.config.num_classes or 0):
-                raise DatawardError(f"public data {self.config.public} has {public.num_classes} classes; the ward has {self.config.num_classes}")
-            self._public_cache = public
-        return self._public_cache
+        """The public denoiser's data: labelled exactly when the ward is class-conditional."""
+        public = self._public_source(self.config.public)
+        if (public.labels is None) != (self.config.num_classes is None) or (public.num_classes or 0) > (self.config.num_classes or 0):
+            raise DatawardError(f"public data {self.config.public} has {public.num_classes} classes; the ward has {self.config.num_classes}")
+        return public
+
+    def _autoencoder_data(self) -> Dataset:
+        """The public autoencoder's data (labels unused)."""
+        return self._public_source(self.config.autoencoder_data)
 
     def _is_dp(self, compartment: int) -> bool:
         dp_set = self.config.dp_compartments
@@ -534,10 +547,10 @@ class Ward:
 
     def _stage_data(self, lineage: Lineage, stage: int) -> Dataset:
         """The examples one stage trains on, checked against the plan (sorted by ID), as the model sees them."""
-        if lineage.kind in PUBLIC_KINDS:
-            public = self._public_data()
-            public = public.select(sorted(public.ids))
-            return public if lineage.kind == "autoencoder" else self._model_data(public)
+        if lineage.kind == "autoencoder":
+            return self._autoencoder_data()
+        if lineage.kind == "public-denoiser":
+            return self._model_data(self._public_data())
         data = self._dataset(self.ledger.samples(lineage.compartment, max_slice=stage if len(lineage.stage_ids) > 1 else None))
         if data.ids != lineage.stage_ids[stage]:
             raise DatawardError(f"the ward's data changed while training {lineage.kind} {lineage.compartment} stage {stage}: run `dataward train` again")
@@ -855,19 +868,19 @@ class Ward:
         return {"ok": ok, "forgotten": len(forgotten), "models": checks}
 
     def pretrain(self, public: str, train: TrainConfig | None = None, device: str = "cpu", progress=None, latent: bool = False,
-                 autoencoder: AutoencoderConfig | None = None) -> dict:
+                 autoencoder: AutoencoderConfig | None = None, autoencoder_data: str | None = None) -> dict:
         """Pretrain the public models on public data (``dataward pretrain``): the denoiser that DP fine-tuning starts from,
-        in pixel space or (``latent``) in the latent space of a public autoencoder trained first (DP-LDM).
-
-        Switching between pixel and latent space makes every compartment model out of date: ``train`` retrains them."""
+        in pixel space or (``latent``) in the latent space of a public autoencoder trained first on ``autoencoder_data``
+        (DP-LDM). Switching between pixel and latent space makes every compartment model out of date: ``train`` retrains them."""
         from dataclasses import replace as replace_config
 
         autoencoder = replace_config(autoencoder or self.config.autoencoder, image_size=self.config.image_size, channels=self.config.channels)
+        self.config = replace_config(self.config, public=public, public_train=train or self.config.public_train, latent=latent,
+                                     autoencoder=autoencoder, autoencoder_data=autoencoder_data or self.config.autoencoder_data)
+        self._public_data()  # fails early on bad public data
         if latent:
             build_autoencoder(autoencoder, 0)  # fails early on an image size the autoencoder cannot take
-        self.config = replace_config(self.config, public=public, public_train=train or self.config.public_train, latent=latent, autoencoder=autoencoder)
-        self._public_cache = None
-        self._public_data()  # fails early on bad public data
+            self._autoencoder_data()
         self._write_config()
         return self.train(device=device, progress=progress, only=PUBLIC_KINDS)
 
@@ -967,7 +980,7 @@ class Ward:
             "latent": None if not self.config.latent else {
                 "latent_shape": list(self.model_shape()),
                 "autoencoder": None if autoencoder is None else {
-                    "id": autoencoder.id, "data": self.config.public, "public": True,
+                    "id": autoencoder.id, "data": self.config.autoencoder_data, "public": True,
                     **{k: autoencoder.metadata.get(k) for k in ("scaling_factor", "public_reconstruction_mse")}}},
             "privacy": self.privacy(),
             "events": self.ledger.events(10),
