@@ -55,3 +55,21 @@ def test_cli_errors_are_one_line(tmp_path):
     proc = run("init", tmp_path / "w", "--data", "npz:/does/not/exist.npz", check=False)
     assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_cli_latent_ward(tmp_path):
+    ward = tmp_path / "w"
+    run("init", ward, "--data", "digits:subset=40", "-k", "2", "--steps", "3", "--batch-size", "16", "--no-router")
+    refused = run("pretrain", ward, "--autoencoder-steps", "3", check=False)
+    assert refused.returncode == 1 and "need --latent" in refused.stderr
+    out = run("pretrain", ward, "--public", "printed:count=40", "--steps", "2", "--latent", "--autoencoder-steps", "3",
+              "--autoencoder-data", "strokes:count=40")
+    assert "latent space: 4x4x4 latents; autoencoder trained on strokes:count=40" in out.stdout
+    run("train", ward)
+    status = json.loads(run("status", ward, "--json").stdout)
+    assert status["latent"]["latent_shape"] == [4, 4, 4] and status["latent"]["autoencoder"]["public"] is True
+    assert "latent space: 4x4x4 latents of autoencoder" in run("status", ward).stdout
+    npz = tmp_path / "s.npz"
+    run("sample", ward, "-n", "3", "--steps", "4", "--save", npz)
+    with np.load(npz, allow_pickle=False) as data:
+        assert data["images"].shape == (3, 1, 8, 8)  # decoded from the latents
