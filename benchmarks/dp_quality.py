@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--dp-epochs", type=int, default=15)
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--ae-steps", type=int, default=AutoencoderConfig.steps, help="autoencoder training steps (latent space)")
-    parser.add_argument("--ae-data", default="strokes:count=4000", help="the autoencoder's public data (the ward's default)")
+    parser.add_argument("--ae-data", default="strokes:count=10000", help="the autoencoder's public data (the ward's default)")
     parser.add_argument("--spaces", default="pixel,latent", help="which spaces to run: pixel, latent or both")
     parser.add_argument("--all-cells", action="store_true",
                         help="the whole matrix: every method at ε ∈ {1, 10, ∞} in pixel and latent space (~2x the time)")

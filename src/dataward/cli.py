@@ -149,7 +149,7 @@ def pretrain(
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the ward's public budget in epochs)."),
     latent: bool = typer.Option(False, "--latent", help="Latent diffusion: train a public autoencoder first; every model of the ward then works on its latents."),
     autoencoder_steps: Optional[int] = typer.Option(None, "--autoencoder-steps", help="With --latent: autoencoder training steps."),
-    autoencoder_data: Optional[str] = typer.Option(None, "--autoencoder-data", help="With --latent: public data of the autoencoder (default strokes:count=4000)."),
+    autoencoder_data: Optional[str] = typer.Option(None, "--autoencoder-data", help="With --latent: public data of the autoencoder (default strokes:count=10000)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Pretrain the public models on public data: a denoiser (and with --latent an autoencoder); `train --dp` fine-tunes from them (DP-LDM)."""

@@ -315,7 +315,7 @@ def load_source(spec: str) -> Dataset:
         return render_printed(options.get("count", 2000), options.get("seed", 0), options.get("size", 8))
     if kind == "strokes":
         options = _parse_options(spec, rest, {"count": int, "seed": int, "size": int})
-        return render_strokes(options.get("count", 4000), options.get("seed", 0), options.get("size", 8))
+        return render_strokes(options.get("count", 10000), options.get("seed", 0), options.get("size", 8))
     if kind == "folder":
         return load_folder(Path(rest).expanduser())
     if kind == "npz":

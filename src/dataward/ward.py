@@ -74,7 +74,7 @@ class WardConfig:
     public_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40.0))  # public pretraining budget
     latent: bool = False  # latent diffusion (dataward pretrain --latent): every denoiser, router and guard works on the latents of a public autoencoder
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # the public autoencoder of a latent ward
-    autoencoder_data: str = "strokes:count=4000"  # public data spec the autoencoder trains on (pen strokes: any handwriting)
+    autoencoder_data: str = "strokes:count=10000"  # public data spec the autoencoder trains on (pen strokes: any handwriting)
     dp: DPConfig | None = None  # DP-SGD fine-tuning of the compartments' denoisers (dataward train --dp); None: no DP
     dp_compartments: tuple[int, ...] | None = None  # which compartments train with DP (None: all)
     router_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30.0, lr=1e-3))  # router training
