@@ -107,3 +107,11 @@ def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
     ward.enable_dp(DPConfig(epsilon=10.0, batch=20, epochs=1), compartments=[1])  # DP-LDM: DP-SGD on the latents
     assert ward.served()[1].metadata["variant"].startswith("dp-") and ward.privacy()["compartments"]["1"]["epsilon"] <= 10.0 + 1e-9
     assert ward.sample(2, steps=2, allowed=[1], weights="density", sampler="ddpm").images.shape == (2, 1, 8, 8)
+
+
+def test_latent_pretraining_refuses_a_preset_too_deep_for_the_latents(tmp_path):
+    ward = make_ward(tmp_path / "w", data="digits:subset=40", model="base")  # base halves 3 times: 8 px ok, 4x4 latents not
+    before = (ward.path / "ward.json").read_text()
+    with pytest.raises(DatawardError, match="4x4x4 latents are too small for the 'base' preset"):
+        ward.pretrain("printed:count=20", latent=True)
+    assert (ward.path / "ward.json").read_text() == before and ward.ledger.models(any_compartment=True) == []

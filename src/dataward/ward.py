@@ -438,6 +438,11 @@ class Ward:
             self._codec = (record.id, LatentCodec(self._load(record), float(record.metadata["scaling_factor"]), self.config.autoencoder))
         return self._codec[1]
 
+    def _denoiser_probe(self) -> UNet2DModel:
+        """A denoiser of the ward's preset and model shape (raises early when the preset cannot take that shape)."""
+        channels, size, _ = self.model_shape()
+        return build_unet(self.config.model, size, channels, self.config.num_classes, 0)
+
     def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1] as the models see them: unchanged, or encoded to scaled latents."""
         return self.codec().encode(images) if self.config.latent else images
@@ -880,6 +885,12 @@ class Ward:
         self._public_data()  # fails early on bad public data
         if latent:
             build_autoencoder(autoencoder, 0)  # fails early on an image size the autoencoder cannot take
+            try:
+                self._denoiser_probe()  # ... or a latent size the denoiser preset cannot take
+            except DatawardError as error:
+                shape = "x".join(map(str, self.model_shape()))
+                raise DatawardError(f"the {shape} latents are too small for the {self.config.model!r} preset ({error}): "
+                                    f"use a smaller preset or larger images") from None
             self._autoencoder_data()
         self._write_config()
         return self.train(device=device, progress=progress, only=PUBLIC_KINDS)
@@ -895,8 +906,7 @@ class Ward:
         unknown = [c for c in chosen if c not in known]
         if unknown:
             raise DatawardError(f"unknown compartment(s) {unknown}: this ward has {known}")
-        channels, size, _ = self.model_shape()
-        probe = build_unet(self.config.model, size, channels, self.config.num_classes, 0)
+        probe = self._denoiser_probe()
         for c in chosen:
             plan_dp(dp, self.ledger.counts()[c]["samples"], probe)  # ε, δ, clip, budget, layers: errors before training
         self.config = replace_config(self.config, dp=dp, dp_compartments=None if compartments is None else tuple(chosen))
