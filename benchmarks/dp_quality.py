@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--ae-steps", type=int, default=AutoencoderConfig.steps, help="autoencoder training steps (latent space)")
     parser.add_argument("--ae-data", default="strokes:count=10000", help="the autoencoder's public data (the ward's default)")
     parser.add_argument("--spaces", default="pixel,latent", help="which spaces to run: pixel, latent or both")
+    parser.add_argument("--methods", default=None,
+                        help="only these fine-tuning methods, e.g. full or attention,scratch, in every space (default: all, latent cut "
+                             "to attention unless --all-cells); the public-only and non-private scratch references always run")
     parser.add_argument("--all-cells", action="store_true",
                         help="the whole matrix: every method at ε ∈ {1, 10, ∞} in pixel and latent space (~2x the time)")
     args = parser.parse_args()
@@ -141,30 +144,34 @@ def main() -> None:
         record(space, "public only", None, base, codec)
         steps = dp_epochs * -(-len(priv) // dp_batch)
         # attention-only after public pretraining (DP-LDM): eps in {1, 10, inf}; latent: {10, inf}
-        for eps in ((1.0, 10.0) if space == "pixel" or args.all_cells else (10.0,)):
+        methods = args.methods.split(",") if args.methods else ["attention", "full", "scratch"]
+        for eps in ((1.0, 10.0) if space == "pixel" or args.all_cells else (10.0,)) if "attention" in methods else ():
             t0 = time.perf_counter()
             config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="attention", accountant="prv", max_physical_batch=physical)
             state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
             record(space, "attention (public pretrain)", eps, state, codec,
                    {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "eps_rdp": rec.epsilon("rdp"), "steps": rec.steps, "q": rec.sample_rate,
                     "trainable_fraction": rec.trainable_fraction, "train_s": time.perf_counter() - t0})
-        t0 = time.perf_counter()
-        state = nonprivate_finetune(copy.deepcopy(base), priv, "attention", steps, dp_batch, lr, SEED)
-        record(space, "attention (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
-        if space == "latent" and not args.all_cells:
+        if "attention" in methods:
+            t0 = time.perf_counter()
+            state = nonprivate_finetune(copy.deepcopy(base), priv, "attention", steps, dp_batch, lr, SEED)
+            record(space, "attention (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
+        if space == "latent" and not args.all_cells and args.methods is None:
             continue
         # full DP fine-tuning and DP from scratch: eps=10 only by default (budget); non-private from scratch is the reference
         _, channels, size, _ = priv.images.shape
         for eps in ((1.0, 10.0) if args.all_cells else (10.0,)):
-            t0 = time.perf_counter()
             config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="full", accountant="prv", max_physical_batch=physical)
-            state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
-            record(space, "full (public pretrain)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
-            t0 = time.perf_counter()
-            fresh = build_unet("tiny", size, channels, 10, seed=derive_seed(SEED, "scratch"))
-            state, rec = dp_finetune(fresh, priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
-            record(space, "full (DP from scratch)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
-        if args.all_cells:
+            if "full" in methods:
+                t0 = time.perf_counter()
+                state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
+                record(space, "full (public pretrain)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
+            if "scratch" in methods:
+                t0 = time.perf_counter()
+                fresh = build_unet("tiny", size, channels, 10, seed=derive_seed(SEED, "scratch"))
+                state, rec = dp_finetune(fresh, priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
+                record(space, "full (DP from scratch)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
+        if args.all_cells and "full" in methods:
             t0 = time.perf_counter()
             state = nonprivate_finetune(copy.deepcopy(base), priv, "full", steps, dp_batch, lr, SEED)
             record(space, "full (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
