@@ -32,6 +32,11 @@ def test_printed_digits_are_seeded_and_labelled():
     assert not torch.equal(load_source("printed:count=50,seed=1").images, a.images)
     # a digit has ink: every image has some bright pixels and a dark background
     assert (a.images.flatten(1).max(1).values > 0.2).all() and (a.images.flatten(1).min(1).values < -0.9).all()
+    # made like the UCI digits: ink counts of 4x4 blocks of a binary bitmap (0..16), the glyph filling its height
+    counts = (a.images + 1) / 2 * 16
+    assert torch.allclose(counts, counts.round(), atol=1e-4)
+    assert (a.images[:, 0, 0].max(1).values > -1).all() and (a.images[:, 0, -1].max(1).values > -1).all()
+    assert load_source("printed:count=10,size=16").images.shape == (10, 1, 16, 16)
 
 
 def test_strokes_are_seeded_unlabelled_and_inked():

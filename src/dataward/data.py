@@ -4,7 +4,7 @@ Sources are named by a spec string:
 
 - ``digits`` (scikit-learn's handwritten digits, training split), ``digits:subset=N`` (a seeded subset of N training IDs),
   ``digits:heldout`` (the fixed 297-image held-out split, never trained on);
-- ``printed`` / ``printed:count=N,seed=S`` (printed digits rendered with Pillow's bundled font, our public data);
+- ``printed`` / ``printed:count=N,seed=S`` (printed digits in 20 typefaces bundled with Pillow and matplotlib, our public data);
 - ``strokes`` / ``strokes:count=N,seed=S`` (unlabelled random pen strokes: public data for the latent autoencoder);
 - ``folder:PATH`` (one sub-folder per class, or a flat folder of images);
 - ``npz:PATH`` (``images`` (N, H, W) or (N, C, H, W) or (N, H, W, C), optional ``labels``, ``ids``, ``owners``).
@@ -14,6 +14,7 @@ Images are float32 tensors (N, C, H, W) scaled to [-1, 1].
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zipfile
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from dataward.errors import DatawardError
 DIGITS_COUNT = 1797
 DIGITS_HELDOUT = 297
 DIGITS_SPLIT_SEED = 0
+PRINTED_FONT_SIZE = 64  # glyphs are drawn at this size on a canvas twice as wide, then cropped to the ink
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 
@@ -143,24 +145,47 @@ def load_digits(split: str = "train", subset: int | None = None, seed: int = 0) 
     return Dataset(tuple(f"digits:{i:04d}" for i in rows), x.contiguous(), torch.from_numpy(labels[rows]), num_classes=10)
 
 
+@functools.lru_cache(maxsize=1)
+def _typefaces() -> tuple[ImageFont.FreeTypeFont, ...]:
+    """The typefaces the printed digits are drawn in: Pillow's bundled font and matplotlib's bundled DejaVu (Sans,
+    Sans Mono, Serif), STIX and Computer Modern faces, each in its regular, bold and slanted styles where it has them."""
+    import matplotlib
+
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    names = [f"{family}{style}.ttf" for family in ("DejaVuSans", "DejaVuSansMono", "DejaVuSerif")
+             for style in ("", "-Bold", "-Oblique" if family != "DejaVuSerif" else "-Italic")]
+    names += ["STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmb10.ttf"]
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise DatawardError(f"matplotlib's bundled fonts are missing from {folder}: {', '.join(missing)}")
+    return (ImageFont.load_default(size=PRINTED_FONT_SIZE),) + tuple(ImageFont.truetype(str(folder / name), PRINTED_FONT_SIZE) for name in names)
+
+
 def render_printed(count: int, seed: int = 0, image_size: int = 8) -> Dataset:
-    """Printed digits 0-9 from Pillow's bundled font at seeded random size, offset, rotation and stroke."""
+    """Printed digits 0-9 in 20 typefaces (:func:`_typefaces`) at seeded random stroke weight, slant, rotation and width,
+    rendered the way the UCI digits were made (their documented preprocessing, in scikit-learn's description): a
+    (4 * ``image_size``)-pixel square binary bitmap with the glyph filling its height, then the count of ink pixels in
+    each 4x4 block. Our public data: no handwriting is involved."""
     if count <= 0:
         raise DatawardError(f"printed count must be positive, got {count}")
     rng = np.random.default_rng(seed)
-    canvas = 32
+    faces, canvas, bitmap = _typefaces(), 2 * PRINTED_FONT_SIZE, 4 * image_size
     images = np.empty((count, image_size, image_size), dtype=np.float32)
     labels = np.arange(count, dtype=np.int64) % 10
     rng.shuffle(labels)
     for i, label in enumerate(labels):
-        font = ImageFont.load_default(size=float(rng.uniform(20, 28)))
+        face, stroke, shear = faces[int(rng.integers(len(faces)))], int(rng.integers(0, 4)), float(rng.uniform(-0.3, 0.3))
         img = Image.new("L", (canvas, canvas), 0)
-        draw = ImageDraw.Draw(img)
-        stroke = int(rng.integers(0, 3))
-        draw.text((canvas / 2, canvas / 2), str(label), fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
-        img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, translate=tuple(rng.uniform(-2.5, 2.5, 2)))
-        images[i] = _crop_to_ink(img, image_size, margin=4)
-    x = torch.from_numpy(np.clip(images, 0, 1) * 2.0 - 1.0).unsqueeze(1)
+        ImageDraw.Draw(img).text((canvas / 2, canvas / 2), str(label), fill=255, font=face, anchor="mm", stroke_width=stroke, stroke_fill=255)
+        img = img.transform(img.size, Image.AFFINE, (1, shear, -shear * canvas / 2, 0, 1, 0), resample=Image.BILINEAR)
+        img = img.rotate(float(rng.uniform(-10, 10)), resample=Image.BILINEAR)
+        img = img.crop(img.getbbox())
+        width = int(np.clip(round(img.width * bitmap / img.height * rng.uniform(0.8, 1.2)), 4, bitmap))
+        frame = Image.new("L", (bitmap, bitmap), 0)
+        frame.paste(img.resize((width, bitmap), Image.BILINEAR), ((bitmap - width) // 2, 0))
+        ink = (np.asarray(frame) > 127).astype(np.float32)  # (4 S, 4 S) binary
+        images[i] = ink.reshape(image_size, 4, image_size, 4).mean(axis=(1, 3))  # ink share per 4x4 block
+    x = torch.from_numpy(images * 2.0 - 1.0).unsqueeze(1)
     return Dataset(tuple(f"printed:{seed}:{i:06d}" for i in range(count)), x.contiguous(), torch.from_numpy(labels), num_classes=10)
 
 
@@ -184,7 +209,7 @@ def _bezier(control: np.ndarray, points: int = 24) -> list[tuple[float, float]]:
 
 def render_strokes(count: int, seed: int = 0, image_size: int = 8) -> Dataset:
     """Unlabelled pen strokes: 1-3 random Bézier curves, polylines or elliptic arcs of one random width, drawn on a 32 px
-    canvas and cropped to the ink like :func:`render_printed`. Public data for the latent autoencoder: it learns to
+    canvas and cropped to the ink (:func:`_crop_to_ink`). Public data for the latent autoencoder: it learns to
     represent any handwriting-like stroke (an autoencoder trained on printed digits alone does not generalize)."""
     if count <= 0:
         raise DatawardError(f"strokes count must be positive, got {count}")
