@@ -73,3 +73,10 @@ def test_cli_latent_ward(tmp_path):
     run("sample", ward, "-n", "3", "--steps", "4", "--save", npz)
     with np.load(npz, allow_pickle=False) as data:
         assert data["images"].shape == (3, 1, 8, 8)  # decoded from the latents
+    refused = run("train", ward, "--dp", "--epsilon", "10", "--noise-multiplicity", "0", check=False)
+    assert refused.returncode == 1 and "noise_multiplicity must be a positive integer" in refused.stderr
+    out = run("train", ward, "--dp", "--epsilon", "10", "--batch", "10", "--epochs", "1", "--compartment", "1", "--noise-multiplicity", "2")
+    assert "compartment 0: not DP" in out.stdout
+    privacy = json.loads(run("status", ward, "--json").stdout)["privacy"]["compartments"]["1"]
+    assert privacy["epsilon"] <= 10.0 and privacy["noise_multiplicity"] == 2 and privacy["trainable"] == "attention"
+    assert "2 noise draws per example" in " ".join(run("status", ward).stdout.split())  # (rich wraps long lines)

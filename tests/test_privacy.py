@@ -16,6 +16,8 @@ from dataward.errors import DatawardError
 from dataward.nets import build_classifier, build_unet
 from dataward.privacy import (
     DPConfig,
+    backward_per_example,
+    calibrate_clip,
     PrivacyRecord,
     calibrate_sigma,
     dp_finetune,
@@ -116,6 +118,39 @@ def test_per_sample_gradients_match_single_sample_loop(trainable, mode):
         assert "mid_block.resnets.0.conv1.weight" in reference and reference["mid_block.resnets.0.conv1.weight"].abs().max() > 0
 
 
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_noise_multiplicity_folds_each_examples_draws_before_clipping(mode):
+    """K draws of (t, noise) per example: grad_sample[i] is the plain-autograd gradient of the mean of example i's K
+    losses (the unit DP-SGD clips stays the example)."""
+    k, b = 3, 4
+    g = torch.Generator().manual_seed(0)
+    x0, y = torch.randn(b, 1, 8, 8, generator=g), torch.randint(0, 10, (b,), generator=g)
+    noise, t = torch.randn(b * k, 1, 8, 8, generator=g), torch.randint(0, 1000, (b * k,), generator=g)  # row j: draw j % k of example j // k
+
+    def fixed_draws(model, rows, labels, targets, generator):
+        return _loss(model, SCHEDULER.add_noise(rows, noise, t), noise, t, labels)
+
+    reference_model = _unet()
+    reference: dict[str, list] = {n: [] for n, _ in reference_model.named_parameters()}
+    for i in range(b):
+        reference_model.zero_grad(set_to_none=True)
+        rows = slice(i * k, (i + 1) * k)
+        x_t = SCHEDULER.add_noise(x0[i : i + 1].expand(k, -1, -1, -1), noise[rows], t[rows])
+        _loss(reference_model, x_t, noise[rows], t[rows], y[i : i + 1].expand(k)).mean().backward()
+        for name, p in reference_model.named_parameters():
+            reference[name].append(p.grad.clone())
+    model = _unet()
+    config = DPConfig(epsilon=10, batch=4, epochs=1, trainable="full", accountant="rdp", grad_sample_mode=mode, noise_multiplicity=k)
+    private = make_private(TrainState.fresh(model, TrainConfig(), trainable_filter("full")), _digits(16), config, seed=0)
+    try:
+        backward_per_example(private, fixed_draws, x0, y, g)
+        got = {n: p.grad_sample for n, p in model.named_parameters()}
+    finally:
+        private.close()
+    assert _mismatches(got, {n: torch.stack(v) for n, v in reference.items()}) == []
+    assert got["conv_in.weight"].shape == (b, *model.conv_in.weight.shape)
+
+
 def test_the_check_catches_opacus_hooks_without_the_contiguity_fix():
     """The bug the fix exists for: plain opacus hooks give wrong (zero) per-sample gradients for convolutions fed by
     attention. If opacus fixes it upstream this test fails, and the fix in privacy.py can go."""
@@ -205,7 +240,7 @@ def _record(sigma: float) -> PrivacyRecord:
 def attention_runs():
     """Two identical short DP fine-tuning runs (attention-only), N=64, batch 16 split into physical batches of 6."""
     data = _digits(64)
-    config = DPConfig(epsilon=8, batch=16, epochs=1, trainable="attention", accountant="rdp", max_physical_batch=6)
+    config = DPConfig(epsilon=8, batch=16, epochs=1, clip=1.0, trainable="attention", accountant="rdp", max_physical_batch=6)
     runs = []
     for _ in range(2):
         torch.set_num_threads(1)
@@ -253,7 +288,23 @@ def test_metadata_round_trips_through_json(attention_runs):
     assert back.epsilon() == pytest.approx(meta["epsilon"])
     assert back.epsilon("prv") == pytest.approx(meta["epsilon_check"]["prv"])
     assert meta["epsilon_check"]["prv"] <= meta["epsilon"] + 0.02
-    assert meta["extra"] == {"public": "test"}
+    assert meta["extra"] == {"public": "test", "lr": 1e-2}  # attention's default DP learning rate
+
+
+def test_clip_is_calibrated_on_public_data_when_not_given():
+    public = load_source("printed:count=40")
+    model = _unet()
+    attention = calibrate_clip(model, public, "attention", SCHEDULER, seed=0, examples=16)
+    assert attention == calibrate_clip(model, public, "attention", SCHEDULER, seed=0, examples=16)  # deterministic
+    full = calibrate_clip(model, public, "full", SCHEDULER, seed=0, examples=16)
+    assert 0 < attention < full / 3  # the attention modules' gradients are much smaller: one C cannot fit both
+    assert all(p.grad is None for p in model.parameters())  # the model is untouched
+    config = DPConfig(epsilon=50, batch=8, epochs=1, trainable="attention", accountant="rdp")
+    _, record = dp_finetune(_unet(), _digits(16), config, TrainConfig(), seed=0, scheduler=SCHEDULER, calibration=public)
+    assert record.clip == pytest.approx(calibrate_clip(_unet(), public, "attention", SCHEDULER, seed=0))
+    assert record.extra["clip_calibrated_on"].startswith("public data")
+    _, record = dp_finetune(_unet(), _digits(16), config, TrainConfig(), seed=0, scheduler=SCHEDULER)
+    assert record.clip == 1.0 and record.extra["clip_calibrated_on"].startswith("nothing")
 
 
 def test_empty_poisson_batches_still_step():
@@ -279,6 +330,8 @@ def test_empty_poisson_batches_still_step():
         (dict(clip=-1.0), "clip"),
         (dict(batch=0), "batch"),
         (dict(epochs=0), "epochs"),
+        (dict(lr=0.0), "lr"),
+        (dict(noise_multiplicity=0), "noise_multiplicity"),
         (dict(epsilon=1e-5, epochs=100), "cannot be met"),
         (dict(secure_rng=True), "torchcsprng"),
         (dict(trainable="everything"), "trainable"),

@@ -111,11 +111,13 @@ def train(
     dp: bool = typer.Option(False, "--dp", help="Fine-tune the compartments' denoisers with DP-SGD (from the public model if pretrained)."),
     epsilon: float = typer.Option(10.0, "--epsilon", help="DP: target ε."),
     delta: Optional[float] = typer.Option(None, "--delta", help="DP: target δ (default 1/(10 N); must be < 1/N)."),
-    clip: float = typer.Option(1.0, "--clip", help="DP: per-sample gradient clipping norm C."),
+    clip: Optional[float] = typer.Option(None, "--clip", help="DP: per-sample gradient clipping norm C (default: the median per-example gradient norm on the public data; 1.0 without public pretraining)."),
     batch: int = typer.Option(256, "--batch", help="DP: expected logical batch (Poisson sampling)."),
     epochs: int = typer.Option(50, "--epochs", help="DP: passes over each compartment's data."),
     trainable: str = typer.Option("attention", "--trainable", help="DP: attention (DP-LDM: attention modules + class embedding) | full."),
     accountant: str = typer.Option("prv", "--accountant", help="DP: prv | rdp."),
+    dp_lr: Optional[float] = typer.Option(None, "--lr", help="DP: Adam learning rate (default: 1e-2 with --trainable attention, 2e-3 with full)."),
+    noise_multiplicity: int = typer.Option(1, "--noise-multiplicity", help="DP: K draws of (t, noise) per example and step, averaged before clipping (DPDM): same ε, better quality, K x compute."),
     dp_compartments: Optional[str] = typer.Option(None, "--compartment", help="DP: only these compartments, e.g. 3 or 0,2 (default: all)."),
 ) -> None:
     """Train every missing or out-of-date model of the ward (resumes interrupted work); --dp for DP fine-tuning."""
@@ -130,7 +132,8 @@ def train(
         if dp:
             from dataward.privacy import DPConfig
 
-            config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=batch, epochs=epochs, trainable=trainable, accountant=accountant)
+            config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=batch, epochs=epochs, trainable=trainable, accountant=accountant,
+                               lr=dp_lr, noise_multiplicity=noise_multiplicity)
             w.enable_dp(config, parse_ids(dp_compartments), train=False)
         result = w.train(device=device, progress=progress, executor=executor, **options)
     out.print(f"trained in {result['seconds']:.1f} s; ward is up to date")
@@ -324,7 +327,8 @@ def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: b
     if s.get("privacy"):
         p = s["privacy"]
         per = "; ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"ε = {v['epsilon']:.3f}, δ = {v['delta']:.2e}, σ = {v['sigma']:.3f}, "
-                                                   f"{v['steps']} steps, {100 * v['trainable_fraction']:.1f}% of parameters ({v['trainable']})")
+                                                   f"{v['steps']} steps, {100 * v['trainable_fraction']:.1f}% of parameters ({v['trainable']})"
+                                                   + (f", {v['noise_multiplicity']} noise draws per example" if (v.get("noise_multiplicity") or 1) > 1 else ""))
                         for c, v in p["compartments"].items())
         ward_eps = p["ward_epsilon"] if isinstance(p["ward_epsilon"], str) else f"{p['ward_epsilon']:.3f}"
         out.print(f"privacy: ward ε = {ward_eps} at δ = {p['ward_delta']:.2e} (max over compartments); {per}")

@@ -4,7 +4,9 @@ Privacy is a wrapper, not a fork. The model, optimizer and EMA live in the same 
 as every other model; :func:`make_private` wraps the model (per-sample gradients), the optimizer (clip to ``C``, add
 Gaussian noise ``sigma * C``) and a data loader (Poisson sampling at rate ``q``) with opacus ``PrivacyEngine.make_private``,
 and :func:`run_private_epochs` steps them with the unreduced per-sample loss the non-private trainer uses
-(:func:`dataward.training.denoiser_loss`). Checkpoints are ``TrainState.save`` as usual.
+(:func:`dataward.training.denoiser_loss`). Checkpoints are ``TrainState.save`` as usual. With ``noise_multiplicity`` K > 1
+(DPDM's noise multiplicity) each example's loss averages K draws of (t, noise) before its gradient is clipped: the same ε
+for K times the compute, and a clipped gradient that carries more signal (:func:`backward_per_example`).
 
 The accounting is an object you can save: :class:`PrivacyRecord` holds the accountant's state (opacus
 ``IAccountant.state_dict()``: the history of ``(sigma, q, steps)``), ``delta``, ``C``, and the trainable set, goes to JSON
@@ -20,11 +22,11 @@ convolution's input contiguous first (a forward pre-hook, removed by :meth:`Priv
 
 from __future__ import annotations
 
+import copy
 import functools
-
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Callable, Literal, Mapping, Sequence
 
 import torch
@@ -43,28 +45,41 @@ GradSampleMode = Literal["hooks", "functorch"]
 TRAINABLE_CHOICES = ("attention", "full")
 ACCOUNTANT_CHOICES = ("prv", "rdp")
 GRAD_SAMPLE_CHOICES = ("hooks", "functorch")
+# Adam learning rates of DP-SGD by trainable set, from the sweep in BENCHMARKS.md ("Private fine-tuning"): the few
+# attention parameters want large steps (at 2e-3 the noise drowns them: CAS 0.65 vs 0.80 at 1e-2), while 1e-2 on the
+# whole model is ruinous (0.46 vs 0.76 at 2e-3).
+DP_LEARNING_RATES = {"attention": 1e-2, "full": 2e-3}
 DELTA_DEFAULT_FACTOR = 10  # default delta = 1 / (DELTA_DEFAULT_FACTOR * N)
+CLIP_CALIBRATION_EXAMPLES = 128  # public examples whose median gradient norm is the default clipping norm
+CLIP_WITHOUT_PUBLIC_DATA = 1.0  # the default clipping norm when there is no public data to calibrate on
 
 
 @dataclass(frozen=True)
 class DPConfig:
     """How a model is trained with DP-SGD. Saved as JSON in the model's metadata (with the :class:`PrivacyRecord`).
 
-    The optimizer's learning rate, EMA decay and thread count come from :class:`~dataward.training.TrainConfig`;
-    its ``epochs`` / ``steps`` / ``batch_size`` are NOT used here: ``epochs`` and ``batch`` below define the sampling
-    the accountant sees.
+    The EMA decay and thread count come from :class:`~dataward.training.TrainConfig`; its ``lr``, ``epochs``,
+    ``steps`` and ``batch_size`` are NOT used here: ``lr`` below is DP-SGD's, and ``epochs`` and ``batch`` define the
+    sampling the accountant sees.
     """
 
     epsilon: float = 10.0  # target ε for the whole run; sigma is calibrated so the accountant's ε <= this
     delta: float | None = None  # target δ; None -> 1 / (10 N) for N private examples; must be < 1 / N
-    clip: float = 1.0  # C: every per-sample gradient is clipped to L2 norm <= C (flat clipping over trainable params)
+    clip: float | None = None  # C: per-sample gradients are clipped to L2 norm <= C (flat, over the trainable parameters);
+    # None: the median per-example gradient norm of the starting model on public data (calibrate_clip), 1.0 without any
     batch: int = 256  # expected logical batch under Poisson sampling; q = 1 / ceil(N / batch) (opacus's convention)
     epochs: int = 50  # passes; one pass = ceil(N / batch) logical steps, so steps = epochs * ceil(N / batch)
     trainable: Trainable = "attention"  # attention: the DP-LDM recipe (attention modules + class embedding); full: all
+    lr: float | None = None  # Adam learning rate; None: DP_LEARNING_RATES[trainable] (attention 1e-2, full 2e-3)
     accountant: AccountantName = "prv"  # prv (Gopi et al. 2021, tight) or rdp (Mironov 2017, looser upper bound)
     max_physical_batch: int = 128  # logical batches are split into physical ones of at most this size (BatchMemoryManager)
     secure_rng: bool = False  # cryptographically secure sampling and noise (needs torchcsprng); not bitwise reproducible
     grad_sample_mode: GradSampleMode = "hooks"  # per-sample gradients: opacus hooks (+ contiguity fix) or functorch
+    noise_multiplicity: int = 1  # K: each example's loss averages K draws of (t, noise) before clipping (DPDM): same ε, K x compute
+
+    def learning_rate(self) -> float:
+        """DP-SGD's Adam learning rate: ``lr``, or the default for the trainable set."""
+        return self.lr if self.lr is not None else DP_LEARNING_RATES[self.trainable]
 
 
 @dataclass(frozen=True)
@@ -187,6 +202,7 @@ class PrivacyRecord:
     total_params: int  # all parameters of the model
     grad_sample_mode: str  # how per-sample gradients were computed
     secure_rng: bool  # whether sampling and noise used a cryptographically secure RNG
+    noise_multiplicity: int = 1  # K draws of (t, noise) averaged per example before clipping
     extra: dict = field(default_factory=dict)  # anything else the caller records (e.g. public pretraining source)
 
     @property
@@ -236,7 +252,8 @@ class PrivacyRecord:
     def from_dict(cls, data: Mapping) -> "PrivacyRecord":
         """Rebuild a record from :meth:`to_dict` output (derived keys are ignored, ε is recomputed on demand)."""
         names = [f for f in cls.__dataclass_fields__]
-        missing = [n for n in names if n not in data and n != "extra"]
+        optional = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+        missing = [n for n in names if n not in data and n not in optional]
         if missing:
             raise DatawardError(f"privacy metadata is missing {', '.join(missing)}")
         values = {n: data[n] for n in names if n in data}
@@ -309,12 +326,16 @@ def plan_dp(config: DPConfig, n_examples: int, model: torch.nn.Module) -> DPPlan
             f"delta={delta:.3g} is >= 1/N = {1.0 / n:.3g} for N={n} private examples: such a delta allows releasing "
             f"whole examples; use delta < {1.0 / n:.3g} (default 1/(10 N) = {1.0 / (DELTA_DEFAULT_FACTOR * n):.3g})"
         )
-    if not (math.isfinite(config.clip) and config.clip > 0):
+    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
+        raise DatawardError(f"lr must be a positive number, got lr={config.lr!r}")
+    if config.clip is not None and not (math.isfinite(config.clip) and config.clip > 0):
         raise DatawardError(f"clip (the per-sample gradient norm C) must be positive, got clip={config.clip!r}")
     if not (isinstance(config.batch, int) and config.batch >= 1):
         raise DatawardError(f"batch must be a positive integer, got batch={config.batch!r} (N={n}; batch >= N means q=1)")
     if not (isinstance(config.epochs, int) and config.epochs >= 1):
         raise DatawardError(f"epochs must be a positive integer, got epochs={config.epochs!r}")
+    if not (isinstance(config.noise_multiplicity, int) and config.noise_multiplicity >= 1):
+        raise DatawardError(f"noise_multiplicity must be a positive integer, got {config.noise_multiplicity!r}")
     if not (isinstance(config.max_physical_batch, int) and config.max_physical_batch >= 1):
         raise DatawardError(f"max_physical_batch must be a positive integer, got {config.max_physical_batch!r}")
     if config.accountant not in ACCOUNTANT_CHOICES:
@@ -338,6 +359,29 @@ def plan_dp(config: DPConfig, n_examples: int, model: torch.nn.Module) -> DPPlan
     steps = config.epochs * int(1 / sample_rate)  # DPDataLoader yields int(1 / q) logical batches per pass
     sigma = calibrate_sigma(config.epsilon, delta, sample_rate, steps, config.accountant)
     return DPPlan(n, delta, sample_rate, int(1 / sample_rate), steps, sigma, selected, total)
+
+
+def calibrate_clip(model: torch.nn.Module, public: Dataset, trainable: Trainable, scheduler: DDPMScheduler, *, seed: int,
+                   examples: int = CLIP_CALIBRATION_EXAMPLES) -> float:
+    """The median per-example gradient norm of the denoiser loss over the ``trainable`` parameters of ``model``, on
+    ``examples`` PUBLIC examples: a clipping norm C matched to the model, at no privacy cost. C far above the per-example
+    norms adds noise σ C that no gradient needs (here the attention modules' gradients are ~15x smaller than the whole
+    model's); C far below them throws the gradients' size away. Deterministic in ``seed``."""
+    probe = copy.deepcopy(model).requires_grad_(True).train()
+    keep = trainable_filter(trainable)
+    params = [p for name, p in probe.named_parameters() if keep(name)]
+    generator = torch.Generator().manual_seed(derive_seed(seed, "dp-clip"))
+    rows = torch.randperm(len(public), generator=generator)[:examples]
+    loss = denoiser_loss(scheduler)
+    norms = []
+    for row in rows.tolist():
+        y = None if public.labels is None else public.labels[row : row + 1]
+        grads = torch.autograd.grad(loss(probe, public.images[row : row + 1], y, None, generator).sum(), params)
+        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+    clip = float(torch.stack(norms).median())
+    if not (math.isfinite(clip) and clip > 0):
+        raise DatawardError(f"cannot calibrate the clipping norm on the public data (median gradient norm {clip}): pass clip explicitly")
+    return clip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -381,8 +425,13 @@ class PrivateTraining:
             total_params=self.plan.total_params,
             grad_sample_mode=self.config.grad_sample_mode,
             secure_rng=self.config.secure_rng,
+            noise_multiplicity=self.config.noise_multiplicity,
             extra=dict(extra),
         )
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters DP-SGD updates (they carry ``grad_sample`` after a backward pass)."""
+        return [p for p in self.state.model.parameters() if p.requires_grad]
 
     def close(self) -> None:
         """Remove opacus's hooks and ours from ``state.model`` (it is a plain module again)."""
@@ -407,11 +456,13 @@ def make_private(state: TrainState, data: Dataset, config: DPConfig, *, seed: in
 
     ``state`` must come from ``TrainState.fresh(model, train_config, trainable_filter(config.trainable))`` so Adam holds
     exactly the trainable parameters. With ``secure_rng`` off, Poisson sampling and the DP noise draw from generators
-    seeded by ``seed``, so two runs are bitwise equal.
+    seeded by ``seed``, so two runs are bitwise equal. A ``clip`` of None means 1.0 here (nothing to calibrate on).
     """
     from opacus import PrivacyEngine
 
     plan = plan or plan_dp(config, len(data), state.model)
+    if config.clip is None:  # no public data here to calibrate on (dp_finetune calibrates before it calls this)
+        config = replace(config, clip=CLIP_WITHOUT_PUBLIC_DATA)
     keep = trainable_filter(config.trainable)
     wrong = [n for n, p in state.model.named_parameters() if p.requires_grad != keep(n)]
     if wrong:
@@ -444,6 +495,26 @@ def make_private(state: TrainState, data: Dataset, config: DPConfig, *, seed: in
     return PrivateTraining(state, module, optimizer, dp_loader, engine, config, plan, handles)
 
 
+def backward_per_example(private: PrivateTraining, per_sample_loss: PerSampleLoss, x0: torch.Tensor, y: torch.Tensor | None,
+                         generator: torch.Generator) -> torch.Tensor:
+    """Forward and backward of one physical batch x0 (B, C, H, W): afterwards each trainable parameter's ``grad_sample``
+    (B, ...) holds example i's gradient of its loss averaged over ``noise_multiplicity`` K draws of (t, noise) (DPDM's
+    noise multiplicity: the K draws of one example are rows i K .. i K + K - 1, folded before clipping, so the privacy unit
+    stays the example and ε does not change). Returns the mean loss."""
+    k = private.config.noise_multiplicity
+    rows = x0.repeat_interleave(k, dim=0)  # (B K, C, H, W)
+    loss = per_sample_loss(private.module, rows, None if y is None else y.repeat_interleave(k, dim=0), None, generator).mean()
+    if not torch.isfinite(loss):
+        raise DatawardError(f"DP training diverged at step {private.state.step}: loss is {loss.item()}")
+    with warnings.catch_warnings():  # the class embedding's integer input: harmless
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.backward()  # opacus: grad_sample (B K, ...), row j = the gradient of row j's loss
+    if k > 1:
+        for p in private.trainable_parameters():
+            p.grad_sample = p.grad_sample.view(-1, k, *p.shape).mean(dim=1)  # (B, ...)
+    return loss
+
+
 def run_private_epochs(
     private: PrivateTraining,
     per_sample_loss: PerSampleLoss,
@@ -461,7 +532,7 @@ def run_private_epochs(
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     state, optimizer = private.state, private.optimizer
-    trainable = [p for p in state.model.parameters() if p.requires_grad]
+    trainable = private.trainable_parameters()
     state.model.train()
     with BatchMemoryManager(data_loader=private.loader, max_physical_batch_size=private.config.max_physical_batch, optimizer=optimizer) as loader:
         for _ in range(private.config.epochs):
@@ -473,12 +544,7 @@ def run_private_epochs(
                     for p in trainable:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 else:
-                    loss = per_sample_loss(private.module, x0, y, None, generator).mean()
-                    if not torch.isfinite(loss):
-                        raise DatawardError(f"DP training diverged at step {state.step}: loss is {loss.item()}")
-                    with warnings.catch_warnings():  # the class embedding's integer input: harmless
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                        loss.backward()
+                    loss = backward_per_example(private, per_sample_loss, x0, y, generator)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if optimizer._is_last_step_skipped:  # a physical batch inside a logical one: no step yet
@@ -523,18 +589,26 @@ def dp_finetune(
     *,
     seed: int,
     scheduler: DDPMScheduler,
+    calibration: Dataset | None = None,
     device: str = "cpu",
     on_step: Callable[[float], None] | None = None,
     **extra,
 ) -> tuple[TrainState, PrivacyRecord]:
     """DP-SGD fine-tuning of ``model`` (public-pretrained: DP-LDM; freshly built: DP from scratch, DPDM-style) on the
-    ``private`` data. Validates everything before training. ``train`` gives lr, EMA decay and threads; ``extra`` goes
-    into the record (e.g. ``public="printed:count=3000"``). Returns the trained state and its :class:`PrivacyRecord`.
+    ``private`` data. Validates everything before training. ``train`` gives EMA decay and threads; ``calibration`` is
+    PUBLIC data (as the model sees it) that sets the clipping norm when ``config.clip`` is None (:func:`calibrate_clip`;
+    without it C = 1); ``extra`` goes into the record (e.g. ``public="printed:count=3000"``). Returns the trained state
+    and its :class:`PrivacyRecord`.
     """
     if private.num_classes is not None and getattr(model.config, "num_class_embeds", None) not in (None, private.num_classes):
         raise DatawardError(f"the model has {model.config.num_class_embeds} class embeddings but the private data has {private.num_classes} classes")
     plan = plan_dp(config, len(private), model)
-    state = TrainState.fresh(model, train, trainable_filter(config.trainable))
+    if config.clip is None:
+        clip = CLIP_WITHOUT_PUBLIC_DATA if calibration is None else calibrate_clip(model, calibration, config.trainable, scheduler, seed=seed)
+        config = replace(config, clip=clip)
+        extra["clip_calibrated_on"] = "public data (median per-example gradient norm)" if calibration is not None else "nothing (default 1.0)"
+    extra["lr"] = config.learning_rate()
+    state = TrainState.fresh(model, replace(train, lr=config.learning_rate()), trainable_filter(config.trainable))
     wrapped = make_private(state, private, config, seed=seed, plan=plan)
     try:
         generator = torch.Generator().manual_seed(derive_seed(seed, "dp-loss"))

@@ -575,6 +575,7 @@ class Ward:
         update = _progress_task(progress, f"DP fine-tune {lineage.compartment}", plan.steps)
         state, record = dp_finetune(
             model.to(device), data, dp, lineage.config, seed=derive_seed(self.config.seed, "dp", lineage.compartment), scheduler=self.scheduler,
+            calibration=None if public is None else self._model_data(self._public_data()),
             device=device, on_step=lambda value: update(1, description=f"DP fine-tune {lineage.compartment} (ε={dp.epsilon})"),
             public=self.config.public,
         )
@@ -924,7 +925,8 @@ class Ward:
             privacy = record.metadata.get("privacy") if record else None
             records.append(privacy)
             per[str(c)] = "not DP" if privacy is None else {k: privacy.get(k) for k in (
-                "epsilon", "delta", "sigma", "clip", "sample_rate", "steps", "history", "trainable", "trainable_fraction", "accountant", "epsilon_check")}
+                "epsilon", "delta", "sigma", "clip", "sample_rate", "steps", "history", "trainable", "trainable_fraction", "accountant", "epsilon_check",
+                "noise_multiplicity")}
         eps = ward_epsilon(records)
         notes = []
         if any(r is None for r in records):
