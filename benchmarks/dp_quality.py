@@ -1,8 +1,10 @@
-"""Private fine-tuning on digits: downstream accuracy (CAS) and Fréchet distance at ε ∈ {1, 10, ∞}, DP step time.
+"""Private fine-tuning on digits: downstream accuracy (CAS) and Fréchet distance at ε ∈ {1, 10, ∞} (step time and memory:
+``benchmarks/dp_step_time.py``).
 
     python benchmarks/dp_quality.py [--quick] [--threads 2] [--json out.json] [--spaces pixel,latent] [--all-cells]
+                                    [--dp-batch 250] [--dp-epochs 15] [--noise-multiplicity K] [--methods full,...]
 
-Public data: printed digits (``printed:count=2000``; the latent autoencoder: ``--ae-data``, pen strokes). Private data: the digits training split (1500). Reference: the
+Public data: printed digits in 20 typefaces (``printed:count=2000``; the latent autoencoder: ``--ae-data``, pen strokes). Private data: the digits training split (1500). Reference: the
 held-out split (297). Every model samples --per-class images per class (DDIM, 20 steps); CAS trains a logistic regression on the
 samples only and tests it on the held-out digits (``dataward.audit.metrics.downstream_accuracy``); FD uses the digits
 feature CNN (``dataward.audit.features.digits_feature_net``). The CPU budget is ~15 minutes, so the matrix is cut
@@ -25,7 +27,7 @@ from dataward.audit.metrics import downstream_accuracy, frechet_distance
 from dataward.data import load_source
 from dataward.latent import AutoencoderConfig, LatentDenoiser, make_latent_scheduler, pretrain_autoencoder, sample_latent, unet_eps
 from dataward.nets import build_unet, derive_seed
-from dataward.privacy import DPConfig, dp_finetune, make_private, plan_dp, pretrain_denoiser, run_private_epochs, trainable_filter
+from dataward.privacy import DP_LEARNING_RATES, DPConfig, dp_finetune, plan_dp, pretrain_denoiser, trainable_filter
 from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
 from dataward.training import TrainConfig, TrainState, denoiser_loss, run_steps
 
@@ -62,26 +64,6 @@ def nonprivate_finetune(model, data, trainable: str, steps: int, batch: int, lr:
     return state
 
 
-def step_times(base, data, trainable: str, batch: int, physical: int, repeats: int) -> dict:
-    """Seconds per logical step, DP vs non-private, same trainable set and batch, measured in this process."""
-    scheduler = make_training_scheduler()
-    train = TrainConfig(lr=1e-3)
-    # DP: one epoch of a plan with `repeats` steps per epoch: batch = N / repeats
-    subset = data.select(list(data.ids[: batch * repeats]))
-    config = DPConfig(epsilon=10, batch=batch, epochs=1, trainable=trainable, accountant="rdp", max_physical_batch=physical)
-    state = TrainState.fresh(copy.deepcopy(base), train, trainable_filter(trainable))
-    private = make_private(state, subset, config, seed=SEED)
-    t0 = time.perf_counter()
-    run_private_epochs(private, denoiser_loss(scheduler), torch.Generator().manual_seed(1))
-    dp = (time.perf_counter() - t0) / state.step
-    private.close()
-    np_state = TrainState.fresh(copy.deepcopy(base), TrainConfig(batch_size=batch, lr=1e-3), trainable_filter(trainable))
-    t0 = time.perf_counter()
-    run_steps(np_state, subset, denoiser_loss(scheduler), repeats, TrainConfig(batch_size=batch), torch.Generator().manual_seed(1))
-    plain = (time.perf_counter() - t0) / repeats
-    return {"dp_s": dp, "nonprivate_s": plain, "ratio": dp / plain}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the script, not figures")
@@ -89,6 +71,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--public-steps", type=int, default=300, help="pretraining steps (public denoiser, non-private scratch reference)")
     parser.add_argument("--dp-epochs", type=int, default=15)
+    parser.add_argument("--dp-batch", type=int, default=250, help="expected Poisson batch: q = 1 / ceil(1500 / batch)")
+    parser.add_argument("--clip", type=float, default=None, help="DP clipping norm (default: calibrated on the public data; 1.0 from scratch)")
+    parser.add_argument("--lr", type=float, default=None, help="DP-SGD learning rate (default: dataward.privacy.DP_LEARNING_RATES by trainable set)")
+    parser.add_argument("--noise-multiplicity", type=int, default=1, help="K draws of (t, noise) per example in every DP cell (DPDM)")
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--ae-steps", type=int, default=AutoencoderConfig.steps, help="autoencoder training steps (latent space)")
     parser.add_argument("--ae-data", default="strokes:count=10000", help="the autoencoder's public data (the ward's default)")
@@ -103,8 +89,8 @@ def main() -> None:
     q = args.quick
     args.per_class, args.sample_steps = (5, 4) if q else (args.per_class, 20)
     public_count, public_steps = (200, 5) if q else (2000, args.public_steps)
-    dp_batch, dp_epochs = (100, 1) if q else (500, args.dp_epochs)
-    lr = 2e-3
+    dp_batch, dp_epochs = (100, 1) if q else (args.dp_batch, args.dp_epochs)
+    multiplicity = args.noise_multiplicity
     physical = 128
     ae_steps = 5 if q else args.ae_steps
 
@@ -147,33 +133,37 @@ def main() -> None:
         methods = args.methods.split(",") if args.methods else ["attention", "full", "scratch"]
         for eps in ((1.0, 10.0) if space == "pixel" or args.all_cells else (10.0,)) if "attention" in methods else ():
             t0 = time.perf_counter()
-            config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="attention", accountant="prv", max_physical_batch=physical)
-            state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
+            config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="attention", accountant="prv", max_physical_batch=physical,
+                              clip=args.clip, lr=args.lr, noise_multiplicity=multiplicity)
+            state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(), seed=SEED, scheduler=scheduler, calibration=pub)
             record(space, "attention (public pretrain)", eps, state, codec,
                    {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "eps_rdp": rec.epsilon("rdp"), "steps": rec.steps, "q": rec.sample_rate,
-                    "trainable_fraction": rec.trainable_fraction, "train_s": time.perf_counter() - t0})
+                    "trainable_fraction": rec.trainable_fraction, "clip": rec.clip, "lr": rec.extra["lr"], "train_s": time.perf_counter() - t0})
         if "attention" in methods:
             t0 = time.perf_counter()
-            state = nonprivate_finetune(copy.deepcopy(base), priv, "attention", steps, dp_batch, lr, SEED)
+            state = nonprivate_finetune(copy.deepcopy(base), priv, "attention", steps, dp_batch, args.lr or DP_LEARNING_RATES["attention"], SEED)
             record(space, "attention (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
         if space == "latent" and not args.all_cells and args.methods is None:
             continue
         # full DP fine-tuning and DP from scratch: eps=10 only by default (budget); non-private from scratch is the reference
         _, channels, size, _ = priv.images.shape
         for eps in ((1.0, 10.0) if args.all_cells else (10.0,)):
-            config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="full", accountant="prv", max_physical_batch=physical)
+            config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="full", accountant="prv", max_physical_batch=physical,
+                              clip=args.clip, lr=args.lr, noise_multiplicity=multiplicity)
             if "full" in methods:
                 t0 = time.perf_counter()
-                state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
-                record(space, "full (public pretrain)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
+                state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(), seed=SEED, scheduler=scheduler, calibration=pub)
+                record(space, "full (public pretrain)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps,
+                                                                          "clip": rec.clip, "lr": rec.extra["lr"], "train_s": time.perf_counter() - t0})
             if "scratch" in methods:
                 t0 = time.perf_counter()
                 fresh = build_unet("tiny", size, channels, 10, seed=derive_seed(SEED, "scratch"))
-                state, rec = dp_finetune(fresh, priv, config, TrainConfig(lr=lr), seed=SEED, scheduler=scheduler)
-                record(space, "full (DP from scratch)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps, "train_s": time.perf_counter() - t0})
+                state, rec = dp_finetune(fresh, priv, config, TrainConfig(), seed=SEED, scheduler=scheduler)  # no public data: C = 1
+                record(space, "full (DP from scratch)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps,
+                                                                          "clip": rec.clip, "lr": rec.extra["lr"], "train_s": time.perf_counter() - t0})
         if args.all_cells and "full" in methods:
             t0 = time.perf_counter()
-            state = nonprivate_finetune(copy.deepcopy(base), priv, "full", steps, dp_batch, lr, SEED)
+            state = nonprivate_finetune(copy.deepcopy(base), priv, "full", steps, dp_batch, args.lr or DP_LEARNING_RATES["full"], SEED)
             record(space, "full (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
         t0 = time.perf_counter()
         scratch_steps = 5 if q else public_steps
@@ -181,12 +171,6 @@ def main() -> None:
         state = TrainState.fresh(build_unet("tiny", size, channels, 10, seed=derive_seed(SEED, "scratch")), train)
         run_steps(state, priv, denoiser_loss(scheduler), scratch_steps, train, torch.Generator().manual_seed(derive_seed(SEED, "scratch-np")))
         record(space, "full (non-private from scratch)", float("inf"), state, codec, {"steps": scratch_steps, "batch": 128, "train_s": time.perf_counter() - t0})
-        if space == "latent":
-            continue
-        # DP / non-private step time for the same trainable set, batch and physical split
-        for trainable in ("attention", "full"):
-            timings[f"step_{trainable}"] = step_times(base, private, trainable, 100 if q else 250, physical, 2 if q else 3)
-            print(json.dumps({trainable: timings[f"step_{trainable}"]}), flush=True)
 
     selected = plan_dp(DPConfig(accountant="rdp", batch=dp_batch), len(private), build_unet("tiny", 8, 1, 10, seed=0))
     summary = {
@@ -198,8 +182,8 @@ def main() -> None:
         "total_params": selected.total_params,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "total_s": time.perf_counter() - t_start,
-        "settings": {"public": f"printed:count={public_count}", "ae_data": args.ae_data, "ae_steps": ae_steps, "public_steps": public_steps, "dp_batch": dp_batch, "dp_epochs": dp_epochs,
-                     "lr": lr, "physical": physical, "per_class": args.per_class, "sample_steps": args.sample_steps, "threads": args.threads,
+        "settings": {"public": f"printed:count={public_count}", "ae_data": args.ae_data, "ae_steps": ae_steps, "public_steps": public_steps, "dp_batch": dp_batch, "dp_epochs": dp_epochs, "noise_multiplicity": multiplicity,
+                     "clip": args.clip, "lr": args.lr, "physical": physical, "per_class": args.per_class, "sample_steps": args.sample_steps, "threads": args.threads,
                      "all_cells": args.all_cells},
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}), flush=True)
