@@ -372,11 +372,13 @@ def calibrate_clip(model: torch.nn.Module, public: Dataset, trainable: Trainable
     params = [p for name, p in probe.named_parameters() if keep(name)]
     generator = torch.Generator().manual_seed(derive_seed(seed, "dp-clip"))
     rows = torch.randperm(len(public), generator=generator)[:examples]
+    device = params[0].device
+    images, labels = public.images[rows].to(device), None if public.labels is None else public.labels[rows].to(device)
     loss = denoiser_loss(scheduler)
     norms = []
-    for row in rows.tolist():
-        y = None if public.labels is None else public.labels[row : row + 1]
-        grads = torch.autograd.grad(loss(probe, public.images[row : row + 1], y, None, generator).sum(), params)
+    for i in range(len(rows)):
+        y = None if labels is None else labels[i : i + 1]
+        grads = torch.autograd.grad(loss(probe, images[i : i + 1], y, None, generator).sum(), params)
         norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
     clip = float(torch.stack(norms).median())
     if not (math.isfinite(clip) and clip > 0):
