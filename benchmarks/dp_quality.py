@@ -1,8 +1,10 @@
-"""Private fine-tuning on digits: downstream accuracy (CAS) and Fréchet distance at ε ∈ {1, 10, ∞} (step time and memory:
+"""Private fine-tuning on digits: downstream accuracy (CAS) and Fréchet distance at ε ∈ {1, 10, ∞} for attention-only
+(DP-LDM), class-embedding-only and full fine-tuning after public pretraining and DP from scratch (step time and memory:
 ``benchmarks/dp_step_time.py``).
 
     python benchmarks/dp_quality.py [--quick] [--threads 2] [--json out.json] [--spaces pixel,latent] [--all-cells]
                                     [--dp-batch 250] [--dp-epochs 15] [--noise-multiplicity K] [--methods full,...]
+                                    [--dp-seeds 0,1,2]
 
 Public data: printed digits in 20 typefaces (``printed:count=2000``; the latent autoencoder: ``--ae-data``, pen strokes). Private data: the digits training split (1500). Reference: the
 held-out split (297). Every model samples --per-class images per class (DDIM, 20 steps); CAS trains a logistic regression on the
@@ -27,7 +29,7 @@ from dataward.audit.metrics import downstream_accuracy, frechet_distance
 from dataward.data import load_source
 from dataward.latent import AutoencoderConfig, LatentDenoiser, make_latent_scheduler, pretrain_autoencoder, sample_latent, unet_eps
 from dataward.nets import build_unet, derive_seed
-from dataward.privacy import DP_LEARNING_RATES, DPConfig, dp_finetune, plan_dp, pretrain_denoiser, trainable_filter
+from dataward.privacy import DP_LEARNING_RATES, DPConfig, dp_finetune, plan_dp, pretrain_denoiser, trainable_counts, trainable_filter
 from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
 from dataward.training import TrainConfig, TrainState, denoiser_loss, run_steps
 
@@ -75,13 +77,16 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=None, help="DP clipping norm (default: calibrated on the public data; 1.0 from scratch)")
     parser.add_argument("--lr", type=float, default=None, help="DP-SGD learning rate (default: dataward.privacy.DP_LEARNING_RATES by trainable set)")
     parser.add_argument("--noise-multiplicity", type=int, default=1, help="K draws of (t, noise) per example in every DP cell (DPDM)")
+    parser.add_argument("--dp-seeds", default=str(SEED),
+                        help="seeds of the attention and embedding DP cells (Poisson batches, noise, clip calibration), e.g. 0,1,2: "
+                             "one row each (CAS moves by ~0.03 between seeds)")
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--ae-steps", type=int, default=AutoencoderConfig.steps, help="autoencoder training steps (latent space)")
     parser.add_argument("--ae-data", default="strokes:count=10000", help="the autoencoder's public data (the ward's default)")
     parser.add_argument("--spaces", default="pixel,latent", help="which spaces to run: pixel, latent or both")
     parser.add_argument("--methods", default=None,
                         help="only these fine-tuning methods, e.g. full or attention,scratch, in every space (default: all, latent cut "
-                             "to attention unless --all-cells); the public-only and non-private scratch references always run")
+                             "to attention and embedding unless --all-cells); the public-only and non-private scratch references always run")
     parser.add_argument("--all-cells", action="store_true",
                         help="the whole matrix: every method at ε ∈ {1, 10, ∞} in pixel and latent space (~2x the time)")
     args = parser.parse_args()
@@ -91,6 +96,7 @@ def main() -> None:
     public_count, public_steps = (200, 5) if q else (2000, args.public_steps)
     dp_batch, dp_epochs = (100, 1) if q else (args.dp_batch, args.dp_epochs)
     multiplicity = args.noise_multiplicity
+    dp_seeds = [int(seed) for seed in args.dp_seeds.split(",")]
     physical = 128
     ae_steps = 5 if q else args.ae_steps
 
@@ -129,20 +135,22 @@ def main() -> None:
         timings[f"{space}_pretrain_s"] = time.perf_counter() - t0
         record(space, "public only", None, base, codec)
         steps = dp_epochs * -(-len(priv) // dp_batch)
-        # attention-only after public pretraining (DP-LDM): eps in {1, 10, inf}; latent: {10, inf}
-        methods = args.methods.split(",") if args.methods else ["attention", "full", "scratch"]
-        for eps in ((1.0, 10.0) if space == "pixel" or args.all_cells else (10.0,)) if "attention" in methods else ():
+        # attention-only (DP-LDM) and class-embedding-only after public pretraining: eps in {1, 10, inf} (latent: {10, inf})
+        methods = args.methods.split(",") if args.methods else ["attention", "embedding", "full", "scratch"]
+        for trainable in [m for m in ("attention", "embedding") if m in methods]:
+            for eps in (1.0, 10.0) if space == "pixel" or args.all_cells else (10.0,):
+                for dp_seed in dp_seeds:
+                    t0 = time.perf_counter()
+                    config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable=trainable, accountant="prv", max_physical_batch=physical,
+                                      clip=args.clip, lr=args.lr, noise_multiplicity=multiplicity)
+                    state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(), seed=dp_seed, scheduler=scheduler, calibration=pub)
+                    record(space, f"{trainable} (public pretrain)", eps, state, codec,
+                           {"dp_seed": dp_seed, "sigma": rec.sigma, "eps_spent": rec.epsilon(), "eps_rdp": rec.epsilon("rdp"), "steps": rec.steps,
+                            "q": rec.sample_rate, "trainable_fraction": rec.trainable_fraction, "clip": rec.clip, "lr": rec.extra["lr"],
+                            "train_s": time.perf_counter() - t0})
             t0 = time.perf_counter()
-            config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="attention", accountant="prv", max_physical_batch=physical,
-                              clip=args.clip, lr=args.lr, noise_multiplicity=multiplicity)
-            state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(), seed=SEED, scheduler=scheduler, calibration=pub)
-            record(space, "attention (public pretrain)", eps, state, codec,
-                   {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "eps_rdp": rec.epsilon("rdp"), "steps": rec.steps, "q": rec.sample_rate,
-                    "trainable_fraction": rec.trainable_fraction, "clip": rec.clip, "lr": rec.extra["lr"], "train_s": time.perf_counter() - t0})
-        if "attention" in methods:
-            t0 = time.perf_counter()
-            state = nonprivate_finetune(copy.deepcopy(base), priv, "attention", steps, dp_batch, args.lr or DP_LEARNING_RATES["attention"], SEED)
-            record(space, "attention (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
+            state = nonprivate_finetune(copy.deepcopy(base), priv, trainable, steps, dp_batch, args.lr or DP_LEARNING_RATES[trainable], SEED)
+            record(space, f"{trainable} (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
         if space == "latent" and not args.all_cells and args.methods is None:
             continue
         # full DP fine-tuning and DP from scratch: eps=10 only by default (budget); non-private from scratch is the reference
@@ -179,10 +187,11 @@ def main() -> None:
         "timings": timings,
         "trainable_fraction_attention": selected.trainable_fraction,
         "trainable_params_attention": selected.trainable_params,
+        "trainable_params_embedding": trainable_counts(build_unet("tiny", 8, 1, 10, seed=0), "embedding")[0],
         "total_params": selected.total_params,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "total_s": time.perf_counter() - t_start,
-        "settings": {"public": f"printed:count={public_count}", "ae_data": args.ae_data, "ae_steps": ae_steps, "public_steps": public_steps, "dp_batch": dp_batch, "dp_epochs": dp_epochs, "noise_multiplicity": multiplicity,
+        "settings": {"public": f"printed:count={public_count}", "ae_data": args.ae_data, "ae_steps": ae_steps, "public_steps": public_steps, "dp_batch": dp_batch, "dp_epochs": dp_epochs, "noise_multiplicity": multiplicity, "dp_seeds": dp_seeds,
                      "clip": args.clip, "lr": args.lr, "physical": physical, "per_class": args.per_class, "sample_steps": args.sample_steps, "threads": args.threads,
                      "all_cells": args.all_cells},
     }

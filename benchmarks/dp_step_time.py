@@ -3,13 +3,13 @@
     python benchmarks/dp_step_time.py [--rounds 5] [--steps 4] [--batch 250] [--physical 128] [--threads 2] [--json out.json]
 
 Model: the ``tiny`` preset (8x8 digits), the digits training split. For each trainable set (``attention``: DP-LDM's
-attention modules + class embedding; ``full``) two variants run the same number of logical steps:
+attention modules + class embedding; ``embedding``: the class embedding only; ``full``) two variants run the same number of logical steps:
 
 - ``dp``: ``dataward.privacy.run_private_epochs`` (opacus: Poisson batches of expected size --batch split into physical
   batches of at most --physical, per-sample gradients, clipping, noise; ``noise_multiplicity`` 1);
 - ``plain``: ``dataward.training.run_steps`` with batch --batch (one forward/backward per step, no clipping or noise).
 
-Every round runs --steps logical steps of each of the four variants in a rotated order, so a load change on the shared
+Every round runs --steps logical steps of each of the six variants in a rotated order, so a load change on the shared
 machine hits all of them alike; the figure is the median over rounds of the per-round ratio dp / plain. Peak memory:
 each variant runs once more in a fresh subprocess, and its peak RSS (``VmHWM``) is printed beside that of a subprocess
 that only builds the model and data (the baseline the training adds to).
@@ -30,7 +30,8 @@ import warnings
 import torch
 
 warnings.filterwarnings("ignore")
-VARIANTS = ("attention-dp", "attention-plain", "full-dp", "full-plain")
+TRAINABLE_SETS = ("attention", "embedding", "full")
+VARIANTS = tuple(f"{t}-{mode}" for t in TRAINABLE_SETS for mode in ("dp", "plain"))
 
 
 def setup(args):
@@ -107,7 +108,7 @@ def main() -> None:
             seconds[variant].append(run_variant(variant, base, data, args))
         print(json.dumps({"round": r, **{v: round(s[-1], 4) for v, s in seconds.items()}}), flush=True)
     summary: dict = {"settings": vars(args) | {"load_avg": os.getloadavg()}}
-    for trainable in ("attention", "full"):
+    for trainable in TRAINABLE_SETS:
         ratios = [d / p for d, p in zip(seconds[f"{trainable}-dp"], seconds[f"{trainable}-plain"])]
         summary[trainable] = {
             "dp_s": statistics.median(seconds[f"{trainable}-dp"]), "plain_s": statistics.median(seconds[f"{trainable}-plain"]),

@@ -80,3 +80,8 @@ def test_cli_latent_ward(tmp_path):
     privacy = json.loads(run("status", ward, "--json").stdout)["privacy"]["compartments"]["1"]
     assert privacy["epsilon"] <= 10.0 and privacy["noise_multiplicity"] == 2 and privacy["trainable"] == "attention"
     assert "2 noise draws per example" in " ".join(run("status", ward).stdout.split())  # (rich wraps long lines)
+    refused = run("train", ward, "--dp", "--trainable", "attn", check=False)
+    assert refused.returncode == 1 and "trainable must be one of attention, embedding, full" in refused.stderr
+    run("train", ward, "--dp", "--epsilon", "5", "--batch", "10", "--epochs", "1", "--compartment", "0", "--trainable", "embedding")
+    privacy = json.loads(run("status", ward, "--json").stdout)["privacy"]["compartments"]["0"]
+    assert privacy["trainable"] == "embedding" and 0 < privacy["trainable_fraction"] < 0.01 and privacy["lr"] == 0.1

@@ -26,6 +26,7 @@ from dataward.privacy import (
     plan_dp,
     trainable_attention,
     trainable_counts,
+    trainable_embedding,
     trainable_filter,
     ward_delta,
     ward_epsilon,
@@ -97,7 +98,7 @@ def _mismatches(grad_samples: dict[str, torch.Tensor | None], reference: dict[st
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
-@pytest.mark.parametrize("trainable", ["attention", "full"])
+@pytest.mark.parametrize("trainable", ["attention", "embedding", "full"])
 def test_per_sample_gradients_match_single_sample_loop(trainable, mode):
     batch = _fixed_batch()
     reference = _reference_grads(trainable, batch)
@@ -263,6 +264,15 @@ def test_attention_finetuning_changes_only_attention_and_class_embedding(attenti
     assert 0.05 < record.trainable_fraction < 0.15  # tiny preset: ~9.7%
 
 
+def test_embedding_finetuning_changes_only_the_class_embedding():
+    config = DPConfig(epsilon=8, batch=16, epochs=1, clip=1.0, trainable="embedding", accountant="rdp", max_physical_batch=6)
+    state, record = dp_finetune(_unet(), _digits(64), config, TrainConfig(), seed=11, scheduler=SCHEDULER)
+    before = dict(_unet().named_parameters())
+    changed = {n for n, p in state.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n in before if trainable_embedding(n)} == {"class_embedding.weight"}
+    assert record.trainable_params == 10 * 128 and record.extra["lr"] == 1e-1  # 10 classes x the time-embedding width
+
+
 def test_dp_training_is_bitwise_deterministic_and_counts_logical_steps(attention_runs, tmp_path):
     (a, ra), (b, rb) = attention_runs
     for (n, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
@@ -357,3 +367,9 @@ def test_layers_opacus_cannot_handle_are_refused():
 def test_attention_mode_needs_attention():
     with pytest.raises(DatawardError, match="selects no parameters"):
         plan_dp(DPConfig(accountant="rdp"), 100, build_classifier(1, 10, seed=0))
+
+
+def test_embedding_mode_needs_a_class_conditional_model():
+    unconditional = build_unet("tiny", 8, 1, None, seed=0)
+    with pytest.raises(DatawardError, match="selects no parameters.*class-conditional"):
+        plan_dp(DPConfig(trainable="embedding", accountant="rdp"), 100, unconditional)

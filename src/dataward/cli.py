@@ -114,9 +114,9 @@ def train(
     clip: Optional[float] = typer.Option(None, "--clip", help="DP: per-sample gradient clipping norm C (default: the median per-example gradient norm on the public data; 1.0 without public pretraining)."),
     batch: int = typer.Option(256, "--batch", help="DP: expected logical batch (Poisson sampling)."),
     epochs: int = typer.Option(50, "--epochs", help="DP: passes over each compartment's data."),
-    trainable: str = typer.Option("attention", "--trainable", help="DP: attention (DP-LDM: attention modules + class embedding) | full."),
+    trainable: str = typer.Option("attention", "--trainable", help="DP: attention (DP-LDM: attention modules + class embedding) | embedding (class embedding only: best at small ε or N) | full."),
     accountant: str = typer.Option("prv", "--accountant", help="DP: prv | rdp."),
-    dp_lr: Optional[float] = typer.Option(None, "--lr", help="DP: Adam learning rate (default: 1e-2 with --trainable attention, 2e-3 with full)."),
+    dp_lr: Optional[float] = typer.Option(None, "--lr", help="DP: Adam learning rate (default: 1e-2 with --trainable attention, 1e-1 with embedding, 2e-3 with full)."),
     noise_multiplicity: int = typer.Option(1, "--noise-multiplicity", help="DP: K draws of (t, noise) per example and step, averaged before clipping (DPDM): same ε, better quality, K x compute."),
     dp_compartments: Optional[str] = typer.Option(None, "--compartment", help="DP: only these compartments, e.g. 3 or 0,2 (default: all)."),
 ) -> None:

@@ -38,17 +38,18 @@ from dataward.errors import DatawardError
 from dataward.nets import build_unet, derive_seed
 from dataward.training import PerSampleLoss, TrainConfig, TrainState, denoiser_loss, run_steps
 
-Trainable = Literal["attention", "full"]
+Trainable = Literal["attention", "embedding", "full"]
 AccountantName = Literal["prv", "rdp"]
 GradSampleMode = Literal["hooks", "functorch"]
 
-TRAINABLE_CHOICES = ("attention", "full")
+TRAINABLE_CHOICES = ("attention", "embedding", "full")
 ACCOUNTANT_CHOICES = ("prv", "rdp")
 GRAD_SAMPLE_CHOICES = ("hooks", "functorch")
 # Adam learning rates of DP-SGD by trainable set, from the sweep in BENCHMARKS.md ("Private fine-tuning"): the few
 # attention parameters want large steps (at 2e-3 the noise drowns them: CAS 0.65 vs 0.80 at 1e-2), while 1e-2 on the
-# whole model is ruinous (0.46 vs 0.76 at 2e-3).
-DP_LEARNING_RATES = {"attention": 1e-2, "full": 2e-3}
+# whole model is ruinous (0.46 vs 0.76 at 2e-3); the class embedding alone (1,280 numbers) wants 1e-1 (ε = 1: CAS 0.76;
+# 0.64 at 1e-2, 0.72 at 4e-1).
+DP_LEARNING_RATES = {"attention": 1e-2, "embedding": 1e-1, "full": 2e-3}
 DELTA_DEFAULT_FACTOR = 10  # default delta = 1 / (DELTA_DEFAULT_FACTOR * N)
 CLIP_CALIBRATION_EXAMPLES = 128  # public examples whose median gradient norm is the default clipping norm
 CLIP_WITHOUT_PUBLIC_DATA = 1.0  # the default clipping norm when there is no public data to calibrate on
@@ -69,8 +70,9 @@ class DPConfig:
     # None: the median per-example gradient norm of the starting model on public data (calibrate_clip), 1.0 without any
     batch: int = 256  # expected logical batch under Poisson sampling; q = 1 / ceil(N / batch) (opacus's convention)
     epochs: int = 50  # passes; one pass = ceil(N / batch) logical steps, so steps = epochs * ceil(N / batch)
-    trainable: Trainable = "attention"  # attention: the DP-LDM recipe (attention modules + class embedding); full: all
-    lr: float | None = None  # Adam learning rate; None: DP_LEARNING_RATES[trainable] (attention 1e-2, full 2e-3)
+    trainable: Trainable = "attention"  # attention: the DP-LDM recipe (attention modules + class embedding); embedding: the
+    # class embedding only (the least noise: best on small private sets and at small ε); full: all
+    lr: float | None = None  # Adam learning rate; None: DP_LEARNING_RATES[trainable] (attention 1e-2, embedding 1e-1, full 2e-3)
     accountant: AccountantName = "prv"  # prv (Gopi et al. 2021, tight) or rdp (Mironov 2017, looser upper bound)
     max_physical_batch: int = 128  # logical batches are split into physical ones of at most this size (BatchMemoryManager)
     secure_rng: bool = False  # cryptographically secure sampling and noise (needs torchcsprng); not bitwise reproducible
@@ -112,10 +114,18 @@ def trainable_attention(name: str) -> bool:
     return "attentions" in parts or "class_embedding" in parts
 
 
+def trainable_embedding(name: str) -> bool:
+    """True for the class embedding's parameters only: the model keeps everything it learned from public data and DP-SGD
+    moves where each class sits in its conditioning space."""
+    return "class_embedding" in name.split(".")
+
+
 def trainable_filter(trainable: Trainable) -> Callable[[str], bool]:
     """The ``trainable(name)`` predicate for ``TrainState.fresh`` for a :class:`DPConfig` ``trainable`` choice."""
     if trainable == "attention":
         return trainable_attention
+    if trainable == "embedding":
+        return trainable_embedding
     if trainable == "full":
         return lambda name: True
     raise DatawardError(f"trainable must be one of {', '.join(TRAINABLE_CHOICES)}, got {trainable!r}")
@@ -351,7 +361,8 @@ def plan_dp(config: DPConfig, n_examples: int, model: torch.nn.Module) -> DPPlan
     if selected == 0:
         raise DatawardError(
             f"trainable={config.trainable!r} selects no parameters of this model "
-            f"(attention needs parameters named '*.attentions.*' or 'class_embedding.*')"
+            f"(attention needs parameters named '*.attentions.*' or 'class_embedding.*'; embedding needs a class-conditional "
+            f"model, with 'class_embedding.*')"
         )
     _check_model(model)
     steps_per_epoch = math.ceil(n / config.batch)

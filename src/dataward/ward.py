@@ -926,7 +926,7 @@ class Ward:
             records.append(privacy)
             per[str(c)] = "not DP" if privacy is None else {k: privacy.get(k) for k in (
                 "epsilon", "delta", "sigma", "clip", "sample_rate", "steps", "history", "trainable", "trainable_fraction", "accountant", "epsilon_check",
-                "noise_multiplicity")}
+                "noise_multiplicity")} | {"lr": privacy.get("extra", {}).get("lr")}
         eps = ward_epsilon(records)
         notes = []
         if any(r is None for r in records):
