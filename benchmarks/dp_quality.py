@@ -29,7 +29,7 @@ from dataward.audit.metrics import downstream_accuracy, frechet_distance
 from dataward.data import load_source
 from dataward.latent import AutoencoderConfig, LatentDenoiser, make_latent_scheduler, pretrain_autoencoder, sample_latent, unet_eps
 from dataward.nets import build_unet, derive_seed
-from dataward.privacy import DP_LEARNING_RATES, DPConfig, dp_finetune, plan_dp, pretrain_denoiser, trainable_counts, trainable_filter
+from dataward.privacy import DPConfig, dp_finetune, plan_dp, pretrain_denoiser, trainable_counts, trainable_filter
 from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
 from dataward.training import TrainConfig, TrainState, denoiser_loss, run_steps
 
@@ -109,6 +109,16 @@ def main() -> None:
     scheduler = make_training_scheduler()
     results: list[dict] = []
 
+    def dp_cell(model, data, trainable, eps, seed, calibration):
+        """One DP fine-tuning run at the shared settings: the trained state and the row's DP columns."""
+        t0 = time.perf_counter()
+        config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable=trainable, accountant="prv", max_physical_batch=physical,
+                          clip=args.clip, lr=args.lr, noise_multiplicity=multiplicity)
+        state, rec = dp_finetune(model, data, config, TrainConfig(), seed=seed, scheduler=scheduler, calibration=calibration)
+        return state, {"dp_seed": seed, "sigma": rec.sigma, "eps_spent": rec.epsilon(), "eps_rdp": rec.epsilon("rdp"), "steps": rec.steps,
+                       "q": rec.sample_rate, "trainable_fraction": rec.trainable_fraction, "clip": rec.clip, "lr": rec.extra["lr"],
+                       "train_s": time.perf_counter() - t0}
+
     def record(space, method, eps, state_or_model, codec, extra=None):
         model = state_or_model.ema_model() if isinstance(state_or_model, TrainState) else state_or_model
         row = {"space": space, "method": method, "epsilon": eps, **evaluate(model, codec, heldout, features, args), **(extra or {})}
@@ -140,38 +150,26 @@ def main() -> None:
         for trainable in [m for m in ("attention", "embedding") if m in methods]:
             for eps in (1.0, 10.0) if space == "pixel" or args.all_cells else (10.0,):
                 for dp_seed in dp_seeds:
-                    t0 = time.perf_counter()
-                    config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable=trainable, accountant="prv", max_physical_batch=physical,
-                                      clip=args.clip, lr=args.lr, noise_multiplicity=multiplicity)
-                    state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(), seed=dp_seed, scheduler=scheduler, calibration=pub)
-                    record(space, f"{trainable} (public pretrain)", eps, state, codec,
-                           {"dp_seed": dp_seed, "sigma": rec.sigma, "eps_spent": rec.epsilon(), "eps_rdp": rec.epsilon("rdp"), "steps": rec.steps,
-                            "q": rec.sample_rate, "trainable_fraction": rec.trainable_fraction, "clip": rec.clip, "lr": rec.extra["lr"],
-                            "train_s": time.perf_counter() - t0})
+                    state, extra = dp_cell(copy.deepcopy(base), priv, trainable, eps, dp_seed, pub)
+                    record(space, f"{trainable} (public pretrain)", eps, state, codec, extra)
             t0 = time.perf_counter()
-            state = nonprivate_finetune(copy.deepcopy(base), priv, trainable, steps, dp_batch, args.lr or DP_LEARNING_RATES[trainable], SEED)
+            state = nonprivate_finetune(copy.deepcopy(base), priv, trainable, steps, dp_batch, DPConfig(trainable=trainable, lr=args.lr).learning_rate(), SEED)
             record(space, f"{trainable} (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
         if space == "latent" and not args.all_cells and args.methods is None:
             continue
         # full DP fine-tuning and DP from scratch: eps=10 only by default (budget); non-private from scratch is the reference
         _, channels, size, _ = priv.images.shape
         for eps in ((1.0, 10.0) if args.all_cells else (10.0,)):
-            config = DPConfig(epsilon=eps, batch=dp_batch, epochs=dp_epochs, trainable="full", accountant="prv", max_physical_batch=physical,
-                              clip=args.clip, lr=args.lr, noise_multiplicity=multiplicity)
             if "full" in methods:
-                t0 = time.perf_counter()
-                state, rec = dp_finetune(copy.deepcopy(base), priv, config, TrainConfig(), seed=SEED, scheduler=scheduler, calibration=pub)
-                record(space, "full (public pretrain)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps,
-                                                                          "clip": rec.clip, "lr": rec.extra["lr"], "train_s": time.perf_counter() - t0})
+                state, extra = dp_cell(copy.deepcopy(base), priv, "full", eps, SEED, pub)
+                record(space, "full (public pretrain)", eps, state, codec, extra)
             if "scratch" in methods:
-                t0 = time.perf_counter()
                 fresh = build_unet("tiny", size, channels, 10, seed=derive_seed(SEED, "scratch"))
-                state, rec = dp_finetune(fresh, priv, config, TrainConfig(), seed=SEED, scheduler=scheduler)  # no public data: C = 1
-                record(space, "full (DP from scratch)", eps, state, codec, {"sigma": rec.sigma, "eps_spent": rec.epsilon(), "steps": rec.steps,
-                                                                          "clip": rec.clip, "lr": rec.extra["lr"], "train_s": time.perf_counter() - t0})
+                state, extra = dp_cell(fresh, priv, "full", eps, SEED, None)  # no public data: C = 1
+                record(space, "full (DP from scratch)", eps, state, codec, extra)
         if args.all_cells and "full" in methods:
             t0 = time.perf_counter()
-            state = nonprivate_finetune(copy.deepcopy(base), priv, "full", steps, dp_batch, args.lr or DP_LEARNING_RATES["full"], SEED)
+            state = nonprivate_finetune(copy.deepcopy(base), priv, "full", steps, dp_batch, DPConfig(trainable="full", lr=args.lr).learning_rate(), SEED)
             record(space, "full (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
         t0 = time.perf_counter()
         scratch_steps = 5 if q else public_steps
@@ -180,14 +178,15 @@ def main() -> None:
         run_steps(state, priv, denoiser_loss(scheduler), scratch_steps, train, torch.Generator().manual_seed(derive_seed(SEED, "scratch-np")))
         record(space, "full (non-private from scratch)", float("inf"), state, codec, {"steps": scratch_steps, "batch": 128, "train_s": time.perf_counter() - t0})
 
-    selected = plan_dp(DPConfig(accountant="rdp", batch=dp_batch), len(private), build_unet("tiny", 8, 1, 10, seed=0))
+    reference_model = build_unet("tiny", 8, 1, 10, seed=0)
+    selected = plan_dp(DPConfig(accountant="rdp", batch=dp_batch), len(private), reference_model)
     summary = {
         "real": real,
         "results": results,
         "timings": timings,
         "trainable_fraction_attention": selected.trainable_fraction,
         "trainable_params_attention": selected.trainable_params,
-        "trainable_params_embedding": trainable_counts(build_unet("tiny", 8, 1, 10, seed=0), "embedding")[0],
+        "trainable_params_embedding": trainable_counts(reference_model, "embedding")[0],
         "total_params": selected.total_params,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "total_s": time.perf_counter() - t_start,

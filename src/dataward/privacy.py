@@ -474,7 +474,7 @@ def make_private(state: TrainState, data: Dataset, config: DPConfig, *, seed: in
     from opacus import PrivacyEngine
 
     plan = plan or plan_dp(config, len(data), state.model)
-    if config.clip is None:  # no public data here to calibrate on (dp_finetune calibrates before it calls this)
+    if config.clip is None:  # nothing to calibrate on here (dp_finetune calibrates on public data before it calls this)
         config = replace(config, clip=CLIP_WITHOUT_PUBLIC_DATA)
     keep = trainable_filter(config.trainable)
     wrong = [n for n, p in state.model.named_parameters() if p.requires_grad != keep(n)]
@@ -616,10 +616,10 @@ def dp_finetune(
     if private.num_classes is not None and getattr(model.config, "num_class_embeds", None) not in (None, private.num_classes):
         raise DatawardError(f"the model has {model.config.num_class_embeds} class embeddings but the private data has {private.num_classes} classes")
     plan = plan_dp(config, len(private), model)
-    if config.clip is None:
-        clip = CLIP_WITHOUT_PUBLIC_DATA if calibration is None else calibrate_clip(model, calibration, config.trainable, scheduler, seed=seed)
-        config = replace(config, clip=clip)
-        extra["clip_calibrated_on"] = "public data (median per-example gradient norm)" if calibration is not None else "nothing (default 1.0)"
+    if config.clip is None:  # without calibration data make_private applies the default
+        if calibration is not None:
+            config = replace(config, clip=calibrate_clip(model, calibration, config.trainable, scheduler, seed=seed))
+        extra["clip_calibrated_on"] = "public data (median per-example gradient norm)" if calibration is not None else f"nothing (default {CLIP_WITHOUT_PUBLIC_DATA})"
     extra["lr"] = config.learning_rate()
     state = TrainState.fresh(model, replace(train, lr=config.learning_rate()), trainable_filter(config.trainable))
     wrapped = make_private(state, private, config, seed=seed, plan=plan)
