@@ -107,25 +107,30 @@ def test_guard_overfits_members_and_is_at_chance_on_heldout(trained, members, sc
 # ------------------------------------------------------------------------------------------------------------ guidance
 
 
-def _confidence(guard, x_t, t):
-    with torch.no_grad():
-        return guard(x_t, t).softmax(dim=1).max(dim=1).values
-
-
 def test_one_guidance_step_lowers_the_guards_confidence(trained, members, scheduler):
     t = torch.tensor(20)
-    x_t = scheduler.add_noise(members.images, torch.randn(members.images.shape, generator=torch.Generator().manual_seed(1)), t)
-    before = _confidence(trained, x_t, t)
-    g = guard_guidance(trained, scale=1.0, alpha=0.01)(x_t, t)
-    confident = before > 0.99
-    assert confident.float().mean() > 0.8
-    assert torch.all(g[~confident] == 0)  # not confident: no guidance
-    # ε̂ = ε − σ·g moves the DDIM x_0-prediction by +σ²/sqrt(ᾱ)·g: x_t moves along +g. One explicit step of size 1:
-    after = _confidence(trained, x_t + g, t)
-    assert (after[confident] < before[confident]).float().mean() > 0.9
-    assert after[confident].mean() < before[confident].mean() - 0.01
-    # and the opposite direction (toward the more likely label) raises it: the sign is the one that protects
-    assert _confidence(trained, x_t - g, t)[confident].mean() > before[confident].mean()
+    for seed in (1, 2, 3):  # three noise draws of the 48 members
+        x_t = scheduler.add_noise(members.images, torch.randn(members.images.shape, generator=torch.Generator().manual_seed(seed)), t)
+        with torch.no_grad():
+            before = trained(x_t, t).softmax(dim=1)
+        label = before.argmax(dim=1, keepdim=True)  # the bit the guard is sure of
+        g = guard_guidance(trained, scale=1.0, alpha=0.01)(x_t, t)
+        confident = before.max(dim=1).values > 0.99
+        assert confident.float().mean() > 0.8
+        assert torch.all(g[~confident] == 0)  # not confident: no guidance
+        # ε̂ = ε − σ·g moves the DDIM x_0-prediction by +σ²/sqrt(ᾱ)·g: x_t moves along +g. One explicit step of size 1 lowers
+        # the guard's belief in the bit it was sure of. (Its *maximum* confidence is not the measure: a step of size 1
+        # carries 23-58% of the members across the boundary, where the guard is confident of the other bit; measured
+        # with AVX-512, AVX2 and scalar kernels, whose guards differ in their bytes.)
+        with torch.no_grad():
+            after = trained(x_t + g, t).softmax(dim=1).gather(1, label)[confident]
+            against = trained(x_t - g, t).softmax(dim=1).gather(1, label)[confident]
+        sure = before.gather(1, label)[confident]
+        # measured: 100% of the members lowered and a mean drop of 0.23-0.58 under every kernel set; the opposite
+        # direction raises it for 98-100% (a gradient step, so "all" would hold only to first order: 0.95 leaves room)
+        assert (after < sure).float().mean() >= 0.95
+        assert (sure - after).mean() > 0.1
+        assert (against > sure).float().mean() >= 0.9  # the opposite direction (toward the more likely bit) raises it
 
 
 def test_guidance_is_zero_above_the_trained_range(trained):

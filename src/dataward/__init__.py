@@ -6,6 +6,10 @@ The public API: :class:`Ward` (create/open, train, sample, forget, verify, add, 
 
 __version__ = "0.1.0"
 
+from dataward import numerics  # noqa: E402  (first: pins the CPU kernels before any torch computation)
+
+numerics.select_from_environment()
+
 from dataward.data import Dataset, load_source  # noqa: E402
 from dataward.errors import DatawardError  # noqa: E402
 from dataward.guard import GuardConfig  # noqa: E402

@@ -87,13 +87,15 @@ def init(
     epochs: float = typer.Option(200.0, help="Training budget: epochs over each compartment's data."),
     steps: Optional[int] = typer.Option(None, help="Training budget in optimizer steps per compartment (overrides --epochs)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
+    numerics: str = typer.Option("portable", help="CPU kernels: portable (the same bytes on every AVX2 machine) | native (fastest; bytes tied to this CPU)."),
 ) -> None:
     """Create a ward from a data source."""
     from dataward.training import TrainConfig
     from dataward.ward import Ward
 
     w = Ward.create(ward, data, compartments=compartments, by=by, slices=slices, model=model, seed=seed, image_size=image_size,
-                    weights=weights, router=router, guard=guard, train=TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size))
+                    weights=weights, router=router, guard=guard, train=TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size),
+                    numerics=numerics)
     status = w.status()
     out.print(f"created ward [bold]{ward}[/bold]: {status['samples']} samples in {len(status['compartments'])} compartment(s), "
               f"{slices} slice(s) each. Next: dataward train {ward}")

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 import dataward
 from dataward.compose import ComposedDenoiser, WeightsName
 from dataward.data import Dataset, ids_hash, load_source
+from dataward import numerics
 from dataward.errors import DatawardError
 from dataward.guard import (
     ACCURACY_TIMESTEPS, GuardActivity, GuardConfig, build_guard, guard_accuracy_by_t, guard_guidance, guard_labels, guard_loss, guard_model, guarded,
@@ -42,6 +43,7 @@ from dataward.guard import (
 from dataward.latent import AutoencoderConfig, LatentCodec, LatentDenoiser, autoencoder_loss, build_autoencoder, latent_scaling_factor, make_latent_scheduler
 from dataward.ledger import Ledger, ModelRecord
 from dataward.privacy import DPConfig, dp_finetune, other_accountant, ward_delta, ward_epsilon
+from dataward.numerics import Numerics
 from dataward.nets import NoisyClassifier, build_classifier, build_unet, derive_seed
 from dataward.sampling import Denoiser, make_sampler, make_training_scheduler, sample_loop
 from dataward.training import PerSampleLoss, TrainConfig, TrainState, classifier_loss, denoiser_loss, run_steps
@@ -80,6 +82,7 @@ class WardConfig:
     router_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30.0, lr=1e-3))  # router training
     num_train_timesteps: int = 1000  # forward process length
     beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule name
+    numerics: Numerics = "portable"  # CPU kernels: portable (the same bytes on every AVX2 machine) | native (see dataward.numerics)
 
     @classmethod
     def from_json(cls, data: dict) -> "WardConfig":
@@ -218,6 +221,7 @@ class Ward:
         train: TrainConfig | None = None,
         router_train: TrainConfig | None = None,
         guard_settings: GuardConfig | None = None,
+        numerics: Numerics = "portable",
     ) -> "Ward":
         """Make a new ward from a data source (spec string or Dataset). Nothing is left behind on error."""
         path = Path(path)
@@ -227,6 +231,8 @@ class Ward:
             raise DatawardError(f"compartments and slices must be >= 1, got {compartments} and {slices}")
         if by not in ("random", "label", "source"):
             raise DatawardError(f"--by must be random, label or source, got {by!r}")
+        if numerics not in ("portable", "native"):
+            raise DatawardError(f"numerics must be portable or native, got {numerics!r}")
         dataset = load_source(data) if isinstance(data, str) else data
         spec = data if isinstance(data, str) else "dataset"
         channels = channels or dataset.shape[0]
@@ -234,7 +240,7 @@ class Ward:
             data=spec, model=model, image_size=image_size, channels=channels,
             num_classes=dataset.num_classes if dataset.labels is not None else None, seed=seed, slices=slices, by=by,
             compartments=compartments, weights=weights, router=router, guard=guard, guard_settings=guard_settings or GuardConfig(),
-            train=train or TrainConfig(), router_train=router_train or WardConfig.__dataclass_fields__["router_train"].default_factory(),
+            numerics=numerics, train=train or TrainConfig(), router_train=router_train or WardConfig.__dataclass_fields__["router_train"].default_factory(),
         )
         build_unet(model, image_size, channels, config.num_classes, seed)  # fails early on a bad preset or size
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -512,6 +518,7 @@ class Ward:
         from dataward.executors import configure_torch
 
         configure_torch(device, lineage.config.threads)  # thread count (and deterministic CUDA kernels): part of determinism
+        numerics.require(self.config.numerics)  # ... and the CPU kernels
         if is_dp_variant(lineage.variant):
             return [self._run_dp(lineage, device, progress, out_root)]
         model = self._build(lineage).to(device)
@@ -593,6 +600,7 @@ class Ward:
             "kind": lineage.kind, "compartment": lineage.compartment, "stage": stage, "ids_hash": ids_hash(ids),
             "num_ids": len(ids), "seed": self.config.seed, "steps": state.step, "train": asdict(lineage.config),
             "dataward_version": dataward.__version__, "weights_sha256": weights_hash(tmp / WEIGHTS_FILE),
+            "numerics": numerics.fingerprint(),
         }
         if lineage.kind == "router":
             metadata["num_outputs"] = len(self.compartments())
@@ -865,11 +873,16 @@ class Ward:
                 results = self.run_job(self.plan(lineage, from_scratch=True), device, progress, out_root=Path(scratch))
                 scratch_hash = weights_hash(Path(scratch) / results[served.stage]["folder"] / WEIGHTS_FILE)
                 served_hash = weights_hash(self.path / served.path / WEIGHTS_FILE)
-                checks.append({
+                check = {
                     "kind": lineage.kind, "compartment": lineage.compartment, "stage": served.stage,
                     "served_sha256": served_hash, "scratch_sha256": scratch_hash,
                     "equal": served_hash == scratch_hash, "saw_forgotten_ids": len(saw & forgotten),
-                })
+                }
+                if not check["equal"]:  # say whether this machine computes other bytes than the one that trained the model
+                    machine = numerics.differences(served.metadata.get("numerics"), numerics.fingerprint())
+                    check["reason"] = ("this machine's numerics differ from the training machine's: " + "; ".join(machine)) if machine else \
+                        "same numerics as the training machine: the served model is not what its lineage trains"
+                checks.append(check)
         ok = bool(checks) and all(c["equal"] and not c.get("saw_forgotten_ids") for c in checks)
         return {"ok": ok, "forgotten": len(forgotten), "models": checks}
 

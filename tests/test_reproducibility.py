@@ -1,0 +1,83 @@
+"""Pinned bytes: a tiny ward trained under portable numerics has these exact weight and sample hashes on any AVX2 machine.
+
+The fixture covers every model kind the ward trains (denoisers in two SISA stages, the router, guards, the public
+denoiser, DP fine-tuning, the public autoencoder and latent models) and samples with each kind of weights. A change of
+machine, of a dependency or of the code that moves any byte fails here; so does a refactoring that was meant to change
+nothing. If a change is *meant* to move bytes, say so in its commit and re-pin with ``DATAWARD_PRINT_HASHES=1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_ward
+from dataward import numerics
+from dataward.guard import GuardConfig
+from dataward.latent import AutoencoderConfig
+from dataward.privacy import DPConfig
+from dataward.training import TrainConfig
+
+pytestmark = pytest.mark.skipif(numerics.process_numerics() != "portable",
+                                reason="pinned hashes hold under portable numerics only (an x86-64 CPU with AVX2, DATAWARD_NUMERICS unset)")
+
+GUARD = GuardConfig(width=16, steps=4, batch_size=16)
+PUBLIC = TrainConfig(steps=3, batch_size=30)
+
+# first 16 hex digits of each served model's weights_sha256 and of each sample set's bytes
+PINNED_PIXEL = {
+    "denoiser/0/s0": "be2dd0f44df8572d", "denoiser/0/s1": "27386da18cb82c46", "denoiser/1/s0": "7189d1b694de98ca",  # 1: DP, one phase
+    "guard/0/s0": "ccaee5d1767d19d6", "guard/0/s1": "180611c069843af6", "guard/1/s0": "effd0f2b9ca78fc0", "guard/1/s1": "7ec92ecd86b9de62",
+    "public-denoiser/None/s0": "75e1ea6432839ba9", "router/None/s0": "59ca6cafbb207570", "router/None/s1": "378a5568ac6c5fb1",
+    "sample/density": "704ce1a0bd9ac5a6", "sample/guarded": "ef2acc748013c738", "sample/router": "dcbadc43d3ac96ff",
+}
+PINNED_LATENT = {
+    "autoencoder/None/s0": "b029b663faf83c58", "public-denoiser/None/s0": "facb324a0a8ec35a",
+    "denoiser/0/s0": "fdc2e12488a6fd59", "denoiser/0/s1": "d3bcffab34ddd7f1", "denoiser/1/s0": "ffa6a80fa04d9498", "denoiser/1/s1": "900113a8661b063e",
+    "sample/latent": "be69c27500638d36",
+}
+
+
+def _models(ward) -> dict[str, str]:
+    return {f"{r.kind}/{r.compartment}/s{r.stage}": r.metadata["weights_sha256"][:16]
+            for r in ward.ledger.models(status=None, any_compartment=True) if r.status == "ready"}
+
+
+def _samples(ward, name: str, **options) -> dict[str, str]:
+    result = ward.sample(4, seed=3, steps=5, **options)
+    return {f"sample/{name}": hashlib.sha256(result.images.numpy().tobytes() + result.attribution.numpy().tobytes()).hexdigest()[:16]}
+
+
+def _check(got: dict[str, str], pinned: dict[str, str]) -> None:
+    if os.environ.get("DATAWARD_PRINT_HASHES"):
+        print(json.dumps(got, indent=1, sort_keys=True))
+    assert got == pinned
+
+
+def test_pixel_ward_bytes_are_pinned(tmp_path):
+    torch.set_num_threads(2)
+    ward = make_ward(tmp_path / "w", guard=True, guard_settings=GUARD)
+    ward.train()
+    ward.pretrain("printed:count=60", PUBLIC)
+    ward.enable_dp(DPConfig(epsilon=10.0, batch=20, epochs=1), compartments=[1])
+    got = _models(ward)
+    got |= _samples(ward, "density", weights="density", sampler="ddpm", allowed=[0])
+    got |= _samples(ward, "router", weights="router", sampler="ddim")
+    got |= _samples(ward, "guarded", weights="router", guard=True, guard_scale=5.0, guard_alpha=0.49)  # a 4-step guard is barely sure: steer wherever p > 0.51
+    ward.close()
+    _check(got, PINNED_PIXEL)
+
+
+def test_latent_ward_bytes_are_pinned(tmp_path):
+    torch.set_num_threads(2)
+    ward = make_ward(tmp_path / "w", data="digits:subset=40", router=False)
+    ward.pretrain("printed:count=60", PUBLIC, latent=True, autoencoder=AutoencoderConfig(steps=3, batch_size=30),
+                  autoencoder_data="strokes:count=40")
+    ward.train()
+    got = _models(ward) | _samples(ward, "latent", weights="density", sampler="ddpm")
+    ward.close()
+    _check(got, PINNED_LATENT)
