@@ -27,11 +27,11 @@ import torch
 from dataward.audit.features import digits_feature_net
 from dataward.audit.metrics import downstream_accuracy, frechet_distance
 from dataward.data import load_source
-from dataward.latent import AutoencoderConfig, LatentDenoiser, make_latent_scheduler, pretrain_autoencoder, sample_latent, unet_eps
-from dataward.nets import build_unet, derive_seed
-from dataward.privacy import DPConfig, dp_finetune, plan_dp, pretrain_denoiser, trainable_counts, trainable_filter
-from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
-from dataward.training import TrainConfig, TrainState, denoiser_loss, run_steps
+from dataward.diffusion.latent import AutoencoderConfig, LatentDenoiser, make_latent_scheduler, pretrain_autoencoder, sample_latent, unet_eps
+from dataward.models.nets import build_unet, derive_seed
+from dataward.training.privacy import DPConfig, dp_finetune, plan_dp, pretrain_denoiser, trainable_counts, trainable_filter
+from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop
+from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
 
 warnings.filterwarnings("ignore")
 SEED = 0
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--dp-epochs", type=int, default=15)
     parser.add_argument("--dp-batch", type=int, default=250, help="expected Poisson batch: q = 1 / ceil(1500 / batch)")
     parser.add_argument("--clip", type=float, default=None, help="DP clipping norm (default: calibrated on the public data; 1.0 from scratch)")
-    parser.add_argument("--lr", type=float, default=None, help="DP-SGD learning rate (default: dataward.privacy.DP_LEARNING_RATES by trainable set)")
+    parser.add_argument("--lr", type=float, default=None, help="DP-SGD learning rate (default: dataward.training.privacy.DP_LEARNING_RATES by trainable set)")
     parser.add_argument("--noise-multiplicity", type=int, default=1, help="K draws of (t, noise) per example in every DP cell (DPDM)")
     parser.add_argument("--dp-seeds", default=str(SEED),
                         help="seeds of the attention and embedding DP cells (Poisson batches, noise, clip calibration), e.g. 0,1,2: "

@@ -5,9 +5,9 @@
 Model: the ``tiny`` preset (8x8 digits), the digits training split. For each trainable set (``attention``: DP-LDM's
 attention modules + class embedding; ``embedding``: the class embedding only; ``full``) two variants run the same number of logical steps:
 
-- ``dp``: ``dataward.privacy.run_private_epochs`` (opacus: Poisson batches of expected size --batch split into physical
+- ``dp``: ``dataward.training.privacy.run_private_epochs`` (opacus: Poisson batches of expected size --batch split into physical
   batches of at most --physical, per-sample gradients, clipping, noise; ``noise_multiplicity`` 1);
-- ``plain``: ``dataward.training.run_steps`` with batch --batch (one forward/backward per step, no clipping or noise).
+- ``plain``: ``dataward.training.loop.run_steps`` with batch --batch (one forward/backward per step, no clipping or noise).
 
 Every round runs --steps logical steps of each of the six variants in a rotated order, so a load change on the shared
 machine hits all of them alike; the figure is the median over rounds of the per-round ratio dp / plain. Peak memory:
@@ -36,7 +36,7 @@ VARIANTS = tuple(f"{t}-{mode}" for t in TRAINABLE_SETS for mode in ("dp", "plain
 
 def setup(args):
     from dataward.data import load_source
-    from dataward.nets import build_unet
+    from dataward.models.nets import build_unet
 
     data = load_source("digits")
     return build_unet("tiny", 8, 1, 10, seed=0), data.select(list(data.ids[: args.batch * args.steps]))
@@ -44,9 +44,9 @@ def setup(args):
 
 def run_variant(variant: str, base, data, args) -> float:
     """Seconds per logical step of one variant over --steps steps (fresh optimizer state, same weights)."""
-    from dataward.privacy import DPConfig, make_private, run_private_epochs, trainable_filter
-    from dataward.sampling import make_training_scheduler
-    from dataward.training import TrainConfig, TrainState, denoiser_loss, run_steps
+    from dataward.training.privacy import DPConfig, make_private, run_private_epochs, trainable_filter
+    from dataward.diffusion.sampling import make_training_scheduler
+    from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
 
     trainable, mode = variant.split("-")
     loss = denoiser_loss(make_training_scheduler())

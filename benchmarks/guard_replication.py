@@ -26,7 +26,7 @@ import torch
 from dataward.audit.features import digits_feature_net
 from dataward.audit.metrics import frechet_distance, loss_attack, replication
 from dataward.data import Dataset, load_source
-from dataward.guard import (
+from dataward.models.guard import (
     MEMORIZE_PRESET,
     MEMORIZE_SUBSET,
     GuardConfig,
@@ -37,9 +37,9 @@ from dataward.guard import (
     guarded,
     train_guard,
 )
-from dataward.nets import build_unet, derive_seed
-from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
-from dataward.training import TrainState, denoiser_loss, run_steps
+from dataward.models.nets import build_unet, derive_seed
+from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop
+from dataward.training.loop import TrainState, denoiser_loss, run_steps
 
 
 def log(message: str) -> None:

@@ -52,9 +52,9 @@ def main() -> None:
 
     from dataward.audit.features import digits_feature_net
     from dataward.data import load_source
-    from dataward.nets import build_unet
-    from dataward.sampling import make_training_scheduler
-    from dataward.training import TrainConfig, TrainState, denoiser_loss, run_steps
+    from dataward.models.nets import build_unet
+    from dataward.diffusion.sampling import make_training_scheduler
+    from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
     from dataward.ward import Ward
 
     print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, threads {args.threads}, load average {load_avg()}")

@@ -36,7 +36,7 @@ def build_ward(folder: Path) -> tuple[Path, str]:
     """A tiny trained K=2, R=2 ward and a key reaching both compartments."""
     import torch
 
-    from dataward.training import TrainConfig
+    from dataward.training.loop import TrainConfig
     from dataward.ward import Ward
 
     torch.set_num_threads(1)
@@ -59,7 +59,7 @@ def start_server(ward: Path, port: int, workers: int, queue: int, log: Path) -> 
     """`dataward serve` in a subprocess; returns once /healthz answers."""
     argv = ["dataward", "serve", str(ward), "--host", HOST, "--port", str(port), "--workers", str(workers), "--queue", str(queue),
             "--log-level", "warning"]
-    code = f"import sys; from dataward.cli import main; sys.argv = {argv!r}; main()"
+    code = f"import sys; from dataward.app.cli import main; sys.argv = {argv!r}; main()"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while time.time() < deadline:

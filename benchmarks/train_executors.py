@@ -26,7 +26,7 @@ import torch
 
 
 def train_ward(path: Path, args, executor: str) -> tuple[float, dict]:
-    from dataward.training import TrainConfig
+    from dataward.training.loop import TrainConfig
     from dataward.ward import WEIGHTS_FILE, Ward, weights_hash
 
     ward = Ward.create(path, args.data, compartments=args.k, slices=1, router=False, train=TrainConfig(steps=args.steps, batch_size=64))
@@ -68,9 +68,9 @@ def executors(args) -> None:
 
 
 def samples_per_second(device: str, steps: int, batch: int = 64) -> float:
-    from dataward.nets import build_unet
-    from dataward.sampling import make_training_scheduler
-    from dataward.training import TrainConfig, TrainState, denoiser_loss
+    from dataward.models.nets import build_unet
+    from dataward.diffusion.sampling import make_training_scheduler
+    from dataward.training.loop import TrainConfig, TrainState, denoiser_loss
 
     torch.set_num_threads(2)
     model = build_unet("small", 32, 1, 10, seed=0).to(device)

@@ -2,9 +2,9 @@
 
     python benchmarks/train_throughput.py [--rounds 8] [--steps 10] [--batch 128] [--threads 2] [--quick] [--json out.json]
 
-Variants, all on the ``tiny`` preset (``dataward.nets.build_unet``, same seed), the digits training split, batch 128:
+Variants, all on the ``tiny`` preset (``dataward.models.nets.build_unet``, same seed), the digits training split, batch 128:
 
-- ``dataward``: ``dataward.training.run_steps`` with ``TrainState.fresh`` and ``denoiser_loss`` (as shipped: Adam and
+- ``dataward``: ``dataward.training.loop.run_steps`` with ``TrainState.fresh`` and ``denoiser_loss`` (as shipped: Adam and
   EMA with ``foreach=False``, per-example loss then mean, finiteness check, EMA step after every Adam step).
 - ``plain``: a minimal diffusers loop (``DDPMScheduler.add_noise``, ``F.mse_loss``, ``torch.optim.Adam`` with torch's
   default settings) and NO EMA.
@@ -55,9 +55,9 @@ def main() -> None:
     from diffusers.training_utils import EMAModel
 
     from dataward.data import load_source
-    from dataward.nets import build_unet
-    from dataward.sampling import make_training_scheduler
-    from dataward.training import TrainConfig, TrainState, denoiser_loss, run_steps
+    from dataward.models.nets import build_unet
+    from dataward.diffusion.sampling import make_training_scheduler
+    from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
 
     data = load_source("digits")
     scheduler = make_training_scheduler()

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from dataward.training import TrainConfig
+from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 TINY = TrainConfig(steps=4, batch_size=16)

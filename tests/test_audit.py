@@ -10,7 +10,7 @@ from dataward.audit import metrics as M
 from dataward.audit.features import FeatureNetConfig, digits_feature_net, inception_features, module_features
 from dataward.data import load_source
 from dataward.errors import DatawardError
-from dataward.sampling import make_training_scheduler
+from dataward.diffusion.sampling import make_training_scheduler
 
 
 @pytest.fixture(scope="session")

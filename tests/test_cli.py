@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-CLI = [sys.executable, "-c", "from dataward.cli import main; main()"]
+CLI = [sys.executable, "-c", "from dataward.app.cli import main; main()"]
 
 
 def run(*args, check=True, columns=200):

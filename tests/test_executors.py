@@ -2,7 +2,7 @@
 
 One local Ray per module (2 CPUs, no dashboard, its files in a temp dir, HOME pointed at a temp dir so Ray's auth token
 never lands in the real home). Failures are injected in the workers through the file DATAWARD_FAULT names (see
-dataward.executors); the file is rewritten per test, so workers are reused (each worker start imports torch+diffusers).
+dataward.training.executors); the file is rewritten per test, so workers are reused (each worker start imports torch+diffusers).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dataward.errors import DatawardError
-from dataward.training import TrainConfig
+from dataward.training.loop import TrainConfig
 from dataward.ward import WEIGHTS_FILE, Ward, weights_hash
 
 ray = pytest.importorskip("ray")
@@ -76,7 +76,7 @@ def reference(tmp_path_factory) -> dict[tuple, str]:
 def test_ray_from_the_cli_is_bitwise_equal_to_local(ray_session, reference, tmp_path):
     from typer.testing import CliRunner
 
-    from dataward.cli import app
+    from dataward.app.cli import app
 
     ward = make_ward(tmp_path / "ward")
     result = CliRunner().invoke(app, ["train", str(ward.path), "--executor", "ray", "--cpus-per-job", "1", "--gpus-per-job", "0"])
@@ -120,7 +120,7 @@ def test_permanent_error_is_reported_without_retry(faults, tmp_path):
 
 
 def test_missing_ray_and_bad_options_are_clear_errors(monkeypatch):
-    from dataward.executors import run_on_ray
+    from dataward.training.executors import run_on_ray
 
     with pytest.raises(DatawardError, match="gpus-per-job"):
         list(run_on_ray([], device="cuda", gpus_per_job=0))

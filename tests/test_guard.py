@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler
 
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
-from dataward.guard import (
+from dataward.models.guard import (
     GuardConfig,
     build_guard,
     guard_accuracy_by_t,
@@ -20,7 +20,7 @@ from dataward.guard import (
     guarded,
     train_guard,
 )
-from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
+from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop
 
 # small enough to train in a few seconds on one core, big enough to memorise 48 random bits
 FAST = GuardConfig(width=32, levels=2, steps=250, batch_size=48, lr=2e-3, ema_decay=0.9, max_timestep=100)
@@ -70,7 +70,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(DatawardError, match="width"):
         GuardConfig(width=20)
     with pytest.raises(DatawardError, match="max_timestep"):
-        from dataward.guard import guard_loss
+        from dataward.models.guard import guard_loss
 
         guard_loss(make_training_scheduler(100), GuardConfig(max_timestep=300))
 
@@ -211,7 +211,7 @@ def test_guided_sampling_behaves_as_derived():
 
 
 def test_guard_off_is_bitwise_the_plain_sampler(trained, scheduler):
-    from dataward.nets import build_unet
+    from dataward.models.nets import build_unet
 
     unet = build_unet("tiny", 8, 1, None, seed=0).eval()
     eps = lambda x_t, t, y: unet(x_t, t).sample

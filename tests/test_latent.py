@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-import dataward.sampling as sampling
+import dataward.diffusion.sampling as sampling
 from dataward.data import load_source
 from dataward.errors import DatawardError
-from dataward.latent import (
+from dataward.diffusion.latent import (
     AutoencoderConfig,
     LatentCodec,
     LatentDenoiser,
@@ -19,9 +19,9 @@ from dataward.latent import (
     sample_latent,
     unet_eps,
 )
-from dataward.nets import build_unet
-from dataward.privacy import DPConfig, dp_finetune
-from dataward.training import TrainConfig
+from dataward.models.nets import build_unet
+from dataward.training.privacy import DPConfig, dp_finetune
+from dataward.training.loop import TrainConfig
 
 warnings.filterwarnings("ignore", message="Secure RNG")
 CONFIG = AutoencoderConfig(steps=300)

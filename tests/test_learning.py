@@ -5,7 +5,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from dataward.data import load_source
-from dataward.training import TrainConfig
+from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
-from dataward.nets import build_classifier, build_unet
-from dataward.privacy import (
+from dataward.models.nets import build_classifier, build_unet
+from dataward.training.privacy import (
     DPConfig,
     backward_per_example,
     calibrate_clip,
@@ -31,8 +31,8 @@ from dataward.privacy import (
     ward_delta,
     ward_epsilon,
 )
-from dataward.sampling import make_training_scheduler
-from dataward.training import TrainConfig, TrainState
+from dataward.diffusion.sampling import make_training_scheduler
+from dataward.training.loop import TrainConfig, TrainState
 
 warnings.filterwarnings("ignore", message="Full backward hook")
 warnings.filterwarnings("ignore", message="Secure RNG")

@@ -17,10 +17,10 @@ import torch
 
 from conftest import make_ward
 from dataward import numerics
-from dataward.guard import GuardConfig
-from dataward.latent import AutoencoderConfig
-from dataward.privacy import DPConfig
-from dataward.training import TrainConfig
+from dataward.models.guard import GuardConfig
+from dataward.diffusion.latent import AutoencoderConfig
+from dataward.training.privacy import DPConfig
+from dataward.training.loop import TrainConfig
 
 pytestmark = pytest.mark.skipif(numerics.process_numerics() != "portable",
                                 reason="pinned hashes hold under portable numerics only (an x86-64 CPU with AVX2, DATAWARD_NUMERICS unset)")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dataward.compose import ComposedDenoiser
-from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
+from dataward.diffusion.compose import ComposedDenoiser
+from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop
 
 SCHEDULER = make_training_scheduler()
 ALPHA_BAR = SCHEDULER.alphas_cumprod

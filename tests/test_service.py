@@ -19,8 +19,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from dataward.service import ServiceLimits, ServingWard, _StaleTraining, create_app
-from dataward.training import TrainConfig
+from dataward.app.service import ServiceLimits, ServingWard, _StaleTraining, create_app
+from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 STEPS = 2  # sampling steps in tests: quality is irrelevant, exactness is what is tested

@@ -4,9 +4,9 @@ import torch
 from diffusers import UNet2DModel
 
 from dataward.data import load_source
-from dataward.nets import build_unet
-from dataward.sampling import make_training_scheduler
-from dataward.training import TrainConfig, TrainState, denoiser_loss, run_steps
+from dataward.models.nets import build_unet
+from dataward.diffusion.sampling import make_training_scheduler
+from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
 
 DATA = load_source("digits:subset=40")
 SCHED = make_training_scheduler()

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dataward.errors import DatawardError
-from dataward.guard import GuardConfig
-from dataward.privacy import DPConfig
-from dataward.training import TrainConfig
+from dataward.models.guard import GuardConfig
+from dataward.training.privacy import DPConfig
+from dataward.training.loop import TrainConfig
 
 from conftest import make_ward
 
@@ -72,7 +72,7 @@ def test_dp_bad_input_is_refused_before_training(tmp_path):
 
 def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
     from dataward.audit import audit_ward
-    from dataward.latent import AutoencoderConfig
+    from dataward.diffusion.latent import AutoencoderConfig
 
     ward = make_ward(tmp_path / "w", data="digits:subset=80", guard=True, guard_settings=TINY_GUARD)
     ward.train()

@@ -12,9 +12,9 @@ numerics.select_from_environment()
 
 from dataward.data import Dataset, load_source  # noqa: E402
 from dataward.errors import DatawardError  # noqa: E402
-from dataward.guard import GuardConfig  # noqa: E402
-from dataward.privacy import DPConfig  # noqa: E402
-from dataward.training import TrainConfig  # noqa: E402
+from dataward.models.guard import GuardConfig  # noqa: E402
+from dataward.training.privacy import DPConfig  # noqa: E402
+from dataward.training.loop import TrainConfig  # noqa: E402
 from dataward.ward import SampleResult, Ward, WardConfig  # noqa: E402
 
 __all__ = ["Ward", "WardConfig", "SampleResult", "TrainConfig", "DPConfig", "GuardConfig", "Dataset", "load_source", "DatawardError", "__version__"]

@@ -33,20 +33,20 @@ from diffusers import AutoencoderKL, UNet2DModel
 from safetensors.torch import load_file
 
 import dataward
-from dataward.compose import ComposedDenoiser, WeightsName
+from dataward.diffusion.compose import ComposedDenoiser, WeightsName
 from dataward.data import Dataset, ids_hash, load_source
 from dataward import numerics
 from dataward.errors import DatawardError
-from dataward.guard import (
+from dataward.models.guard import (
     ACCURACY_TIMESTEPS, GuardActivity, GuardConfig, build_guard, guard_accuracy_by_t, guard_guidance, guard_labels, guard_loss, guard_model, guarded,
 )
-from dataward.latent import AutoencoderConfig, LatentCodec, LatentDenoiser, autoencoder_loss, build_autoencoder, latent_scaling_factor, make_latent_scheduler
-from dataward.ledger import Ledger, ModelRecord
-from dataward.privacy import DPConfig, dp_finetune, other_accountant, ward_delta, ward_epsilon
+from dataward.diffusion.latent import AutoencoderConfig, LatentCodec, LatentDenoiser, autoencoder_loss, build_autoencoder, latent_scaling_factor, make_latent_scheduler
+from dataward.store.ledger import Ledger, ModelRecord
+from dataward.training.privacy import DPConfig, dp_finetune, other_accountant, ward_delta, ward_epsilon
 from dataward.numerics import Numerics
-from dataward.nets import NoisyClassifier, build_classifier, build_unet, derive_seed
-from dataward.sampling import Denoiser, make_sampler, make_training_scheduler, sample_loop
-from dataward.training import PerSampleLoss, TrainConfig, TrainState, classifier_loss, denoiser_loss, run_steps
+from dataward.models.nets import NoisyClassifier, build_classifier, build_unet, derive_seed
+from dataward.diffusion.sampling import Denoiser, make_sampler, make_training_scheduler, sample_loop
+from dataward.training.loop import PerSampleLoss, TrainConfig, TrainState, classifier_loss, denoiser_loss, run_steps
 
 AssignBy = Literal["random", "label", "source"]
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -509,13 +509,13 @@ class Ward:
     def run_job(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None) -> list[dict]:
         """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/).
 
-        Reads the ledger, never writes it, so it can run in a worker process (see :mod:`dataward.executors`).
+        Reads the ledger, never writes it, so it can run in a worker process (see :mod:`dataward.training.executors`).
         Returns one record per stage: ``{"stage", "folder", "ids", "metadata"}``.
         """
         lineage = job.lineage
         stages = len(lineage.stage_ids)
         out_root = Path(out_root or self.path / "models")
-        from dataward.executors import configure_torch
+        from dataward.training.executors import configure_torch
 
         configure_torch(device, lineage.config.threads)  # thread count (and deterministic CUDA kernels): part of determinism
         numerics.require(self.config.numerics)  # ... and the CPU kernels
@@ -570,7 +570,7 @@ class Ward:
 
     def _run_dp(self, lineage: Lineage, device: str, progress, out_root: Path) -> dict:
         """DP-SGD fine-tuning of one compartment's denoiser from the public model (DP-LDM), or from scratch (DPDM-style)."""
-        from dataward.privacy import plan_dp
+        from dataward.training.privacy import plan_dp
 
         data = self._stage_data(lineage, 0)
         model = self._build(lineage)
@@ -623,7 +623,7 @@ class Ward:
         """Train every model that is missing or out of date (after init, add, forget or a crash); finish pending forgets.
 
         Compartments' models are independent jobs; models that span compartments (the router) run after them.
-        ``executor`` is ``local`` (in this process) or ``ray`` (one Ray task per job, see :mod:`dataward.executors`).
+        ``executor`` is ``local`` (in this process) or ``ray`` (one Ray task per job, see :mod:`dataward.training.executors`).
         ``only`` limits training to some model kinds (e.g. ``("public-denoiser",)`` for ``dataward pretrain``).
         """
         started = time.time()
@@ -637,7 +637,7 @@ class Ward:
                 for job in jobs:
                     self.register(job, self.run_job(job, device, progress))
             elif executor == "ray":
-                from dataward.executors import run_on_ray
+                from dataward.training.executors import run_on_ray
 
                 for job, results in run_on_ray(jobs, device=device, progress=progress, **executor_options):
                     self.register(job, results)
@@ -913,7 +913,7 @@ class Ward:
         """Train the compartments' denoisers with DP-SGD (``dataward train --dp``): validated before anything is written."""
         from dataclasses import replace as replace_config
 
-        from dataward.privacy import plan_dp
+        from dataward.training.privacy import plan_dp
 
         known = self.compartments()
         chosen = known if compartments is None else sorted(set(compartments))

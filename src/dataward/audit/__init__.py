@@ -38,7 +38,7 @@ from dataward.audit.metrics import (
 )
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
-from dataward.privacy import other_accountant
+from dataward.training.privacy import other_accountant
 
 SCHEMA = "dataward.audit/1"
 SECTIONS = ("quality", "replication", "membership", "forgetting", "privacy")

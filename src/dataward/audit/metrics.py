@@ -422,7 +422,7 @@ def recompute_epsilon(history: Sequence[Sequence[float]], delta: float, accounta
     """ε of DP-SGD from its accountant history ``[(sigma, sample_rate, steps), ...]`` (Poisson sampling rate q, noise
     multiplier σ) at ``delta``, by an opacus accountant (``prv``: Gopi et al. 2021, ``rdp``: Mironov 2017). The audit
     uses the accountant the training did not use, as an independent check of the recorded ε."""
-    from dataward.privacy import history_epsilon
+    from dataward.training.privacy import history_epsilon
 
     if accountant not in ("prv", "rdp"):
         raise DatawardError(f"unknown accountant {accountant!r}: expected prv or rdp")

@@ -15,7 +15,7 @@ import torch
 
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
-from dataward.sampling import make_sampler, make_training_scheduler, sample_loop
+from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop
 
 
 def empirical_denoiser(bank: torch.Tensor, alpha_bar: torch.Tensor):

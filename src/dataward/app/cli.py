@@ -90,7 +90,7 @@ def init(
     numerics: str = typer.Option("portable", help="CPU kernels: portable (the same bytes on every AVX2 machine) | native (fastest; bytes tied to this CPU)."),
 ) -> None:
     """Create a ward from a data source."""
-    from dataward.training import TrainConfig
+    from dataward.training.loop import TrainConfig
     from dataward.ward import Ward
 
     w = Ward.create(ward, data, compartments=compartments, by=by, slices=slices, model=model, seed=seed, image_size=image_size,
@@ -132,7 +132,7 @@ def train(
     options = {} if executor != "ray" else dict(ray_address=ray_address, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job)
     with progress_bar() as progress:
         if dp:
-            from dataward.privacy import DPConfig
+            from dataward.training.privacy import DPConfig
 
             config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=batch, epochs=epochs, trainable=trainable, accountant=accountant,
                                lr=dp_lr, noise_multiplicity=noise_multiplicity)
@@ -160,7 +160,7 @@ def pretrain(
     """Pretrain the public models on public data: a denoiser (and with --latent an autoencoder); `train --dp` fine-tunes from them (DP-LDM)."""
     from dataclasses import replace
 
-    from dataward.training import TrainConfig
+    from dataward.training.loop import TrainConfig
 
     if (autoencoder_steps is not None or autoencoder_data is not None) and not latent:
         raise DatawardError("--autoencoder-steps and --autoencoder-data need --latent (pixel wards have no autoencoder)")
@@ -405,7 +405,7 @@ def add(ward: Path = typer.Argument(..., help="The ward folder."), data: str = t
 def demo(out_dir: Path = typer.Option(Path("demo-out"), "--out", help="Where the demo writes its ward and pictures."),
          quick: bool = typer.Option(False, "--quick", help="A shorter run (smaller training budget).")) -> None:
     """Show the whole product end to end on the bundled digits."""
-    from dataward.demo import run_demo
+    from dataward.app.demo import run_demo
 
     run_demo(out_dir, quick=quick, console=out)
 
@@ -482,7 +482,7 @@ def serve(
     """Serve the ward over HTTP (FastAPI + uvicorn; OpenAPI docs at /docs). See docs/service.md."""
     import uvicorn
 
-    from dataward.service import ServiceLimits, create_app
+    from dataward.app.service import ServiceLimits, create_app
 
     service_app = create_app(ward, pool_size=workers, queue_size=queue, limits=ServiceLimits(max_n=max_n, max_steps=max_steps),
                              torch_threads=torch_threads)

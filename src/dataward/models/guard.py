@@ -11,7 +11,7 @@ images it memorised and uncertain (≈ 1/2) elsewhere. During sampling, wherever
 
 and ``ε̂ = ε`` where the guard is not confident. This moves ``x_t`` toward the guard's uncertainty (p = 1/2), i.e. away
 from memorised training points. The formula is the paper's (its ε-space classifier guidance, Dhariwal & Nichol's
-``condition_score``); the ``sqrt(1 − ᾱ_t)`` factor lives in :func:`dataward.sampling.guide_eps`, the one place guidance
+``condition_score``); the ``sqrt(1 − ᾱ_t)`` factor lives in :func:`dataward.diffusion.sampling.guide_eps`, the one place guidance
 is applied, and this module returns only ``s · ∇ log p_φ(ŷ | x_t)`` (zero where not confident).
 
 Deviations from the paper, all documented on the functions:
@@ -21,8 +21,8 @@ Deviations from the paper, all documented on the functions:
 - the confidence test is per sample (the paper's Algorithm 1 is per sample too; we state it so batched sampling is clear).
 
 Training is a pure function of (the data's IDs, sorted; its images; the seed; the config): it reuses the shared
-deterministic trainer (:class:`dataward.training.TrainState`, :func:`dataward.training.run_steps`) and
-:func:`dataward.training.classifier_loss` with the guard labels as ``targets``.
+deterministic trainer (:class:`dataward.training.loop.TrainState`, :func:`dataward.training.loop.run_steps`) and
+:func:`dataward.training.loop.classifier_loss` with the guard labels as ``targets``.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from diffusers import DDPMScheduler
 
 from dataward.data import Dataset
 from dataward.errors import DatawardError
-from dataward.nets import NoisyClassifier, build_classifier, derive_seed
-from dataward.sampling import Denoiser, Guidance, guide_eps
-from dataward.training import PerSampleLoss, TrainConfig, TrainState, classifier_loss, run_steps
+from dataward.models.nets import NoisyClassifier, build_classifier, derive_seed
+from dataward.diffusion.sampling import Denoiser, Guidance, guide_eps
+from dataward.training.loop import PerSampleLoss, TrainConfig, TrainState, classifier_loss, run_steps
 
 
 # The memorization testbed (issue 5): the tiny UNet trained on ``digits:subset=MEMORIZE_SUBSET`` with this config
@@ -217,11 +217,11 @@ class GuardActivity:
 def guard_guidance(
     guard: torch.nn.Module, scale: float, alpha: float, max_timestep: int | None = None, activity: GuardActivity | None = None
 ) -> Guidance:
-    """The CPSample guidance callable ``grad_log_p(x_t, t) -> (N, C, H, W)`` for :func:`dataward.sampling.sample_loop`.
+    """The CPSample guidance callable ``grad_log_p(x_t, t) -> (N, C, H, W)`` for :func:`dataward.diffusion.sampling.sample_loop`.
 
     For each sample with ``max_y p_φ(y | x_t, t) > 1 − alpha`` it returns ``scale · ∇_{x_t} log p_φ(ŷ | x_t, t)`` with
     ``ŷ`` the less likely label; zero for the others, and zero for every sample when ``t >= max_timestep`` (None: all t).
-    The loop turns it into ε̂ = ε − sqrt(1 − ᾱ_t) · (this) in :func:`dataward.sampling.guide_eps`.
+    The loop turns it into ε̂ = ε − sqrt(1 − ᾱ_t) · (this) in :func:`dataward.diffusion.sampling.guide_eps`.
     Gradients are enabled here, since the loop runs under ``no_grad``; the guard must treat samples independently
     (GroupNorm, no BatchNorm), which the NoisyClassifier does, so one backward pass gives every per-sample gradient.
     ``activity``, if given, is told which samples were confident at each guided step.
@@ -249,7 +249,7 @@ def guard_guidance(
 
 
 def guarded(eps: Denoiser, guidance: Guidance, alpha_bar: torch.Tensor) -> Denoiser:
-    """A denoiser whose ε is guided by ``guidance`` (via :func:`dataward.sampling.guide_eps`): one compartment's ε_i
+    """A denoiser whose ε is guided by ``guidance`` (via :func:`dataward.diffusion.sampling.guide_eps`): one compartment's ε_i
     guided by its own guard, before the mixture. ``alpha_bar`` is the sampling scheduler's ``alphas_cumprod``."""
 
     def eps_guarded(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

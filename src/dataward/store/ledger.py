@@ -323,7 +323,7 @@ class Ledger:
             if event:
                 self.log(db, event, key=key, value=value)
 
-    # api keys (the service: dataward.service) ---------------------------------------------------------------------
+    # api keys (the service: dataward.app.service) ---------------------------------------------------------------------
     # Only the SHA-256 of a key is stored; the raw key is returned once by create_key and never again.
     KEY_PREFIX = "dw_"
 

@@ -11,17 +11,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dataward.guard import GuardConfig
+from dataward.models.guard import GuardConfig
 from dataward.plots import image_grid
-from dataward.privacy import DPConfig
-from dataward.training import TrainConfig
+from dataward.training.privacy import DPConfig
+from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 
 def run_demo(out_dir: Path, quick: bool = False, console: Console | None = None) -> dict:
     """The product end to end: a K=4 guarded ward on digits; train; sample; a key for {0, 1}; forget 5 IDs and certify;
     DP fine-tuning of one compartment after public pretraining; audit and report.html. Returns the key figures."""
-    from dataward.cli import progress_bar  # (imported here: the CLI imports this module)
+    from dataward.app.cli import progress_bar  # (imported here: the CLI imports this module)
 
     console = console or Console()
     out_dir = Path(out_dir)

@@ -22,7 +22,7 @@ from typing import Callable, Literal
 
 import torch
 
-from dataward.sampling import Denoiser
+from dataward.diffusion.sampling import Denoiser
 
 WeightsName = Literal["router", "density"]
 # router(x_t, t) -> logits (N, K_all) over every compartment the router was trained on

@@ -54,10 +54,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dataward
 from dataward.errors import DatawardError
-from dataward.ledger import Ledger, ModelRecord
+from dataward.store.ledger import Ledger, ModelRecord
 from dataward.ward import SampleResult, TrainJob, Ward
 
-log = logging.getLogger("dataward.service")
+log = logging.getLogger("dataward.app.service")
 
 
 # configuration -------------------------------------------------------------------------------------------------------

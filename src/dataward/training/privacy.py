@@ -1,10 +1,10 @@
 """Private fine-tuning (DP-LDM, Lyu et al. arXiv 2305.15759; DPDM, Dockhorn et al.): DP-SGD around the one trainer.
 
-Privacy is a wrapper, not a fork. The model, optimizer and EMA live in the same :class:`~dataward.training.TrainState`
+Privacy is a wrapper, not a fork. The model, optimizer and EMA live in the same :class:`~dataward.training.loop.TrainState`
 as every other model; :func:`make_private` wraps the model (per-sample gradients), the optimizer (clip to ``C``, add
 Gaussian noise ``sigma * C``) and a data loader (Poisson sampling at rate ``q``) with opacus ``PrivacyEngine.make_private``,
 and :func:`run_private_epochs` steps them with the unreduced per-sample loss the non-private trainer uses
-(:func:`dataward.training.denoiser_loss`). Checkpoints are ``TrainState.save`` as usual. With ``noise_multiplicity`` K > 1
+(:func:`dataward.training.loop.denoiser_loss`). Checkpoints are ``TrainState.save`` as usual. With ``noise_multiplicity`` K > 1
 (DPDM's noise multiplicity) each example's loss averages K draws of (t, noise) before its gradient is clipped: the same ε
 for K times the compute, and a clipped gradient that carries more signal (:func:`backward_per_example`).
 
@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dataward.data import Dataset
 from dataward.errors import DatawardError
-from dataward.nets import build_unet, derive_seed
-from dataward.training import PerSampleLoss, TrainConfig, TrainState, denoiser_loss, run_steps
+from dataward.models.nets import build_unet, derive_seed
+from dataward.training.loop import PerSampleLoss, TrainConfig, TrainState, denoiser_loss, run_steps
 
 Trainable = Literal["attention", "embedding", "full"]
 AccountantName = Literal["prv", "rdp"]
@@ -59,7 +59,7 @@ CLIP_WITHOUT_PUBLIC_DATA = 1.0  # the default clipping norm when there is no pub
 class DPConfig:
     """How a model is trained with DP-SGD. Saved as JSON in the model's metadata (with the :class:`PrivacyRecord`).
 
-    The EMA decay and thread count come from :class:`~dataward.training.TrainConfig`; its ``lr``, ``epochs``,
+    The EMA decay and thread count come from :class:`~dataward.training.loop.TrainConfig`; its ``lr``, ``epochs``,
     ``steps`` and ``batch_size`` are NOT used here: ``lr`` below is DP-SGD's, and ``epochs`` and ``batch`` define the
     sampling the accountant sees.
     """
@@ -583,7 +583,7 @@ def pretrain_denoiser(
     on_step: Callable[[float], None] | None = None,
 ) -> TrainState:
     """Train a class-conditional denoiser on PUBLIC data (pixels, or latents from
-    :meth:`dataward.latent.LatentCodec.encode_dataset`) with the ordinary trainer. Deterministic in ``seed``."""
+    :meth:`dataward.diffusion.latent.LatentCodec.encode_dataset`) with the ordinary trainer. Deterministic in ``seed``."""
     _, channels, size, width = public.images.shape
     if size != width:
         raise DatawardError(f"public images must be square, got {size}x{width}")

@@ -1,13 +1,13 @@
 """Latent diffusion (DP-LDM's first half): a small diffusers ``AutoencoderKL`` trained on PUBLIC data, and the latent
 denoiser wrapper that lets the one sampling loop run in its latent space.
 
-The autoencoder is trained with the ordinary trainer (:func:`dataward.training.run_steps`) on an unreduced per-sample
+The autoencoder is trained with the ordinary trainer (:func:`dataward.training.loop.run_steps`) on an unreduced per-sample
 loss (reconstruction + ``kl_weight`` * KL). Encoding uses the posterior mean (deterministic), scaled by a factor computed
 from the public latents so they have unit standard deviation (Rombach et al.'s ``scaling_factor``). Latents are not in
 [-1, 1], so latent sampling uses a scheduler without x_0 clipping (:func:`make_latent_scheduler`).
 
 Sampling: ``decode(sample_loop(eps_latent, z_T, ...))``. :class:`LatentDenoiser` is just a denoiser over latents that
-also knows how to decode; the loop in :mod:`dataward.sampling` never knows it runs in latent space.
+also knows how to decode; the loop in :mod:`dataward.diffusion.sampling` never knows it runs in latent space.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Callable
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 
-import dataward.sampling as sampling
+import dataward.diffusion.sampling as sampling
 from dataward.data import Dataset
 from dataward.errors import DatawardError
-from dataward.nets import derive_seed, seeded_init
-from dataward.training import TrainConfig, TrainState, run_steps
+from dataward.models.nets import derive_seed, seeded_init
+from dataward.training.loop import TrainConfig, TrainState, run_steps
 
 
 @dataclass(frozen=True)
