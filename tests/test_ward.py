@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dataward.errors import DatawardError
-from dataward.ward import WEIGHTS_FILE, Ward, weights_hash
+from dataward.ward import WEIGHTS_FILE, Ward, WardHooks, weights_hash
 
 from conftest import make_ward
 
@@ -83,7 +83,7 @@ def test_forget_takes_effect_immediately_with_fallback(ward_copy):
     assert result["serving_during_retraining"]["1"].startswith("fallback: stage 1/2")
     served = ward.served()
     for record in list(served.values()) + list(ward.served("router").values()):
-        saw = {r[0] for r in ward.ledger.db.execute("SELECT sample_id FROM model_samples WHERE model_id=?", (record.id,))}
+        saw = ward.ledger.model_sample_ids(record.id)
         assert victim not in saw
     assert served[1].stage == 0
     assert ward.status()["pending_forgets"] == [result["request"]]
@@ -131,7 +131,7 @@ def test_crash_during_forget_never_serves_a_leaked_model(trained_ward_dir, tmp_p
     ward = Ward.open(path)
     assert ward.ledger.pending_forgets(), "the forget must be durable and still pending"
     for record in ward.served().values():
-        saw = {r[0] for r in ward.ledger.db.execute("SELECT sample_id FROM model_samples WHERE model_id=?", (record.id,))}
+        saw = ward.ledger.model_sample_ids(record.id)
         assert victim not in saw
     ward.sample(2)  # sampling works during the interruption, without the leaked model
     leftovers = [p.name for p in (path / "models").iterdir() if p.name.startswith(".tmp")]
@@ -219,7 +219,7 @@ def test_a_model_registered_after_a_forget_that_saw_the_id_is_never_served(ward_
     ward.forget([victim], retrain=False)
     ward.register(job, results)
     for record in ward.served().values():
-        saw = {r[0] for r in ward.ledger.db.execute("SELECT sample_id FROM model_samples WHERE model_id=?", (record.id,))}
+        saw = ward.ledger.model_sample_ids(record.id)
         assert victim not in saw
 
 
@@ -234,3 +234,39 @@ def test_a_checkpoint_that_vanished_before_registration_is_refused(tmp_path):
     assert ward.served() == {}  # nothing was registered
     ward.train()  # a re-run redoes the job
     assert set(ward.served()) == {0, 1}
+
+
+def test_hooks_see_every_load_and_can_refuse_a_registration(trained_ward_dir, tmp_path):
+    shutil.copytree(trained_ward_dir, tmp_path / "w")
+    loaded, offered = [], []
+
+    def refuse(job, results):
+        offered.append((job.lineage.kind, job.lineage.compartment, [r["stage"] for r in results]))
+        raise RuntimeError("refused")
+
+    ward = Ward.open(tmp_path / "w", hooks=WardHooks(on_load=lambda record: loaded.append(record.id), before_register=refuse))
+    served = ward.served()
+    ward.sample(2, steps=2, allowed=[0])
+    ward.sample(2, steps=2, allowed=[0])  # the second time from the cache: the hook sees it again
+    assert loaded == [served[0].id, served[0].id]
+    ward.forget([id_in(ward, 1, 1)], retrain=False)
+    with pytest.raises(RuntimeError, match="refused"):
+        ward.train()
+    assert offered == [("denoiser", 1, [1])] and ward.models_missing()  # nothing of the refused job was registered
+    ward.close()
+
+
+def test_drop_unready_models_forgets_what_another_process_quarantined(trained_ward_dir, tmp_path):
+    shutil.copytree(trained_ward_dir, tmp_path / "w")
+    server, admin = Ward.open(tmp_path / "w"), Ward.open(tmp_path / "w")
+    record = server.served()[1]
+    model = server.model(record)
+    server.drop_unready_models()
+    assert server.model(record) is model  # still ready: kept in the cache
+    admin.forget([id_in(admin, 1, 0)], retrain=False)  # quarantines it and deletes its files
+    assert server.model(record) is model  # the cache does not read the ledger ...
+    server.drop_unready_models()  # ... until asked to
+    with pytest.raises(DatawardError, match="cannot load model"):
+        server.model(record)
+    server.close()
+    admin.close()

@@ -20,7 +20,7 @@ def test_guards_per_compartment_are_forgotten_and_certified(tmp_path):
     ward.train()
     guards = ward.served("guard")
     assert set(guards) == {0, 1}
-    saw = {r[0] for r in ward.ledger.db.execute("SELECT sample_id FROM model_samples WHERE model_id=?", (guards[0].id,))}
+    saw = ward.ledger.model_sample_ids(guards[0].id)
     assert saw == set(ward.training_data(0).ids) & saw and saw <= set(ward.training_data(0).ids)  # purity: its compartment only
     plain = ward.sample(4, seed=3, steps=8)
     guarded = ward.sample(4, seed=3, steps=8, guard=True, guard_scale=50.0, guard_alpha=0.49)
@@ -86,7 +86,7 @@ def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
     ward.train()
     served = ward.served()
     assert set(served) == {0, 1} and not set(pixel.values()) & {r.id for r in served.values()}
-    unet = ward._load(served[0])
+    unet = ward.model(served[0])
     assert (unet.config.in_channels, unet.config.sample_size) == (4, 4)  # the denoisers see 4x4x4 latents
     assert all(r.metadata["variant"] == "latent-" + autoencoder.metadata["weights_sha256"][:16]
                for kind in ("denoiser", "guard", "router", "public-denoiser") for r in ward.served(kind).values())

@@ -162,6 +162,15 @@ class TrainJob:
     resume_from: str | None
 
 
+@dataclass(frozen=True)
+class WardHooks:
+    """Callbacks a host (the HTTP service) attaches to a ward."""
+
+    on_load: Callable[[ModelRecord], None] | None = None  # called each time a model is loaded or taken from the cache for use
+    # called with a finished job's results just before they are registered; if it raises, nothing of the job is registered
+    before_register: Callable[[TrainJob, list[dict]], None] | None = None
+
+
 def weights_hash(path: Path) -> str:
     """SHA-256 over a safetensors file's tensors (names, dtypes, shapes, bytes), independent of file metadata."""
     tensors = load_file(str(path))
@@ -189,10 +198,11 @@ def _stable_bucket(seed: int, salt: str, sample_id: str, buckets: int) -> int:
 class Ward:
     """A protected model family on disk. Open with :meth:`Ward.open`, make with :meth:`Ward.create`."""
 
-    def __init__(self, path: Path, config: WardConfig, ledger: Ledger, worker: bool = False):
+    def __init__(self, path: Path, config: WardConfig, ledger: Ledger, worker: bool = False, hooks: WardHooks | None = None):
         self.path = path
         self.config = config
         self.ledger = ledger
+        self.hooks = hooks or WardHooks()
         self.scheduler = make_training_scheduler(config.num_train_timesteps, config.beta_schedule)
         self._loaded: dict[int, torch.nn.Module] = {}
         self._codec: tuple[int, LatentCodec] | None = None  # (autoencoder model id, codec) of a latent ward, loaded once
@@ -261,8 +271,9 @@ class Ward:
         return cls.open(path)
 
     @classmethod
-    def open(cls, path: str | Path, worker: bool = False) -> "Ward":
-        """Open an existing ward. ``worker=True`` (training jobs in other processes) leaves its files alone."""
+    def open(cls, path: str | Path, worker: bool = False, hooks: WardHooks | None = None) -> "Ward":
+        """Open an existing ward. ``worker=True`` (training jobs in other processes) leaves its files alone; ``hooks``
+        are the host's callbacks (see :class:`WardHooks`)."""
         path = Path(path)
         config_path = path / "ward.json"
         if not config_path.is_file():
@@ -271,7 +282,7 @@ class Ward:
             config = WardConfig.from_json(json.loads(config_path.read_text()))
         except (json.JSONDecodeError, TypeError) as error:
             raise DatawardError(f"{config_path} is not a valid ward config: {error}") from None
-        return cls(path, config, Ledger(path / "ledger.sqlite"), worker)
+        return cls(path, config, Ledger(path / "ledger.sqlite"), worker, hooks)
 
     def close(self) -> None:
         """Close the ledger."""
@@ -610,7 +621,10 @@ class Ward:
         return {"stage": stage, "folder": name, "ids": list(ids), "metadata": metadata}
 
     def register(self, job: TrainJob, results: list[dict]) -> None:
-        """Record a finished job's checkpoints in the ledger (the driver's part; one transaction per stage, in order)."""
+        """Record a finished job's checkpoints in the ledger (the driver's part; one transaction per stage, in order),
+        after ``hooks.before_register`` let them through."""
+        if self.hooks.before_register is not None:
+            self.hooks.before_register(job, results)
         for r in results:
             if not (self.path / "models" / r["folder"] / WEIGHTS_FILE).is_file():
                 raise DatawardError(f"checkpoint models/{r['folder']} vanished before it was registered (did another process open "
@@ -674,7 +688,13 @@ class Ward:
                 out[c] = records[-1]
         return out
 
+    def model(self, record: ModelRecord) -> torch.nn.Module:
+        """The model of a ledger record, in eval mode, loaded once and then taken from the cache."""
+        return self._load(record)
+
     def _load(self, record: ModelRecord) -> torch.nn.Module:
+        if self.hooks.on_load is not None:
+            self.hooks.on_load(record)
         if record.id not in self._loaded:
             cls = {"denoiser": UNet2DModel, "public-denoiser": UNet2DModel, "autoencoder": AutoencoderKL}.get(record.kind, NoisyClassifier)
             folder = self.path / record.path
@@ -684,6 +704,12 @@ class Ward:
                 raise DatawardError(f"cannot load model {record.kind} from {folder}: {error}") from None
             self._loaded[record.id] = model.eval()
         return self._loaded[record.id]
+
+    def drop_unready_models(self) -> None:
+        """Drop cached models that are no longer ready in the ledger (quarantined, deleted or retired)."""
+        ready = self.ledger.ready_models(list(self._loaded))
+        for model_id in [m for m in self._loaded if m not in ready]:
+            del self._loaded[model_id]
 
     def denoiser(self, compartment: int, guard: bool = False, guard_scale: float | None = None, guard_alpha: float | None = None,
                  guard_activity: GuardActivity | None = None) -> Denoiser:
@@ -869,7 +895,7 @@ class Ward:
                 if served is None:
                     checks.append({"kind": lineage.kind, "compartment": lineage.compartment, "equal": False, "reason": "no served model"})
                     continue
-                saw = {r[0] for r in self.ledger.db.execute("SELECT sample_id FROM model_samples WHERE model_id=?", (served.id,))}
+                saw = self.ledger.model_sample_ids(served.id)
                 results = self.run_job(self.plan(lineage, from_scratch=True), device, progress, out_root=Path(scratch))
                 scratch_hash = weights_hash(Path(scratch) / results[served.stage]["folder"] / WEIGHTS_FILE)
                 served_hash = weights_hash(self.path / served.path / WEIGHTS_FILE)

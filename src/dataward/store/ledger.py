@@ -270,6 +270,13 @@ class Ledger:
             db.executemany("UPDATE models SET status=? WHERE id=?", [(status, m) for m in model_ids])
             self.log(db, event, models=model_ids)
 
+    def ready_models(self, model_ids: list[int]) -> set[int]:
+        """Those of ``model_ids`` whose status is ready (not quarantined, deleted or retired)."""
+        ids = sorted(set(model_ids))
+        if not ids:
+            return set()
+        return {r[0] for r in self.db.execute(f"SELECT id FROM models WHERE id IN ({','.join('?' * len(ids))}) AND status='ready'", ids)}
+
     # forgetting ---------------------------------------------------------------------------------------------------
     def accept_forget(self, request_id: str, ids: list[str]) -> list[int]:
         """Take a forget into effect in ONE transaction: record it, erase the images, quarantine every model that saw them.
@@ -391,3 +398,7 @@ class Ledger:
         if r is None or not hmac.compare_digest(r[2], key_hash):
             return None
         return {"id": r[0], "name": r[1], "allow": json.loads(r[3]), "admin": bool(r[4]), "revoked_at": r[5]}
+
+    def model_sample_ids(self, model_id: int) -> set[str]:
+        """The sample IDs a model was trained on."""
+        return {r[0] for r in self.db.execute("SELECT sample_id FROM model_samples WHERE model_id=?", (model_id,))}
