@@ -98,32 +98,64 @@ def test_density_weights_track_the_true_posterior_mid_trajectory():
         x = sampler.step(e, t, x, generator=g).prev_sample
 
 
-def test_top_k_equal_to_k_is_the_full_mixture_and_top1_evaluates_once():
+def _counting(eps, i, calls):
+    def inner(x, t, y):
+        calls.append((int(t), i, len(x)))
+        return eps(x, t, y)
+
+    return inner
+
+
+def test_top_k_renormalizes_over_the_k_heaviest_and_evaluates_only_them():
+    """One composed step with k = 2 of K = 3, against the formula written out: w restricted to each sample's two heaviest
+    compartments and renormalized, each compartment evaluated once, on exactly the samples that chose it."""
     n = 32
+    g = torch.Generator().manual_seed(2)
+    x, logits = torch.randn(n, 1, 2, 2, generator=g), 2 * torch.randn(n, 3, generator=g)
+    t = torch.tensor(600)
     calls = []
+    eps = [gaussian_eps(m, 0.05) for m in MEANS]
+    log_prior = LAMBDA.log().expand(n, 3).clone()
+    c = ComposedDenoiser([_counting(e, i, calls) for i, e in enumerate(eps)], log_prior, ALPHA_BAR, "router",
+                         lambda x_t, t_: logits, [0, 1, 2], top_k=2)
+    got = c(x, t, None)
+    w = torch.softmax(logits + log_prior, dim=1)
+    keep = torch.ones_like(w, dtype=torch.bool).scatter_(1, w.argmin(dim=1, keepdim=True), False)  # K = 3: drop the lightest
+    w2 = torch.where(keep, w, 0.0)
+    w2 = w2 / w2.sum(dim=1, keepdim=True)
+    want = sum(w2[:, i, None, None, None] * eps[i](x, t, None) for i in range(3))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(c.final_weights > 0, keep)
+    assert sorted((i, rows) for _, i, rows in calls) == [(i, int(keep[:, i].sum())) for i in range(3) if keep[:, i].any()]
+    full = ComposedDenoiser(eps, log_prior, ALPHA_BAR, "router", lambda x_t, t_: logits, [0, 1, 2])(x, t, None)
+    assert (got - full).abs().max() > 1e-3  # the restriction is not a no-op on these weights
 
-    def counting(eps, i):
-        def inner(x, t, y):
-            calls.append((i, len(x)))
-            return eps(x, t, y)
 
-        return inner
-
+def test_top_1_density_evaluates_one_compartment_per_sample_and_step_and_advances_only_it():
+    n, steps = 32, 20
+    calls = []
     x_T = torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(2))
-    outs = []
-    for k in (None, 3):
-        g = torch.Generator().manual_seed(5)
-        c = ComposedDenoiser([gaussian_eps(m, 0.05) for m in MEANS], LAMBDA.log().expand(n, 3).clone(), ALPHA_BAR, "density", top_k=k)
-        outs.append(sample_loop(c, x_T, make_sampler(SCHEDULER, "ddpm"), steps=20, generator=g))
-    assert torch.equal(outs[0], outs[1])
-    calls.clear()
-    c = ComposedDenoiser([counting(gaussian_eps(m, 0.05), i) for i, m in enumerate(MEANS)], LAMBDA.log().expand(n, 3).clone(), ALPHA_BAR, "density", top_k=1)
-    sample_loop(c, x_T, make_sampler(SCHEDULER, "ddpm"), steps=20, generator=torch.Generator().manual_seed(5))
-    per_step = {}
-    for i, rows in calls:
-        per_step.setdefault(i, 0)
-    assert sum(rows for _, rows in calls) == 20 * n  # each sample evaluated by exactly one compartment per step
-    assert len(calls) <= 20 * 3
+    c = ComposedDenoiser([_counting(gaussian_eps(m, 0.05), i, calls) for i, m in enumerate(MEANS)], LAMBDA.log().expand(n, 3).clone(),
+                         ALPHA_BAR, "density", top_k=1)
+    sample_loop(c, x_T, make_sampler(SCHEDULER, "ddpm"), steps=steps, generator=torch.Generator().manual_seed(5))
+    per_step: dict[int, list[int]] = {}
+    for t, i, rows in calls:
+        per_step.setdefault(t, []).append(i)
+        assert rows < n or len(per_step[t]) == 1  # a compartment holding every sample is the only one called that step
+    assert len(per_step) == steps
+    assert all(len(called) == len(set(called)) for called in per_step.values())  # each compartment at most once per step
+    assert sum(rows for _, _, rows in calls) == steps * n  # each sample evaluated by exactly one compartment per step
+    # the Itô update advances only the compartment each sample evaluated: feed one x sequence to top-1 and to the full mixture
+    x0, x1 = torch.randn(2, n, 1, 2, 2, generator=torch.Generator().manual_seed(9))
+    t0, t1 = torch.tensor(700), torch.tensor(650)
+    eps = [gaussian_eps(m, 0.05) for m in MEANS]
+    top1 = ComposedDenoiser(eps, LAMBDA.log().expand(n, 3).clone(), ALPHA_BAR, "density", top_k=1)
+    full = ComposedDenoiser(eps, LAMBDA.log().expand(n, 3).clone(), ALPHA_BAR, "density")
+    top1(x0, t0, None), full(x0, t0, None)
+    chosen = top1.final_weights > 0  # (N, K): the compartment each sample evaluated at t0
+    top1(x1, t1, None), full(x1, t1, None)
+    torch.testing.assert_close(top1.log_q[chosen], full.log_q[chosen], rtol=1e-5, atol=1e-5)
+    assert torch.all(top1.log_q[~chosen] == 0) and torch.all(full.log_q[~chosen] != 0)
 
 
 def test_router_weights_use_only_allowed_columns():
