@@ -1,0 +1,116 @@
+"""The house rules, checked on the source (docs/architecture.md): no import cycle, modules a newcomer reads at once,
+SQL only in the ledger, no private member imported across modules, long functions say why."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+LONG_REASON = "# long:"  # a function over MAX_FUNCTION_LINES states why in a comment starting with this
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((SRC / "dataward").rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The dataward modules ``name`` imports, anywhere in it (deferred imports too: a cycle is a cycle)."""
+    out = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target != "dataward" and target != name:  # importing a submodule runs the package's __init__: not a design edge
+                out.add(target)
+    return out
+
+
+def _cycles() -> list[list[str]]:
+    graph = {name: _imports(name, path) for name, path in MODULES.items() if name != "dataward"}
+    found, state, stack = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle():
+    assert _cycles() == []
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("from dataward.b import f\n")
+    b.write_text("def f():\n    from dataward.a import g\n")
+    monkeypatch.setattr(f"{__name__}.MODULES", {"dataward": SRC / "dataward" / "__init__.py", "dataward.a": a, "dataward.b": b})
+    assert _cycles() == [["dataward.a", "dataward.b", "dataward.a"]]
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_is_short(name):
+    lines = len(MODULES[name].read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{MODULES[name]} has {lines} lines"
+
+
+def test_long_functions_say_why():
+    unexplained = []
+    for path in MODULES.values():
+        source = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(source))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                body = source[node.lineno - 1:node.end_lineno]
+                if not any(line.strip().startswith(LONG_REASON) for line in body):
+                    unexplained.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({len(body)} lines)")
+    assert unexplained == []
+
+
+def test_sql_only_in_the_ledger():
+    ledger = SRC / "dataward" / "store" / "ledger.py"
+    outside = [f"{p.relative_to(SRC)}:{i}" for p in MODULES.values() if p != ledger
+               for i, line in enumerate(p.read_text().splitlines(), 1) if ".execute(" in line or ".executemany(" in line]
+    assert outside == []
+
+
+def test_no_private_member_imported_across_modules():
+    private = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dataward"):
+                private += [f"{name} imports {node.module}.{a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+    assert private == []
