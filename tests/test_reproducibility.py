@@ -81,3 +81,31 @@ def test_latent_ward_bytes_are_pinned(tmp_path):
     got = _models(ward) | _samples(ward, "latent", weights="density", sampler="ddpm")
     ward.close()
     _check(got, PINNED_LATENT)
+
+
+def test_every_model_records_the_numerics_it_was_trained_with(ward_copy):
+    records = ward_copy.ledger.models(status=None, any_compartment=True)
+    assert records and all(r.metadata["numerics"] == numerics.fingerprint() for r in records)
+    assert ward_copy.config.numerics == "portable"
+
+
+def test_verify_names_what_differs_between_machines():
+    here = numerics.fingerprint()
+    assert numerics.differences(here, here) == []
+    avx512 = here | {"mode": "native", "cpu_capability": "AVX512", "dnnl_max_cpu_isa": "native", "mkl_cbwr": "native", "cpu": "Other CPU"}
+    diff = numerics.differences(avx512, here)
+    assert any(d.startswith("cpu_capability: trained with 'AVX512'") for d in diff) and any(d.startswith("cpu:") for d in diff)
+    assert numerics.differences(here | {"cpu": "Other CPU"}, here) == []  # portable bytes do not depend on the exact CPU
+    assert numerics.differences(None, here) == ["the model records no numerics (trained before dataward recorded them)"]
+
+
+def test_a_portable_ward_refuses_to_train_with_native_kernels(tmp_path):
+    import subprocess
+    import sys
+
+    make_ward(tmp_path / "w").close()
+    script = f"from dataward.ward import Ward; Ward.open({str(tmp_path / 'w')!r}).train()"
+    env = {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE_ENV} | {numerics.MODE_ENV: "native"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "portable numerics" in proc.stderr and "DATAWARD_NUMERICS=native is set" in proc.stderr
+    assert not any((tmp_path / "w" / "models").iterdir())  # refused before anything was written
