@@ -19,7 +19,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from dataward.app.service import ServiceLimits, ServingWard, _StaleTraining, create_app
+from dataward.app.service import ServiceLimits, StaleTraining, create_app, open_retraining_ward
 from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
@@ -262,7 +262,7 @@ def test_forget_flow(ward_copy):
 
 
 class Gate:
-    """Makes the next ``ServingWard.sample`` call block after sampling until released (deterministic concurrency)."""
+    """Makes the next ``Ward.sample`` call block after sampling until released (deterministic concurrency)."""
 
     def __init__(self, monkeypatch, calls: int = 1):
         self.entered = threading.Event()
@@ -281,7 +281,7 @@ class Gate:
                 assert gate.release.wait(60), "the test never released the gate"
             return result
 
-        monkeypatch.setattr(ServingWard, "sample", sample)
+        monkeypatch.setattr(Ward, "sample", sample)
 
 
 def in_thread(fn, *args, **kwargs) -> dict:
@@ -338,8 +338,7 @@ def test_a_generation_that_cannot_be_rerun_answers_503(ward_copy, monkeypatch):
 def test_retraining_never_registers_a_model_that_saw_a_forgotten_id(ward_copy):
     """The race the service closes: a forget lands while a model trains on the ID; that model is never marked ready."""
     path, _ = ward_copy
-    trainer = ServingWard.open(path, worker=True)
-    trainer.register_lock = threading.Lock()
+    trainer = open_retraining_ward(path, worker=True)
     lineage = next(l for l in trainer.lineages() if l.kind == "denoiser" and l.compartment == 0)
     job = trainer.plan(lineage, from_scratch=True)
     ids = list(lineage.stage_ids[0])
@@ -348,7 +347,7 @@ def test_retraining_never_registers_a_model_that_saw_a_forgotten_id(ward_copy):
     before = {m.id for m in trainer.ledger.models(status=None, any_compartment=True)}
     forgetter = Ward.open(path, worker=True)
     forgetter.forget([ids[0]], retrain=False)  # ... then one of its IDs is forgotten before it is registered
-    with pytest.raises(_StaleTraining):
+    with pytest.raises(StaleTraining):
         trainer.register(job, results)
     assert {m.id for m in trainer.ledger.models(status=None, any_compartment=True)} == before
     assert not (path / "models" / "denoiser-c0-s0-trained").exists()

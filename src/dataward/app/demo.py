@@ -6,11 +6,13 @@ import json
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from dataward.app.terminal import progress_bar
 from dataward.models.guard import GuardConfig
 from dataward.plots import image_grid
 from dataward.training.privacy import DPConfig
@@ -21,126 +23,160 @@ from dataward.ward import Ward
 def run_demo(out_dir: Path, quick: bool = False, console: Console | None = None) -> dict:
     """The product end to end: a K=4 guarded ward on digits; train; sample; a key for {0, 1}; forget 5 IDs and certify;
     DP fine-tuning of one compartment after public pretraining; audit and report.html. Returns the key figures."""
-    from dataward.app.cli import progress_bar  # (imported here: the CLI imports this module)
-
-    console = console or Console()
     out_dir = Path(out_dir)
     ward_dir = out_dir / "ward"
     if ward_dir.exists():
         shutil.rmtree(ward_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    rows: list[tuple[str, str, str, str]] = []
-    figures: dict = {}
-    last_row = started
+    run = _Run(out_dir, console or Console(), quick)
+    ward = _create(run, ward_dir)
+    _train(run, ward)
+    _sample(run, ward)
+    _access_rights_and_guards(run, ward)
+    victims, certificate = _forget(run, ward)
+    _dp_finetune(run, ward)
+    _audit(run, ward)
+    return _summary(run, victims, certificate)
 
-    def step(title: str) -> None:
-        console.rule(f"[bold]{title}")
 
-    def done(name: str, result: str, where: str) -> None:
+@dataclass
+class _Run:
+    """What the demo's steps share: where it writes, the console, the summary rows and the key figures."""
+
+    out_dir: Path
+    console: Console
+    quick: bool
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)  # (step, result, where, seconds)
+    figures: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    last_row: float = field(default_factory=time.time)
+
+    def step(self, title: str) -> None:
+        """A step's heading."""
+        self.console.rule(f"[bold]{title}")
+
+    def done(self, name: str, result: str, where: str) -> None:
         """One summary row, with the wall time since the previous row."""
-        nonlocal last_row
         now = time.time()
-        rows.append((name, result, where, f"{now - last_row:.1f}"))
-        last_row = now
+        self.rows.append((name, result, where, f"{now - self.last_row:.1f}"))
+        self.last_row = now
 
-    step("1. create a ward on digits: 4 compartments x 2 slices, with CPSample guards")
-    budget = TrainConfig(epochs=16.0 if quick else 40.0, batch_size=64)
+
+def _create(run: _Run, ward_dir: Path) -> Ward:
+    run.step("1. create a ward on digits: 4 compartments x 2 slices, with CPSample guards")
+    budget = TrainConfig(epochs=16.0 if run.quick else 40.0, batch_size=64)
     # a guard must memorise ~370 random bits before it is ever confident (> 1 − α): ~100 epochs on t < 300 does that
     # here; --quick cannot afford it, so its guards are placeholders that rarely or never steer (the demo says so)
-    guards = GuardConfig(epochs=10.0, batch_size=64) if quick else GuardConfig(epochs=100.0, batch_size=64, max_timestep=300)
+    guards = GuardConfig(epochs=10.0, batch_size=64) if run.quick else GuardConfig(epochs=100.0, batch_size=64, max_timestep=300)
     ward = Ward.create(ward_dir, "digits", compartments=4, slices=2, train=budget, router=False, guard=True, guard_settings=guards)
     status = ward.status()
-    console.print(f"{status['samples']} samples: " + ", ".join(f"compartment {c['id']}: {c['samples']}" for c in status["compartments"]))
-    done("create", f"{status['samples']} digits in 4 compartments x 2 slices", str(ward_dir))
+    run.console.print(f"{status['samples']} samples: " + ", ".join(f"compartment {c['id']}: {c['samples']}" for c in status["compartments"]))
+    run.done("create", f"{status['samples']} digits in 4 compartments x 2 slices", str(ward_dir))
+    return ward
 
-    step("2. train each compartment (denoiser + guard) in isolation")
+
+def _train(run: _Run, ward: Ward) -> None:
+    run.step("2. train each compartment (denoiser + guard) in isolation")
     t0 = time.time()
     with progress_bar() as progress:
         ward.train(progress=progress)
-    figures["train_seconds"] = round(time.time() - t0, 1)
+    run.figures["train_seconds"] = round(time.time() - t0, 1)
     accuracy = {c["id"]: c["guard"]["accuracy_by_t"] for c in ward.status()["compartments"]}
     for c, by_t in accuracy.items():
-        console.print(f"guard {c} accuracy on its random bits by t: " + ", ".join(f"t={t}: {a:.2f}" for t, a in by_t.items()))
-    figures["guard_accuracy_t0"] = round(sum(a["0"] for a in accuracy.values()) / len(accuracy), 3)
-    done("train", f"4 denoisers + 4 guards (guard accuracy at t=0: {figures['guard_accuracy_t0']:.2f})",
-         "models/ (one diffusers folder per model and slice)")
+        run.console.print(f"guard {c} accuracy on its random bits by t: " + ", ".join(f"t={t}: {a:.2f}" for t, a in by_t.items()))
+    run.figures["guard_accuracy_t0"] = round(sum(a["0"] for a in accuracy.values()) / len(accuracy), 3)
+    run.done("train", f"4 denoisers + 4 guards (guard accuracy at t=0: {run.figures['guard_accuracy_t0']:.2f})",
+             "models/ (one diffusers folder per model and slice)")
 
-    step("3. sample, composed over all compartments")
+
+def _sample(run: _Run, ward: Ward) -> None:
+    run.step("3. sample, composed over all compartments")
     composed = ward.sample(64, seed=0)
-    image_grid(composed.images, out_dir / "composed.png", composed.labels, columns=16)
+    image_grid(composed.images, run.out_dir / "composed.png", composed.labels, columns=16)
     share = composed.attribution.mean(0).tolist()
-    console.print("mean attribution per compartment: " + ", ".join(f"{c}: {w:.2f}" for c, w in enumerate(share)))
-    done("sample", f"64 samples composed with {composed.weights} weights", str(out_dir / "composed.png"))
+    run.console.print("mean attribution per compartment: " + ", ".join(f"{c}: {w:.2f}" for c, w in enumerate(share)))
+    run.done("sample", f"64 samples composed with {composed.weights} weights", str(run.out_dir / "composed.png"))
 
-    step("4. a customer whose API key is allowed only compartments {0, 1}")
+
+def _access_rights_and_guards(run: _Run, ward: Ward) -> None:
+    run.step("4. a customer whose API key is allowed only compartments {0, 1}")
     _, key = ward.ledger.create_key("demo-customer", [0, 1])
     grant = ward.ledger.key_for_hash(ward.ledger.hash_key(key))["allow"]  # what the service does with the key it is sent
     restricted = ward.sample(32, seed=1, allowed=grant)
-    image_grid(restricted.images, out_dir / "allowed-0-1.png", restricted.labels, columns=16)
+    image_grid(restricted.images, run.out_dir / "allowed-0-1.png", restricted.labels, columns=16)
     mass_outside = float(restricted.attribution[:, 2:].sum())
-    console.print(f"attribution mass on compartments 2 and 3: {mass_outside} (exactly zero: they are never evaluated)")
-    done("access rights", f"key allowed {{0, 1}}: attribution mass outside = {mass_outside}", str(out_dir / "allowed-0-1.png"))
+    run.console.print(f"attribution mass on compartments 2 and 3: {mass_outside} (exactly zero: they are never evaluated)")
+    run.done("access rights", f"key allowed {{0, 1}}: attribution mass outside = {mass_outside}", str(run.out_dir / "allowed-0-1.png"))
     guarded = ward.sample(32, seed=1, guard=True)
-    image_grid(guarded.images, out_dir / "guarded.png", guarded.labels, columns=16)
-    figures["guard_guided"] = round(guarded.guard_guided, 4)
-    console.print(f"guarded sampling: the guards were confident (and steered) on {100 * guarded.guard_guided:.1f}% of their checks"
-                  + (" (--quick trains guards too briefly to be confident; run without --quick for guards that steer)" if quick else ""))
-    done("guarded sampling", f"32 samples; guards steered {100 * guarded.guard_guided:.1f}% of sample-steps", str(out_dir / "guarded.png"))
+    image_grid(guarded.images, run.out_dir / "guarded.png", guarded.labels, columns=16)
+    run.figures["guard_guided"] = round(guarded.guard_guided, 4)
+    run.console.print(f"guarded sampling: the guards were confident (and steered) on {100 * guarded.guard_guided:.1f}% of their checks"
+                      + (" (--quick trains guards too briefly to be confident; run without --quick for guards that steer)" if run.quick else ""))
+    run.done("guarded sampling", f"32 samples; guards steered {100 * guarded.guard_guided:.1f}% of sample-steps", str(run.out_dir / "guarded.png"))
 
-    step("5. forget 5 sample IDs")
+
+def _forget(run: _Run, ward: Ward) -> tuple[list[str], dict]:
+    run.step("5. forget 5 sample IDs")
     victims = sorted(random.Random(0).sample(list(ward.training_data().ids), 5))
     accepted = ward.forget(victims, retrain=False)
-    console.print(f"request {accepted['request']} in effect at once; {accepted['quarantined_models']} model(s) quarantined and deleted")
+    run.console.print(f"request {accepted['request']} in effect at once; {accepted['quarantined_models']} model(s) quarantined and deleted")
     for c, state in accepted["serving_during_retraining"].items():
-        console.print(f"  compartment {c}: {state}")
+        run.console.print(f"  compartment {c}: {state}")
     t0 = time.time()
     with progress_bar() as progress:
         ward.train(progress=progress)
-    figures["forget_retrain_seconds"] = round(time.time() - t0, 1)
+    run.figures["forget_retrain_seconds"] = round(time.time() - t0, 1)
     affected = sorted({ward.ledger.sample_rows(victims)[v][0] for v in victims})
     with progress_bar() as progress:
         certificate = ward.verify(progress=progress, compartments=affected)
-    figures["certificate_ok"] = certificate["ok"]
-    console.print(f"certificate (retrained from scratch, compared bit for bit): {'OK' if certificate['ok'] else 'FAILED'}")
-    done("forget", f"5 IDs; retrain {figures['forget_retrain_seconds']} s vs train {figures['train_seconds']} s; certificate {'OK' if certificate['ok'] else 'FAILED'}",
-         "dataward verify")
+    run.figures["certificate_ok"] = certificate["ok"]
+    run.console.print(f"certificate (retrained from scratch, compared bit for bit): {'OK' if certificate['ok'] else 'FAILED'}")
+    run.done("forget", f"5 IDs; retrain {run.figures['forget_retrain_seconds']} s vs train {run.figures['train_seconds']} s; certificate {'OK' if certificate['ok'] else 'FAILED'}",
+             "dataward verify")
+    return victims, certificate
 
-    step("6. DP fine-tuning of compartment 3 at ε = 10 after public pretraining on printed digits (DP-LDM)")
+
+def _dp_finetune(run: _Run, ward: Ward) -> None:
+    run.step("6. DP fine-tuning of compartment 3 at ε = 10 after public pretraining on printed digits (DP-LDM)")
     with progress_bar() as progress:
-        ward.pretrain("printed:count=1000" if quick else "printed:count=1500", TrainConfig(epochs=10.0 if quick else 15.0, batch_size=128), progress=progress)
-        ward.enable_dp(DPConfig(epsilon=10.0, batch=128, epochs=5 if quick else 10), compartments=[3], progress=progress)
+        ward.pretrain("printed:count=1000" if run.quick else "printed:count=1500", TrainConfig(epochs=10.0 if run.quick else 15.0, batch_size=128), progress=progress)
+        ward.enable_dp(DPConfig(epsilon=10.0, batch=128, epochs=5 if run.quick else 10), compartments=[3], progress=progress)
     privacy = ward.privacy()["compartments"]["3"]
-    figures["dp_epsilon"] = round(privacy["epsilon"], 3)
+    run.figures["dp_epsilon"] = round(privacy["epsilon"], 3)
     dp_samples = ward.sample(32, seed=2, allowed=[3])
-    image_grid(dp_samples.images, out_dir / "dp-compartment-3.png", dp_samples.labels, columns=16)
-    console.print(f"compartment 3: ε = {privacy['epsilon']:.3f}, δ = {privacy['delta']:.2e}, σ = {privacy['sigma']:.3f}, "
-                  f"{100 * privacy['trainable_fraction']:.1f}% of parameters trained (attention + class embedding)")
-    done("DP fine-tuning", f"compartment 3: ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:.1e}, {100 * privacy['trainable_fraction']:.1f}% params trained",
-         str(out_dir / "dp-compartment-3.png"))
+    image_grid(dp_samples.images, run.out_dir / "dp-compartment-3.png", dp_samples.labels, columns=16)
+    run.console.print(f"compartment 3: ε = {privacy['epsilon']:.3f}, δ = {privacy['delta']:.2e}, σ = {privacy['sigma']:.3f}, "
+                      f"{100 * privacy['trainable_fraction']:.1f}% of parameters trained (attention + class embedding)")
+    run.done("DP fine-tuning", f"compartment 3: ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:.1e}, {100 * privacy['trainable_fraction']:.1f}% params trained",
+             str(run.out_dir / "dp-compartment-3.png"))
 
-    step("7. audit: quality, replication, membership inference, forgetting, privacy")
+
+def _audit(run: _Run, ward: Ward) -> None:
+    run.step("7. audit: quality, replication, membership inference, forgetting, privacy")
     from dataward.audit import audit_ward
-    from dataward.audit.metrics import DEFAULT_TIMESTEPS
+    from dataward.audit.attacks import DEFAULT_TIMESTEPS
     from dataward.audit.report import summary_rows
 
-    report = audit_ward(ward, n=200 if quick else 400, steps=25, members=100 if quick else 200, html=out_dir / "report.html",
-                        timesteps=(10, 50, 100, 200, 400) if quick else DEFAULT_TIMESTEPS,
-                        progress=lambda message: console.print(f"[dim]audit:[/dim] {message}"))
+    report = audit_ward(ward, n=200 if run.quick else 400, steps=25, members=100 if run.quick else 200, html=run.out_dir / "report.html",
+                        timesteps=(10, 50, 100, 200, 400) if run.quick else DEFAULT_TIMESTEPS,
+                        progress=lambda message: run.console.print(f"[dim]audit:[/dim] {message}"))
     for name, value in summary_rows(report):
-        console.print(f"  {name}: {value}")
+        run.console.print(f"  {name}: {value}")
     quality = report.get("quality", {})
-    figures["fd"] = quality.get("fd")
-    figures["cas"] = quality.get("cas")
-    done("audit", f"FD {quality.get('fd', float('nan')):.2f}, CAS {quality.get('cas', float('nan')):.3f}" if quality.get("status") == "ok" else str(quality.get("reason")),
-         str(out_dir / "report.html"))
+    run.figures["fd"] = quality.get("fd")
+    run.figures["cas"] = quality.get("cas")
+    run.done("audit", f"FD {quality.get('fd', float('nan')):.2f}, CAS {quality.get('cas', float('nan')):.3f}" if quality.get("status") == "ok" else str(quality.get("reason")),
+             str(run.out_dir / "report.html"))
 
-    figures["total_seconds"] = round(time.time() - started, 1)
-    (out_dir / "summary.json").write_text(json.dumps({"figures": figures, "forgotten": victims, "certificate": certificate}, indent=2))
-    table = Table(title=f"dataward demo: done in {figures['total_seconds']} s")
+
+def _summary(run: _Run, victims: list[str], certificate: dict) -> dict:
+    """summary.json and the closing table."""
+    run.figures["total_seconds"] = round(time.time() - run.started, 1)
+    (run.out_dir / "summary.json").write_text(json.dumps({"figures": run.figures, "forgotten": victims, "certificate": certificate}, indent=2))
+    table = Table(title=f"dataward demo: done in {run.figures['total_seconds']} s")
     for col in ("step", "result", "where", "seconds"):
         table.add_column(col, justify="right" if col == "seconds" else "left")
-    for row in rows:
+    for row in run.rows:
         table.add_row(*row)
-    console.print(table)
-    return figures
+    run.console.print(table)
+    return run.figures

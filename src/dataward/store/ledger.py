@@ -277,6 +277,18 @@ class Ledger:
             return set()
         return {r[0] for r in self.db.execute(f"SELECT id FROM models WHERE id IN ({','.join('?' * len(ids))}) AND status='ready'", ids)}
 
+    def tainted_models(self, model_ids: list[int]) -> list[int]:
+        """Those of ``model_ids`` no longer servable after a forget (quarantined/deleted) or trained on a forgotten ID, sorted."""
+        ids = sorted(set(model_ids))
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        bad = {r[0] for r in self.db.execute(f"SELECT id FROM models WHERE id IN ({marks}) AND status NOT IN ('ready', 'retired')", ids)}
+        bad |= {r[0] for r in self.db.execute(
+            f"SELECT DISTINCT ms.model_id FROM samples s JOIN model_samples ms ON ms.sample_id = s.id "
+            f"WHERE s.forgotten_at IS NOT NULL AND ms.model_id IN ({marks})", ids)}
+        return sorted(bad)
+
     # forgetting ---------------------------------------------------------------------------------------------------
     def accept_forget(self, request_id: str, ids: list[str]) -> list[int]:
         """Take a forget into effect in ONE transaction: record it, erase the images, quarantine every model that saw them.
@@ -316,6 +328,10 @@ class Ledger:
     def forgotten_ids(self) -> list[str]:
         """Every forgotten sample ID, sorted."""
         return [r[0] for r in self.db.execute("SELECT id FROM samples WHERE forgotten_at IS NOT NULL ORDER BY id")]
+
+    def forget_count(self) -> int:
+        """How many forget requests were ever accepted: it changes exactly when a forget takes effect."""
+        return self.db.execute("SELECT COUNT(*) FROM forget_requests").fetchone()[0]
 
     # meta ---------------------------------------------------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:

@@ -1,0 +1,30 @@
+"""What several commands share: parsing compartment lists and opening a ward (finishing interrupted work first)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dataward.app.terminal import console, progress_bar
+from dataward.errors import DatawardError
+
+
+def parse_ids(text: str | None) -> list[int] | None:
+    """``"0,3"`` -> [0, 3]; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise DatawardError(f"expected comma-separated compartment numbers like 0,3, got {text!r}") from None
+
+
+def open_ward(path: Path, resume: bool = True, device: str = "cpu"):
+    """Open a ward; finish any interrupted forget or training first (the ledger remembers it)."""
+    from dataward.ward import Ward
+
+    ward = Ward.open(path)
+    if resume and ward.ledger.pending_forgets():
+        console.print("[yellow]finishing an interrupted forget request first[/yellow]")
+        with progress_bar() as progress:
+            ward.train(device=device, progress=progress)
+    return ward

@@ -1,0 +1,199 @@
+"""Commands that build and change a ward: init, train, pretrain, guard, add, forget, verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from dataward.app.commands.common import open_ward, parse_ids
+from dataward.app.terminal import out, progress_bar
+from dataward.errors import DatawardError
+
+
+def init(
+    ward: Path = typer.Argument(..., help="Folder for the new ward."),
+    data: str = typer.Option("digits", "--data", help="Data source: digits, digits:subset=N, printed[:count=N], folder:PATH, npz:PATH."),
+    model: str = typer.Option("tiny", help="UNet preset: tiny (8x8, CPU), small (16-32 px), base (64 px, GPU)."),
+    seed: int = typer.Option(0, help="Root seed of everything the ward trains."),
+    image_size: int = typer.Option(8, "--image-size", help="Images are resized to this size."),
+    compartments: int = typer.Option(1, "--compartments", "-k", help="Number of compartments K."),
+    by: str = typer.Option("random", help="Assign samples to compartments by: random | label | source."),
+    slices: int = typer.Option(1, help="SISA slices per compartment (forgetting retrains from the slice that held the ID)."),
+    weights: str = typer.Option("density", help="Default composition weights: density (compartment-pure) | router."),
+    router: bool = typer.Option(True, help="Train the joint router when K > 1."),
+    guard: bool = typer.Option(False, "--guard", help="Train a CPSample guard per compartment."),
+    epochs: float = typer.Option(200.0, help="Training budget: epochs over each compartment's data."),
+    steps: Optional[int] = typer.Option(None, help="Training budget in optimizer steps per compartment (overrides --epochs)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
+    numerics: str = typer.Option("portable", help="CPU kernels: portable (the same bytes on every AVX2 machine) | native (fastest; bytes tied to this CPU)."),
+) -> None:
+    """Create a ward from a data source."""
+    from dataward.training.loop import TrainConfig
+    from dataward.ward import Ward
+
+    w = Ward.create(ward, data, compartments=compartments, by=by, slices=slices, model=model, seed=seed, image_size=image_size,
+                    weights=weights, router=router, guard=guard, train=TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size),
+                    numerics=numerics)
+    status = w.status()
+    out.print(f"created ward [bold]{ward}[/bold]: {status['samples']} samples in {len(status['compartments'])} compartment(s), "
+              f"{slices} slice(s) each. Next: dataward train {ward}")
+
+
+def train(
+    ward: Path = typer.Argument(..., help="The ward folder."),
+    steps: Optional[int] = typer.Option(None, help="Override the ward's training budget: optimizer steps per compartment."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    executor: str = typer.Option("local", help="local (this process) | ray (one Ray task per compartment job; pip install 'dataward[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to use, e.g. auto (default: start a local Ray)."),
+    gpus_per_job: float = typer.Option(0.0, "--gpus-per-job", help="GPUs each Ray job asks for (fractions share a GPU); needs --device cuda."),
+    cpus_per_job: float = typer.Option(1.0, "--cpus-per-job", help="CPUs each Ray job asks for."),
+    dp: bool = typer.Option(False, "--dp", help="Fine-tune the compartments' denoisers with DP-SGD (from the public model if pretrained)."),
+    epsilon: float = typer.Option(10.0, "--epsilon", help="DP: target ε."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="DP: target δ (default 1/(10 N); must be < 1/N)."),
+    clip: Optional[float] = typer.Option(None, "--clip", help="DP: per-sample gradient clipping norm C (default: the median per-example gradient norm on the public data; 1.0 without public pretraining)."),
+    batch: int = typer.Option(256, "--batch", help="DP: expected logical batch (Poisson sampling)."),
+    epochs: int = typer.Option(50, "--epochs", help="DP: passes over each compartment's data."),
+    trainable: str = typer.Option("attention", "--trainable", help="DP: attention (DP-LDM: attention modules + class embedding) | embedding (class embedding only: best at small ε or N) | full."),
+    accountant: str = typer.Option("prv", "--accountant", help="DP: prv | rdp."),
+    dp_lr: Optional[float] = typer.Option(None, "--lr", help="DP: Adam learning rate (default: 1e-2 with --trainable attention, 1e-1 with embedding, 2e-3 with full)."),
+    noise_multiplicity: int = typer.Option(1, "--noise-multiplicity", help="DP: K draws of (t, noise) per example and step, averaged before clipping (DPDM): same ε, better quality, K x compute."),
+    dp_compartments: Optional[str] = typer.Option(None, "--compartment", help="DP: only these compartments, e.g. 3 or 0,2 (default: all)."),
+) -> None:
+    """Train every missing or out-of-date model of the ward (resumes interrupted work); --dp for DP fine-tuning."""
+    w = open_ward(ward, resume=False)
+    if steps is not None:
+        from dataclasses import replace
+
+        w.reconfigure(train=replace(w.config.train, steps=steps))
+    options = {} if executor != "ray" else dict(ray_address=ray_address, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job)
+    with progress_bar() as progress:
+        if dp:
+            from dataward.training.privacy import DPConfig
+
+            config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=batch, epochs=epochs, trainable=trainable, accountant=accountant,
+                               lr=dp_lr, noise_multiplicity=noise_multiplicity)
+            w.enable_dp(config, parse_ids(dp_compartments), train=False)
+        result = w.train(device=device, progress=progress, executor=executor, **options)
+    out.print(f"trained in {result['seconds']:.1f} s; ward is up to date")
+    privacy = w.privacy()
+    if privacy:
+        out.print(f"privacy: ward ε = {privacy['ward_epsilon']}, δ = {privacy['ward_delta']:.3g}; " +
+                  ", ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"ε={v['epsilon']:.3f} σ={v['sigma']:.3f}") for c, v in privacy["compartments"].items()))
+        for note in privacy["notes"]:
+            out.print(f"  note: {note}")
+
+
+def pretrain(
+    ward: Path = typer.Argument(..., help="The ward folder."),
+    public: str = typer.Option("printed:count=3000", "--public", help="Public data, e.g. printed:count=3000."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the ward's public budget in epochs)."),
+    latent: bool = typer.Option(False, "--latent", help="Latent diffusion: train a public autoencoder first; every model of the ward then works on its latents."),
+    autoencoder_steps: Optional[int] = typer.Option(None, "--autoencoder-steps", help="With --latent: autoencoder training steps."),
+    autoencoder_data: Optional[str] = typer.Option(None, "--autoencoder-data", help="With --latent: public data of the autoencoder (default strokes:count=10000)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Pretrain the public models on public data: a denoiser (and with --latent an autoencoder); `train --dp` fine-tunes from them (DP-LDM)."""
+    from dataclasses import replace
+
+    from dataward.training.loop import TrainConfig
+
+    if (autoencoder_steps is not None or autoencoder_data is not None) and not latent:
+        raise DatawardError("--autoencoder-steps and --autoencoder-data need --latent (pixel wards have no autoencoder)")
+    if autoencoder_steps is not None and autoencoder_steps < 1:
+        raise DatawardError(f"--autoencoder-steps must be at least 1, got {autoencoder_steps}")
+    w = open_ward(ward, device=device)
+    trained_before = {r.metadata.get("variant", "") for r in w.served().values()}
+    budget = TrainConfig(steps=steps) if steps is not None else None
+    autoencoder = None if autoencoder_steps is None else replace(w.config.autoencoder, steps=autoencoder_steps)
+    with progress_bar() as progress:
+        result = w.pretrain(public, budget, device=device, progress=progress, latent=latent, autoencoder=autoencoder, autoencoder_data=autoencoder_data)
+    models = "the public autoencoder and latent denoiser" if latent else "the public denoiser"
+    out.print(f"pretrained {models} on {public} in {result['seconds']:.1f} s (recorded in the ledger as public)")
+    if latent:
+        shape = "x".join(map(str, w.model_shape()))
+        mse = w.served("autoencoder")[None].metadata["public_reconstruction_mse"]
+        out.print(f"latent space: {shape} latents; autoencoder trained on {w.config.autoencoder_data}, reconstruction MSE on it {mse:.4f}")
+    if trained_before and w.models_missing():
+        out.print(f"the compartments' models are out of date (trained in another space or from another public model): "
+                  f"run `dataward train {ward}` to retrain them")
+
+
+def guard(
+    ward: Path = typer.Argument(..., help="The ward folder."),
+    steps: Optional[int] = typer.Option(None, help="Guard training steps (default: the guard's epochs)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Add CPSample guards to every compartment and train them (sample with --guard)."""
+    from dataclasses import replace
+
+    w = open_ward(ward, device=device)
+    settings = w.config.guard_settings if steps is None else replace(w.config.guard_settings, steps=steps)
+    with progress_bar() as progress:
+        result = w.enable_guards(settings, device=device, progress=progress)
+    out.print(f"guards trained in {result['seconds']:.1f} s; sample with: dataward sample {ward} --guard")
+
+
+def forget(
+    ward: Path = typer.Argument(..., help="The ward folder."),
+    ids: Optional[list[str]] = typer.Argument(None, help="Sample IDs to forget."),
+    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A file with one sample ID per line."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Forget samples: in effect at once, then retrain what saw them from the slice before."""
+    all_ids = list(ids or [])
+    if ids_file:
+        if not ids_file.is_file():
+            raise DatawardError(f"--ids-file {ids_file} does not exist")
+        all_ids += [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+    w = open_ward(ward, device=device)
+    with progress_bar(not as_json) as progress:
+        result = w.forget(all_ids, device=device, progress=progress)
+    if as_json:
+        print(json.dumps(result))
+        return
+    if result["state"] == "noop":
+        out.print(f"[yellow]nothing to do:[/yellow] {result['message']}")
+        return
+    out.print(f"forget request {result['request']}: {len(result['ids'])} ID(s) forgotten; in effect at once "
+              f"({result['quarantined_models']} model(s) that saw them quarantined and deleted)")
+    for c, state in result["serving_during_retraining"].items():
+        out.print(f"  while retraining, compartment {c}: {state}")
+    if result["already_forgotten"]:
+        out.print(f"  already forgotten before: {', '.join(result['already_forgotten'])}")
+    out.print(f"retrained in {result.get('retrain_seconds', 0):.1f} s; state: {result['state']}. Certificate: dataward verify {ward}")
+
+
+def verify(ward: Path = typer.Argument(..., help="The ward folder."), device: str = typer.Option("cpu"),
+           as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Forgetting certificate: retrain every served model from scratch and compare weight hashes bit for bit."""
+    w = open_ward(ward, device=device)
+    with progress_bar(not as_json) as progress:
+        cert = w.verify(device=device, progress=progress)
+    if as_json:
+        print(json.dumps(cert))
+    else:
+        table = Table(title=f"certificate: {'OK' if cert['ok'] else 'FAILED'} ({cert['forgotten']} forgotten IDs)")
+        for col in ("model", "served sha256", "from scratch", "equal", "saw forgotten"):
+            table.add_column(col)
+        for m in cert["models"]:
+            name = m["kind"] + ("" if m["compartment"] is None else f" {m['compartment']}")
+            table.add_row(name, m.get("served_sha256", "-")[:16], m.get("scratch_sha256", "-")[:16], "yes" if m["equal"] else "NO", str(m.get("saw_forgotten_ids", "-")))
+        out.print(table)
+    if not cert["ok"]:
+        raise typer.Exit(1)
+
+
+def add(ward: Path = typer.Argument(..., help="The ward folder."), data: str = typer.Option(..., "--data", help="The new data source."),
+        device: str = typer.Option("cpu")) -> None:
+    """Continual learning: new data becomes a new compartment; existing compartments are untouched."""
+    w = open_ward(ward, device=device)
+    with progress_bar() as progress:
+        result = w.add(data, device=device, progress=progress)
+    out.print(f"added {result['samples']} samples as compartment(s) {result['compartments']}")
+
+

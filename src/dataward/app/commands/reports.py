@@ -1,0 +1,162 @@
+"""Commands that look at a ward or use it: status, sample, audit, and the end-to-end demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from dataward.app.commands.common import open_ward, parse_ids
+from dataward.app.terminal import console, out, progress_bar
+
+
+def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show the ward's compartments, models, forget requests and privacy (read-only: safe while training runs)."""
+    from dataward.ward import Ward
+
+    w = Ward.open(ward, worker=True)
+    s = w.status()
+    if as_json:
+        print(json.dumps(s, default=str))
+        return
+    cfg = s["config"]
+    out.print(f"[bold]{s['path']}[/bold]: {s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, "
+              f"{cfg['slices']} slice(s), weights {cfg['weights']}")
+    guards = bool(cfg["guard"])
+    table = Table()
+    for col in ("compartment", "source", "samples", "forgotten", "serving", "model") + (("guard accuracy on its bits by t",) if guards else ()):
+        table.add_column(col)
+    for c in s["compartments"]:
+        model = c.get("model")
+        row = [str(c["id"]), c["source"], str(c["samples"]), str(c["forgotten"]), c["serving"],
+               "-" if model is None else f"#{model['id']} stage {model['stage'] + 1}, {model['steps']} steps"]
+        if guards:
+            row.append("-" if not c["guard"] else ", ".join(f"{t}: {a:.2f}" for t, a in (c["guard"]["accuracy_by_t"] or {}).items()))
+        table.add_row(*row)
+    out.print(table)
+    if s["public_model"]:
+        out.print(f"public denoiser: model #{s['public_model']['id']} trained on {s['public_model']['data']} (public data only)")
+    if s["latent"]:
+        ae = s["latent"]["autoencoder"]
+        shape = "x".join(map(str, s["latent"]["latent_shape"]))
+        out.print(f"latent space: {shape} latents of " + ("[yellow]no trained autoencoder yet[/yellow]" if ae is None else
+                  f"autoencoder #{ae['id']} trained on {ae['data']} (public data only; reconstruction MSE {ae['public_reconstruction_mse']:.4f} on it)"))
+    if s["router"]:
+        out.print(f"router: model #{s['router']['id']} stage {s['router']['stage'] + 1} (joint: saw every compartment; retrained on forget)")
+    if s["pending_forgets"]:
+        out.print(f"[yellow]forget requests in effect, retraining pending: {', '.join(s['pending_forgets'])}[/yellow] (run any command to finish)")
+    if s.get("privacy"):
+        p = s["privacy"]
+        per = "; ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"ε = {v['epsilon']:.3f}, δ = {v['delta']:.2e}, σ = {v['sigma']:.3f}, "
+                                                   f"{v['steps']} steps, {100 * v['trainable_fraction']:.1f}% of parameters ({v['trainable']})"
+                                                   + (f", {v['noise_multiplicity']} noise draws per example" if (v.get("noise_multiplicity") or 1) > 1 else ""))
+                        for c, v in p["compartments"].items())
+        ward_eps = p["ward_epsilon"] if isinstance(p["ward_epsilon"], str) else f"{p['ward_epsilon']:.3f}"
+        out.print(f"privacy: ward ε = {ward_eps} at δ = {p['ward_delta']:.2e} (max over compartments); {per}")
+        for note in p["notes"]:
+            out.print(f"  note: {note}")
+
+
+def sample(
+    ward: Path = typer.Argument(..., help="The ward folder."),
+    n: int = typer.Option(64, "-n", help="Number of samples."),
+    label: Optional[int] = typer.Option(None, help="Class label for all samples (random by default)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    sampler: Optional[str] = typer.Option(None, help="ddim | ddpm (default: ddim; ddpm for density weights)."),
+    steps: int = typer.Option(50, help="Sampling steps."),
+    allow: Optional[str] = typer.Option(None, help="Compartments to compose, e.g. 0,3 (all by default)."),
+    weights: Optional[str] = typer.Option(None, help="router | density (the ward's default otherwise)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Evaluate only the k heaviest compartments per sample and step."),
+    guard: bool = typer.Option(False, "--guard", help="Steer away from training data with each compartment's guard."),
+    guard_scale: Optional[float] = typer.Option(None, "--guard-scale", help="Guard guidance scale s."),
+    guard_alpha: Optional[float] = typer.Option(None, "--guard-alpha", help="Guard confidence threshold α."),
+    out_png: Optional[Path] = typer.Option(None, "--out", help="Write a PNG grid here."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write samples.npz (images, labels, attribution, final_weights)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary with per-sample attribution."),
+) -> None:
+    """Generate samples composed over the allowed compartments."""
+    w = open_ward(ward)
+    with progress_bar(not as_json) as progress:
+        r = w.sample(n, label=label, seed=seed, sampler=sampler, steps=steps, allowed=parse_ids(allow), weights=weights, top_k=top_k,
+                     guard=guard, guard_scale=guard_scale, guard_alpha=guard_alpha, progress=progress)
+    if out_png:
+        from dataward.plots import image_grid
+
+        image_grid(r.images, out_png, r.labels)
+    if save:
+        arrays = {"images": r.images.numpy().astype(np.float32), "attribution": r.attribution.numpy(), "final_weights": r.final_weights.numpy(),
+                  "compartments": np.array(r.compartments)}
+        if r.labels is not None:
+            arrays["labels"] = r.labels.numpy()
+        np.savez(save, **arrays)
+    summary = {
+        "n": n, "compartments": r.compartments, "weights": r.weights, "sampler": r.sampler, "seconds": round(r.seconds, 3),
+        "models": {str(k): v for k, v in r.models.items()}, "grid": str(out_png) if out_png else None, "npz": str(save) if save else None,
+        "labels": None if r.labels is None else r.labels.tolist(),
+        "attribution": r.attribution.tolist(), "final_weights": r.final_weights.tolist(), "guard_guided": r.guard_guided,
+    }
+    if as_json:
+        print(json.dumps(summary))
+        return
+    mean = r.attribution.mean(0).tolist()
+    table = Table(title=f"{n} samples in {r.seconds:.1f} s ({r.weights} weights, {r.sampler})")
+    table.add_column("compartment")
+    table.add_column("mean attribution", justify="right")
+    table.add_column("model")
+    for c in r.compartments:
+        info = r.models[c]
+        table.add_row(str(c), f"{mean[w.compartments().index(c)]:.3f}", f"stage {info['stage'] + 1}" + (" (fallback)" if info["fallback"] else ""))
+    out.print(table)
+    if r.guard_guided is not None:
+        out.print(f"guards guided {100 * r.guard_guided:.1f}% of their checks (sample x step x compartment, t below the guard's max timestep)")
+    for label_, path in (("grid", out_png), ("npz", save)):
+        if path:
+            out.print(f"{label_}: {path}")
+
+
+def audit(
+    ward: Path = typer.Argument(..., help="The ward folder."),
+    n: int = typer.Option(1000, "--n", help="Samples drawn for quality and replication."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
+    json_out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="Local feature-network weights for non-digits data."),
+    verify_forgetting: bool = typer.Option(False, "--verify", help="Add the bitwise forgetting certificate (retrains every model)."),
+) -> None:
+    """Measure quality, replication, membership inference, forgetting and privacy; write JSON and HTML reports."""
+    from dataward.audit import audit_ward
+    from dataward.audit.report import summary_rows, write_json
+
+    w = open_ward(ward)
+    report = audit_ward(w, n=n, seed=seed, inception=inception, verify=verify_forgetting, html=html,
+                        progress=None if as_json else (lambda message: console.print(f"[dim]audit:[/dim] {message}")))
+    if json_out:
+        write_json(json_out, report)
+    if as_json:
+        from dataward.audit.report import json_default
+
+        print(json.dumps(report, default=json_default))
+        return
+    table = Table(title=f"audit of {ward}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in summary_rows(report):
+        table.add_row(name, value)
+    out.print(table)
+    if html:
+        out.print(f"report: {html}")
+
+
+def demo(out_dir: Path = typer.Option(Path("demo-out"), "--out", help="Where the demo writes its ward and pictures."),
+         quick: bool = typer.Option(False, "--quick", help="A shorter run (smaller training budget).")) -> None:
+    """Show the whole product end to end on the bundled digits."""
+    from dataward.app.demo import run_demo
+
+    run_demo(out_dir, quick=quick, console=out)
+
+

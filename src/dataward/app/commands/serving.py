@@ -1,0 +1,92 @@
+"""Commands of the HTTP service: API keys (create, list, revoke) and serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from dataward.app.commands.common import open_ward, parse_ids
+from dataward.app.terminal import console, out
+from dataward.errors import DatawardError
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for `dataward serve`: each key reaches only its compartments.")
+
+
+@keys_app.callback()
+def _keys(ctx: typer.Context, ward: Path = typer.Argument(..., help="The ward folder.")) -> None:
+    """Manage a ward's API keys: dataward keys WARD create|list|revoke."""
+    ctx.ensure_object(dict)["ward"] = ward
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    allow: Optional[str] = typer.Option(None, "--allow", help="Compartments the key may use, e.g. 0,2 (or all)."),
+    admin: bool = typer.Option(False, "--admin", help="The key may also forget samples (POST /v1/forget)."),
+    name: Optional[str] = typer.Option(None, "--name", help="A unique name for the key (default: a random one)."),
+) -> None:
+    """Create a key and print it once (only its SHA-256 is stored)."""
+    import secrets
+
+    w = open_ward(ctx.obj["ward"], resume=False)
+    if allow is None and not admin:
+        raise DatawardError("--allow is required: the compartments the key may use, e.g. --allow 0,2 (or --allow all)")
+    ids = w.compartments() if (allow or "").strip() == "all" else (parse_ids(allow) or [])
+    key_id, raw = w.ledger.create_key(name or f"key-{secrets.token_hex(3)}", ids, admin)
+    console.print(f"created key #{key_id} for compartments {sorted(set(ids))}{' (admin)' if admin else ''}. "
+                  "Store it now: it is shown only this once.")
+    print(raw)
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the keys (names, grants, state; never the keys)."""
+    import datetime
+
+    keys = open_ward(ctx.obj["ward"], resume=False).ledger.list_keys()
+    if as_json:
+        print(json.dumps(keys))
+        return
+    table = Table()
+    for col in ("id", "name", "allow", "admin", "created", "state"):
+        table.add_column(col)
+    for k in keys:
+        created = datetime.datetime.fromtimestamp(k["created_at"]).isoformat(timespec="seconds")
+        table.add_row(str(k["id"]), k["name"], ",".join(map(str, k["allow"])) or "-", "yes" if k["admin"] else "no", created,
+                      "revoked" if k["revoked_at"] else "active")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., help="The key's ID or name.")) -> None:
+    """Revoke a key: refused from the very next request on."""
+    record = open_ward(ctx.obj["ward"], resume=False).ledger.revoke_key(key)
+    out.print(f"revoked key #{record['id']} ({record['name']})")
+
+
+def serve(
+    ward: Path = typer.Argument(..., help="The ward folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (put TLS in front of anything but loopback)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    workers: int = typer.Option(2, "--workers", help="Generation pool size: generations run at once (threads in one process)."),
+    queue: int = typer.Option(8, "--queue", help="Generations that may wait for a worker; beyond that: 429 with Retry-After."),
+    max_n: int = typer.Option(64, "--max-n", help="Most images per request."),
+    max_steps: int = typer.Option(250, "--max-steps", help="Most sampling steps per request."),
+    torch_threads: int = typer.Option(1, "--torch-threads", help="torch intra-op threads per worker (keep workers x threads <= free cores)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve the ward over HTTP (FastAPI + uvicorn; OpenAPI docs at /docs). See docs/service.md."""
+    import uvicorn
+
+    from dataward.app.service import ServiceLimits, create_app
+
+    service_app = create_app(ward, pool_size=workers, queue_size=queue, limits=ServiceLimits(max_n=max_n, max_steps=max_steps),
+                             torch_threads=torch_threads)
+    console.print(f"serving {ward} on http://{host}:{port} ({workers} worker(s), queue {queue}); API docs at /docs")
+    uvicorn.run(service_app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(ServiceLimits().shutdown_timeout_s))
+
+

@@ -1,0 +1,74 @@
+"""What crosses the API boundary: the server's limits, request bodies, the authenticated caller and HTTP errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one request may ask for. Exceeding a limit is a 4xx naming the field, never a 5xx."""
+
+    max_n: int = 64  # images per generation request
+    max_steps: int = 250  # sampling steps per request
+    max_body_bytes: int = 64 * 1024  # request body size (413 above it)
+    max_forget_ids: int = 10_000  # sample IDs per forget request
+    generate_timeout_s: float = 120.0  # a generation still running after this answers 503 (its slot frees when it ends)
+    max_attempts: int = 3  # runs of one generation when forgets keep tainting its models (then 503)
+    shutdown_timeout_s: float = 30.0  # how long shutdown waits for admitted generations and retraining
+
+
+class ServiceError(Exception):
+    """An HTTP answer with a message (and headers), raised inside the service and rendered by one handler."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def shutting_down(message: str) -> ServiceError:
+    """The 503 of a server that is shutting down."""
+    return ServiceError(503, f"the server is shutting down: {message}", {"Retry-After": "5"})
+
+
+class GenerateRequest(BaseModel):
+    """POST /v1/generate. Unknown fields are refused (422): the grant comes from the key, never from the body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    n: int = Field(1, ge=1, description="Number of images (at most the server's max_n).")
+    label: int | None = Field(None, ge=0, description="Class label for every image (random by default).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Sampling seed (random by default; echoed back).")
+    guard: bool = Field(False, description="Steer away from training data with each compartment's CPSample guard.")
+    sampler: Literal["ddpm", "ddim"] | None = Field(None, description="ddpm (needed by density weights) or ddim.")
+    steps: int = Field(50, ge=1, description="Sampling steps (at most the server's max_steps).")
+    weights: Literal["router", "density"] | None = Field(None, description="Composition weights; router only for keys reaching every compartment.")
+    top_k: int | None = Field(None, ge=1, description="Evaluate only the k heaviest compartments per sample and step.")
+    format: Literal["png", "npz"] = Field("png", description="png: base64 PNGs; npz: one base64 .npz (images, labels, attribution).")
+    grid: bool = Field(False, description="With png: one grid image instead of one PNG per sample.")
+
+
+SampleId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
+class ForgetBody(BaseModel):
+    """POST /v1/forget (admin keys)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ids: list[SampleId] = Field(..., min_length=1, description="Sample IDs to forget, e.g. digits:0042.")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """The authenticated caller: a key record from the ledger (never the key itself)."""
+
+    id: int
+    name: str
+    allow: tuple[int, ...]
+    admin: bool
