@@ -27,10 +27,13 @@ import torch
 from dataward.audit.features import digits_feature_net
 from dataward.audit.metrics import downstream_accuracy, frechet_distance
 from dataward.data import load_source
-from dataward.diffusion.latent import AutoencoderConfig, LatentDenoiser, make_latent_scheduler, pretrain_autoencoder, sample_latent, unet_eps
+from dataward.diffusion.latent import (
+    AutoencoderConfig, LatentCodec, LatentDenoiser, autoencoder_loss, build_autoencoder, latent_scaling_factor, make_latent_scheduler, sample_latent,
+)
 from dataward.models.nets import build_unet, derive_seed
-from dataward.training.privacy import DPConfig, dp_finetune, plan_dp, pretrain_denoiser, trainable_counts, trainable_filter
-from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop
+from dataward.training.dp import dp_finetune
+from dataward.training.privacy import DPConfig, plan_dp, trainable_counts, trainable_filter
+from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
 from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
 
 warnings.filterwarnings("ignore")
@@ -56,6 +59,17 @@ def evaluate(model, codec, heldout, features, args) -> dict:
     cas = downstream_accuracy(images, y, heldout.images, heldout.labels, seed=SEED)
     fd = frechet_distance(features(images), features(heldout.images))
     return {"cas": cas, "fd": fd}
+
+
+def train_public(kind: str, model, data, loss, train: TrainConfig) -> TrainState:
+    """A public model (``autoencoder``, ``public-denoiser``) trained as ``Ward.pretrain`` trains it for ward seed SEED:
+    weights from derive_seed(SEED, kind, None, "init") (the caller builds the model), one stage over the data in ID order
+    with the generator derive_seed(SEED, kind, None, "stage", 0)."""
+    state = TrainState.fresh(model, train)
+    data = data.select(sorted(data.ids))
+    generator = torch.Generator().manual_seed(derive_seed(SEED, kind, None, "stage", 0))
+    run_steps(state, data, loss, train.total_steps(len(data)), train, generator)
+    return state
 
 
 def nonprivate_finetune(model, data, trainable: str, steps: int, batch: int, lr: float, seed: int) -> TrainState:
@@ -135,12 +149,17 @@ def main() -> None:
         pub, priv = public, private
         if space == "latent":
             ae_public = load_source("strokes:count=200" if q else args.ae_data)
-            codec = pretrain_autoencoder(ae_public, AutoencoderConfig(steps=ae_steps), seed=SEED, threads=args.threads)
+            ae_config = AutoencoderConfig(steps=ae_steps)
+            ae_model = build_autoencoder(ae_config, derive_seed(SEED, "autoencoder", None, "init"))
+            autoencoder = train_public("autoencoder", ae_model, ae_public, autoencoder_loss(ae_config.kl_weight), ae_config.train_config(args.threads)).ema_model()
+            codec = LatentCodec(autoencoder, latent_scaling_factor(autoencoder, ae_config, ae_public), ae_config)
             pub, priv = codec.encode_dataset(public), codec.encode_dataset(private)
             recon = codec.decode(codec.encode(private.images))
             real["autoencoder_digits_mse"] = float((recon - private.images).pow(2).mean())
             real["autoencoder_printed_mse"] = float((codec.decode(pub.images) - public.images).pow(2).mean())
-        pre = pretrain_denoiser(pub, TrainConfig(steps=public_steps, batch_size=128, lr=2e-3), seed=SEED, scheduler=scheduler)
+        _, pub_channels, pub_size, _ = pub.images.shape
+        pub_model = build_unet("tiny", pub_size, pub_channels, pub.num_classes, derive_seed(SEED, "public-denoiser", None, "init"))
+        pre = train_public("public-denoiser", pub_model, pub, denoiser_loss(scheduler), TrainConfig(steps=public_steps, batch_size=128, lr=2e-3))
         base = pre.ema_model()
         timings[f"{space}_pretrain_s"] = time.perf_counter() - t0
         record(space, "public only", None, base, codec)

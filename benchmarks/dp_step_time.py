@@ -5,7 +5,7 @@
 Model: the ``tiny`` preset (8x8 digits), the digits training split. For each trainable set (``attention``: DP-LDM's
 attention modules + class embedding; ``embedding``: the class embedding only; ``full``) two variants run the same number of logical steps:
 
-- ``dp``: ``dataward.training.privacy.run_private_epochs`` (opacus: Poisson batches of expected size --batch split into physical
+- ``dp``: ``dataward.training.dp.run_private_epochs`` (opacus: Poisson batches of expected size --batch split into physical
   batches of at most --physical, per-sample gradients, clipping, noise; ``noise_multiplicity`` 1);
 - ``plain``: ``dataward.training.loop.run_steps`` with batch --batch (one forward/backward per step, no clipping or noise).
 
@@ -44,7 +44,8 @@ def setup(args):
 
 def run_variant(variant: str, base, data, args) -> float:
     """Seconds per logical step of one variant over --steps steps (fresh optimizer state, same weights)."""
-    from dataward.training.privacy import DPConfig, make_private, run_private_epochs, trainable_filter
+    from dataward.training.dp import make_private, run_private_epochs
+    from dataward.training.privacy import DPConfig, trainable_filter
     from dataward.diffusion.sampling import make_training_scheduler
     from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
 

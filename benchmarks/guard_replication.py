@@ -24,7 +24,8 @@ import time
 import torch
 
 from dataward.audit.features import digits_feature_net
-from dataward.audit.metrics import frechet_distance, loss_attack, replication
+from dataward.audit.attacks import loss_attack
+from dataward.audit.metrics import frechet_distance, replication
 from dataward.data import Dataset, load_source
 from dataward.models.guard import (
     MEMORIZE_PRESET,
@@ -32,13 +33,14 @@ from dataward.models.guard import (
     GuardConfig,
     guard_accuracy_by_t,
     guard_guidance,
+    build_guard,
     guard_labels,
+    guard_loss,
     guard_model,
     guarded,
-    train_guard,
 )
 from dataward.models.nets import build_unet, derive_seed
-from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop
+from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
 from dataward.training.loop import TrainState, denoiser_loss, run_steps
 
 
@@ -77,20 +79,23 @@ def main() -> None:
     t_unet = time.perf_counter() - clock
     log(f"denoiser trained in {t_unet:.0f} s")
 
-    # its guard, on the same images
+    # its guard, on the same images, trained as a ward with seed guard_seed trains compartment 0's guard (one stage, ID order)
     config = GuardConfig(scale=args.scale, alpha=args.alpha)
-    guard = guard_model(train_guard(members, scheduler, derive_seed(args.seed, "guard"), config))
+    guard_seed = derive_seed(args.seed, "guard")
+    ordered = members.select(sorted(members.ids))
+    guard_state = TrainState.fresh(build_guard(1, derive_seed(guard_seed, "guard", 0, "init"), config), config.train_config())
+    run_steps(guard_state, ordered, guard_loss(scheduler, config), config.train_config().total_steps(len(ordered)), config.train_config(),
+              torch.Generator().manual_seed(derive_seed(guard_seed, "guard", 0, "stage", 0)), targets=guard_labels(ordered.ids, guard_seed))
+    guard = guard_model(guard_state)
     t_guard = time.perf_counter() - clock - t_unet
     log(f"guard trained in {t_guard:.0f} s")
-    labels = guard_labels(members.ids, derive_seed(args.seed, "guard"))
+    labels = guard_labels(members.ids, guard_seed)
     acc_t = [0, 100, 200, 300, 400, 500, config.max_timestep - 1, 800]
     acc_members = guard_accuracy_by_t(guard, members, labels, scheduler, acc_t, torch.Generator().manual_seed(1))
-    acc_heldout = guard_accuracy_by_t(guard, heldout, guard_labels(heldout.ids, derive_seed(args.seed, "guard")), scheduler, acc_t,
+    acc_heldout = guard_accuracy_by_t(guard, heldout, guard_labels(heldout.ids, guard_seed), scheduler, acc_t,
                                       torch.Generator().manual_seed(1))
 
-    def eps(x_t, t, y=None):
-        return unet(x_t, t).sample
-
+    eps = unet_eps(unet)
     guidance = guard_guidance(guard, config.scale, config.alpha, config.max_timestep)
     sampler = make_sampler(scheduler, args.sampler)
     x_T = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(derive_seed(args.seed, "x_T")))

@@ -16,14 +16,16 @@ from dataward.models.guard import (
     guard_accuracy_by_t,
     guard_guidance,
     guard_labels,
-    guard_model,
     guarded,
-    train_guard,
 )
-from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop
+from dataward.models.nets import NoisyClassifier
+from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
+from dataward.training.loop import TrainConfig
+from dataward.ward import Ward
 
 # small enough to train in a few seconds on one core, big enough to memorise 48 random bits
-FAST = GuardConfig(width=32, levels=2, steps=250, batch_size=48, lr=2e-3, ema_decay=0.9, max_timestep=100)
+FAST = GuardConfig(width=32, levels=2, steps=250, batch_size=48, lr=2e-3, ema_decay=0.9, max_timestep=100, threads=1)
+DENOISER = TrainConfig(steps=1, batch_size=16, threads=1)  # the ward trains its denoiser too: as little as it can
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,9 +46,22 @@ def members() -> Dataset:
     return load_source("digits:subset=48,seed=3")
 
 
+def ward_guard(path, data: Dataset, seed: int, config: GuardConfig) -> tuple[NoisyClassifier, str]:
+    """The guard a one-compartment ward with ``seed`` trains on ``data`` (the path every served guard takes), as it
+    guides sampling (EMA weights, from its checkpoint folder), and its weights hash."""
+    ward = Ward.create(path, data, seed=seed, guard=True, guard_settings=config, train=DENOISER)
+    try:
+        ward.train()
+        record = ward.served("guard")[0]
+        guard = NoisyClassifier.from_pretrained(str(ward.path / record.path), use_safetensors=True)
+        return guard.eval().requires_grad_(False), record.metadata["weights_sha256"]
+    finally:
+        ward.close()
+
+
 @pytest.fixture(scope="module")
-def trained(members, scheduler):
-    return guard_model(train_guard(members, scheduler, seed=7, config=FAST))
+def trained(members, tmp_path_factory):
+    return ward_guard(tmp_path_factory.mktemp("guard") / "ward", members, seed=7, config=FAST)[0]
 
 
 # ------------------------------------------------------------------------------------------------------------- labels
@@ -78,20 +93,15 @@ def test_config_errors_name_the_field():
 # ------------------------------------------------------------------------------------------------------------ training
 
 
-def _weights(state) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in state.ema_state_dict().items()}
-
-
-def test_training_is_deterministic_and_depends_on_ids_not_order(members, scheduler):
-    config = GuardConfig(width=16, steps=4, batch_size=16)
-    a = _weights(train_guard(members, scheduler, seed=5, config=config))
-    b = _weights(train_guard(members.select(list(members.ids)[::-1]), scheduler, seed=5, config=config))
-    c = _weights(train_guard(members, scheduler, seed=6, config=config))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)  # same IDs, seed, config: bitwise equal, whatever the listing order
-    assert any(not torch.equal(a[k], c[k]) for k in a)  # another seed: other weights
-    d = _weights(train_guard(members.select(list(members.ids)[1:]), scheduler, seed=5, config=config))
-    assert any(not torch.equal(a[k], d[k]) for k in a)  # one ID fewer: other weights
+def test_training_is_deterministic_and_depends_on_ids_not_order(members, tmp_path):
+    config = GuardConfig(width=16, steps=4, batch_size=16, threads=1)
+    a = ward_guard(tmp_path / "a", members, seed=5, config=config)[1]
+    b = ward_guard(tmp_path / "b", members.select(list(members.ids)[::-1]), seed=5, config=config)[1]
+    c = ward_guard(tmp_path / "c", members, seed=6, config=config)[1]
+    assert a == b  # same IDs, seed, config: bitwise equal, whatever the listing order
+    assert a != c  # another seed: other weights
+    d = ward_guard(tmp_path / "d", members.select(list(members.ids)[1:]), seed=5, config=config)[1]
+    assert a != d  # one ID fewer: other weights
 
 
 def test_guard_overfits_members_and_is_at_chance_on_heldout(trained, members, scheduler):
@@ -213,8 +223,7 @@ def test_guided_sampling_behaves_as_derived():
 def test_guard_off_is_bitwise_the_plain_sampler(trained, scheduler):
     from dataward.models.nets import build_unet
 
-    unet = build_unet("tiny", 8, 1, None, seed=0).eval()
-    eps = lambda x_t, t, y: unet(x_t, t).sample
+    eps = unet_eps(build_unet("tiny", 8, 1, None, seed=0).eval())
     x_T = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     for name in ("ddim", "ddpm"):
         sampler = make_sampler(scheduler, name)

@@ -10,22 +10,17 @@ import torch
 import dataward.diffusion.sampling as sampling
 from dataward.data import load_source
 from dataward.errors import DatawardError
-from dataward.diffusion.latent import (
-    AutoencoderConfig,
-    LatentCodec,
-    LatentDenoiser,
-    make_latent_scheduler,
-    pretrain_autoencoder,
-    sample_latent,
-    unet_eps,
-)
+from dataward.diffusion.latent import AutoencoderConfig, LatentCodec, LatentDenoiser, make_latent_scheduler, sample_latent
 from dataward.models.nets import build_unet
-from dataward.training.privacy import DPConfig, dp_finetune
+from dataward.training.dp import dp_finetune
+from dataward.training.privacy import DPConfig
 from dataward.training.loop import TrainConfig
+from dataward.ward import Ward
 
 warnings.filterwarnings("ignore", message="Secure RNG")
 CONFIG = AutoencoderConfig(steps=300)
 PUBLIC = "strokes:count=1000"  # the autoencoder's public data: pen strokes, never a digit
+PRETRAIN = TrainConfig(steps=1, batch_size=30, threads=1)  # the public denoiser a latent ward pretrains too: as little as it can
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +31,24 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def latent_ward(path, seed: int = 0, config: AutoencoderConfig = CONFIG, public: str = PUBLIC) -> Ward:
+    """A ward whose autoencoder is trained the way every served autoencoder is (``Ward.pretrain(latent=True)``)."""
+    ward = Ward.create(path, "digits:subset=20", seed=seed, train=TrainConfig(steps=1, batch_size=16, threads=1))
+    ward.pretrain("printed:count=30", PRETRAIN, latent=True, autoencoder=config, autoencoder_data=public)
+    return ward
+
+
 @pytest.fixture(scope="module")
-def codec() -> LatentCodec:
+def trained_ward(tmp_path_factory):
     torch.set_num_threads(1)
-    return pretrain_autoencoder(load_source(PUBLIC), CONFIG, seed=0, threads=1)
+    ward = latent_ward(tmp_path_factory.mktemp("latent") / "ward")
+    yield ward
+    ward.close()
+
+
+@pytest.fixture(scope="module")
+def codec(trained_ward) -> LatentCodec:
+    return trained_ward.codec()
 
 
 @pytest.mark.parametrize("unseen", ["digits:heldout", "printed:count=200,seed=1"])
@@ -61,26 +70,35 @@ def test_latents_are_scaled_to_unit_std_and_keep_ids(codec):
     assert encoded.ids == digits.ids and torch.equal(encoded.labels, digits.labels)
 
 
-def test_autoencoder_training_is_deterministic():
+def test_autoencoder_training_is_deterministic(tmp_path):
     small = AutoencoderConfig(steps=5)
-    public = load_source("printed:count=64")
-    a = pretrain_autoencoder(public, small, seed=3, threads=1)
-    b = pretrain_autoencoder(public, small, seed=3, threads=1)
-    c = pretrain_autoencoder(public, small, seed=4, threads=1)
-    assert all(torch.equal(x, y) for x, y in zip(a.autoencoder.state_dict().values(), b.autoencoder.state_dict().values()))
-    assert a.scaling_factor == b.scaling_factor
-    assert not torch.equal(a.autoencoder.encoder.conv_in.weight, c.autoencoder.encoder.conv_in.weight)
+    runs = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        ward = latent_ward(tmp_path / name, seed, small, "printed:count=64")
+        record = ward.served("autoencoder")[None]
+        runs.append((record.metadata["weights_sha256"], record.metadata["scaling_factor"]))
+        ward.close()
+    (a, scale_a), (b, scale_b), (c, _) = runs
+    assert a == b and scale_a == scale_b
+    assert a != c
 
 
-def test_codec_save_load_round_trip(codec, tmp_path):
-    codec.save(tmp_path / "ae")
-    assert not list((tmp_path / "ae").glob("*.bin"))  # safetensors only
-    back = LatentCodec.load(tmp_path / "ae")
-    z = torch.randn(3, *CONFIG.latent_shape(), generator=torch.Generator().manual_seed(0))
-    assert back.scaling_factor == codec.scaling_factor
-    assert torch.equal(back.decode(z), codec.decode(z))
-    with pytest.raises(DatawardError, match="codec.json"):
-        LatentCodec.load(tmp_path)
+def test_the_ward_reopens_its_codec_from_safetensors(trained_ward, codec, tmp_path):
+    folder = trained_ward.path / trained_ward.served("autoencoder")[None].path
+    assert not list(folder.glob("*.bin")) and list(folder.glob("*.safetensors"))  # safetensors only
+    back = Ward.open(trained_ward.path)
+    try:
+        z = torch.randn(3, *CONFIG.latent_shape(), generator=torch.Generator().manual_seed(0))
+        assert back.codec().scaling_factor == codec.scaling_factor
+        assert torch.equal(back.codec().decode(z), codec.decode(z))
+    finally:
+        back.close()
+    pixel = Ward.create(tmp_path / "pixel", "digits:subset=20")
+    try:
+        with pytest.raises(DatawardError, match="no autoencoder"):
+            pixel.codec()
+    finally:
+        pixel.close()
 
 
 def test_wrong_image_shape_is_refused(codec):
@@ -99,7 +117,7 @@ def test_latent_sampling_runs_through_the_unmodified_loop(codec, monkeypatch):
 
     monkeypatch.setattr(sampling, "sample_loop", spy)
     unet = build_unet("tiny", 4, 4, 10, seed=0).eval()  # a latent denoiser: 4 channels at 4x4
-    denoiser = LatentDenoiser(unet_eps(unet), codec)
+    denoiser = LatentDenoiser(sampling.unet_eps(unet), codec)
     scheduler = make_latent_scheduler(sampling.make_training_scheduler(), "ddim")
     assert scheduler.config.clip_sample is False
     y = torch.arange(5)

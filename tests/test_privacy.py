@@ -14,15 +14,12 @@ from hypothesis import strategies as st
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
 from dataward.models.nets import build_classifier, build_unet
+from dataward.training.dp import backward_per_example, calibrate_clip, dp_finetune, make_private
 from dataward.training.privacy import (
     DPConfig,
-    backward_per_example,
-    calibrate_clip,
     PrivacyRecord,
     calibrate_sigma,
-    dp_finetune,
     epsilon_for,
-    make_private,
     plan_dp,
     trainable_attention,
     trainable_counts,
@@ -154,7 +151,7 @@ def test_noise_multiplicity_folds_each_examples_draws_before_clipping(mode):
 
 def test_the_check_catches_opacus_hooks_without_the_contiguity_fix():
     """The bug the fix exists for: plain opacus hooks give wrong (zero) per-sample gradients for convolutions fed by
-    attention. If opacus fixes it upstream this test fails, and the fix in privacy.py can go."""
+    attention. If opacus fixes it upstream this test fails, and the fix in dp.py can go."""
     from opacus import GradSampleModule
 
     batch = _fixed_batch()

@@ -6,7 +6,7 @@ from diffusers import UNet2DModel
 from dataward.data import load_source
 from dataward.models.nets import build_unet
 from dataward.diffusion.sampling import make_training_scheduler
-from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
+from dataward.training.loop import PlainSteps, TrainConfig, TrainState, denoiser_loss, run_steps, shuffled_batches, train_batches
 
 DATA = load_source("digits:subset=40")
 SCHED = make_training_scheduler()
@@ -47,6 +47,27 @@ def test_resume_at_a_stage_boundary_is_bitwise_exact(tmp_path):
     assert torch.equal(flat(resumed), flat(full))
     for x, y in zip(resumed.ema.shadow_params, full.ema.shadow_params):
         assert torch.equal(x, y)
+
+
+def test_the_loop_counts_only_the_steps_its_stepper_takes():
+    """A stepper may take no step for a batch (DP-SGD: a physical batch inside a logical one): the one loop then leaves
+    the EMA, the step counter and ``on_step`` alone, and the next batch starts from cleared gradients."""
+
+    class EveryOther(PlainSteps):
+        calls = 0
+
+        def step(self) -> bool:
+            self.calls += 1
+            return super().step() if self.calls % 2 == 0 else False
+
+    state = TrainState.fresh(build_unet("tiny", 8, 1, 10, 0), CFG)
+    generator, losses = torch.Generator().manual_seed(0), []
+    train_batches(state, shuffled_batches(DATA, 16, 6, generator), denoiser_loss(SCHED), generator, stepper=EveryOther(state), on_step=losses.append)
+    assert state.step == state.ema.optimization_step == len(losses) == 3
+    plain = TrainState.fresh(build_unet("tiny", 8, 1, 10, 0), CFG)
+    generator = torch.Generator().manual_seed(0)
+    train_batches(plain, shuffled_batches(DATA, 16, 6, generator), denoiser_loss(SCHED), generator)
+    assert plain.step == 6 and not torch.equal(flat(plain), flat(state))
 
 
 def test_checkpoint_loads_with_from_pretrained(tmp_path):

@@ -84,17 +84,23 @@ class Dataset:
 
     def resized(self, image_size: int, channels: int) -> "Dataset":
         """The same examples at ``image_size`` x ``image_size`` with ``channels`` channels (1 grey or 3 RGB)."""
-        images = self.images
-        if images.shape[1] != channels:
-            if channels == 1:
-                images = images.mean(dim=1, keepdim=True)
-            elif images.shape[1] == 1 and channels == 3:
-                images = images.expand(-1, 3, -1, -1)
-            else:
-                raise DatawardError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
-        if images.shape[-2:] != (image_size, image_size):
-            images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        images = fit_images(self.images, channels, image_size, image_size)
         return Dataset(self.ids, images.contiguous().clamp(-1, 1), self.labels, self.owners, self.num_classes)
+
+
+def fit_images(images: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    """Images (N, C, H, W) with ``channels`` channels (to grey: the channel mean; from grey: repeated) at ``height`` x
+    ``width`` (bilinear, antialiased); what already fits is returned unchanged."""
+    if images.shape[1] != channels:
+        if channels == 1:
+            images = images.mean(dim=1, keepdim=True)
+        elif images.shape[1] == 1:
+            images = images.expand(-1, channels, -1, -1)
+        else:
+            raise DatawardError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
+    if images.shape[-2:] != (height, width):
+        images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return images
 
 
 def ids_hash(ids) -> str:
@@ -265,12 +271,10 @@ def load_folder(root: Path) -> Dataset:
     size = arrays[0].shape[:2]
     channels = 3 if any(a.ndim == 3 for a in arrays) else 1
     tensors = []
-    for (f, _), a in zip(entries, arrays):
+    for a in arrays:
         t = torch.from_numpy(a)
         t = t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0).expand(channels, -1, -1)
-        if t.shape[-2:] != size:
-            t = torch.nn.functional.interpolate(t[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-        tensors.append(t)
+        tensors.append(fit_images(t[None], channels, *size)[0])
     images = torch.stack(tensors) * 2.0 - 1.0
     labels = torch.tensor([c for _, c in entries]) if class_dirs else None
     ids = tuple(str(f.relative_to(root)) for f, _ in entries)

@@ -42,10 +42,11 @@ from dataward.models.guard import (
 )
 from dataward.diffusion.latent import AutoencoderConfig, LatentCodec, LatentDenoiser, autoencoder_loss, build_autoencoder, latent_scaling_factor, make_latent_scheduler
 from dataward.store.ledger import Ledger, ModelRecord
-from dataward.training.privacy import DPConfig, dp_finetune, other_accountant, ward_delta, ward_epsilon
+from dataward.training.dp import dp_finetune
+from dataward.training.privacy import DPConfig, other_accountant, ward_delta, ward_epsilon
 from dataward.numerics import Numerics
 from dataward.models.nets import NoisyClassifier, build_classifier, build_unet, derive_seed
-from dataward.diffusion.sampling import Denoiser, make_sampler, make_training_scheduler, sample_loop
+from dataward.diffusion.sampling import Denoiser, make_sampler, make_training_scheduler, sample_loop, unet_eps
 from dataward.training.loop import PerSampleLoss, TrainConfig, TrainState, classifier_loss, denoiser_loss, run_steps
 
 AssignBy = Literal["random", "label", "source"]
@@ -717,11 +718,7 @@ class Ward:
         served = self.served()
         if compartment not in served:
             raise DatawardError(f"compartment {compartment} has no servable model (known: {sorted(served)})")
-        unet = self._load(served[compartment])
-
-        def eps(x_t, t, y):
-            return unet(x_t, t, class_labels=y).sample
-
+        eps = unet_eps(self._load(served[compartment]))
         if not guard:
             return eps
         guards = self.served("guard")

@@ -12,10 +12,7 @@ also knows how to decode; the loop in :mod:`dataward.diffusion.sampling` never k
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
@@ -23,8 +20,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 import dataward.diffusion.sampling as sampling
 from dataward.data import Dataset
 from dataward.errors import DatawardError
-from dataward.models.nets import derive_seed, seeded_init
-from dataward.training.loop import TrainConfig, TrainState, run_steps
+from dataward.models.nets import seeded_init
+from dataward.training.loop import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -125,47 +122,6 @@ class LatentCodec:
         z = torch.cat([self.encode(data.images[i : i + batch]) for i in range(0, len(data), batch)])
         return Dataset(data.ids, z.contiguous(), data.labels, data.owners, data.num_classes)
 
-    def save(self, folder: Path) -> None:
-        """Weights as safetensors (diffusers ``save_pretrained``) plus ``codec.json``."""
-        folder = Path(folder)
-        self.autoencoder.save_pretrained(folder, safe_serialization=True)
-        meta = {"scaling_factor": self.scaling_factor, "config": asdict(self.config)}
-        (folder / "codec.json").write_text(json.dumps(meta, indent=2))
-
-    @classmethod
-    def load(cls, folder: Path) -> "LatentCodec":
-        """Load what :meth:`save` wrote (safetensors only: no pickle)."""
-        folder = Path(folder)
-        meta_path = folder / "codec.json"
-        if not meta_path.is_file():
-            raise DatawardError(f"{folder} holds no autoencoder (codec.json is missing)")
-        meta = json.loads(meta_path.read_text())
-        config = AutoencoderConfig.from_dict(meta["config"])
-        autoencoder = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
-        return cls(autoencoder.eval(), float(meta["scaling_factor"]), config)
-
-
-def pretrain_autoencoder(
-    public: Dataset,
-    config: AutoencoderConfig = AutoencoderConfig(),
-    *,
-    seed: int,
-    threads: int = 2,
-    on_step: Callable[[float], None] | None = None,
-) -> LatentCodec:
-    """Train the autoencoder on PUBLIC images with the ordinary trainer; deterministic in ``seed`` (and ``threads``).
-    Uses the EMA weights (decay 0.99) and computes the scaling factor from the public latents."""
-    if public.shape != (config.channels, config.image_size, config.image_size):
-        raise DatawardError(
-            f"autoencoder config expects {config.channels}x{config.image_size}x{config.image_size} images, public data is {'x'.join(map(str, public.shape))}"
-        )
-    train = config.train_config(threads)
-    state = TrainState.fresh(build_autoencoder(config, derive_seed(seed, "autoencoder", "init")), train)
-    generator = torch.Generator().manual_seed(derive_seed(seed, "autoencoder", "train"))
-    run_steps(state, public, autoencoder_loss(config.kl_weight), config.steps, train, generator, on_step=on_step)
-    autoencoder = state.ema_model()
-    return LatentCodec(autoencoder, latent_scaling_factor(autoencoder, config, public), config)
-
 
 def latent_scaling_factor(autoencoder: AutoencoderKL, config: AutoencoderConfig, public: Dataset) -> float:
     """1 / std of the (unscaled) latents of the public images: scaled latents have unit standard deviation."""
@@ -181,16 +137,6 @@ def make_latent_scheduler(training_scheduler: DDPMScheduler, sampler: sampling.S
     """The sampling scheduler of ``training_scheduler``'s noise schedule without x_0 clipping (latents are unbounded)."""
     scheduler = sampling.make_sampler(training_scheduler, sampler)
     return type(scheduler).from_config(scheduler.config, clip_sample=False)
-
-
-def unet_eps(model: torch.nn.Module) -> sampling.Denoiser:
-    """A diffusers UNet as a denoiser callable ``eps(x_t, t, y)``."""
-
-    def eps(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-        return model(x_t, t, class_labels=y).sample
-
-    return eps
 
 
 class LatentDenoiser:

@@ -25,6 +25,17 @@ class Denoiser(Protocol):
 Guidance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def unet_eps(model: torch.nn.Module) -> Denoiser:
+    """A diffusers UNet (``model(x_t, t, class_labels=y).sample``) as a denoiser callable ``eps(x_t, t, y)``; a scalar
+    ``t`` is broadcast to the batch."""
+
+    def eps(x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        return model(x_t, t, class_labels=y).sample
+
+    return eps
+
+
 def make_training_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2") -> DDPMScheduler:
     """The forward process shared by the denoiser, the router and the guards (``add_noise``)."""
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon", clip_sample=True)

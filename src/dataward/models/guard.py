@@ -20,9 +20,9 @@ Deviations from the paper, all documented on the functions:
   for ``t >= max_timestep`` (the guard was never trained there, so its confidence would be meaningless);
 - the confidence test is per sample (the paper's Algorithm 1 is per sample too; we state it so batched sampling is clear).
 
-Training is a pure function of (the data's IDs, sorted; its images; the seed; the config): it reuses the shared
-deterministic trainer (:class:`dataward.training.loop.TrainState`, :func:`dataward.training.loop.run_steps`) and
-:func:`dataward.training.loop.classifier_loss` with the guard labels as ``targets``.
+The ward trains guards like every other model: the shared deterministic trainer (:class:`dataward.training.loop.TrainState`,
+:func:`dataward.training.loop.run_steps`) with :func:`guard_loss` and the guard labels as ``targets``; this module gives
+the network (:func:`build_guard`), the loss, the labels and the guidance.
 """
 
 from __future__ import annotations
@@ -36,13 +36,21 @@ from dataward.data import Dataset
 from dataward.errors import DatawardError
 from dataward.models.nets import NoisyClassifier, build_classifier, derive_seed
 from dataward.diffusion.sampling import Denoiser, Guidance, guide_eps
-from dataward.training.loop import PerSampleLoss, TrainConfig, TrainState, classifier_loss, run_steps
+from dataward.training.loop import PerSampleLoss, TrainConfig, TrainState, classifier_loss
 
 
 # The memorization testbed (issue 5): the tiny UNet trained on ``digits:subset=MEMORIZE_SUBSET`` with this config
 # replicates training images when sampled unguarded (see BENCHMARKS.md, "Guarded sampling").
 MEMORIZE_SUBSET = 64  # training images: digits:subset=64 (seed 0)
 MEMORIZE_PRESET = TrainConfig(steps=600, batch_size=64, lr=2e-3, ema_decay=0.995)  # 600 full-batch steps (600 epochs)
+
+
+def check_guidance(scale: float, alpha: float) -> None:
+    """Refuse a guidance scale s < 0 or a threshold α outside (0, 0.5) (the one check, for configs and calls alike)."""
+    if scale < 0:
+        raise DatawardError(f"guard scale must be >= 0, got {scale}")
+    if not 0.0 < alpha < 0.5:
+        raise DatawardError(f"guard alpha must be in (0, 0.5), got {alpha}")
 
 
 @dataclass(frozen=True)
@@ -69,10 +77,7 @@ class GuardConfig:
             raise DatawardError(f"guard levels and blocks_per_level must be >= 1, got {self.levels} and {self.blocks_per_level}")
         if self.max_timestep < 1:
             raise DatawardError(f"guard max_timestep must be >= 1, got {self.max_timestep}")
-        if self.scale < 0:
-            raise DatawardError(f"guard scale must be >= 0, got {self.scale}")
-        if not 0.0 < self.alpha < 0.5:
-            raise DatawardError(f"guard alpha must be in (0, 0.5), got {self.alpha}")
+        check_guidance(self.scale, self.alpha)
 
     def train_config(self) -> TrainConfig:
         """The shared trainer's config for this guard."""
@@ -98,64 +103,6 @@ def guard_loss(scheduler: DDPMScheduler, config: GuardConfig = GuardConfig()) ->
             f"guard max_timestep {config.max_timestep} exceeds the scheduler's num_train_timesteps {scheduler.config.num_train_timesteps}"
         )
     return classifier_loss(scheduler, config.max_timestep)
-
-
-def guard_generator(seed: int, stage: int = 0) -> torch.Generator:
-    """The generator of one training stage of the guard seeded by ``seed``: noise, timesteps and batch order."""
-    return torch.Generator().manual_seed(derive_seed("guard-train", seed, stage))
-
-
-def sorted_by_id(data: Dataset) -> Dataset:
-    """``data`` in sorted-ID order (training depends only on the set of IDs, not on how they were listed)."""
-    ids = sorted(data.ids)
-    return data if list(data.ids) == ids else data.select(ids)
-
-
-def fresh_guard_state(channels: int, seed: int, config: GuardConfig = GuardConfig(), device: str = "cpu") -> TrainState:
-    """A new training state (guard, EMA, Adam) for the guard seeded by ``seed``."""
-    return TrainState.fresh(build_guard(channels, derive_seed("guard-init", seed), config).to(device), config.train_config())
-
-
-def train_guard_steps(
-    state: TrainState,
-    data: Dataset,
-    scheduler: DDPMScheduler,
-    seed: int,
-    config: GuardConfig,
-    steps: int,
-    stage: int = 0,
-    device: str = "cpu",
-    on_step=None,
-) -> None:
-    """Continue training ``state`` for ``steps`` steps on ``data`` (one SISA stage: slices 0..stage) with its guard labels.
-
-    The labels come from :func:`guard_labels` with ``seed``; the generator from (seed, stage); the order from sorted IDs.
-    """
-    data = sorted_by_id(data)
-    run_steps(
-        state,
-        data,
-        guard_loss(scheduler, config),
-        steps,
-        config.train_config(),
-        guard_generator(seed, stage),
-        targets=guard_labels(data.ids, seed),
-        device=device,
-        on_step=on_step,
-    )
-
-
-def train_guard(
-    data: Dataset, scheduler: DDPMScheduler, seed: int, config: GuardConfig = GuardConfig(), device: str = "cpu", on_step=None
-) -> TrainState:
-    """Train a guard from scratch on ``data`` in one stage; a pure function of (IDs, images, seed, config, thread count).
-
-    The guard used for sampling is the EMA model: ``guard_model(state)``.
-    """
-    state = fresh_guard_state(data.shape[0], seed, config, device)
-    steps = config.train_config().total_steps(len(data))
-    train_guard_steps(state, data, scheduler, seed, config, steps, stage=0, device=device, on_step=on_step)
-    return state
 
 
 def guard_model(state: TrainState) -> NoisyClassifier:
@@ -226,10 +173,7 @@ def guard_guidance(
     (GroupNorm, no BatchNorm), which the NoisyClassifier does, so one backward pass gives every per-sample gradient.
     ``activity``, if given, is told which samples were confident at each guided step.
     """
-    if scale < 0:
-        raise DatawardError(f"guard scale must be >= 0, got {scale}")
-    if not 0.0 < alpha < 0.5:
-        raise DatawardError(f"guard alpha must be in (0, 0.5), got {alpha}")
+    check_guidance(scale, alpha)
     guard.eval()
 
     def grad_log_p(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,10 @@ Training is a sequence of *stages* (SISA slices): stage r trains on slices 0..r 
 everything needed to continue bitwise-exactly: the raw weights, the EMA weights, Adam's state and the step counter.
 Randomness comes only from a generator seeded by (seed, model, stage), and the data order from the sorted IDs of the stage,
 so the same IDs, seed, config and thread count always give the same bytes.
+
+There is one loop, :func:`train_batches`: :func:`run_steps` feeds it shuffled batches and plain Adam steps
+(:class:`PlainSteps`); DP-SGD feeds it Poisson batches and its clipping, noising steps through the wrapper of
+:func:`dataward.training.dp.make_private`. Losses are per sample (unreduced), so both paths share them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import torch
 from diffusers import DDPMScheduler
@@ -147,6 +151,100 @@ class TrainState:
         self.step = int(meta["step"])
 
 
+class Batch(NamedTuple):
+    """One (physical) batch the loop trains on."""
+
+    x0: torch.Tensor  # (B, C, H, W) examples as the model sees them
+    y: torch.Tensor | None  # (B,) class labels, or None
+    targets: torch.Tensor | None  # (B,) classifier targets, or None
+
+
+def finite_mean(losses: torch.Tensor, step: int) -> torch.Tensor:
+    """The mean of per-sample ``losses`` (B,), refusing a non-finite one (training diverged at ``step``)."""
+    loss = losses.mean()
+    if not torch.isfinite(loss):
+        raise DatawardError(f"training diverged at step {step}: loss is {loss.item()}")
+    return loss
+
+
+class Stepper(Protocol):
+    """How the loop turns one batch's per-sample losses into an optimizer step: :class:`PlainSteps`, or DP-SGD
+    (:class:`dataward.training.dp.PrivateTraining`, which wraps the same :class:`TrainState`)."""
+
+    def zero_grad(self) -> None:
+        """Clear the gradients of the previous batch."""
+
+    def backward(self, per_sample_loss: PerSampleLoss, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """Forward and backward of ``batch``; returns its mean loss."""
+
+    def step(self) -> bool:
+        """Step the optimizer; False when no (logical) step was taken yet."""
+
+
+@dataclass
+class PlainSteps:
+    """Non-private steps: the state's own model and Adam on the batch's mean loss."""
+
+    state: TrainState
+
+    def zero_grad(self) -> None:
+        """Set the gradients to None."""
+        self.state.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, per_sample_loss: PerSampleLoss, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """Backward of the batch's mean per-sample loss."""
+        loss = finite_mean(per_sample_loss(self.state.model, batch.x0, batch.y, batch.targets, generator), self.state.step)
+        loss.backward()
+        return loss
+
+    def step(self) -> bool:
+        """One Adam step (always taken)."""
+        self.state.optimizer.step()
+        return True
+
+
+def shuffled_batches(
+    data: Dataset, batch: int, steps: int, generator: torch.Generator, targets: torch.Tensor | None = None, device: str = "cpu"
+) -> Iterator[Batch]:
+    """``steps`` batches of ``batch`` examples of ``data`` in epoch-wise shuffles drawn from ``generator`` (lazily, so the
+    draws interleave with the loss's draws from the same generator)."""
+    n = len(data)
+    order = torch.empty(0, dtype=torch.long)
+    images, labels = data.images.to(device), None if data.labels is None else data.labels.to(device)
+    targets = None if targets is None else targets.to(device)
+    for _ in range(steps):
+        if len(order) < batch:
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        rows, order = order[:batch], order[batch:]
+        rows = rows.to(device)
+        yield Batch(images[rows], None if labels is None else labels[rows], None if targets is None else targets[rows])
+
+
+def train_batches(
+    state: TrainState,
+    batches: Iterable[Batch],
+    per_sample_loss: PerSampleLoss,
+    generator: torch.Generator,
+    *,
+    stepper: Stepper | None = None,
+    on_step: Callable[[float], None] | None = None,
+) -> None:
+    """The one training loop, private or not: per batch, clear gradients, backward of the mean per-sample loss, optimizer
+    step; after each step taken, the EMA update and the step counter. ``stepper`` (default :class:`PlainSteps`) is where
+    DP-SGD wraps the model and optimizer; ``on_step`` gets the loss of the batch that completed the step."""
+    stepper = stepper or PlainSteps(state)
+    state.model.train()
+    for batch in batches:
+        stepper.zero_grad()
+        loss = stepper.backward(per_sample_loss, batch, generator)
+        if not stepper.step():
+            continue  # a physical batch inside a logical one (DP-SGD): no step yet
+        state.ema.step(state.model.parameters())
+        state.step += 1
+        if on_step is not None:
+            on_step(loss.item())
+
+
 def run_steps(
     state: TrainState,
     data: Dataset,
@@ -159,30 +257,8 @@ def run_steps(
     on_step: Callable[[float], None] | None = None,
 ) -> None:
     """``steps`` Adam steps on ``data`` (epoch-wise shuffles from ``generator``); updates EMA after each step."""
-    n = len(data)
-    batch = config.batch_for(n)
-    order = torch.empty(0, dtype=torch.long)
-    images, labels = data.images.to(device), None if data.labels is None else data.labels.to(device)
-    targets = None if targets is None else targets.to(device)
-    state.model.train()
-    for _ in range(steps):
-        if len(order) < batch:
-            order = torch.cat([order, torch.randperm(n, generator=generator)])
-        rows, order = order[:batch], order[batch:]
-        rows_d = rows.to(device)
-        losses = per_sample_loss(
-            state.model, images[rows_d], None if labels is None else labels[rows_d], None if targets is None else targets[rows_d], generator
-        )
-        loss = losses.mean()
-        if not torch.isfinite(loss):
-            raise DatawardError(f"training diverged at step {state.step}: loss is {loss.item()}")
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
-        state.ema.step(state.model.parameters())
-        state.step += 1
-        if on_step is not None:
-            on_step(loss.item())
+    batches = shuffled_batches(data, config.batch_for(len(data)), steps, generator, targets, device)
+    train_batches(state, batches, per_sample_loss, generator, on_step=on_step)
 
 
 def config_dict(config) -> dict:
