@@ -185,7 +185,7 @@ def add_error_handlers(app: FastAPI) -> None:
 class BodyLimit:
     """ASGI middleware: 429 at once when generation is full; 413 for bodies over ``limit`` bytes (declared or streamed)."""
 
-    def __init__(self, app, limit: int, service: Service | None = None):
+    def __init__(self, app, limit: int, service: Service):
         self.app = app
         self.limit = limit
         self.service = service
@@ -193,8 +193,8 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        pool = self.service.generations if self.service is not None else None
-        if pool is not None and scope["path"] == "/v1/generate" and pool.admitted >= pool.capacity:
+        pool = self.service.generations
+        if scope["path"] == "/v1/generate" and pool.admitted >= pool.capacity:
             # overload fast path: refuse before reading, parsing or authenticating (says only "busy")
             busy = pool.busy()
             return await _send_json(send, 429, {"detail": busy.message}, [(b"retry-after", busy.headers["Retry-After"].encode())])
