@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataward.audit import metrics as M
+import dataward.audit as M
 from dataward.audit.features import FeatureNetConfig, digits_feature_net, inception_features, module_features
 from dataward.data import load_source
 from dataward.errors import DatawardError
@@ -270,6 +270,22 @@ def test_audit_numbers_on_the_stand_in(audited):
     assert report["sampling"]["attribution_mean"] == pytest.approx([0.5, 0.5])
 
 
+def test_audit_numbers_are_those_of_the_one_function_audit(audited):
+    """Same seeds, same numbers: the stand-in's figures as the audit of 649b6a6 (one 228-line function) gave them."""
+    report, _ = audited
+    gaussian = report["membership"]["attacks"][1]
+    assert (gaussian["compartment"], gaussian["loss"]["best_t"]) == (1, 100)
+    assert gaussian["loss"]["auc"] == pytest.approx(0.6794949494949494, abs=1e-12)
+    assert gaussian["pia"]["auc"] == pytest.approx(0.7704040404040403, abs=1e-12)
+    assert report["forgetting"]["attacks"][0]["timestep"] == 10 and report["forgetting"]["z"] == pytest.approx(10.954451150103322, rel=1e-9)
+    quality = report["quality"]
+    assert quality["fd"] == pytest.approx(56.253466317269385, rel=1e-6)
+    assert quality["fd_per_compartment"] == pytest.approx({"0": 201.94259806370724, "1": 231.6322863600783}, rel=1e-6)
+    assert (quality["cas"], quality["cas_real"]) == pytest.approx((0.7542087542087542, 0.9225589225589226), abs=1e-12)
+    assert report["replication"]["cosine_median"] == pytest.approx(0.7621993938534075, rel=1e-6)
+    assert report["replication"]["nearest_l2_median"] == pytest.approx(2.808020181792152, rel=1e-9)
+
+
 def test_html_report_has_every_figure(audited):
     report, html = audited
     page = html.read_text()
@@ -294,3 +310,18 @@ def test_sections_degrade_gracefully(feature_net):
         assert report[section]["status"] == "skipped" and report[section]["reason"], section
     assert report["replication"]["status"] == "ok"
     assert "skipped:" in render_html(report, {})
+
+
+def test_the_ward_and_the_stand_in_satisfy_the_audit_protocol(tmp_path):
+    """The audit reads a ward only through AuditedWard: the real Ward and the stand-in both have every member."""
+    from dataward.audit import AuditedWard
+    from dataward.audit.standin import StandInWard
+    from dataward.ward import Ward
+
+    ward = Ward.create(tmp_path / "w", "digits:subset=20")
+    try:
+        assert isinstance(ward, AuditedWard)
+    finally:
+        ward.close()
+    assert isinstance(StandInWard(per_compartment=5), AuditedWard)
+    assert not isinstance(object(), AuditedWard)

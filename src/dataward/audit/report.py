@@ -1,21 +1,21 @@
 """The audit report: JSON with stable keys (docs/audit.md) and one self-contained HTML page.
 
-Figures are drawn with matplotlib (Agg backend) and embedded as base64 PNG, so the page needs no other file and no
-network. :func:`write_html` takes the report dict from :func:`dataward.audit.audit_ward` and the arrays it kept
-(``artifacts``: generated images, attribution, per-compartment samples, nearest-neighbour results).
+:func:`write_html` takes the report dict from :func:`dataward.audit.audit_ward` and the arrays it kept (``artifacts``:
+generated images, attribution, per-compartment samples, nearest-neighbour results); the page has one renderer per
+section, its figures come from :mod:`dataward.audit.figures` (inlined as base64 PNG, so it needs no other file and no
+network). :func:`summary_rows` is the one-line-per-section summary the CLI and the demo print.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from dataward.audit.figures import ROC_STYLES, attribution_figure, grid_figure, nearest_figure, pairs_figure, roc_figure
 
 # Top-level keys of the JSON report, in order. Every section in SECTION_KEYS carries "status" ("ok" | "skipped" | "error")
 # and, when not ok, "reason". Changing this list is a schema change: bump dataward.audit.SCHEMA.
@@ -32,174 +32,19 @@ SECTION_KEYS = {
 }
 ATTACK_KEYS = ("attack", "auc", "tpr_at_1pct_fpr", "best_t", "auc_by_t", "n_members", "n_nonmembers", "roc")
 
-PALETTE = ["#3b6fb6", "#e07b39", "#4c9a5b", "#c04a4a", "#8a6bb8", "#8c6d4f", "#d27db5", "#7f7f7f", "#b5b83a", "#3bb5c4"]
-
 
 def write_json(path: str | Path, report: dict) -> None:
     """Write the report as indented JSON."""
-    Path(path).write_text(json.dumps(report, indent=2, default=_json_default))
+    Path(path).write_text(json.dumps(report, indent=2, default=json_default))
 
 
-def _json_default(value):
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for the numpy scalars and arrays a report may hold."""
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------------------- figures
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 110})
-    return plt
-
-
-def _png(fig) -> str:
-    """A matplotlib figure as an ``<img>`` tag with a base64 PNG data URI (the figure is closed)."""
-    plt = _plt()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
-
-
-def _tile(images: torch.Tensor, ncol: int, pad: int = 1) -> np.ndarray:
-    """Images (N, C, H, W) in [-1, 1] tiled into one (H', W') or (H', W', 3) array in [0, 1]."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) / 2).numpy()
-    n, c, h, w = x.shape
-    nrow = -(-n // ncol)
-    canvas = np.ones((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.float32)
-    for i in range(n):
-        r, k = divmod(i, ncol)
-        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = x[i]
-    return canvas[0] if c == 1 else canvas.transpose(1, 2, 0)
-
-
-def grid_figure(images: torch.Tensor, title: str, ncol: int = 10, labels: torch.Tensor | None = None, size: float = 3.2) -> str:
-    """A grid of images (N, C, H, W) in [-1, 1] (sorted by label when labels are given)."""
-    plt = _plt()
-    if labels is not None:
-        order = torch.argsort(labels, stable=True)
-        images = images[order]
-    tiled = _tile(images, ncol)
-    fig, ax = plt.subplots(figsize=(size, size * tiled.shape[0] / tiled.shape[1] + 0.3))
-    ax.imshow(tiled, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(title)
-    ax.axis("off")
-    return _png(fig)
-
-
-def attribution_figure(attribution: torch.Tensor, compartments: list[int], shown: int = 48) -> str:
-    """Mean attribution per compartment, and stacked per-sample attribution bars for the first ``shown`` samples."""
-    plt = _plt()
-    a = attribution.detach().float().numpy()  # (N, K)
-    k = a.shape[1]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 2.6), gridspec_kw={"width_ratios": [1, 3]})
-    left.bar([str(c) for c in compartments[:k]], a.mean(0), color=[PALETTE[i % len(PALETTE)] for i in range(k)])
-    left.set_ylim(0, 1)
-    left.set_xlabel("compartment")
-    left.set_ylabel("mean attribution")
-    bottom = np.zeros(min(shown, len(a)))
-    for i in range(k):
-        right.bar(np.arange(len(bottom)), a[: len(bottom), i], bottom=bottom, color=PALETTE[i % len(PALETTE)], width=0.9, label=f"compartment {compartments[i]}")
-        bottom += a[: len(bottom), i]
-    right.set_xlabel("sample")
-    right.set_ylabel("attribution")
-    right.set_ylim(0, 1)
-    right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
-
-
-# line style per (denoiser, attack) in the ROC figures; the colour is the compartment's
-ROC_STYLES = {("raw", "loss"): "-", ("raw", "pia"): ":", ("guarded", "loss"): "--", ("guarded", "pia"): "-."}
-
-
-def roc_figure(curves: list[tuple[str, dict, int, str]], title: str) -> str:
-    """ROC curves (linear and log-log) from attack summaries ``(label, summary, compartment, line style)``, with the
-    chance diagonal; one colour per compartment."""
-    plt = _plt()
-    from matplotlib.ticker import NullLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
-    for ax, log in zip(axes, (False, True)):
-        grid = np.logspace(-3, 0, 50) if log else np.linspace(0, 1, 50)
-        ax.plot(grid, grid, color="#aaaaaa", linestyle="--", linewidth=1, label="chance")
-        for label, summary, compartment, style in curves:
-            fpr, tpr = np.asarray(summary["roc"]["fpr"]), np.asarray(summary["roc"]["tpr"])
-            ax.plot(fpr, tpr, style, color=PALETTE[compartment % len(PALETTE)], linewidth=1.6,
-                    label=f"{label}  AUC {summary['auc']:.3f}, t={summary['best_t']}")
-        if log:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlim(1e-3, 1)
-            ax.set_ylim(1e-3, 1.05)
-            ax.axvline(0.01, color="#cc4444", linewidth=0.8, alpha=0.6)
-            ax.xaxis.set_minor_locator(NullLocator())  # minor log ticks cost seconds in bbox_inches="tight"
-            ax.yaxis.set_minor_locator(NullLocator())
-            ax.set_title("log scale (1% FPR marked)")
-        else:
-            ax.set_title(title)
-        ax.set_xlabel("false-positive rate (held-out called member)")
-        ax.set_ylabel("true-positive rate")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.subplots_adjust(wspace=0.3)
-    fig.legend(handles, labels, loc="upper center", ncol=2 if len(labels) <= 9 else 3, frameon=False, fontsize=8, bbox_to_anchor=(0.5, 0.0))
-    return _png(fig)
-
-
-def nearest_figure(rep, heldout_l2: np.ndarray | None, heldout_ratio: np.ndarray | None) -> str:
-    """Histograms of the nearest-training L2 distance and of the nearest/second ratio, generated vs held-out real."""
-    plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.0))
-    bins = np.linspace(0, max(rep.nearest_l2.max(), 0 if heldout_l2 is None else heldout_l2.max()) * 1.05 + 1e-9, 40)
-    left.hist(rep.nearest_l2, bins=bins, alpha=0.7, density=True, color=PALETTE[0], label="generated")
-    if heldout_l2 is not None:
-        left.hist(heldout_l2, bins=bins, alpha=0.5, density=True, color=PALETTE[1], label="held-out real")
-    left.set_xlabel("L2 distance to nearest training image")
-    left.set_ylabel("density")
-    left.legend(frameon=False)
-    rbins = np.linspace(0, 1, 41)
-    right.hist(rep.ratio, bins=rbins, alpha=0.7, density=True, color=PALETTE[0], label="generated")
-    if heldout_ratio is not None:
-        right.hist(heldout_ratio, bins=rbins, alpha=0.5, density=True, color=PALETTE[1], label="held-out real")
-    right.axvline(rep.ratio_threshold, color="#cc4444", linestyle="--", label=f"replica threshold {rep.ratio_threshold:.2f}")
-    right.set_xlabel("nearest / second-nearest distance")
-    right.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def pairs_figure(generated: torch.Tensor, train: torch.Tensor, rep, train_ids: list[str] | None = None) -> str:
-    """The closest generated/training pairs side by side (top row generated, bottom row its nearest training image)."""
-    plt = _plt()
-    rows = rep.closest
-    k = len(rows)
-    fig, axes = plt.subplots(2, k, figsize=(1.15 * k, 2.8), squeeze=False)
-    for j, g in enumerate(rows):
-        pair = [generated[g], train[rep.nearest_index[g]]]
-        for i, img in enumerate(pair):
-            ax = axes[i, j]
-            x = ((img.float().clamp(-1, 1) + 1) / 2).numpy()
-            ax.imshow(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(True)
-                spine.set_color("#cc4444" if rep.replicated[g] else "#999999")
-        axes[0, j].set_title(f"ratio {rep.ratio[g]:.2f}", fontsize=8, color="#cc4444" if rep.replicated[g] else "black")
-        axes[1, j].set_xlabel(f"d={rep.nearest_l2[g]:.2f}", fontsize=8)
-    axes[0, 0].set_ylabel("generated")
-    axes[1, 0].set_ylabel("nearest train")
-    fig.tight_layout()
-    return _png(fig)
 
 
 # --------------------------------------------------------------------------------------------------------------- page
@@ -263,122 +108,149 @@ def _privacy_caption(priv: dict) -> str:
     return text + (f"; {others} compartment(s) not DP" if others else "")
 
 
-def render_html(report: dict, artifacts: dict[str, Any]) -> str:
-    """The whole report as one HTML string (figures inlined)."""
-    ward, q, rep, mia, forget, priv = (report.get(k, {}) for k in ("ward", "quality", "replication", "membership", "forgetting", "privacy"))
-    ok = lambda s: s.get("status") == "ok"  # noqa: E731
-    cards = [
-        _card("Fréchet distance", q.get("fd") if ok(q) else None, f"train vs held-out: {_fmt(q.get('fd_train_vs_heldout'))}" if ok(q) else q.get("reason", "")),
-        _card("Downstream accuracy (CAS)", q.get("cas") if ok(q) else None, f"trained on real: {_fmt(q.get('cas_real'))}" if ok(q) else ""),
-        _card("Replicated samples", f"{100 * rep['replication_rate']:.1f}%" if ok(rep) else None,
-              f"held-out baseline {100 * rep['heldout_baseline']['replication_rate']:.1f}%" if ok(rep) and "heldout_baseline" in rep else "",
-              "good" if ok(rep) and rep["replication_rate"] == 0 else "warn" if ok(rep) else ""),
-        _card("Worst MIA AUC (loss, raw)", (mia.get("worst_auc") or {}).get("raw_loss") if ok(mia) else None, "0.5 = chance",
-              _auc_tone((mia.get("worst_auc") or {}).get("raw_loss") if ok(mia) else None)),
-        _card("Forgotten: MIA AUC", forget.get("auc") if ok(forget) else None,
-              f"{forget['forgotten']} forgotten; never-seen range 0.5 ± {1.96 * forget['null_sd']:.2f}" if ok(forget) else "nothing forgotten",
-              ("good" if forget["consistent_with_unseen"] else "bad") if ok(forget) else ""),
-        _card("Privacy ε (ward)", priv.get("epsilon") if ok(priv) else None, _privacy_caption(priv) if ok(priv) else "no DP model"),
-    ]
-    parts = [
-        f"<h1>dataward audit</h1><div class='sub'>ward <b>{html.escape(str(ward.get('path', '')))}</b> · data {html.escape(str(ward.get('data', '')))} · "
-        f"{len(ward.get('compartments', []))} compartment(s) · {ward.get('training_samples')} training samples · "
-        f"{ward.get('forgotten_samples', 0)} forgotten · {report.get('settings', {}).get('n')} generated · "
-        f"{_fmt(report.get('timings', {}).get('total'), 1)} s · schema {html.escape(report.get('schema', ''))}</div>",
-        f"<div class='cards'>{''.join(cards)}</div>",
-    ]
 
-    # samples
-    s = report.get("sampling", {})
+def _ok(section: dict) -> bool:
+    return section.get("status") == "ok"
+
+
+def _section(title: str, body: str) -> str:
+    return f"<section><h2>{title}</h2>{body}</section>"
+
+
+def _header(report: dict) -> str:
+    """The title line: ward, data, sizes, time and schema."""
+    ward = report.get("ward", {})
+    return (f"<h1>dataward audit</h1><div class='sub'>ward <b>{html.escape(str(ward.get('path', '')))}</b> · data {html.escape(str(ward.get('data', '')))} · "
+            f"{len(ward.get('compartments', []))} compartment(s) · {ward.get('training_samples')} training samples · "
+            f"{ward.get('forgotten_samples', 0)} forgotten · {report.get('settings', {}).get('n')} generated · "
+            f"{_fmt(report.get('timings', {}).get('total'), 1)} s · schema {html.escape(report.get('schema', ''))}</div>")
+
+
+def _cards(report: dict) -> str:
+    """One card per headline number."""
+    q, rep, mia, forget, priv = (report.get(k, {}) for k in ("quality", "replication", "membership", "forgetting", "privacy"))
+    raw_loss = (mia.get("worst_auc") or {}).get("raw_loss") if _ok(mia) else None
+    cards = [
+        _card("Fréchet distance", q.get("fd") if _ok(q) else None, f"train vs held-out: {_fmt(q.get('fd_train_vs_heldout'))}" if _ok(q) else q.get("reason", "")),
+        _card("Downstream accuracy (CAS)", q.get("cas") if _ok(q) else None, f"trained on real: {_fmt(q.get('cas_real'))}" if _ok(q) else ""),
+        _card("Replicated samples", f"{100 * rep['replication_rate']:.1f}%" if _ok(rep) else None,
+              f"held-out baseline {100 * rep['heldout_baseline']['replication_rate']:.1f}%" if _ok(rep) and "heldout_baseline" in rep else "",
+              "good" if _ok(rep) and rep["replication_rate"] == 0 else "warn" if _ok(rep) else ""),
+        _card("Worst MIA AUC (loss, raw)", raw_loss, "0.5 = chance", _auc_tone(raw_loss)),
+        _card("Forgotten: MIA AUC", forget.get("auc") if _ok(forget) else None,
+              f"{forget['forgotten']} forgotten; never-seen range 0.5 ± {1.96 * forget['null_sd']:.2f}" if _ok(forget) else "nothing forgotten",
+              ("good" if forget["consistent_with_unseen"] else "bad") if _ok(forget) else ""),
+        _card("Privacy ε (ward)", priv.get("epsilon") if _ok(priv) else None, _privacy_caption(priv) if _ok(priv) else "no DP model"),
+    ]
+    return f"<div class='cards'>{''.join(cards)}</div>"
+
+
+def _samples_html(s: dict, artifacts: dict[str, Any]) -> str:
+    """Sample grids (composed and per compartment) and the attribution figure."""
     generated = artifacts.get("generated")
     figs = []
     if generated is not None:
-        figs.append(grid_figure(generated[:100], f"composed ({s.get('weights')}, {s.get('sampler')})", labels=None if artifacts.get("labels") is None else artifacts["labels"][:100], size=4.2))
+        labels = None if artifacts.get("labels") is None else artifacts["labels"][:100]
+        figs.append(grid_figure(generated[:100], f"composed ({s.get('weights')}, {s.get('sampler')})", labels=labels, size=4.2))
     for c, images in (artifacts.get("per_compartment") or {}).items():
         figs.append(grid_figure(images[:64], f"compartment {c} only", ncol=8, size=2.6))
     body = f"<div class='figs'>{''.join(figs)}</div>"
     if artifacts.get("attribution") is not None and artifacts["attribution"].shape[1] > 1:
         body += "<h3>Attribution to compartments</h3>" + attribution_figure(artifacts["attribution"], artifacts.get("compartments", []))
         body += "<p class='note'>Each sample's trajectory-averaged weight w_i per compartment: how much of it each compartment made.</p>"
-    parts.append(f"<section><h2>Samples</h2>{body}<p class='note'>{s.get('n')} samples in {_fmt(s.get('seconds'), 1)} s.</p></section>")
+    return _section("Samples", f"{body}<p class='note'>{s.get('n')} samples in {_fmt(s.get('seconds'), 1)} s.</p>")
 
-    # quality
-    if ok(q):
-        fn = q.get("feature_net", {})
-        rows = [["composed", q["fd"]]] + [[f"compartment {c}", v] for c, v in q.get("fd_per_compartment", {}).items()] + [["training data (reference floor)", q["fd_train_vs_heldout"]]]
-        body = _table(["images", "FD to held-out"], rows, {1})
-        body += _table(["classifier trained on", "accuracy on held-out"], [["generated samples (CAS)", q.get("cas")], ["real training data", q.get("cas_real")]], {1})
-        body += (f"<p class='note'>Features: {html.escape(str(fn.get('name')))} (held-out accuracy {_fmt(fn.get('heldout_accuracy'))}). "
-                 f"FD uses {q['n_generated']} generated vs {q['n_reference']} held-out images; small sets bias FD upward, so compare with the training-data floor.</p>")
-    else:
-        body = _skipped(q)
-    parts.append(f"<section><h2>Quality</h2>{body}</section>")
 
-    # replication
-    if ok(rep) and artifacts.get("replication") is not None:
-        r = artifacts["replication"]
-        rows = [["generated", rep["replication_rate"], rep["nearest_l2_median"], rep["cosine_share"], rep["cosine_median"]]]
-        if "heldout_baseline" in rep:
-            b = rep["heldout_baseline"]
-            rows.append(["held-out real (baseline)", b["replication_rate"], b["nearest_l2_median"], b["cosine_share"], None])
-        body = _table(["images", "replicated (ratio < 1/3)", "median nearest L2", f"share cosine > {rep['cosine_threshold']}", "median cosine"], rows, {1, 2, 3, 4})
-        body += nearest_figure(r, artifacts.get("heldout_nearest_l2"), artifacts.get("heldout_ratio"))
-        if len(r.closest):
-            body += "<h3>Closest pairs (smallest nearest/second ratio)</h3>" + pairs_figure(artifacts["generated"], artifacts["train_images"], r)
-    else:
-        body = _skipped(rep)
-    parts.append(f"<section><h2>Replication</h2>{body}</section>")
+def _quality_html(q: dict) -> str:
+    """FD table (composed, per compartment, training floor) and CAS table."""
+    if not _ok(q):
+        return _skipped(q)
+    fn = q.get("feature_net", {})
+    rows = [["composed", q["fd"]]] + [[f"compartment {c}", v] for c, v in q.get("fd_per_compartment", {}).items()] + [["training data (reference floor)", q["fd_train_vs_heldout"]]]
+    body = _table(["images", "FD to held-out"], rows, {1})
+    body += _table(["classifier trained on", "accuracy on held-out"], [["generated samples (CAS)", q.get("cas")], ["real training data", q.get("cas_real")]], {1})
+    return body + (f"<p class='note'>Features: {html.escape(str(fn.get('name')))} (held-out accuracy {_fmt(fn.get('heldout_accuracy'))}). "
+                   f"FD uses {q['n_generated']} generated vs {q['n_reference']} held-out images; small sets bias FD upward, so compare with the training-data floor.</p>")
 
-    # membership
-    if ok(mia):
-        rows, curves = [], []
-        for a in mia["attacks"]:
-            for kind in ("loss", "pia"):
-                rows.append([f"compartment {a['compartment']}", a["denoiser"], kind, a[kind]["auc"], a[kind]["tpr_at_1pct_fpr"], a[kind]["best_t"], f"{a[kind]['n_members']} / {a[kind]['n_nonmembers']}"])
-                curves.append((f"c{a['compartment']} {a['denoiser']} {kind}", a[kind], a["compartment"], ROC_STYLES[a["denoiser"], kind]))
-        body = _table(["model", "denoiser", "attack", "AUC", "TPR @ 1% FPR", "best t", "members / held-out"], rows, {3, 4, 5})
-        body += roc_figure(curves, "members vs held-out")
-        body += "<p class='note'>Loss attack (Matsumoto et al. 2023) and PIA (Kong et al. 2024), best timestep of the sweep: the attacker's best case. 0.5 is chance.</p>"
-        for s_ in mia.get("skipped", []):
-            body += f"<p class='skip'>compartment {s_['compartment']} {html.escape(s_['denoiser'])}: {html.escape(s_['reason'])}</p>"
-    else:
-        body = _skipped(mia)
-    parts.append(f"<section><h2>Membership inference</h2>{body}</section>")
 
-    # forgetting
-    if ok(forget):
-        rows = [[f"compartment {a['compartment']}", a["forgotten"], a.get("timestep"), a.get("loss", {}).get("auc"), a.get("loss", {}).get("tpr_at_1pct_fpr"),
-                 a.get("reason", "")] for a in forget["attacks"]]
-        body = _table(["model", "forgotten samples", "t", "loss-attack AUC", "TPR @ 1% FPR", "note"], rows, {1, 2, 3, 4})
-        verdict = "consistent with samples the models never saw" if forget["consistent_with_unseen"] else "NOT consistent with never-seen samples"
-        body += (f"<p class='{'good' if forget['consistent_with_unseen'] else 'bad'}'>Pooled AUC {_fmt(forget['auc'])} over {forget['forgotten']} forgotten samples "
-                 f"(each ranked among the held-out losses under its compartment's model, at a timestep chosen without them): {verdict} "
-                 f"(0.5 ± {1.96 * forget['null_sd']:.3f} at the 5% level; z = {forget['z']:.2f}).</p>")
-        curves = [(f"c{a['compartment']} forgotten loss", a["loss"], a["compartment"], "-") for a in forget["attacks"] if "loss" in a]
-        if curves:
-            body += roc_figure(curves, "forgotten vs held-out")
-        cert = forget.get("certificate")
-        if cert is None:
-            body += f"<p class='note'>Bitwise certificate: {html.escape(forget.get('certificate_reason', 'not run'))}</p>"
-        else:
-            body += f"<p class='{'good' if cert['ok'] else 'bad'}'>Bitwise certificate: {'every served model equals its from-scratch retrain' if cert['ok'] else 'MISMATCH'}</p>"
-            body += _table(["kind", "compartment", "equal", "served sha256"], [[m.get("kind"), m.get("compartment"), m.get("equal"), str(m.get("served_sha256", ""))[:16]] for m in cert["models"]])
-    else:
-        body = _skipped(forget)
-    parts.append(f"<section><h2>Forgetting</h2>{body}</section>")
+def _replication_html(rep: dict, artifacts: dict[str, Any]) -> str:
+    """Replication table, nearest-distance histograms and the closest pairs."""
+    if not _ok(rep) or artifacts.get("replication") is None:
+        return _skipped(rep)
+    r = artifacts["replication"]
+    rows = [["generated", rep["replication_rate"], rep["nearest_l2_median"], rep["cosine_share"], rep["cosine_median"]]]
+    if "heldout_baseline" in rep:
+        b = rep["heldout_baseline"]
+        rows.append(["held-out real (baseline)", b["replication_rate"], b["nearest_l2_median"], b["cosine_share"], None])
+    body = _table(["images", "replicated (ratio < 1/3)", "median nearest L2", f"share cosine > {rep['cosine_threshold']}", "median cosine"], rows, {1, 2, 3, 4})
+    body += nearest_figure(r, artifacts.get("heldout_nearest_l2"), artifacts.get("heldout_ratio"))
+    if len(r.closest):
+        body += "<h3>Closest pairs (smallest nearest/second ratio)</h3>" + pairs_figure(artifacts["generated"], artifacts["train_images"], r)
+    return body
 
-    # privacy
-    if ok(priv):
-        rows = [[m.get("compartment"), m.get("epsilon"), m.get("delta"), m.get("accountant"), m.get("epsilon_check"), m.get("check_accountant"), m.get("noise_multiplier"), m.get("sample_rate"), m.get("steps")] for m in priv["models"]]
-        body = _table(["compartment", "ε", "δ", "accountant", "ε (check)", "check accountant", "σ", "sample rate", "steps"], rows, {1, 2, 4, 6, 7, 8})
-        body += f"<p class='note'>Ward ε = {_fmt(priv.get('epsilon'))} at δ = {_fmt(priv.get('delta'), 6)} (max over disjoint compartments: parallel composition).</p>"
-        body += "".join(f"<p class='note'>{html.escape(note)}</p>" for note in priv.get("notes", []))
-    else:
-        body = _skipped(priv)
-    parts.append(f"<section><h2>Privacy budget</h2>{body}</section>")
 
+def _membership_html(mia: dict) -> str:
+    """Attack table and ROC curves, members vs held-out."""
+    if not _ok(mia):
+        return _skipped(mia)
+    rows, curves = [], []
+    for a in mia["attacks"]:
+        for kind in ("loss", "pia"):
+            rows.append([f"compartment {a['compartment']}", a["denoiser"], kind, a[kind]["auc"], a[kind]["tpr_at_1pct_fpr"], a[kind]["best_t"], f"{a[kind]['n_members']} / {a[kind]['n_nonmembers']}"])
+            curves.append((f"c{a['compartment']} {a['denoiser']} {kind}", a[kind], a["compartment"], ROC_STYLES[a["denoiser"], kind]))
+    body = _table(["model", "denoiser", "attack", "AUC", "TPR @ 1% FPR", "best t", "members / held-out"], rows, {3, 4, 5})
+    body += roc_figure(curves, "members vs held-out")
+    body += "<p class='note'>Loss attack (Matsumoto et al. 2023) and PIA (Kong et al. 2024), best timestep of the sweep: the attacker's best case. 0.5 is chance.</p>"
+    for s in mia.get("skipped", []):
+        body += f"<p class='skip'>compartment {s['compartment']} {html.escape(s['denoiser'])}: {html.escape(s['reason'])}</p>"
+    return body
+
+
+def _forgetting_html(forget: dict) -> str:
+    """Per-compartment forgetting attacks, the pooled verdict, ROC curves and the certificate."""
+    if not _ok(forget):
+        return _skipped(forget)
+    rows = [[f"compartment {a['compartment']}", a["forgotten"], a.get("timestep"), a.get("loss", {}).get("auc"), a.get("loss", {}).get("tpr_at_1pct_fpr"),
+             a.get("reason", "")] for a in forget["attacks"]]
+    body = _table(["model", "forgotten samples", "t", "loss-attack AUC", "TPR @ 1% FPR", "note"], rows, {1, 2, 3, 4})
+    verdict = "consistent with samples the models never saw" if forget["consistent_with_unseen"] else "NOT consistent with never-seen samples"
+    body += (f"<p class='{'good' if forget['consistent_with_unseen'] else 'bad'}'>Pooled AUC {_fmt(forget['auc'])} over {forget['forgotten']} forgotten samples "
+             f"(each ranked among the held-out losses under its compartment's model, at a timestep chosen without them): {verdict} "
+             f"(0.5 ± {1.96 * forget['null_sd']:.3f} at the 5% level; z = {forget['z']:.2f}).</p>")
+    curves = [(f"c{a['compartment']} forgotten loss", a["loss"], a["compartment"], "-") for a in forget["attacks"] if "loss" in a]
+    if curves:
+        body += roc_figure(curves, "forgotten vs held-out")
+    cert = forget.get("certificate")
+    if cert is None:
+        return body + f"<p class='note'>Bitwise certificate: {html.escape(forget.get('certificate_reason', 'not run'))}</p>"
+    body += f"<p class='{'good' if cert['ok'] else 'bad'}'>Bitwise certificate: {'every served model equals its from-scratch retrain' if cert['ok'] else 'MISMATCH'}</p>"
+    return body + _table(["kind", "compartment", "equal", "served sha256"], [[m.get("kind"), m.get("compartment"), m.get("equal"), str(m.get("served_sha256", ""))[:16]] for m in cert["models"]])
+
+
+def _privacy_html(priv: dict) -> str:
+    """(ε, δ) per compartment with the second accountant's check, and the notes."""
+    if not _ok(priv):
+        return _skipped(priv)
+    rows = [[m.get("compartment"), m.get("epsilon"), m.get("delta"), m.get("accountant"), m.get("epsilon_check"), m.get("check_accountant"), m.get("noise_multiplier"), m.get("sample_rate"), m.get("steps")] for m in priv["models"]]
+    body = _table(["compartment", "ε", "δ", "accountant", "ε (check)", "check accountant", "σ", "sample rate", "steps"], rows, {1, 2, 4, 6, 7, 8})
+    body += f"<p class='note'>Ward ε = {_fmt(priv.get('epsilon'))} at δ = {_fmt(priv.get('delta'), 6)} (max over disjoint compartments: parallel composition).</p>"
+    return body + "".join(f"<p class='note'>{html.escape(note)}</p>" for note in priv.get("notes", []))
+
+
+def render_html(report: dict, artifacts: dict[str, Any]) -> str:
+    """The whole report as one HTML string (figures inlined)."""
     timings = report.get("timings", {})
-    parts.append("<section><h2>Timings</h2>" + _table(["step", "seconds"], [[k, float(v)] for k, v in timings.items()], {1}) + "</section>")
+    parts = [
+        _header(report),
+        _cards(report),
+        _samples_html(report.get("sampling", {}), artifacts),
+        _section("Quality", _quality_html(report.get("quality", {}))),
+        _section("Replication", _replication_html(report.get("replication", {}), artifacts)),
+        _section("Membership inference", _membership_html(report.get("membership", {}))),
+        _section("Forgetting", _forgetting_html(report.get("forgetting", {}))),
+        _section("Privacy budget", _privacy_html(report.get("privacy", {}))),
+        _section("Timings", _table(["step", "seconds"], [[k, float(v)] for k, v in timings.items()], {1})),
+    ]
     return f"<!doctype html><html><head><meta charset='utf-8'><title>dataward audit</title><style>{CSS}</style></head><body><main>{''.join(parts)}</main></body></html>"
 
 

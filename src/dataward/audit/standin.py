@@ -2,8 +2,8 @@
 
 Compartment 0's denoiser is the *optimal denoiser of its empirical data* (it memorizes: samples are training copies,
 membership inference wins); compartment 1's is the optimal denoiser of a Gaussian fitted to its data (it never
-memorizes). It offers the attributes :func:`dataward.audit.audit_ward` uses: ``compartments()``, ``training_data(c)``,
-``heldout_data()``, ``sample(n, ...)``, ``denoiser(c, guard)``, ``scheduler``, ``status()``, ``forgotten_data()``.
+memorizes). It satisfies :class:`dataward.audit.protocol.AuditedWard`, the ward as :func:`dataward.audit.audit_ward`
+sees it; its "forgotten" samples are still in compartment 0's memory (a forget that did not work).
 """
 
 from __future__ import annotations
@@ -47,6 +47,22 @@ def gaussian_denoiser(bank: torch.Tensor, alpha_bar: torch.Tensor):
     return eps
 
 
+class StandInLedger:
+    """The forgotten IDs of the stand-in, all in compartment 0 (the :class:`~dataward.audit.protocol.ForgetLedger` part)."""
+
+    def __init__(self, forgotten: list[str]):
+        self._forgotten = sorted(forgotten)
+
+    def forgotten_ids(self) -> list[str]:
+        """Every forgotten sample ID, sorted."""
+        return list(self._forgotten)
+
+    def sample_rows(self, ids: list[str]) -> dict[str, tuple]:
+        """``id -> (compartment, slice, forgotten_at)`` for the forgotten IDs among ``ids``."""
+        known = set(self._forgotten)
+        return {i: (0, 0, "stand-in") for i in ids if i in known}
+
+
 @dataclass
 class StandInResult:
     images: torch.Tensor  # (N, C, H, W) in [0, 1]
@@ -67,12 +83,12 @@ class StandInWard:
         self.path = Path("stand-in")
         self.config = type("Config", (), {"data": "digits", "guard": False, "image_size": 8, "channels": 1})()
         self.scheduler = make_training_scheduler()
-        self._forgotten = data.select(ids[:forgotten]) if forgotten else None
+        self.ledger = StandInLedger(ids[:forgotten])
         live = ids[forgotten:]
         self._parts = [data.select(live[:per_compartment]), data.select(live[per_compartment:])]
         self._privacy = privacy
         # the memorizer was trained on its compartment AND the forgotten samples (a forget that did not work)
-        bank0 = self._parts[0].images if not forgotten else torch.cat([self._parts[0].images, self._forgotten.images])
+        bank0 = self._parts[0].images if not forgotten else torch.cat([self._parts[0].images, data.select(ids[:forgotten]).images])
         alpha_bar = self.scheduler.alphas_cumprod
         self._eps = [empirical_denoiser(bank0, alpha_bar), gaussian_denoiser(self._parts[1].images, alpha_bar)]
 
@@ -88,24 +104,22 @@ class StandInWard:
     def heldout_data(self) -> Dataset:
         return load_source("digits:heldout")
 
-    def forgotten_data(self) -> Dataset | None:
-        return self._forgotten
-
-    def forgotten_compartments(self) -> dict[str, int]:
-        return {} if self._forgotten is None else {i: 0 for i in self._forgotten.ids}
+    def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return images  # a pixel-space ward
 
     def denoiser(self, compartment: int, guard: bool = False):
         if guard:
             raise DatawardError(f"compartment {compartment} has no trained guard")
         return self._eps[compartment]
 
-    def status(self) -> dict:
-        out = {"forgotten": 0 if self._forgotten is None else len(self._forgotten)}
-        if self._privacy:
-            out["privacy"] = self._privacy
-        return out
+    def privacy(self) -> dict | None:
+        return self._privacy
 
-    def sample(self, n: int, *, seed: int = 0, steps: int = 50, sampler: str = "ddim", allowed: list[int] | None = None, **_) -> StandInResult:
+    def verify(self) -> dict:
+        raise DatawardError("the stand-in ward has no trained models to retrain: the forgetting certificate needs a real ward")
+
+    def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int = 50, allowed: list[int] | None = None) -> StandInResult:
+        sampler = sampler or "ddim"
         use = allowed or [0, 1]
         generator = torch.Generator().manual_seed(seed)
         labels = torch.randint(0, 10, (n,), generator=generator)
