@@ -27,7 +27,8 @@ import torch
 
 def train_ward(path: Path, args, executor: str) -> tuple[float, dict]:
     from dataward.training.loop import TrainConfig
-    from dataward.ward import WEIGHTS_FILE, Ward, weights_hash
+    from dataward.store.checkpoints import WEIGHTS_FILE, weights_hash
+    from dataward.ward import Ward
 
     ward = Ward.create(path, args.data, compartments=args.k, slices=1, router=False, train=TrainConfig(steps=args.steps, batch_size=64))
     options = {} if executor == "local" else dict(ray_address=args.ray_address, cpus_per_job=args.cpus_per_job)

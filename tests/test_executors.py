@@ -18,7 +18,8 @@ import pytest
 
 from dataward.errors import DatawardError
 from dataward.training.loop import TrainConfig
-from dataward.ward import WEIGHTS_FILE, Ward, weights_hash
+from dataward.store.checkpoints import WEIGHTS_FILE, weights_hash
+from dataward.ward import Ward, run_job_in_worker
 
 ray = pytest.importorskip("ray")
 
@@ -123,7 +124,7 @@ def test_missing_ray_and_bad_options_are_clear_errors(monkeypatch):
     from dataward.training.executors import run_on_ray
 
     with pytest.raises(DatawardError, match="gpus-per-job"):
-        list(run_on_ray([], device="cuda", gpus_per_job=0))
+        list(run_on_ray([], run_job_in_worker, device="cuda", gpus_per_job=0))
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(DatawardError, match=r"pip install 'dataward\[ray\]'"):
-        list(run_on_ray([]))
+        list(run_on_ray([], run_job_in_worker))

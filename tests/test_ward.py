@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dataward.errors import DatawardError
-from dataward.ward import WEIGHTS_FILE, Ward, WardHooks, weights_hash
+from dataward.store.checkpoints import WEIGHTS_FILE, weights_hash
+from dataward.ward import Ward, WardHooks
 
 from conftest import make_ward
 

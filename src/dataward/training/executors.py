@@ -1,12 +1,12 @@
 """Executors: where a ward's training jobs run.
 
-:meth:`dataward.ward.Ward.train` plans one :class:`~dataward.ward.TrainJob` per lineage (a compartment's denoiser or
-guard; the router in a second wave) and hands them to an executor. ``local`` runs them one after the other in the
-driver process. :func:`run_on_ray` runs each job as one Ray task:
+:meth:`dataward.ward.Ward.train` plans one :class:`~dataward.training.planner.TrainJob` per lineage, wave by wave, and
+hands them to an executor. ``local`` runs them one after the other in the driver process. :func:`run_on_ray` runs each
+job as one Ray task with the ``work`` callable it is given (picklable: a module-level function):
 
-- the worker opens the ward with ``Ward.open(path, worker=True)`` (touches no file), calls ``Ward.run_job`` and writes
-  its checkpoint folders into ``WARD/models/`` (temp folder, then rename), so the ward must be on a filesystem every
-  node sees at the same path;
+- ``work(job, device, progress)`` opens the ward at ``job.ward`` read-only, trains the job and writes its checkpoint
+  folders into ``WARD/models/`` (temp folder, then rename), so the ward must be on a filesystem every node sees at the
+  same path;
 - the driver receives the finished jobs as they complete and registers them in the ledger: the ledger is written by
   the driver only, one job at a time;
 - a worker that dies is restarted by Ray (``max_retries``), and so is a job that raised a transient error
@@ -14,9 +14,8 @@ driver process. :func:`run_on_ray` runs each job as one Ray task:
   jobs have finished and been registered. The failed job's partial folders are removed; nothing of it is registered,
   so running ``train`` again resumes exactly what is missing.
 
-Determinism does not depend on where a job runs: each job seeds its own generators from (ward seed, kind, compartment,
-stage) and sets its own torch thread count from the lineage's config (see :func:`configure_torch`), so ``local`` and
-``ray`` give bitwise identical weights on the same kind of device.
+Determinism does not depend on where a job runs (see :mod:`dataward.training.runner`): ``local`` and ``ray`` give
+bitwise identical weights on the same kind of device.
 """
 
 from __future__ import annotations
@@ -25,15 +24,17 @@ import json
 import os
 import shutil
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
 from dataward.errors import DatawardError
+from dataward.store.checkpoints import MODELS_DIR, folder_prefix
+from dataward.training.planner import TrainJob
 
-if TYPE_CHECKING:
-    from dataward.ward import TrainJob
+JobWork = Callable[[TrainJob, str, object], list[dict]]  # (job, device, progress or None) -> the job's stage records
 
 # Errors a retry may cure (a shared filesystem hiccup, a busy ledger, another tenant's memory on the GPU). Anything else
 # (a DatawardError, a shape error) fails the same way every time, so it is reported at once.
@@ -46,43 +47,26 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Operationa
 FAULT_ENV = "DATAWARD_FAULT"
 
 
-def configure_torch(device: str, threads: int) -> None:
-    """Set what determinism needs in this process before a job trains: the intra-op thread count and, on CUDA,
-    deterministic kernels (cuBLAS workspace, no cuDNN autotuning). Called by ``Ward.run_job`` in every executor."""
-    torch.set_num_threads(threads)
-    if torch.device(device).type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its handle
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def job_name(job: "TrainJob") -> str:
+def job_name(job: TrainJob) -> str:
     """A job as users read it: ``denoiser of compartment 1``, ``router (all compartments)``."""
     kind, c = job.lineage.kind, job.lineage.compartment
     return f"{kind} (all compartments)" if c is None else f"{kind} of compartment {c}"
 
 
-def _folder_prefix(job: "TrainJob") -> str:
-    """The prefix of every checkpoint folder the job writes (see ``Ward._save_stage``)."""
-    c = job.lineage.compartment
-    return f"{job.lineage.kind}-c{'all' if c is None else c}-s"
-
-
-def _job_folders(job: "TrainJob") -> set[str]:
+def _job_folders(job: TrainJob) -> set[str]:
     """The job's checkpoint folders (finished or ``.tmp-`` partial) under the ward's models/, any attempt."""
-    models = Path(job.ward) / "models"
+    models = Path(job.ward) / MODELS_DIR
     if not models.is_dir():
         return set()
-    prefix = _folder_prefix(job)
+    prefix = folder_prefix(job.lineage.kind, job.lineage.compartment)
     return {p.name for p in models.iterdir() if p.name.startswith(prefix) or p.name.startswith(f".tmp-{prefix}")}
 
 
-def _remove_new_folders(job: "TrainJob", before: set[str], keep: Iterable[str] = ()) -> list[str]:
+def _remove_new_folders(job: TrainJob, before: set[str], keep: Iterable[str] = ()) -> list[str]:
     """Remove the job's folders that appeared since it was submitted, except ``keep`` (the results to register)."""
     removed = sorted(_job_folders(job) - before - set(keep))
     for name in removed:
-        shutil.rmtree(Path(job.ward) / "models" / name, ignore_errors=True)
+        shutil.rmtree(Path(job.ward) / MODELS_DIR / name, ignore_errors=True)
     return removed
 
 
@@ -109,7 +93,7 @@ class _FaultProgress:
         raise RuntimeError(f"injected fault after {self.steps} steps")
 
 
-def _fault_progress(job: "TrainJob"):
+def _fault_progress(job: TrainJob):
     path = os.environ.get(FAULT_ENV)
     if not path or not Path(path).is_file():
         return None
@@ -119,15 +103,9 @@ def _fault_progress(job: "TrainJob"):
     return _FaultProgress(faults[0]) if faults else None
 
 
-def train_job(job: "TrainJob", device: str) -> list[dict]:
-    """The worker's part: open the ward read-only, train the job, return its stage records (the Ray task's body)."""
-    from dataward.ward import Ward
-
-    ward = Ward.open(job.ward, worker=True)
-    try:
-        return ward.run_job(job, device, progress=_fault_progress(job))
-    finally:
-        ward.close()
+def _ray_task(work: JobWork, job: TrainJob, device: str) -> list[dict]:
+    """The Ray task's body: ``work`` on the job (with the injected fault of the failure tests, if any)."""
+    return work(job, device, _fault_progress(job))
 
 
 def _import_ray():
@@ -164,8 +142,30 @@ def _describe(ray, error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def _connect(ray, address: str | None, cpus_per_job: float, gpus_per_job: float) -> None:
+    """Connect to Ray and check that the cluster has the resources one job asks for."""
+    _init_ray(ray, address)
+    available = ray.cluster_resources()
+    for resource, need in (("CPU", cpus_per_job), ("GPU", gpus_per_job)):
+        if need and available.get(resource, 0) < need:
+            raise DatawardError(f"each job asks for {need} {resource}(s) but the Ray cluster has {available.get(resource, 0)}: "
+                                f"lower --{resource.lower()}s-per-job or add nodes")
+
+
+def _submit(ray, jobs: list[TrainJob], work: JobWork, device: str, resources: dict) -> dict:
+    """Start one Ray task per job; returns {task ref: the caller's job}."""
+    task = ray.remote(_ray_task)
+    pending = {}
+    for job in jobs:
+        # workers may run in another directory: send the ward's absolute path, yield the caller's job object
+        remote_job = replace(job, ward=str(Path(job.ward).resolve()))
+        pending[task.options(name=f"dataward {job_name(job)}", **resources).remote(work, remote_job, device)] = job
+    return pending
+
+
 def run_on_ray(
-    jobs: Iterable["TrainJob"],
+    jobs: Iterable[TrainJob],
+    work: JobWork,
     *,
     device: str = "cpu",
     ray_address: str | None = None,
@@ -174,8 +174,8 @@ def run_on_ray(
     max_retries: int = 2,
     runtime_env: dict | None = None,
     progress=None,
-) -> Iterator[tuple["TrainJob", list[dict]]]:
-    """Run each job as one Ray task; yield ``(job, results)`` as each finishes, for the driver to register.
+) -> Iterator[tuple[TrainJob, list[dict]]]:
+    """Run ``work`` on each job as one Ray task; yield ``(job, results)`` as each finishes, for the driver to register.
 
     ``gpus_per_job``/``cpus_per_job`` are the Ray resources each task asks for (fractions share a GPU);
     ``max_retries`` restarts a job whose worker died or that raised a :data:`TRANSIENT_ERRORS` error.
@@ -190,23 +190,12 @@ def run_on_ray(
         raise DatawardError("--device cuda with --executor ray needs --gpus-per-job > 0: Ray gives each task its GPU(s)")
     if not jobs:
         return
-    _init_ray(ray, ray_address)
-    available = ray.cluster_resources()
-    for resource, need in (("CPU", cpus_per_job), ("GPU", gpus_per_job)):
-        if need and available.get(resource, 0) < need:
-            raise DatawardError(f"each job asks for {need} {resource}(s) but the Ray cluster has {available.get(resource, 0)}: "
-                                f"lower --{resource.lower()}s-per-job or add nodes")
-    task = ray.remote(train_job)
+    _connect(ray, ray_address, cpus_per_job, gpus_per_job)
     resources = dict(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=max_retries, retry_exceptions=list(TRANSIENT_ERRORS),
                      runtime_env=runtime_env)
     shown = None if progress is None else progress.add_task(f"ray: {len(jobs)} job(s)", total=len(jobs))
-    pending: dict = {}
-    before: dict[int, set[str]] = {}
-    for job in jobs:
-        before[id(job)] = _job_folders(job)
-        # workers may run in another directory: send the ward's absolute path, yield the caller's job object
-        remote_job = type(job)(str(Path(job.ward).resolve()), job.lineage, job.start, job.resume_from)
-        pending[task.options(name=f"dataward {job_name(job)}", **resources).remote(remote_job, device)] = job
+    before = {id(job): _job_folders(job) for job in jobs}
+    pending = _submit(ray, jobs, work, device, resources)
     failures = []
     try:
         while pending:

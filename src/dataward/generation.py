@@ -1,0 +1,171 @@
+"""Sampling from a ward: a request (how many, which class, which compartments, which weights) checked and turned into one
+composed denoiser, run through the one sampling loop, with each sample's attribution to the compartments."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from diffusers import DDPMScheduler
+
+from dataward.config import WardConfig
+from dataward.diffusion.compose import ComposedDenoiser, WeightsName
+from dataward.diffusion.latent import LatentCodec, LatentDenoiser, make_latent_scheduler
+from dataward.diffusion.sampling import Denoiser, make_sampler, sample_loop
+from dataward.errors import DatawardError
+from dataward.models.guard import GuardActivity
+from dataward.progress import progress_task
+from dataward.store.ledger import Ledger, ModelRecord
+
+
+@dataclass
+class SampleResult:
+    """Samples and where they came from."""
+
+    images: torch.Tensor  # (N, C, H, W) in [0, 1]
+    labels: torch.Tensor | None  # (N,) or None for an unconditional ward
+    attribution: torch.Tensor  # (N, K) trajectory-averaged weight per compartment (0 for compartments not used)
+    final_weights: torch.Tensor  # (N, K) weights at the last step
+    compartments: list[int]  # the compartments that were composed
+    models: dict[int, dict]  # compartment -> {"model": id, "stage": r, "fallback": bool}
+    weights: str  # router | density | single
+    sampler: str
+    seconds: float
+    guard_guided: float | None = None  # with guards: share of guard checks (sample x step x compartment, t < max_timestep) that guided
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What to sample (see :meth:`dataward.ward.Ward.sample`)."""
+
+    n: int
+    label: int | None = None
+    seed: int = 0
+    sampler: str | None = None
+    steps: int = 50
+    allowed: list[int] | None = None
+    weights: WeightsName | None = None
+    top_k: int | None = None
+    guard: bool = False
+    guard_scale: float | None = None
+    guard_alpha: float | None = None
+
+
+class SamplingWard(Protocol):
+    """What sampling needs from a ward (:class:`dataward.ward.Ward` is one)."""
+
+    path: Path
+    config: WardConfig
+    ledger: Ledger
+    scheduler: DDPMScheduler
+
+    def compartments(self) -> list[int]: ...
+    def served(self, kind: str = "denoiser") -> dict[int | None, ModelRecord]: ...
+    def model(self, record: ModelRecord) -> torch.nn.Module: ...
+    def denoiser(self, compartment: int, guard: bool = False, guard_scale: float | None = None, guard_alpha: float | None = None,
+                 guard_activity: GuardActivity | None = None) -> Denoiser: ...
+    def codec(self) -> LatentCodec: ...
+    def model_shape(self) -> tuple[int, int, int]: ...
+    def is_fallback(self, record: ModelRecord) -> bool: ...
+
+
+def _check(ward: SamplingWard, request: SampleRequest) -> tuple[WeightsName, list[int]]:
+    """The request's weights and the compartments it may use (checked against the ward); errors name the bad field."""
+    if request.n < 1:
+        raise DatawardError(f"n must be at least 1, got {request.n}")
+    if request.steps < 1 or request.steps > ward.config.num_train_timesteps:
+        raise DatawardError(f"steps must be between 1 and {ward.config.num_train_timesteps}, got {request.steps}")
+    weights = request.weights or ward.config.weights
+    if weights not in ("router", "density"):
+        raise DatawardError(f"weights must be router or density, got {weights!r}")
+    if request.top_k is not None and request.top_k < 1:
+        raise DatawardError(f"top-k must be at least 1, got {request.top_k}")
+    known = ward.compartments()
+    allowed = sorted(set(known if request.allowed is None else request.allowed))
+    unknown = [c for c in allowed if c not in known]
+    if unknown:
+        raise DatawardError(f"unknown compartment(s) {unknown}: this ward has {known}")
+    return weights, allowed
+
+
+def _labels(ward: SamplingWard, request: SampleRequest, use: list[int], counts: dict, generator: torch.Generator) -> torch.Tensor | None:
+    """The class of each sample: the requested one, or drawn from the classes the used compartments hold."""
+    num_classes, label = ward.config.num_classes, request.label
+    if num_classes is None:
+        if label is not None:
+            raise DatawardError("this ward is unconditional: --label is not available")
+        return None
+    if label is not None:
+        if not 0 <= label < num_classes:
+            raise DatawardError(f"label must be between 0 and {num_classes - 1}, got {label}")
+        return torch.full((request.n,), label, dtype=torch.long)
+    present = sorted({l for c in use for l in counts[c]["labels"]})
+    return torch.tensor(present)[torch.randint(0, len(present), (request.n,), generator=generator)]
+
+
+def log_prior(use: list[int], y: torch.Tensor | None, counts: dict, n: int, num_classes: int | None) -> torch.Tensor:
+    """log λ_i per sample (N, K): the compartment's share of the data (of the sample's class when conditional)."""
+    if y is None:
+        sizes = torch.tensor([float(counts[c]["samples"]) for c in use])
+        return sizes.log().expand(n, -1).clone()
+    table = torch.tensor([[float(counts[c]["labels"].get(l, 0)) for c in use] for l in range(num_classes)])
+    return table[y].clamp_min(1e-12).log()
+
+
+def _composed(ward: SamplingWard, denoisers: list[Denoiser], use: list[int], weights: WeightsName, top_k: int | None,
+              prior: torch.Tensor) -> ComposedDenoiser:
+    """The mixture ε = Σ_i w_i ε_i over the used compartments, with router or density weights."""
+    router, columns = None, None
+    if weights == "router":
+        routers = ward.served("router")
+        if None not in routers:
+            raise DatawardError("this ward has no trained router: sample with --weights density, or create the ward with the router on")
+        router_model = ward.model(routers[None])
+        router = lambda x_t, t: router_model(x_t, t)
+        known = ward.compartments()
+        columns = [known.index(c) for c in use]
+    return ComposedDenoiser(denoisers, prior, ward.scheduler.alphas_cumprod, weights, router, columns, top_k)
+
+
+def generate(ward: SamplingWard, request: SampleRequest, progress=None) -> SampleResult:
+    """Generate ``request.n`` images composed over the allowed compartments (all by default)."""
+    started = time.time()
+    weights, allowed = _check(ward, request)
+    served = ward.served()
+    use = [c for c in allowed if c in served]
+    if not use:
+        raise DatawardError(f"no trained model for compartments {allowed}: run `dataward train {ward.path}`")
+    counts = ward.ledger.counts()
+    generator = torch.Generator().manual_seed(request.seed)
+    y = _labels(ward, request, use, counts, generator)
+    x_T = torch.randn((request.n, *ward.model_shape()), generator=generator)  # images, or latents in a latent ward
+    activity = GuardActivity() if request.guard else None
+    denoisers = [ward.denoiser(c, request.guard, request.guard_scale, request.guard_alpha, activity) for c in use]
+    composed = None if len(use) == 1 else _composed(ward, denoisers, use, weights, request.top_k, log_prior(use, y, counts, request.n, ward.config.num_classes))
+    eps, mode = (denoisers[0], "single") if composed is None else (composed, weights)
+    sampler = request.sampler or ("ddpm" if mode == "density" else "ddim")
+    if mode == "density" and sampler != "ddpm":
+        raise DatawardError("density weights need the stochastic sampler: use --sampler ddpm (or --weights router)")
+    update = progress_task(progress, f"sample {request.n}", request.steps)
+    if ward.config.latent:  # the same loop over latents (no x_0 clipping), then the public autoencoder decodes
+        eps = LatentDenoiser(eps, ward.codec())
+        scheduler = make_latent_scheduler(ward.scheduler, sampler)
+    else:
+        scheduler = make_sampler(ward.scheduler, sampler)
+    x0 = sample_loop(eps, x_T, scheduler, steps=request.steps, y=y, generator=generator, progress=lambda i: update(1))
+    if ward.config.latent:
+        x0 = eps.decode(x0)
+    known = ward.compartments()
+    attribution, final = torch.zeros(request.n, len(known)), torch.zeros(request.n, len(known))
+    cols = [known.index(c) for c in use]
+    if composed is None:
+        attribution[:, cols[0]] = final[:, cols[0]] = 1.0
+    else:
+        attribution[:, cols] = composed.attribution()
+        final[:, cols] = composed.final_weights
+    stages = {c: {"model": served[c].id, "stage": served[c].stage, "fallback": ward.is_fallback(served[c])} for c in use}
+    return SampleResult(((x0.clamp(-1, 1) + 1) / 2), y, attribution, final, use, stages, mode, sampler, time.time() - started,
+                        None if activity is None else activity.share)

@@ -1,0 +1,131 @@
+"""The kinds of model a ward trains, one :class:`ModelKind` each: how to build one, what it learns, what it trains on.
+
+============== ================ ========================= ===================================================
+kind           one per          trains on                 learns
+============== ================ ========================= ===================================================
+autoencoder    ward (public)    ``autoencoder_data``      to encode images to latents (latent wards)
+public-denoiser ward (public)   ``public``                ε on public data: the start of DP fine-tuning
+denoiser       compartment      the compartment's data    ε: the compartment's model
+guard          compartment      the compartment's data    random bits of its training images (CPSample)
+router         ward             every compartment         which compartment x_t came from (CDM weights)
+============== ================ ========================= ===================================================
+
+The kind's name is what the ledger, the checkpoint folders and the seeds use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+from dataward.config import WardConfig
+from dataward.data import Dataset
+from dataward.diffusion.latent import LatentCodec, autoencoder_loss, build_autoencoder, latent_scaling_factor
+from dataward.models.guard import ACCURACY_TIMESTEPS, build_guard, guard_accuracy_by_t, guard_labels, guard_loss, guard_model
+from dataward.models.nets import NoisyClassifier, build_classifier, build_unet, derive_seed
+from dataward.store.ledger import Ledger
+from dataward.training.loop import PerSampleLoss, TrainState, classifier_loss, denoiser_loss
+
+DataName = Literal["compartment", "public", "autoencoder"]
+
+
+@dataclass(frozen=True)
+class KindContext:
+    """What a model kind needs from its ward."""
+
+    config: WardConfig
+    scheduler: DDPMScheduler  # the training scheduler: every kind on noisy inputs adds noise with it
+    shape: tuple[int, int, int]  # (C, H, W) the models see: the images, or the latents of a latent ward
+    ledger: Ledger  # the compartments and which one holds a sample (the router's outputs and targets)
+
+    @property
+    def compartments(self) -> list[int]:
+        """Every compartment ID in order: the router's output columns."""
+        return self.ledger.compartments()
+
+
+Objective = tuple[PerSampleLoss, torch.Tensor | None]  # the per-sample loss and the targets, one per training ID (or None)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """One kind of model: its network, its objective, its data and how it is recorded."""
+
+    name: str
+    model_class: type  # the diffusers class its checkpoint folders load with
+    public: bool  # trained on public data only: recorded as public, never retrained by a forget
+    per_compartment: bool  # one per compartment (else one per ward)
+    wave: int  # training order: later waves need earlier ones (latents need the autoencoder, DP the public denoiser)
+    data: DataName  # the compartment's samples (all compartments' for a ward-wide kind), or a public data set
+    latent_space: bool  # works on the latents in a latent ward
+    build: Callable[[KindContext, int], torch.nn.Module]  # (context, seed) -> a freshly initialized network
+    objective: Callable[[KindContext, tuple[str, ...]], Objective]  # (context, sorted training IDs) -> loss and targets
+    # (context, trained state, data, targets, stage) -> extra metadata of a trained stage
+    describe: Callable[[KindContext, TrainState, Dataset, torch.Tensor | None, int], dict] = lambda *_: {}
+    structure: Callable[[KindContext], dict] = lambda _: {}  # metadata a checkpoint must match to fit the ward now
+
+    def fits(self, metadata: dict, context: KindContext) -> bool:
+        """Whether a checkpoint's metadata fits the ward as it is now (the router: as many outputs as compartments)."""
+        return all(metadata.get(key) == value for key, value in self.structure(context).items())
+
+
+def _unet(context: KindContext, seed: int) -> torch.nn.Module:
+    channels, size, _ = context.shape
+    return build_unet(context.config.model, size, channels, context.config.num_classes, seed)
+
+
+def _denoising(context: KindContext, ids: tuple[str, ...]) -> Objective:
+    return denoiser_loss(context.scheduler), None
+
+
+def _router_objective(context: KindContext, ids: tuple[str, ...]) -> Objective:
+    column = {c: i for i, c in enumerate(context.compartments)}
+    rows = context.ledger.sample_rows(list(ids))
+    return classifier_loss(context.scheduler), torch.tensor([column[rows[i][0]] for i in ids])
+
+
+def _guard_accuracy(context: KindContext, state: TrainState, data: Dataset, labels: torch.Tensor | None, stage: int) -> dict:
+    """A guard's accuracy on its own random bits by timestep (EMA weights, as it guides sampling)."""
+    generator = torch.Generator().manual_seed(derive_seed(context.config.seed, "guard-accuracy", stage))
+    accuracy = guard_accuracy_by_t(guard_model(state), data, labels, context.scheduler, ACCURACY_TIMESTEPS, generator)
+    return {"accuracy_by_t": {str(t): round(a, 4) for t, a in accuracy.items()}}
+
+
+def _autoencoder_summary(context: KindContext, state: TrainState, public: Dataset, targets: torch.Tensor | None, stage: int) -> dict:
+    """The trained autoencoder's latent scaling factor and reconstruction error on its public data."""
+    config = context.config.autoencoder
+    autoencoder = state.ema_model()
+    codec = LatentCodec(autoencoder, latent_scaling_factor(autoencoder, config, public), config)
+    reconstruction = codec.decode(codec.encode(public.images))
+    return {"scaling_factor": codec.scaling_factor, "latent_shape": list(config.latent_shape()),
+            "public_reconstruction_mse": round(float((reconstruction - public.images).pow(2).mean()), 6)}
+
+
+KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
+    ModelKind("autoencoder", AutoencoderKL, public=True, per_compartment=False, wave=0, data="autoencoder", latent_space=False,
+              build=lambda context, seed: build_autoencoder(context.config.autoencoder, seed),
+              objective=lambda context, ids: (autoencoder_loss(context.config.autoencoder.kl_weight), None),
+              describe=_autoencoder_summary),
+    ModelKind("public-denoiser", UNet2DModel, public=True, per_compartment=False, wave=1, data="public", latent_space=True,
+              build=_unet, objective=_denoising),
+    ModelKind("denoiser", UNet2DModel, public=False, per_compartment=True, wave=2, data="compartment", latent_space=True,
+              build=_unet, objective=_denoising),
+    ModelKind("guard", NoisyClassifier, public=False, per_compartment=True, wave=2, data="compartment", latent_space=True,
+              build=lambda context, seed: build_guard(context.shape[0], seed, context.config.guard_settings),
+              objective=lambda context, ids: (guard_loss(context.scheduler, context.config.guard_settings), guard_labels(list(ids), context.config.seed)),
+              describe=_guard_accuracy),
+    ModelKind("router", NoisyClassifier, public=False, per_compartment=False, wave=3, data="compartment", latent_space=True,
+              build=lambda context, seed: build_classifier(context.shape[0], len(context.compartments), seed),
+              objective=_router_objective, structure=lambda context: {"num_outputs": len(context.compartments)}),
+)}
+PUBLIC_KINDS = tuple(name for name, kind in KINDS.items() if kind.public)
+
+
+def model_kind(name: str) -> ModelKind:
+    """The kind called ``name`` (an error naming the known kinds otherwise)."""
+    if name not in KINDS:
+        raise ValueError(f"unknown model kind {name!r}: expected one of {', '.join(KINDS)}")
+    return KINDS[name]

@@ -1,0 +1,95 @@
+"""What a ward tells its users, JSON-ready: what each compartment serves, its privacy guarantee, its status."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+from dataward.training.planner import Planner
+from dataward.training.privacy import ward_delta, ward_epsilon
+
+PRIVACY_FIELDS = ("epsilon", "delta", "sigma", "clip", "sample_rate", "steps", "history", "trainable", "trainable_fraction", "accountant",
+                  "epsilon_check", "noise_multiplicity")
+
+
+def serving_state(planner: Planner) -> dict[str, str]:
+    """Per compartment: what sampling uses right now (complete, a fallback stage, or left out)."""
+    served = planner.served()
+    out = {}
+    for c in planner.ledger.compartments():
+        if c not in served:
+            out[str(c)] = "left out (no model that never saw a forgotten ID; retraining)" if planner.ledger.pending_forgets() else "untrained"
+        elif planner.is_fallback(served[c]):
+            out[str(c)] = f"fallback: stage {served[c].stage + 1}/{planner.stage_count(served[c])} checkpoint"
+        else:
+            out[str(c)] = "complete"
+    return out
+
+
+def privacy(planner: Planner) -> dict | None:
+    """(ε, δ) per DP compartment and for the ward (parallel composition: the max over disjoint compartments)."""
+    config = planner.config
+    if config.dp is None:
+        return None
+    served = planner.served()
+    records, per = [], {}
+    for c in planner.ledger.compartments():
+        record = served.get(c)
+        recorded = record.metadata.get("privacy") if record else None
+        records.append(recorded)
+        per[str(c)] = "not DP" if recorded is None else {k: recorded.get(k) for k in PRIVACY_FIELDS} | {"lr": recorded.get("extra", {}).get("lr")}
+    eps = ward_epsilon(records)
+    notes = []
+    if any(r is None for r in records):
+        notes.append("some compartments are not DP-trained: the ward as a whole has no finite ε; sample with --allow over DP compartments")
+    if planner.served("router"):
+        notes.append("the router saw every compartment without DP: sample with --weights density for the DP guarantee")
+    if config.guard:
+        notes.append("guards are trained on private data without DP: sampling with --guard is not covered by ε")
+    return {"ward_epsilon": eps if math.isfinite(eps) else "inf", "ward_delta": ward_delta(records), "compartments": per, "notes": notes}
+
+
+def status(planner: Planner) -> dict:
+    """Everything a user wants to know about the ward."""
+    ledger, config = planner.ledger, planner.config
+    counts = ledger.counts()
+    router = planner.served("router").get(None)
+    public = planner.served("public-denoiser").get(None)
+    return {
+        "path": str(planner.path),
+        "config": asdict(config),
+        "compartments": _compartments(planner, counts),
+        "router": None if router is None else {"id": router.id, "stage": router.stage, "saw_compartments": "all"},
+        "samples": sum(c["samples"] for c in counts.values()),
+        "forgotten": sum(c["forgotten"] for c in counts.values()),
+        "pending_forgets": [r for r, _ in ledger.pending_forgets()],
+        "public_model": None if public is None else {"id": public.id, "data": config.public, "public": True},
+        "latent": _latent(planner),
+        "privacy": privacy(planner),
+        "events": ledger.events(10),
+    }
+
+
+def _compartments(planner: Planner, counts: dict) -> list[dict]:
+    sources = planner.ledger.compartment_sources()
+    served, serving, guards = planner.served(), serving_state(planner), planner.served("guard")
+    out = []
+    for c in planner.ledger.compartments():
+        entry = {"id": c, "source": sources[c], "samples": counts[c]["samples"], "forgotten": counts[c]["forgotten"], "serving": serving[str(c)]}
+        if c in served:
+            entry["model"] = {"id": served[c].id, "stage": served[c].stage, "path": served[c].path, "steps": served[c].metadata.get("steps"), "ids_hash": served[c].ids_hash}
+        if planner.config.guard:
+            entry["guard"] = None if c not in guards else {
+                "id": guards[c].id, "stage": guards[c].stage, "accuracy_by_t": guards[c].metadata.get("accuracy_by_t")}
+        out.append(entry)
+    return out
+
+
+def _latent(planner: Planner) -> dict | None:
+    config = planner.config
+    if not config.latent:
+        return None
+    autoencoder = planner.served("autoencoder").get(None)
+    return {"latent_shape": list(config.model_shape()), "autoencoder": None if autoencoder is None else {
+        "id": autoencoder.id, "data": config.autoencoder_data, "public": True,
+        **{k: autoencoder.metadata.get(k) for k in ("scaling_factor", "public_reconstruction_mse")}}}

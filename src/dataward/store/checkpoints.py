@@ -1,0 +1,126 @@
+"""Checkpoint folders under ``WARD/models/``: writing one atomically, hashing its weights, loading it, cleaning up.
+
+One folder per trained stage::
+
+    models/<kind>-c<compartment|all>-s<stage>-<8 hex>/
+        config.json + diffusion_pytorch_model.safetensors   the EMA weights (diffusers ``save_pretrained``)
+        train_state.safetensors                              raw weights, EMA, Adam: training resumes exactly
+        dataward.json                                        metadata (also in the ledger)
+
+Only safetensors and JSON are ever read: no pickle is loaded from a ward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+
+from dataward.errors import DatawardError
+from dataward.store.ledger import Ledger, ModelRecord
+from dataward.training.loop import TrainState
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+STATE_FILE = "train_state.safetensors"
+META_FILE = "dataward.json"
+MODELS_DIR = "models"
+
+
+def weights_hash(path: Path) -> str:
+    """SHA-256 over a safetensors file's tensors (names, dtypes, shapes, bytes), independent of file metadata."""
+    tensors = load_file(str(path))
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def folder_prefix(kind: str, compartment: int | None) -> str:
+    """The start of every checkpoint folder name of one lineage (the stage number follows)."""
+    return f"{kind}-c{'all' if compartment is None else compartment}-s"
+
+
+def write_checkpoint(out_root: Path, prefix: str, model: torch.nn.Module, state: TrainState, metadata: Callable[[str], dict]) -> tuple[str, dict]:
+    """Write a checkpoint folder ``<prefix>-<8 hex>`` under ``out_root`` atomically (a temp folder, then a rename):
+    ``model`` (holding the weights to serve), ``state`` and ``metadata(weights_sha256)``. Returns (folder name, metadata)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    tmp = out_root / f".tmp-{name}"
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    state.save(tmp / STATE_FILE)
+    meta = metadata(weights_hash(tmp / WEIGHTS_FILE))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, out_root / name)
+    return name, meta
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether a checkpoint folder holds its weights file."""
+    return (folder / WEIGHTS_FILE).is_file()
+
+
+def checkpoint_hash(folder: Path) -> str:
+    """:func:`weights_hash` of a checkpoint folder's served weights."""
+    return weights_hash(folder / WEIGHTS_FILE)
+
+
+def state_file(folder: Path) -> Path:
+    """The training state (resumes exactly) of a checkpoint folder."""
+    return folder / STATE_FILE
+
+
+class ModelCache:
+    """The models of a ward's ledger records, each loaded once (eval mode) with the class its kind names."""
+
+    def __init__(self, ward: Path, model_class: Callable[[str], type]):
+        self.ward = ward
+        self.model_class = model_class  # kind -> a diffusers ModelMixin class (from_pretrained with safetensors)
+        self.models: dict[int, torch.nn.Module] = {}
+
+    def get(self, record: ModelRecord) -> torch.nn.Module:
+        """The model of ``record``, loaded on first use."""
+        if record.id not in self.models:
+            folder = self.ward / record.path
+            try:
+                model = self.model_class(record.kind).from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
+            except (OSError, ValueError, RuntimeError) as error:
+                raise DatawardError(f"cannot load model {record.kind} from {folder}: {error}") from None
+            self.models[record.id] = model.eval()
+        return self.models[record.id]
+
+    def drop(self, model_ids: list[int]) -> None:
+        """Forget the loaded models of ``model_ids`` (those not loaded are ignored)."""
+        for model_id in model_ids:
+            self.models.pop(model_id, None)
+
+    def drop_unready(self, ledger: Ledger) -> None:
+        """Forget the loaded models that are no longer ready in ``ledger`` (quarantined, deleted or retired)."""
+        ready = ledger.ready_models(list(self.models))
+        self.drop([m for m in self.models if m not in ready])
+
+
+def delete_quarantined(ward: Path, ledger: Ledger, cache: ModelCache) -> None:
+    """Delete the files of quarantined models (they saw forgotten IDs) and mark them deleted; the ledger keeps their record."""
+    quarantined = ledger.models(status="quarantined", any_compartment=True)
+    for record in quarantined:
+        shutil.rmtree(ward / record.path, ignore_errors=True)
+    cache.drop([r.id for r in quarantined])
+    ledger.set_status([r.id for r in quarantined], "deleted", "models-deleted")
+
+
+def remove_orphans(ward: Path, ledger: Ledger) -> None:
+    """Remove model folders no ledger record owns: leftovers of a crash between writing and registering."""
+    kept = {r.path for r in ledger.models(status=None, any_compartment=True) if r.status in ("ready", "retired")}
+    models_dir = ward / MODELS_DIR
+    if models_dir.is_dir():
+        for child in models_dir.iterdir():
+            if f"{MODELS_DIR}/{child.name}" not in kept:
+                shutil.rmtree(child, ignore_errors=True)
