@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from dataward.errors import DatawardError
-from dataward.ward import TrainJob, Ward, WardHooks
+from dataward.store.checkpoints import MODELS_DIR
+from dataward.training.planner import TrainJob
+from dataward.ward import Ward, WardHooks
 
 log = logging.getLogger("dataward.app.service")
 
@@ -36,7 +38,7 @@ class RefuseForgotten:
         rows = self.ward.ledger.sample_rows(ids)
         if any(i not in rows or rows[i][2] is not None for i in ids):
             for r in results:
-                shutil.rmtree(self.ward.path / "models" / r["folder"], ignore_errors=True)
+                shutil.rmtree(self.ward.path / MODELS_DIR / r["folder"], ignore_errors=True)
             raise StaleTraining("IDs were forgotten while training; retraining")
 
 
