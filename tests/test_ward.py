@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dataward.errors import DatawardError
+from dataward.models.kinds import KINDS
 from dataward.store.checkpoints import WEIGHTS_FILE, weights_hash
 from dataward.ward import Ward, WardHooks
 
@@ -270,3 +271,14 @@ def test_drop_unready_models_forgets_what_another_process_quarantined(trained_wa
         server.model(record)
     server.close()
     admin.close()
+
+
+def test_every_model_kind_builds_the_class_its_checkpoints_load_with(tmp_path):
+    ward = make_ward(tmp_path / "w", compartments=3)
+    for kind in KINDS.values():
+        model = kind.build(ward.planner.context, 0)
+        assert type(model) is kind.model_class, kind.name
+    router = KINDS["router"]
+    assert router.fits({"num_outputs": 3}, ward.planner.context) and not router.fits({"num_outputs": 2}, ward.planner.context)
+    assert {l.kind for l in ward.lineages()} == {"denoiser", "router"} and not any(l.dp for l in ward.lineages())
+    ward.close()
