@@ -122,10 +122,3 @@ KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
               objective=_router_objective, structure=lambda context: {"num_outputs": len(context.compartments)}),
 )}
 PUBLIC_KINDS = tuple(name for name, kind in KINDS.items() if kind.public)
-
-
-def model_kind(name: str) -> ModelKind:
-    """The kind called ``name`` (an error naming the known kinds otherwise)."""
-    if name not in KINDS:
-        raise ValueError(f"unknown model kind {name!r}: expected one of {', '.join(KINDS)}")
-    return KINDS[name]
