@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
-from dataward.data import ids_hash, load_source
+from dataward.data import fit_images, ids_hash, load_source
 from dataward.errors import DatawardError
 
 
@@ -128,17 +128,7 @@ def _fit(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     if images.ndim != 4:
         raise DatawardError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     channels, height, width = shape
-    images = images.float()
-    if images.shape[1] != channels:
-        if channels == 1:
-            images = images.mean(dim=1, keepdim=True)
-        elif images.shape[1] == 1:
-            images = images.expand(-1, channels, -1, -1)
-        else:
-            raise DatawardError(f"cannot feed {images.shape[1]}-channel images to a {channels}-channel feature network")
-    if images.shape[-2:] != (height, width):
-        images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return images
+    return fit_images(images.float(), channels, height, width)
 
 
 def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
