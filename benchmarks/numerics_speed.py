@@ -4,12 +4,13 @@
 
 Each arm is a fresh Python process (the kernel choice is fixed at a process's first computation) that trains the
 ``tiny`` denoiser of a one-compartment ward on 400 digits for ``--steps`` optimizer steps at batch 128, 2 threads, after
-a warm-up stage, and reports steps/s. Arms run one after the other in a rotated order each round, so a load change hits
+a warm-up stage, and reports steps/s; then samples 200 images with 50 DDIM steps and reports the seconds. Arms run one after the other in a rotated order each round, so a load change hits
 every arm alike. Printed: per-arm median steps/s, each arm's ratio to ``native`` (median over rounds of the per-round
 ratio), the weight hashes of each arm (portable arms must agree), and the load average.
 
 Arms: ``native`` (DATAWARD_NUMERICS=native: each library picks its best kernels), ``portable`` (the default: ATen, oneDNN
-and MKL pinned to AVX2), ``aten-avx2`` / ``dnnl-avx2`` (one library pinned at a time, to see which costs what).
+and MKL pinned to AVX2), ``aten-avx2`` / ``dnnl-avx2`` / ``aten+dnnl`` (some libraries pinned, to see which costs
+what), ``mkl-nonstrict`` (portable, but MKL's CNR without STRICT).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ ARMS = {
     "portable": {},
     "aten-avx2": {"DATAWARD_NUMERICS": "native", "ATEN_CPU_CAPABILITY": "avx2"},
     "dnnl-avx2": {"DATAWARD_NUMERICS": "native", "DNNL_MAX_CPU_ISA": "AVX2"},
+    "aten+dnnl": {"DATAWARD_NUMERICS": "native", "ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"},
+    "mkl-nonstrict": {"MKL_CBWR": "AVX2"},
 }
 PINNED = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "DATAWARD_NUMERICS")
 
@@ -43,7 +46,12 @@ with tempfile.TemporaryDirectory() as d:
     started = time.perf_counter()
     results = ward.run_job(job, out_root=ward.path / "models")
     seconds = time.perf_counter() - started
-    print(json.dumps({"steps_per_s": steps / seconds, "sha256": results[-1]["metadata"]["weights_sha256"][:16],
+    ward.register(job, results)
+    ward.sample(8, seed=0, steps=5)  # warm-up
+    started = time.perf_counter()
+    ward.sample(200, seed=0, steps=50)
+    sample_seconds = time.perf_counter() - started
+    print(json.dumps({"steps_per_s": steps / seconds, "sample_s": sample_seconds, "sha256": results[-1]["metadata"]["weights_sha256"][:16],
                       "capability": torch.backends.cpu.get_cpu_capability()}))
 """
 
@@ -70,13 +78,18 @@ def main() -> None:
     summary = {}
     for a in arms:
         ratios = [x["steps_per_s"] / n["steps_per_s"] for x, n in zip(runs[a], runs["native"])] if "native" in runs else []
+        sample_ratios = [n["sample_s"] / x["sample_s"] for x, n in zip(runs[a], runs["native"])] if "native" in runs else []
         summary[a] = {"steps_per_s": statistics.median(x["steps_per_s"] for x in runs[a]),
                       "ratio_to_native": statistics.median(ratios) if ratios else None,
+                      "sample_s": statistics.median(x["sample_s"] for x in runs[a]),
+                      "sample_speed_to_native": statistics.median(sample_ratios) if sample_ratios else None,
                       "hashes": sorted({x["sha256"] for x in runs[a]}), "capability": runs[a][0]["capability"]}
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     for a, s in summary.items():
-        ratio = "" if s["ratio_to_native"] is None else f"  {s['ratio_to_native']:.3f}x native"
-        print(f"{a:10s} {s['steps_per_s']:7.2f} steps/s{ratio}  ATen {s['capability']}  weights {','.join(s['hashes'])}")
+        ratio = "" if s["ratio_to_native"] is None else f" ({s['ratio_to_native']:.3f}x native)"
+        sample = "" if s["sample_speed_to_native"] is None else f" ({s['sample_speed_to_native']:.3f}x native speed)"
+        print(f"{a:10s} train {s['steps_per_s']:6.2f} steps/s{ratio}  sample 200x50 steps {s['sample_s']:5.2f} s{sample}  "
+              f"ATen {s['capability']}  weights {','.join(s['hashes'])}")
     print(f"load average: {load}")
     if args.json:
         with open(args.json, "w") as f:
