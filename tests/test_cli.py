@@ -85,3 +85,30 @@ def test_cli_latent_ward(tmp_path):
     run("train", ward, "--dp", "--epsilon", "5", "--batch", "10", "--epochs", "1", "--compartment", "0", "--trainable", "embedding")
     privacy = json.loads(run("status", ward, "--json").stdout)["privacy"]["compartments"]["0"]
     assert privacy["trainable"] == "embedding" and 0 < privacy["trainable_fraction"] < 0.01 and privacy["lr"] == 0.1
+
+
+def test_a_forget_is_accepted_while_an_earlier_retraining_is_pending_and_broken(tmp_path):
+    """Issue 19, defect 1: `forget` accepts the new IDs first, whatever is pending or broken; the retraining comes after."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import make_ward
+
+    ward = make_ward(tmp_path / "w", compartments=2)
+    ward.train()
+    rows = ward.ledger.sample_rows(list(ward.training_data().ids))
+    late = [i for i, (c, s, _) in rows.items() if s == 1]  # in slice 1: retraining resumes from stage 0's saved state
+    first, second = late[0], next(i for i in late if rows[i][0] != rows[late[0]][0])
+    ward.forget([first], retrain=False)  # accepted, retraining pending (as after a crash or a Ctrl-C)
+    for state in (tmp_path / "w" / "models").glob("*/train_state.safetensors"):
+        state.write_bytes(b"not a safetensors file")  # the pending retraining cannot resume
+    ward.close()
+    proc = run("forget", tmp_path / "w", second, check=False)
+    assert proc.returncode == 1  # the retraining failed, and says so ...
+    assert f"1 ID(s) forgotten; in effect now" in proc.stdout  # ... after the new forget was accepted
+    from dataward.ward import Ward
+
+    reopened = Ward.open(tmp_path / "w")
+    assert {first, second} <= set(reopened.ledger.forgotten_ids())
+    served = [r for kind in ("denoiser", "router") for r in reopened.served(kind).values()]
+    assert all(second not in reopened.ledger.model_sample_ids(r.id) for r in served)  # nothing that saw it is served
+    sampled = run("sample", tmp_path / "w", "-n", "2", "--steps", "3", "--json")  # sampling is not blocked by the broken retraining
+    assert len(json.loads(sampled.stdout)["attribution"]) == 2 and "retraining is pending" in sampled.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -150,22 +151,29 @@ def forget(
         if not ids_file.is_file():
             raise DatawardError(f"--ids-file {ids_file} does not exist")
         all_ids += [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
-    w = open_ward(ward, device=device)
+    w = open_ward(ward, resume=False)  # accept first: nothing pending or broken may delay a forget
+    result = w.forget(all_ids, retrain=False)
+    if result["state"] == "noop":
+        if as_json:
+            print(json.dumps(result))
+        else:
+            out.print(f"[yellow]nothing to do:[/yellow] {result['message']}")
+        return
+    if not as_json:
+        out.print(f"forget request {result['request']}: {len(result['ids'])} ID(s) forgotten; in effect now "
+                  f"({result['quarantined_models']} model(s) that saw them quarantined and deleted)")
+        for c, state in result["serving_during_retraining"].items():
+            out.print(f"  while retraining, compartment {c}: {state}")
+        if result["already_forgotten"]:
+            out.print(f"  already forgotten before: {', '.join(result['already_forgotten'])}")
+    started = time.time()
     with progress_bar(not as_json) as progress:
-        result = w.forget(all_ids, device=device, progress=progress)
+        w.train(device=device, progress=progress)  # also finishes earlier pending forgets; if it fails, the forget stays in effect
+    result |= {"retrain_seconds": time.time() - started, "state": w.ledger.forget_request(result["request"])["state"]}
     if as_json:
         print(json.dumps(result))
         return
-    if result["state"] == "noop":
-        out.print(f"[yellow]nothing to do:[/yellow] {result['message']}")
-        return
-    out.print(f"forget request {result['request']}: {len(result['ids'])} ID(s) forgotten; in effect at once "
-              f"({result['quarantined_models']} model(s) that saw them quarantined and deleted)")
-    for c, state in result["serving_during_retraining"].items():
-        out.print(f"  while retraining, compartment {c}: {state}")
-    if result["already_forgotten"]:
-        out.print(f"  already forgotten before: {', '.join(result['already_forgotten'])}")
-    out.print(f"retrained in {result.get('retrain_seconds', 0):.1f} s; state: {result['state']}. Certificate: dataward verify {ward}")
+    out.print(f"retrained in {result['retrain_seconds']:.1f} s; state: {result['state']}. Certificate: dataward verify {ward}")
 
 
 def verify(ward: Path = typer.Argument(..., help="The ward folder."), device: str = typer.Option("cpu"),

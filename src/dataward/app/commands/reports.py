@@ -79,7 +79,9 @@ def sample(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary with per-sample attribution."),
 ) -> None:
     """Generate samples composed over the allowed compartments."""
-    w = open_ward(ward)
+    w = open_ward(ward, resume=False)  # a pending retraining never blocks sampling: models that saw forgotten IDs are never served
+    if w.ledger.pending_forgets():
+        console.print(f"[yellow]a forget's retraining is pending: sampling uses clean fallback stages; `dataward train {ward}` finishes it[/yellow]")
     with progress_bar(not as_json) as progress:
         r = w.sample(n, label=label, seed=seed, sampler=sampler, steps=steps, allowed=parse_ids(allow), weights=weights, top_k=top_k,
                      guard=guard, guard_scale=guard_scale, guard_alpha=guard_alpha, progress=progress)
