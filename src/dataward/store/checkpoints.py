@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dataward.errors import DatawardError
@@ -86,13 +87,20 @@ class ModelCache:
         self.models: dict[int, torch.nn.Module] = {}
 
     def get(self, record: ModelRecord) -> torch.nn.Module:
-        """The model of ``record``, loaded on first use."""
+        """The model of ``record``, loaded on first use after checking its weights against the hash the ledger recorded."""
         if record.id not in self.models:
             folder = self.ward / record.path
             try:
+                found = checkpoint_hash(folder)
                 model = self.model_class(record.kind).from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
-            except (OSError, ValueError, RuntimeError) as error:
+            except (OSError, ValueError, RuntimeError, SafetensorError) as error:
                 raise DatawardError(f"cannot load model {record.kind} from {folder}: {error}") from None
+            recorded = record.metadata.get("weights_sha256")
+            if found != recorded:
+                where = "" if record.compartment is None else f" of compartment {record.compartment}"
+                raise DatawardError(f"refusing to load the {record.kind}{where} from {folder}: its weights hash {found[:16]} is not the "
+                                    f"{str(recorded)[:16]} the ledger recorded when it was trained (the file was changed or replaced); "
+                                    f"restore it from a backup, or retrain the ward into a new folder")
             self.models[record.id] = model.eval()
         return self.models[record.id]
 
