@@ -112,3 +112,18 @@ def test_a_forget_is_accepted_while_an_earlier_retraining_is_pending_and_broken(
     assert all(second not in reopened.ledger.model_sample_ids(r.id) for r in served)  # nothing that saw it is served
     sampled = run("sample", tmp_path / "w", "-n", "2", "--steps", "3", "--json")  # sampling is not blocked by the broken retraining
     assert len(json.loads(sampled.stdout)["attribution"]) == 2 and "retraining is pending" in sampled.stderr
+
+
+def test_markup_in_user_data_is_printed_as_text(tmp_path):
+    """Issue 19, defect 8: an owner or key name like ``[/]`` is data, not rich markup: status and keys list print it."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.random((12, 1, 8, 8), dtype=np.float32), labels=np.arange(12) % 10,
+             ids=np.array([f"s{i}" for i in range(12)]), owners=np.array(["[/]", "[bold]x"] * 6))
+    ward = tmp_path / "w"
+    run("init", ward, "--data", f"npz:{tmp_path / 'd.npz'}", "--by", "source")
+    status = run("status", ward).stdout
+    assert "[/]" in status and "[bold]x" in status
+    run("keys", ward, "create", "--allow", "0", "--name", "[/]")
+    listed = run("keys", ward, "list").stdout
+    assert "[/]" in listed
+    assert "([/])" in run("keys", ward, "revoke", "[/]").stdout

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dataward.app.commands.common import open_ward, parse_ids
@@ -165,7 +166,7 @@ def forget(
         for c, state in result["serving_during_retraining"].items():
             out.print(f"  while retraining, compartment {c}: {state}")
         if result["already_forgotten"]:
-            out.print(f"  already forgotten before: {', '.join(result['already_forgotten'])}")
+            out.print(f"  already forgotten before: {escape(', '.join(result['already_forgotten']))}")
     started = time.time()
     with progress_bar(not as_json) as progress:
         w.train(device=device, progress=progress)  # also finishes earlier pending forgets; if it fails, the forget stays in effect

@@ -8,6 +8,7 @@ from typing import Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dataward.app.commands.common import open_ward, parse_ids
@@ -24,7 +25,7 @@ def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: b
         print(json.dumps(s, default=str))
         return
     cfg = s["config"]
-    out.print(f"[bold]{s['path']}[/bold]: {s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, "
+    out.print(f"[bold]{escape(s['path'])}[/bold]: {s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, "
               f"{cfg['slices']} slice(s), weights {cfg['weights']}")
     guards = bool(cfg["guard"])
     table = Table()
@@ -32,14 +33,14 @@ def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: b
         table.add_column(col)
     for c in s["compartments"]:
         model = c.get("model")
-        row = [str(c["id"]), c["source"], str(c["samples"]), str(c["forgotten"]), c["serving"],
+        row = [str(c["id"]), escape(c["source"]), str(c["samples"]), str(c["forgotten"]), c["serving"],
                "-" if model is None else f"#{model['id']} stage {model['stage'] + 1}, {model['steps']} steps"]
         if guards:
             row.append("-" if not c["guard"] else ", ".join(f"{t}: {a:.2f}" for t, a in (c["guard"]["accuracy_by_t"] or {}).items()))
         table.add_row(*row)
     out.print(table)
     if s["public_model"]:
-        out.print(f"public denoiser: model #{s['public_model']['id']} trained on {s['public_model']['data']} (public data only)")
+        out.print(f"public denoiser: model #{s['public_model']['id']} trained on {escape(s['public_model']['data'])} (public data only)")
     if s["latent"]:
         ae = s["latent"]["autoencoder"]
         shape = "x".join(map(str, s["latent"]["latent_shape"]))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dataward.app.commands.common import open_ward, parse_ids
@@ -56,7 +57,7 @@ def keys_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", 
         table.add_column(col)
     for k in keys:
         created = datetime.datetime.fromtimestamp(k["created_at"]).isoformat(timespec="seconds")
-        table.add_row(str(k["id"]), k["name"], ",".join(map(str, k["allow"])) or "-", "yes" if k["admin"] else "no", created,
+        table.add_row(str(k["id"]), escape(k["name"]), ",".join(map(str, k["allow"])) or "-", "yes" if k["admin"] else "no", created,
                       "revoked" if k["revoked_at"] else "active")
     out.print(table)
 
@@ -65,7 +66,7 @@ def keys_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", 
 def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., help="The key's ID or name.")) -> None:
     """Revoke a key: refused from the very next request on."""
     record = open_ward(ctx.obj["ward"], resume=False).ledger.revoke_key(key)
-    out.print(f"revoked key #{record['id']} ({record['name']})")
+    out.print(f"revoked key #{record['id']} ({escape(record['name'])})")
 
 
 def serve(
