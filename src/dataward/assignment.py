@@ -15,14 +15,17 @@ from dataward.numerics import Numerics
 from dataward.store.ledger import Ledger
 
 
-def check_layout(compartments: int, slices: int, by: AssignBy, numerics: Numerics) -> None:
-    """Refuse a new ward's layout unless it has at least one compartment and slice, a known assignment and numerics."""
+def check_layout(compartments: int, slices: int, by: AssignBy, numerics: Numerics, adapter: str = "full") -> None:
+    """Refuse a new ward's layout unless it has at least one compartment and slice, a known assignment, numerics and adapter."""
     if compartments < 1 or slices < 1:
         raise DatawardError(f"compartments and slices must be >= 1, got {compartments} and {slices}")
     if by not in ("random", "label", "source"):
         raise DatawardError(f"--by must be random, label or source, got {by!r}")
     if numerics not in ("portable", "native"):
         raise DatawardError(f"numerics must be portable or native, got {numerics!r}")
+    rank = adapter.split(":", 1)[1] if adapter.startswith("lora:") else None
+    if adapter != "full" and not (rank is not None and rank.isdigit() and int(rank) >= 1):
+        raise DatawardError(f"adapter must be full or lora:RANK with a rank >= 1 (e.g. lora:8), got {adapter!r}")
 
 
 def check_new_data(config: WardConfig, dataset: Dataset) -> None:

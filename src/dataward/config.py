@@ -39,6 +39,10 @@ class WardConfig:
     guard_settings: GuardConfig = field(default_factory=GuardConfig)  # guard classifier, its training and guidance defaults
     train: TrainConfig = field(default_factory=TrainConfig)  # denoiser training
     public: str | None = None  # public data spec of the public pretrained denoiser (dataward pretrain); None: none
+    # where every compartment's denoiser starts (dataward.base): "public" (the public denoiser), "imported" (a diffusers
+    # UNet2DModel folder copied into the ward), None (random weights: the wards made before bases existed)
+    base: str | None = None
+    adapter: str = "full"  # what a compartment trains on top of the base: full (every weight) | lora:RANK (low-rank adapters)
     public_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40.0))  # public pretraining budget
     latent: bool = False  # latent diffusion (dataward pretrain --latent): every denoiser, router and guard works on the latents of a public autoencoder
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # the public autoencoder of a latent ward
@@ -93,6 +97,10 @@ class WardConfig:
         if self.latent:
             return self.autoencoder.latent_shape()
         return (self.channels, self.image_size, self.image_size)
+
+    def lora_rank(self) -> int | None:
+        """The rank of the compartments' LoRA adapters (None: full fine-tuning)."""
+        return None if self.adapter == "full" else int(self.adapter.split(":", 1)[1])
 
     def is_dp(self, compartment: int) -> bool:
         """Whether a compartment's denoiser trains with DP-SGD."""

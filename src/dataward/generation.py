@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler
 from dataward.config import WardConfig
 from dataward.diffusion.compose import ComposedDenoiser, WeightsName
 from dataward.diffusion.latent import LatentCodec, LatentDenoiser, make_latent_scheduler
-from dataward.diffusion.sampling import Denoiser, make_sampler, sample_loop
+from dataward.diffusion.sampling import Denoiser, make_sampler, sample_loop, unet_eps
 from dataward.errors import DatawardError
 from dataward.models.guard import GuardActivity
 from dataward.progress import progress_task
@@ -31,7 +31,7 @@ class SampleResult:
     final_weights: torch.Tensor  # (N, K) weights at the last step
     compartments: list[int]  # the compartments that were composed
     models: dict[int, dict]  # compartment -> {"model": id, "stage": r, "fallback": bool}
-    weights: str  # router | density | single
+    weights: str  # router | density | soup | single (soup: attribution is the data share of the sample's class)
     sampler: str
     seconds: float
     guard_guided: float | None = None  # with guards: share of guard checks (sample x step x compartment, t < max_timestep) that guided
@@ -65,6 +65,7 @@ class SamplingWard(Protocol):
     def compartments(self) -> list[int]: ...
     def served(self, kind: str = "denoiser") -> dict[int | None, ModelRecord]: ...
     def model(self, record: ModelRecord) -> torch.nn.Module: ...
+    def soup(self, records: list[ModelRecord], shares: list[float]) -> torch.nn.Module: ...
     def denoiser(self, compartment: int, guard: bool = False, guard_scale: float | None = None, guard_alpha: float | None = None,
                  guard_activity: GuardActivity | None = None) -> Denoiser: ...
     def codec(self) -> LatentCodec: ...
@@ -79,8 +80,10 @@ def _check(ward: SamplingWard, request: SampleRequest) -> tuple[WeightsName, lis
     if request.steps < 1 or request.steps > ward.config.num_train_timesteps:
         raise DatawardError(f"steps must be between 1 and {ward.config.num_train_timesteps}, got {request.steps}")
     weights = request.weights or ward.config.weights
-    if weights not in ("router", "density"):
-        raise DatawardError(f"weights must be router or density, got {weights!r}")
+    if weights not in ("router", "density", "soup"):
+        raise DatawardError(f"weights must be router, density or soup, got {weights!r}")
+    if weights == "soup" and request.guard:
+        raise DatawardError("guards steer each compartment's own model: sample with --weights density or router to use --guard")
     if request.top_k is not None and request.top_k < 1:
         raise DatawardError(f"top-k must be at least 1, got {request.top_k}")
     known = ward.compartments()
@@ -143,9 +146,16 @@ def generate(ward: SamplingWard, request: SampleRequest, progress=None) -> Sampl
     y = _labels(ward, request, use, counts, generator)
     x_T = torch.randn((request.n, *ward.model_shape()), generator=generator)  # images, or latents in a latent ward
     activity = GuardActivity() if request.guard else None
-    denoisers = [ward.denoiser(c, request.guard, request.guard_scale, request.guard_alpha, activity) for c in use]
-    composed = None if len(use) == 1 else _composed(ward, denoisers, use, weights, request.top_k, log_prior(use, y, counts, request.n, ward.config.num_classes))
-    eps, mode = (denoisers[0], "single") if composed is None else (composed, weights)
+    prior = log_prior(use, y, counts, request.n, ward.config.num_classes)
+    composed = None
+    if len(use) == 1:
+        eps, mode = ward.denoiser(use[0], request.guard, request.guard_scale, request.guard_alpha, activity), "single"
+    elif weights == "soup":  # one model: the data-share-weighted average of the compartments' weights
+        eps, mode = unet_eps(ward.soup([served[c] for c in use], [float(counts[c]["samples"]) for c in use])), "soup"
+    else:
+        denoisers = [ward.denoiser(c, request.guard, request.guard_scale, request.guard_alpha, activity) for c in use]
+        composed = _composed(ward, denoisers, use, weights, request.top_k, prior)
+        eps, mode = composed, weights
     sampler = request.sampler or ("ddpm" if mode == "density" else "ddim")
     if mode == "density" and sampler != "ddpm":
         raise DatawardError("density weights need the stochastic sampler: use --sampler ddpm (or --weights router)")
@@ -161,7 +171,9 @@ def generate(ward: SamplingWard, request: SampleRequest, progress=None) -> Sampl
     known = ward.compartments()
     attribution, final = torch.zeros(request.n, len(known)), torch.zeros(request.n, len(known))
     cols = [known.index(c) for c in use]
-    if composed is None:
+    if mode == "soup":  # a soup sample's attribution is the data share of its class in each compartment (no density pass)
+        attribution[:, cols] = final[:, cols] = torch.softmax(prior, dim=1)
+    elif composed is None:
         attribution[:, cols[0]] = final[:, cols[0]] = 1.0
     else:
         attribution[:, cols] = composed.attribution()

@@ -64,6 +64,8 @@ def status(planner: Planner) -> dict:
         "forgotten": sum(c["forgotten"] for c in counts.values()),
         "pending_forgets": [r for r, _ in ledger.pending_forgets()],
         "public_model": None if public is None else {"id": public.id, "data": config.public, "public": True},
+        "base": None if config.base is None else {"kind": config.base, "adapter": config.adapter, "model": None if public is None else public.id,
+                                                  "data": config.public, "imported_from": None if public is None else public.metadata.get("imported_from")},
         "latent": _latent(planner),
         "privacy": privacy(planner),
         "events": ledger.events(10),
@@ -77,7 +79,9 @@ def _compartments(planner: Planner, counts: dict) -> list[dict]:
     for c in planner.ledger.compartments():
         entry = {"id": c, "source": sources[c], "samples": counts[c]["samples"], "forgotten": counts[c]["forgotten"], "serving": serving[str(c)]}
         if c in served:
-            entry["model"] = {"id": served[c].id, "stage": served[c].stage, "path": served[c].path, "steps": served[c].metadata.get("steps"), "ids_hash": served[c].ids_hash}
+            folder = planner.path / served[c].path
+            entry["model"] = {"id": served[c].id, "stage": served[c].stage, "path": served[c].path, "steps": served[c].metadata.get("steps"),
+                              "ids_hash": served[c].ids_hash, "bytes": sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else None}
         if planner.config.guard:
             entry["guard"] = None if c not in guards else {
                 "id": guards[c].id, "stage": guards[c].stage, "accuracy_by_t": guards[c].metadata.get("accuracy_by_t")}

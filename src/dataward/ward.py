@@ -26,16 +26,19 @@ from typing import Callable
 import torch
 
 from dataward import reports
-from dataward.assignment import check_layout, check_new_data, insert_samples
+from dataward.assignment import check_layout, insert_samples
+from dataward.base import average_models, import_base, is_folder
+from dataward.changes import WardChanges
 from dataward.config import AssignBy, WardConfig
 from dataward.data import Dataset, load_source
 from dataward.diffusion.compose import WeightsName
-from dataward.diffusion.latent import AutoencoderConfig, LatentCodec, build_autoencoder
+from dataward.diffusion.latent import LatentCodec
 from dataward.diffusion.sampling import Denoiser, make_training_scheduler, unet_eps
 from dataward.errors import DatawardError
 from dataward.generation import SampleRequest, SampleResult, generate
+from dataward.models.adapters import load_merged
 from dataward.models.guard import GuardActivity, GuardConfig, guard_guidance, guarded
-from dataward.models.kinds import KINDS, PUBLIC_KINDS, KindContext
+from dataward.models.kinds import KINDS, KindContext
 from dataward.numerics import Numerics
 from dataward.certificate import forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
@@ -43,7 +46,6 @@ from dataward.store.ledger import Ledger, ModelRecord
 from dataward.training.executors import run_on_ray
 from dataward.training.loop import TrainConfig
 from dataward.training.planner import Lineage, Planner, TrainJob
-from dataward.training.privacy import DPConfig, plan_dp
 from dataward.training.runner import JobRunner
 from dataward.training.sources import WardData
 
@@ -69,7 +71,7 @@ def run_job_in_worker(job: TrainJob, device: str, progress=None) -> list[dict]:
         ward.close()
 
 
-class Ward:
+class Ward(WardChanges):
     """A protected model family on disk. Open with :meth:`Ward.open`, make with :meth:`Ward.create`."""
 
     def __init__(self, path: Path, config: WardConfig, ledger: Ledger, worker: bool = False, hooks: WardHooks | None = None):
@@ -77,7 +79,7 @@ class Ward:
         self.ledger = ledger
         self.hooks = hooks or WardHooks()
         self.scheduler = make_training_scheduler(config.num_train_timesteps, config.beta_schedule)
-        self.cache = ModelCache(path, lambda kind: KINDS[kind].model_class)
+        self.cache = ModelCache(path, self._load)
         self.config = config
         if not worker:
             delete_quarantined(path, ledger, self.cache)
@@ -118,12 +120,23 @@ class Ward:
         router_train: TrainConfig | None = None,
         guard_settings: GuardConfig | None = None,
         numerics: Numerics = "portable",
+        base: str | None = None,
+        adapter: str = "full",
+        public_train: TrainConfig | None = None,
     ) -> "Ward":
-        """Make a new ward from a data source (spec string or Dataset). Nothing is left behind on error."""
+        """Make a new ward from a data source (spec string or Dataset). Nothing is left behind on error.
+
+        ``base`` (see :mod:`dataward.base`): a public data spec (``printed:count=3000``: ``train`` pretrains a public
+        denoiser on it first), a diffusers ``UNet2DModel`` folder (copied in), or None (compartments from random weights);
+        ``adapter``: what each compartment fine-tunes on the base, ``full`` or ``lora:RANK``; ``public_train``: the budget of
+        a public base (default 40 epochs)."""
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise DatawardError(f"{path} already exists and is not empty: choose a new ward folder")
-        check_layout(compartments, slices, by, numerics)
+        check_layout(compartments, slices, by, numerics, adapter)
+        imported = base is not None and is_folder(base)
+        if base is not None and not imported:
+            load_source(base)  # fails early on bad public data
         dataset = load_source(data) if isinstance(data, str) else data
         spec = data if isinstance(data, str) else "dataset"
         channels = channels or dataset.shape[0]
@@ -132,6 +145,8 @@ class Ward:
             num_classes=dataset.num_classes if dataset.labels is not None else None, seed=seed, slices=slices, by=by,
             compartments=compartments, weights=weights, router=router, guard=guard, guard_settings=guard_settings or GuardConfig(),
             numerics=numerics, train=train or TrainConfig(), router_train=router_train or WardConfig.__dataclass_fields__["router_train"].default_factory(),
+            base=None if base is None else "imported" if imported else "public", public=None if base is None or imported else base, adapter=adapter,
+            public_train=public_train or WardConfig.__dataclass_fields__["public_train"].default_factory(),
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -140,6 +155,8 @@ class Ward:
             ledger = Ledger(staging / "ledger.sqlite", create=True)
             ward = cls(staging, config, ledger)
             ward._denoiser_probe()  # fails early on a bad preset or size
+            if imported:
+                import_base(staging, config, ledger, Path(base))
             config.save(staging)
             insert_samples(ledger, config, dataset.resized(image_size, channels), spec, new_compartments=compartments)
             ledger.close()
@@ -267,6 +284,22 @@ class Ward:
             self.hooks.on_load(record)
         return self.cache.get(record)
 
+    def _load(self, record: ModelRecord, folder: Path) -> torch.nn.Module:
+        """A checkpoint folder's model: its kind's diffusers class, or (a LoRA compartment) the base with its adapter merged."""
+        if "lora_rank" not in record.metadata:
+            return KINDS[record.kind].model_class.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
+        base = self.planner.base()
+        if base is None or base.metadata["weights_sha256"] != record.metadata["base_sha256"]:
+            raise DatawardError(f"the adapter in {folder} was trained on another base than this ward's: run `dataward train {self.path}`")
+        return load_merged(self.model(base), folder, record.metadata["lora_rank"])
+
+    def soup(self, records: list[ModelRecord], shares: list[float]) -> torch.nn.Module:
+        """One model averaging the given served models' weights by ``shares`` (``--weights soup``), made once per set."""
+        if self.config.base is None:
+            raise DatawardError("soup averages compartments fine-tuned from one base, and this ward has none (its compartments "
+                                "trained from random weights, so their average is noise): sample with --weights density or router")
+        return self.cache.derived(tuple(r.id for r in records), lambda: average_models([self.model(r) for r in records], shares))
+
     def drop_unready_models(self) -> None:
         """Drop cached models that are no longer ready in the ledger (quarantined, deleted or retired)."""
         self.cache.drop_unready(self.ledger)
@@ -335,57 +368,6 @@ class Ward:
         All models by default; with ``compartments``, those compartments' models and every joint model (the router).
         """
         return forgetting_certificate(self.planner, self.runner, device, progress, compartments)
-
-    # changing what the ward trains ------------------------------------------------------------------------------------
-    def pretrain(self, public: str, train: TrainConfig | None = None, device: str = "cpu", progress=None, latent: bool = False,
-                 autoencoder: AutoencoderConfig | None = None, autoencoder_data: str | None = None) -> dict:
-        """Pretrain the public models on public data (``dataward pretrain``): the denoiser that DP fine-tuning starts from,
-        in pixel space or (``latent``) in the latent space of a public autoencoder trained first on ``autoencoder_data``
-        (DP-LDM). Switching between pixel and latent space makes every compartment model out of date: ``train`` retrains them."""
-        autoencoder = replace(autoencoder or self.config.autoencoder, image_size=self.config.image_size, channels=self.config.channels)
-        self.config = replace(self.config, public=public, public_train=train or self.config.public_train, latent=latent,
-                              autoencoder=autoencoder, autoencoder_data=autoencoder_data or self.config.autoencoder_data)
-        self.data.public_data()  # fails early on bad public data
-        if latent:
-            build_autoencoder(autoencoder, 0)  # fails early on an image size the autoencoder cannot take
-            try:
-                self._denoiser_probe()  # ... or a latent size the denoiser preset cannot take
-            except DatawardError as error:
-                shape = "x".join(map(str, self.model_shape()))
-                raise DatawardError(f"the {shape} latents are too small for the {self.config.model!r} preset ({error}): "
-                                    f"use a smaller preset or larger images") from None
-            self.data.autoencoder_data()
-        self.config.save(self.path)
-        return self.train(device=device, progress=progress, only=PUBLIC_KINDS)
-
-    def enable_dp(self, dp: DPConfig, compartments: list[int] | None = None, train: bool = True, device: str = "cpu", progress=None) -> dict:
-        """Train the compartments' denoisers with DP-SGD (``dataward train --dp``): validated before anything is written."""
-        known = self.compartments()
-        chosen = known if compartments is None else sorted(set(compartments))
-        unknown = [c for c in chosen if c not in known]
-        if unknown:
-            raise DatawardError(f"unknown compartment(s) {unknown}: this ward has {known}")
-        probe = self._denoiser_probe()
-        for c in chosen:
-            plan_dp(dp, self.ledger.counts()[c]["samples"], probe)  # ε, δ, clip, budget, layers: errors before training
-        self.reconfigure(dp=dp, dp_compartments=None if compartments is None else tuple(chosen))
-        return self.train(device=device, progress=progress) if train else {}
-
-    def enable_guards(self, settings: GuardConfig | None = None, train: bool = True, device: str = "cpu", progress=None) -> dict:
-        """Turn on CPSample guards for every compartment (``dataward guard``) and train them."""
-        self.reconfigure(guard=True, guard_settings=settings or self.config.guard_settings)
-        return self.train(device=device, progress=progress) if train else {}
-
-    def add(self, data: str | Dataset, train: bool = True, device: str = "cpu", progress=None) -> dict:
-        """Add new data as new compartment(s) (continual learning); existing compartments' models are untouched."""
-        dataset = load_source(data) if isinstance(data, str) else data
-        spec = data if isinstance(data, str) else "dataset"
-        check_new_data(self.config, dataset)
-        new = insert_samples(self.ledger, self.config, dataset.resized(self.config.image_size, self.config.channels), spec, new_compartments=1)
-        out = {"compartments": new, "samples": len(dataset)}
-        if train:
-            out |= self.train(device=device, progress=progress)
-        return out
 
     # reports ------------------------------------------------------------------------------------------------------
     def privacy(self) -> dict | None:

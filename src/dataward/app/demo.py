@@ -21,8 +21,8 @@ from dataward.ward import Ward
 
 
 def run_demo(out_dir: Path, quick: bool = False, console: Console | None = None) -> dict:
-    """The product end to end: a K=4 guarded ward on digits; train; sample; a key for {0, 1}; forget 5 IDs and certify;
-    DP fine-tuning of one compartment after public pretraining; audit and report.html. Returns the key figures."""
+    """The product end to end: a K=4 guarded ward on digits fine-tuned from a public base; train; sample; a key for {0, 1};
+    forget 5 IDs and certify; DP fine-tuning of one compartment from the base; audit and report.html. Returns the key figures."""
     out_dir = Path(out_dir)
     ward_dir = out_dir / "ward"
     if ward_dir.exists():
@@ -63,20 +63,21 @@ class _Run:
 
 
 def _create(run: _Run, ward_dir: Path) -> Ward:
-    run.step("1. create a ward on digits: 4 compartments x 2 slices, with CPSample guards")
+    run.step("1. create a ward on digits: a public base (printed digits), 4 compartments x 2 slices fine-tuned from it, CPSample guards")
     budget = TrainConfig(epochs=16.0 if run.quick else 40.0, batch_size=64)
     # a guard must memorise ~370 random bits before it is ever confident (> 1 − α): ~100 epochs on t < 300 does that
     # here; --quick cannot afford it, so its guards are placeholders that rarely or never steer (the demo says so)
     guards = GuardConfig(epochs=10.0, batch_size=64) if run.quick else GuardConfig(epochs=100.0, batch_size=64, max_timestep=300)
-    ward = Ward.create(ward_dir, "digits", compartments=4, slices=2, train=budget, router=False, guard=True, guard_settings=guards)
+    ward = Ward.create(ward_dir, "digits", compartments=4, slices=2, train=budget, router=False, guard=True, guard_settings=guards,
+                       base="printed:count=1000" if run.quick else "printed:count=3000", public_train=TrainConfig(epochs=10.0 if run.quick else 40.0))
     status = ward.status()
     run.console.print(f"{status['samples']} samples: " + ", ".join(f"compartment {c['id']}: {c['samples']}" for c in status["compartments"]))
-    run.done("create", f"{status['samples']} digits in 4 compartments x 2 slices", str(ward_dir))
+    run.done("create", f"{status['samples']} digits in 4 compartments x 2 slices; base: {ward.config.public}", str(ward_dir))
     return ward
 
 
 def _train(run: _Run, ward: Ward) -> None:
-    run.step("2. train each compartment (denoiser + guard) in isolation")
+    run.step("2. train the public base, then each compartment (denoiser fine-tuned from the base + guard) in isolation")
     t0 = time.time()
     with progress_bar() as progress:
         ward.train(progress=progress)
@@ -85,7 +86,7 @@ def _train(run: _Run, ward: Ward) -> None:
     for c, by_t in accuracy.items():
         run.console.print(f"guard {c} accuracy on its random bits by t: " + ", ".join(f"t={t}: {a:.2f}" for t, a in by_t.items()))
     run.figures["guard_accuracy_t0"] = round(sum(a["0"] for a in accuracy.values()) / len(accuracy), 3)
-    run.done("train", f"4 denoisers + 4 guards (guard accuracy at t=0: {run.figures['guard_accuracy_t0']:.2f})",
+    run.done("train", f"base + 4 denoisers + 4 guards (guard accuracy at t=0: {run.figures['guard_accuracy_t0']:.2f})",
              "models/ (one diffusers folder per model and slice)")
 
 
@@ -137,9 +138,8 @@ def _forget(run: _Run, ward: Ward) -> tuple[list[str], dict]:
 
 
 def _dp_finetune(run: _Run, ward: Ward) -> None:
-    run.step("6. DP fine-tuning of compartment 3 at ε = 10 after public pretraining on printed digits (DP-LDM)")
+    run.step("6. DP fine-tuning of compartment 3 at ε = 10 from the public base (DP-LDM)")
     with progress_bar() as progress:
-        ward.pretrain("printed:count=1000" if run.quick else "printed:count=1500", TrainConfig(epochs=10.0 if run.quick else 15.0, batch_size=128), progress=progress)
         ward.enable_dp(DPConfig(epsilon=10.0, batch=128, epochs=5 if run.quick else 10), compartments=[3], progress=progress)
     privacy = ward.privacy()["compartments"]["3"]
     run.figures["dp_epsilon"] = round(privacy["epsilon"], 3)

@@ -24,7 +24,7 @@ import torch
 
 from dataward.diffusion.sampling import Denoiser
 
-WeightsName = Literal["router", "density"]
+WeightsName = Literal["router", "density", "soup"]  # soup: one averaged model, not a mixture (dataward.base.average_state)
 # router(x_t, t) -> logits (N, K_all) over every compartment the router was trained on
 Router = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -3,7 +3,8 @@
 One folder per trained stage::
 
     models/<kind>-c<compartment|all>-s<stage>-<8 hex>/
-        config.json + diffusion_pytorch_model.safetensors   the EMA weights (diffusers ``save_pretrained``)
+        config.json + diffusion_pytorch_model.safetensors   the EMA weights (diffusers ``save_pretrained``), or
+        adapter_config.json + adapter_model.safetensors      a compartment's LoRA adapter on the ward's base
         train_state.safetensors                              raw weights, EMA, Adam: training resumes exactly
         dataward.json                                        metadata (also in the ledger)
 
@@ -29,6 +30,7 @@ from dataward.store.ledger import Ledger, ModelRecord
 from dataward.training.loop import TrainState
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA adapter's tensors (dataward.models.adapters): served as base + adapter
 STATE_FILE = "train_state.safetensors"
 META_FILE = "dataward.json"
 MODELS_DIR = "models"
@@ -57,20 +59,25 @@ def write_checkpoint(out_root: Path, prefix: str, model: torch.nn.Module, state:
     tmp = out_root / f".tmp-{name}"
     model.save_pretrained(str(tmp), safe_serialization=True)
     state.save(tmp / STATE_FILE)
-    meta = metadata(weights_hash(tmp / WEIGHTS_FILE))
+    meta = metadata(weights_hash(served_file(tmp)))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     os.replace(tmp, out_root / name)
     return name, meta
 
 
+def served_file(folder: Path) -> Path:
+    """The file of a checkpoint folder that the ledger's hash covers: the adapter of a LoRA compartment, else the weights."""
+    return folder / ADAPTER_FILE if (folder / ADAPTER_FILE).is_file() else folder / WEIGHTS_FILE
+
+
 def has_weights(folder: Path) -> bool:
-    """Whether a checkpoint folder holds its weights file."""
-    return (folder / WEIGHTS_FILE).is_file()
+    """Whether a checkpoint folder holds its weights (or adapter) file."""
+    return served_file(folder).is_file()
 
 
 def checkpoint_hash(folder: Path) -> str:
-    """:func:`weights_hash` of a checkpoint folder's served weights."""
-    return weights_hash(folder / WEIGHTS_FILE)
+    """:func:`weights_hash` of a checkpoint folder's served weights (or adapter)."""
+    return weights_hash(served_file(folder))
 
 
 def state_file(folder: Path) -> Path:
@@ -79,12 +86,13 @@ def state_file(folder: Path) -> Path:
 
 
 class ModelCache:
-    """The models of a ward's ledger records, each loaded once (eval mode) with the class its kind names."""
+    """The models of a ward's ledger records, each loaded once (eval mode) by ``load(record, folder)``."""
 
-    def __init__(self, ward: Path, model_class: Callable[[str], type]):
+    def __init__(self, ward: Path, load: Callable[[ModelRecord, Path], torch.nn.Module]):
         self.ward = ward
-        self.model_class = model_class  # kind -> a diffusers ModelMixin class (from_pretrained with safetensors)
+        self.load = load  # (record, its folder) -> the model (diffusers from_pretrained with safetensors, or base + adapter)
         self.models: dict[int, torch.nn.Module] = {}
+        self.derived_models: dict[tuple[int, ...], torch.nn.Module] = {}  # models made from loaded ones (soups), by their IDs
 
     def get(self, record: ModelRecord) -> torch.nn.Module:
         """The model of ``record``, loaded on first use after checking its weights against the hash the ledger recorded."""
@@ -92,7 +100,7 @@ class ModelCache:
             folder = self.ward / record.path
             try:
                 found = checkpoint_hash(folder)
-                model = self.model_class(record.kind).from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
+                model = self.load(record, folder)
             except (OSError, ValueError, RuntimeError, SafetensorError) as error:
                 raise DatawardError(f"cannot load model {record.kind} from {folder}: {error}") from None
             recorded = record.metadata.get("weights_sha256")
@@ -104,15 +112,24 @@ class ModelCache:
             self.models[record.id] = model.eval()
         return self.models[record.id]
 
+    def derived(self, model_ids: tuple[int, ...], make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """A model made from the models of ``model_ids`` (e.g. their soup): made once, dropped with any of them."""
+        if model_ids not in self.derived_models:
+            self.derived_models[model_ids] = make()
+        return self.derived_models[model_ids]
+
     def drop(self, model_ids: list[int]) -> None:
-        """Forget the loaded models of ``model_ids`` (those not loaded are ignored)."""
+        """Forget the loaded models of ``model_ids`` and every model derived from them (those not loaded are ignored)."""
         for model_id in model_ids:
             self.models.pop(model_id, None)
+        for key in [k for k in self.derived_models if set(k) & set(model_ids)]:
+            del self.derived_models[key]
 
     def drop_unready(self, ledger: Ledger) -> None:
         """Forget the loaded models that are no longer ready in ``ledger`` (quarantined, deleted or retired)."""
-        ready = ledger.ready_models(list(self.models))
-        self.drop([m for m in self.models if m not in ready])
+        loaded = set(self.models) | {m for key in self.derived_models for m in key}
+        ready = ledger.ready_models(list(loaded))
+        self.drop([m for m in loaded if m not in ready])
 
 
 def delete_quarantined(ward: Path, ledger: Ledger, cache: ModelCache) -> None:

@@ -94,7 +94,8 @@ class TrainState:
 
     @classmethod
     def fresh(cls, model: torch.nn.Module, config: TrainConfig, trainable: Callable[[str], bool] | None = None) -> "TrainState":
-        """A new state; ``trainable(name)`` picks the parameters Adam updates (all by default)."""
+        """A new state; ``trainable(name)`` picks the parameters Adam updates (all by default; a model built with some
+        parameters frozen, e.g. an adapter on a base, keeps its own choice when ``trainable`` is None)."""
         if trainable is not None:
             for name, p in model.named_parameters():
                 p.requires_grad_(trainable(name))
@@ -102,14 +103,17 @@ class TrainState:
         if not params:
             raise DatawardError("no trainable parameters were selected")
         optimizer = torch.optim.Adam(params, lr=config.lr, foreach=False)
-        ema = EMAModel(model.parameters(), decay=config.ema_decay, foreach=False)
+        ema = EMAModel(params, decay=config.ema_decay, foreach=False)
         return cls(model, ema, optimizer, 0)
 
+    def trained_names(self) -> list[str]:
+        """The names of the parameters training changes (Adam and the EMA hold exactly these, in this order)."""
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA weights under the model's parameter names, plus buffers (what sampling uses)."""
-        names = [n for n, _ in self.model.named_parameters()]
+        """The EMA weights under the model's parameter names, plus the frozen parameters and buffers (what sampling uses)."""
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        for name, shadow in zip(names, self.ema.shadow_params):
+        for name, shadow in zip(self.trained_names(), self.ema.shadow_params):
             state[name] = shadow.detach().clone()
         return state
 
@@ -120,8 +124,10 @@ class TrainState:
         return model.eval()
 
     def save(self, path: Path) -> None:
-        """Write raw weights, EMA shadow and Adam state to one safetensors file (no pickle)."""
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        """Write raw weights (all but frozen parameters: those come from the model the training started from), EMA shadow
+        and Adam state to one safetensors file (no pickle)."""
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items() if k not in frozen}
         for i, shadow in enumerate(self.ema.shadow_params):
             tensors[f"ema.{i}"] = shadow.detach().contiguous()
         opt = self.optimizer.state_dict()
@@ -138,7 +144,11 @@ class TrainState:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata()
         tensors = load_file(str(path))
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        if set(weights) | frozen != set(self.model.state_dict()):
+            raise DatawardError(f"{path} does not hold the training state of this model (its tensors do not match the model's)")
+        self.model.load_state_dict(weights, strict=False)
         for i, shadow in enumerate(self.ema.shadow_params):
             shadow.copy_(tensors[f"ema.{i}"])
         self.ema.optimization_step = int(meta["ema_step"])
@@ -239,7 +249,7 @@ def train_batches(
         loss = stepper.backward(per_sample_loss, batch, generator)
         if not stepper.step():
             continue  # a physical batch inside a logical one (DP-SGD): no step yet
-        state.ema.step(state.model.parameters())
+        state.ema.step([p for p in state.model.parameters() if p.requires_grad])
         state.step += 1
         if on_step is not None:
             on_step(loss.item())

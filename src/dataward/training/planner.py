@@ -22,6 +22,7 @@ from dataward.training.loop import TrainConfig
 from dataward.training.sources import WardData
 
 DP_VARIANT_PREFIX = "dp-"  # variant of DP fine-tuning (one phase, no slices, from the public model)
+BASE_VARIANT_PREFIX = "base-"  # variant of denoisers fine-tuned from the ward's base: names the base (and the adapter)
 LATENT_VARIANT_PREFIX = "latent-"  # variant of models on latents: names the autoencoder whose latents they saw
 
 
@@ -34,7 +35,8 @@ class Lineage:
     stage_ids: tuple[tuple[str, ...], ...]  # sorted IDs each stage trains on (cumulative slices)
     config: TrainConfig
     # the recipe a checkpoint must carry to be current (saved in its metadata): "" for pixel space,
-    # "latent-<autoencoder hash>", or "dp-<hash of DP config, public model, autoencoder>"
+    # "latent-<autoencoder hash>", "dp-<hash of DP config, public model, autoencoder>", and for a denoiser fine-tuned
+    # from the ward's base "base-<base hash>[-lora<rank>]" (after the latent tag and a "+")
     variant: str = ""
     dp: bool = False  # DP-SGD fine-tuning: one phase over the whole compartment (accounted as one run)
 
@@ -71,7 +73,7 @@ class Planner:
     def lineages(self) -> list[Lineage]:
         """Every model the ward should hold, with the IDs each stage trains on."""
         cfg, out = self.config, []
-        if cfg.public is not None:
+        if cfg.public is not None and cfg.base != "imported":
             if cfg.latent:
                 out.append(Lineage("autoencoder", None, (tuple(sorted(self.data.autoencoder_data().ids)),),
                                    cfg.autoencoder.train_config(cfg.public_train.threads)))
@@ -96,11 +98,27 @@ class Planner:
         """The variant a model of this kind must carry to be current (see :class:`Lineage`)."""
         if kind == "denoiser" and compartment is not None and self.config.is_dp(compartment):
             return self._dp_variant()
-        return self._latent_tag() if KINDS[kind].latent_space else ""
+        tags = [self._latent_tag() if KINDS[kind].latent_space else ""]
+        if kind == "denoiser" and self.config.base is not None:
+            base, rank = self.base(), self.config.lora_rank()
+            tags.append(BASE_VARIANT_PREFIX + (base.metadata["weights_sha256"][:16] if base else "untrained") + ("" if rank is None else f"-lora{rank}"))
+        return "+".join(tag for tag in tags if tag)
+
+    def base(self) -> ModelRecord | None:
+        """The served public denoiser: the base every compartment's denoiser starts from (when the ward has one) and the
+        model DP fine-tuning starts from."""
+        return self.served("public-denoiser").get(None)
+
+    def start_model(self, lineage: Lineage) -> ModelRecord | None:
+        """The model a lineage's training starts from (None: fresh random weights): the base for a compartment's
+        denoiser in a ward with a base, the public denoiser (if any) for DP fine-tuning."""
+        if lineage.kind != "denoiser" or (self.config.base is None and not lineage.dp):
+            return None
+        return self.base()
 
     def _dp_variant(self) -> str:
         """Names the DP recipe: the DP config, the public model it starts from and the latent space (changing any retrains)."""
-        public = self.served("public-denoiser").get(None)
+        public = self.base()
         basis = json.dumps(asdict(self.config.dp), sort_keys=True) + (public.metadata["weights_sha256"] if public else "scratch") + self._latent_tag()
         return DP_VARIANT_PREFIX + hashlib.sha256(basis.encode()).hexdigest()[:16]
 

@@ -18,19 +18,20 @@ from typing import Callable, Literal, Mapping, Sequence
 import torch
 
 from dataward.errors import DatawardError
+from dataward.models.adapters import is_adapter_name
 
-Trainable = Literal["attention", "embedding", "full"]
+Trainable = Literal["attention", "embedding", "full", "lora"]
 AccountantName = Literal["prv", "rdp"]
 GradSampleMode = Literal["hooks", "functorch"]
 
-TRAINABLE_CHOICES = ("attention", "embedding", "full")
+TRAINABLE_CHOICES = ("attention", "embedding", "full", "lora")
 ACCOUNTANT_CHOICES = ("prv", "rdp")
 GRAD_SAMPLE_CHOICES = ("hooks", "functorch")
 # Adam learning rates of DP-SGD by trainable set, from the sweep in BENCHMARKS.md ("Private fine-tuning"): the few
 # attention parameters want large steps (at 2e-3 the noise drowns them: CAS 0.65 vs 0.80 at 1e-2), while 1e-2 on the
 # whole model is ruinous (0.46 vs 0.76 at 2e-3); the class embedding alone (1,280 numbers) wants 1e-1 (ε = 1: CAS 0.76;
 # 0.64 at 1e-2, 0.72 at 4e-1).
-DP_LEARNING_RATES = {"attention": 1e-2, "embedding": 1e-1, "full": 2e-3}
+DP_LEARNING_RATES = {"attention": 1e-2, "embedding": 1e-1, "full": 2e-3, "lora": 1e-2}
 DELTA_DEFAULT_FACTOR = 10  # default delta = 1 / (DELTA_DEFAULT_FACTOR * N)
 CLIP_CALIBRATION_EXAMPLES = 128  # public examples whose median gradient norm is the default clipping norm
 CLIP_WITHOUT_PUBLIC_DATA = 1.0  # the default clipping norm when there is no public data to calibrate on
@@ -52,7 +53,8 @@ class DPConfig:
     batch: int = 256  # expected logical batch under Poisson sampling; q = 1 / ceil(N / batch) (opacus's convention)
     epochs: int = 50  # passes; one pass = ceil(N / batch) logical steps, so steps = epochs * ceil(N / batch)
     trainable: Trainable = "attention"  # attention: the DP-LDM recipe (attention modules + class embedding); embedding: the
-    # class embedding only (the least noise: best on small private sets and at small ε); full: all
+    # class embedding only (the least noise: best on small private sets and at small ε); full: all; lora: the compartment's
+    # adapter on the ward's base (a ward with adapter="lora:RANK" trains this and only this)
     lr: float | None = None  # Adam learning rate; None: DP_LEARNING_RATES[trainable] (attention 1e-2, embedding 1e-1, full 2e-3)
     accountant: AccountantName = "prv"  # prv (Gopi et al. 2021, tight) or rdp (Mironov 2017, looser upper bound)
     max_physical_batch: int = 128  # logical batches are split into physical ones of at most this size (BatchMemoryManager)
@@ -109,6 +111,8 @@ def trainable_filter(trainable: Trainable) -> Callable[[str], bool]:
         return trainable_embedding
     if trainable == "full":
         return lambda name: True
+    if trainable == "lora":
+        return is_adapter_name
     raise DatawardError(f"trainable must be one of {', '.join(TRAINABLE_CHOICES)}, got {trainable!r}")
 
 

@@ -8,6 +8,7 @@ count and kernels from its config (:func:`configure_torch`).
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,7 @@ from dataward.config import WardConfig
 from dataward.data import Dataset, ids_hash
 from dataward.diffusion.latent import LatentCodec
 from dataward.errors import DatawardError
+from dataward.models.adapters import AdapterCheckpoint, add_lora
 from dataward.models.kinds import KINDS, KindContext
 from dataward.models.nets import derive_seed
 from dataward.progress import progress_task
@@ -113,37 +115,50 @@ class JobRunner:
         return results
 
     def _build(self, lineage: Lineage) -> torch.nn.Module:
+        """A lineage's model before its first step: a copy of the model it starts from (the ward's base), or fresh weights."""
+        start = self.planner.start_model(lineage)
+        rank = self.config.lora_rank()
+        if start is not None and rank is not None:
+            return add_lora(self.load(start), rank, derive_seed(self.config.seed, lineage.kind, lineage.compartment, "lora")).train()
+        if start is not None:
+            return copy.deepcopy(self.load(start)).train()
         return KINDS[lineage.kind].build(self.context, derive_seed(self.config.seed, lineage.kind, lineage.compartment, "init"))
 
     def _run_dp(self, lineage: Lineage, device: str, progress, out_root: Path) -> dict:
         """DP-SGD fine-tuning of one compartment's denoiser from the public model (DP-LDM), or from scratch (DPDM-style)."""
         data = self.stage_data(lineage, 0)
         model = self._build(lineage)
-        public = self.planner.served("public-denoiser").get(None)
-        if public is not None:
-            model.load_state_dict(self.load(public).state_dict())
+        public = self.planner.start_model(lineage)
         dp = self.config.dp
         plan = plan_dp(dp, len(data), model)
         update = progress_task(progress, f"DP fine-tune {lineage.compartment}", plan.steps)
         state, record = dp_finetune(
             model.to(device), data, dp, lineage.config, seed=derive_seed(self.config.seed, "dp", lineage.compartment), scheduler=self.context.scheduler,
-            calibration=None if public is None else self.model_data(self.data.public_data()),
+            calibration=None if public is None or self.config.public is None else self.model_data(self.data.public_data()),
             device=device, on_step=lambda value: update(1, description=f"DP fine-tune {lineage.compartment} (ε={dp.epsilon})"),
             public=self.config.public,
         )
         return self._save_stage(lineage, 0, lineage.stage_ids[0], state, out_root, {"privacy": record.to_dict(check_accountant=other_accountant(dp.accountant))})
 
+    def _start_metadata(self, lineage: Lineage) -> dict:
+        """What a checkpoint records of the model its lineage started from: the base's hash and the adapter's rank."""
+        start = self.planner.start_model(lineage)
+        if start is None:
+            return {}
+        return {"base_sha256": start.metadata["weights_sha256"]} | ({} if self.config.lora_rank() is None else {"lora_rank": self.config.lora_rank()})
+
     def _save_stage(self, lineage: Lineage, stage: int, ids: tuple[str, ...], state: TrainState, out_root: Path, extra: dict) -> dict:
         """Write one stage's checkpoint folder (its EMA weights, training state and metadata)."""
-        model = self._build(lineage)
-        model.load_state_dict(state.ema_state_dict())
+        model = state.ema_model()
+        if self.planner.start_model(lineage) is not None and self.config.lora_rank() is not None:
+            model = AdapterCheckpoint(model, self.config.lora_rank())  # the adapter alone: the base is stored once
 
         def metadata(weights_sha256: str) -> dict:
             return {
                 "kind": lineage.kind, "compartment": lineage.compartment, "stage": stage, "ids_hash": ids_hash(ids),
                 "num_ids": len(ids), "seed": self.config.seed, "steps": state.step, "train": asdict(lineage.config),
                 "dataward_version": dataward.__version__, "weights_sha256": weights_sha256, "numerics": numerics.fingerprint(),
-            } | KINDS[lineage.kind].structure(self.context) | {"variant": lineage.variant} | extra
+            } | self._start_metadata(lineage) | KINDS[lineage.kind].structure(self.context) | {"variant": lineage.variant} | extra
 
         folder, meta = write_checkpoint(out_root, folder_prefix(lineage.kind, lineage.compartment) + str(stage), model, state, metadata)
         return {"stage": stage, "folder": folder, "ids": list(ids), "metadata": meta}

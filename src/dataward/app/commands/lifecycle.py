@@ -25,7 +25,9 @@ def init(
     compartments: int = typer.Option(1, "--compartments", "-k", help="Number of compartments K."),
     by: str = typer.Option("random", help="Assign samples to compartments by: random | label | source."),
     slices: int = typer.Option(1, help="SISA slices per compartment (forgetting retrains from the slice that held the ID)."),
-    weights: str = typer.Option("density", help="Default composition weights: density (compartment-pure) | router."),
+    weights: str = typer.Option("density", help="Default composition weights: density (compartment-pure mixture) | router | soup (one averaged model)."),
+    base: str = typer.Option("auto", help="Where every compartment starts: auto (printed digits for digits data, else none) | a public data spec to pretrain on, e.g. printed:count=3000 | a diffusers UNet2DModel folder | none."),
+    adapter: str = typer.Option("full", help="What each compartment trains on the base: full (every weight) | lora:RANK (low-rank adapters, e.g. lora:8)."),
     router: bool = typer.Option(True, help="Train the joint router when K > 1."),
     guard: bool = typer.Option(False, "--guard", help="Train a CPSample guard per compartment."),
     epochs: float = typer.Option(200.0, help="Training budget: epochs over each compartment's data."),
@@ -34,15 +36,16 @@ def init(
     numerics: str = typer.Option("portable", help="CPU kernels: portable (the same bytes on every AVX2 machine) | native (fastest; bytes tied to this CPU)."),
 ) -> None:
     """Create a ward from a data source."""
+    from dataward.base import base_summary, choose_base
     from dataward.training.loop import TrainConfig
     from dataward.ward import Ward
 
     w = Ward.create(ward, data, compartments=compartments, by=by, slices=slices, model=model, seed=seed, image_size=image_size,
                     weights=weights, router=router, guard=guard, train=TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size),
-                    numerics=numerics)
+                    numerics=numerics, base=choose_base(base, data), adapter=adapter)
     status = w.status()
-    out.print(f"created ward [bold]{ward}[/bold]: {status['samples']} samples in {len(status['compartments'])} compartment(s), "
-              f"{slices} slice(s) each. Next: dataward train {ward}")
+    out.print(f"created ward [bold]{escape(str(ward))}[/bold]: {status['samples']} samples in {len(status['compartments'])} compartment(s), "
+              f"{slices} slice(s) each; {escape(base_summary(w.config))}. Next: dataward train {escape(str(ward))}")
 
 
 def train(
@@ -59,7 +62,7 @@ def train(
     clip: Optional[float] = typer.Option(None, "--clip", help="DP: per-sample gradient clipping norm C (default: the median per-example gradient norm on the public data; 1.0 without public pretraining)."),
     batch: int = typer.Option(256, "--batch", help="DP: expected logical batch (Poisson sampling)."),
     epochs: int = typer.Option(50, "--epochs", help="DP: passes over each compartment's data."),
-    trainable: str = typer.Option("attention", "--trainable", help="DP: attention (DP-LDM: attention modules + class embedding) | embedding (class embedding only: best at small ε or N) | full."),
+    trainable: Optional[str] = typer.Option(None, "--trainable", help="DP: attention (DP-LDM: attention modules + class embedding; the default) | embedding (class embedding only: best at small ε or N) | full | lora (the compartment's adapter: the default and only choice in a ward with --adapter lora:RANK)."),
     accountant: str = typer.Option("prv", "--accountant", help="DP: prv | rdp."),
     dp_lr: Optional[float] = typer.Option(None, "--lr", help="DP: Adam learning rate (default: 1e-2 with --trainable attention, 1e-1 with embedding, 2e-3 with full)."),
     noise_multiplicity: int = typer.Option(1, "--noise-multiplicity", help="DP: K draws of (t, noise) per example and step, averaged before clipping (DPDM): same ε, better quality, K x compute."),
@@ -76,7 +79,7 @@ def train(
         if dp:
             from dataward.training.privacy import DPConfig
 
-            config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=batch, epochs=epochs, trainable=trainable, accountant=accountant,
+            config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=batch, epochs=epochs, trainable=trainable or ("lora" if w.config.lora_rank() else "attention"), accountant=accountant,
                                lr=dp_lr, noise_multiplicity=noise_multiplicity)
             w.enable_dp(config, parse_ids(dp_compartments), train=False)
         result = w.train(device=device, progress=progress, executor=executor, **options)
@@ -96,9 +99,10 @@ def pretrain(
     latent: bool = typer.Option(False, "--latent", help="Latent diffusion: train a public autoencoder first; every model of the ward then works on its latents."),
     autoencoder_steps: Optional[int] = typer.Option(None, "--autoencoder-steps", help="With --latent: autoencoder training steps."),
     autoencoder_data: Optional[str] = typer.Option(None, "--autoencoder-data", help="With --latent: public data of the autoencoder (default strokes:count=10000)."),
+    as_base: bool = typer.Option(False, "--as-base", help="Make the public denoiser the base every compartment fine-tunes from (a ward made with a base has it already)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
-    """Pretrain the public models on public data: a denoiser (and with --latent an autoencoder); `train --dp` fine-tunes from them (DP-LDM)."""
+    """Pretrain the public models on public data: a denoiser (and with --latent an autoencoder); compartments fine-tune from it (the base) and `train --dp` too (DP-LDM)."""
     from dataclasses import replace
 
     from dataward.training.loop import TrainConfig
@@ -112,7 +116,8 @@ def pretrain(
     budget = TrainConfig(steps=steps) if steps is not None else None
     autoencoder = None if autoencoder_steps is None else replace(w.config.autoencoder, steps=autoencoder_steps)
     with progress_bar() as progress:
-        result = w.pretrain(public, budget, device=device, progress=progress, latent=latent, autoencoder=autoencoder, autoencoder_data=autoencoder_data)
+        result = w.pretrain(public, budget, device=device, progress=progress, latent=latent, autoencoder=autoencoder, autoencoder_data=autoencoder_data,
+                            as_base=as_base)
     models = "the public autoencoder and latent denoiser" if latent else "the public denoiser"
     out.print(f"pretrained {models} on {public} in {result['seconds']:.1f} s (recorded in the ledger as public)")
     if latent:

@@ -15,6 +15,10 @@ from dataward.app.commands.common import open_ward, parse_ids
 from dataward.app.terminal import console, out, progress_bar
 
 
+def _megabytes(size: int | None) -> str:
+    return "?" if size is None else f"{size / 1e6:.1f} MB"
+
+
 def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show the ward's compartments, models, forget requests and privacy (read-only: safe while training runs)."""
     from dataward.ward import Ward
@@ -34,12 +38,18 @@ def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: b
     for c in s["compartments"]:
         model = c.get("model")
         row = [str(c["id"]), escape(c["source"]), str(c["samples"]), str(c["forgotten"]), c["serving"],
-               "-" if model is None else f"#{model['id']} stage {model['stage'] + 1}, {model['steps']} steps"]
+               "-" if model is None else f"#{model['id']} stage {model['stage'] + 1}, {model['steps']} steps, {_megabytes(model['bytes'])}"]
         if guards:
             row.append("-" if not c["guard"] else ", ".join(f"{t}: {a:.2f}" for t, a in (c["guard"]["accuracy_by_t"] or {}).items()))
         table.add_row(*row)
     out.print(table)
-    if s["public_model"]:
+    if s["base"]:
+        base = s["base"]
+        source = f"imported from {base['imported_from']}" if base["kind"] == "imported" else f"trained on {base['data']} (public data only)"
+        model = "not trained yet" if base["model"] is None else f"model #{base['model']}"
+        delta = "its fine-tuned weights" if base["adapter"] == "full" else f"a {base['adapter']} adapter"
+        out.print(escape(f"base: {model}, {source}; each compartment stores {delta} (the model column shows each checkpoint's size)"))
+    elif s["public_model"]:
         out.print(f"public denoiser: model #{s['public_model']['id']} trained on {escape(s['public_model']['data'])} (public data only)")
     if s["latent"]:
         ae = s["latent"]["autoencoder"]
@@ -70,7 +80,7 @@ def sample(
     sampler: Optional[str] = typer.Option(None, help="ddim | ddpm (default: ddim; ddpm for density weights)."),
     steps: int = typer.Option(50, help="Sampling steps."),
     allow: Optional[str] = typer.Option(None, help="Compartments to compose, e.g. 0,3 (all by default)."),
-    weights: Optional[str] = typer.Option(None, help="router | density (the ward's default otherwise)."),
+    weights: Optional[str] = typer.Option(None, help="density (a mixture, compartment-pure) | router (a mixture) | soup (one averaged model: fastest) (the ward's default otherwise)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Evaluate only the k heaviest compartments per sample and step."),
     guard: bool = typer.Option(False, "--guard", help="Steer away from training data with each compartment's guard."),
     guard_scale: Optional[float] = typer.Option(None, "--guard-scale", help="Guard guidance scale s."),

@@ -121,7 +121,7 @@ class Service:
         config = ward.config
         return {
             "key": key.name, "admin": key.admin, "compartments": out,
-            "weights": {"default": config.weights if everything or config.weights == "density" else "density",
+            "weights": {"default": config.weights if everything or config.weights != "router" else "density",
                         "router_allowed": everything},
             "guard": config.guard, "image": {"size": config.image_size, "channels": config.channels}, "latent": config.latent,
             "num_classes": config.num_classes,

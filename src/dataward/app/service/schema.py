@@ -47,7 +47,7 @@ class GenerateRequest(BaseModel):
     guard: bool = Field(False, description="Steer away from training data with each compartment's CPSample guard.")
     sampler: Literal["ddpm", "ddim"] | None = Field(None, description="ddpm (needed by density weights) or ddim.")
     steps: int = Field(50, ge=1, description="Sampling steps (at most the server's max_steps).")
-    weights: Literal["router", "density"] | None = Field(None, description="Composition weights; router only for keys reaching every compartment.")
+    weights: Literal["router", "density", "soup"] | None = Field(None, description="Composition weights: density or soup (one averaged model) for any key; router only for keys reaching every compartment.")
     top_k: int | None = Field(None, ge=1, description="Evaluate only the k heaviest compartments per sample and step.")
     format: Literal["png", "npz"] = Field("png", description="png: base64 PNGs; npz: one base64 .npz (images, labels, attribution).")
     grid: bool = Field(False, description="With png: one grid image instead of one PNG per sample.")
