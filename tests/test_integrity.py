@@ -1,8 +1,10 @@
-"""Model files are checked against the ledger's hash before they are used (issue 19, defect 4)."""
+"""Model files are checked against the ledger's hash before they are used (issue 19, defect 4); forgotten images leave
+every file at once (defect 2)."""
 
 import shutil
 
 import pytest
+from conftest import make_ward
 
 from dataward.errors import DatawardError
 from dataward.store.checkpoints import WEIGHTS_FILE
@@ -35,3 +37,95 @@ def test_a_truncated_weights_file_is_a_clear_error(ward_copy):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(DatawardError, match="cannot load model denoiser from"):
         Ward.open(ward_copy.path).sample(2, steps=2, allowed=[2])
+
+
+def test_a_forgotten_image_is_in_no_file_of_the_ward_once_the_forget_returns(tmp_path):
+    """Erasure is physical at acknowledgement (issue 19, defect 2): with another connection open (a running server), no
+    file under the ward (ledger, its write-ahead log, checkpoints) holds the forgotten image's stored bytes."""
+    import numpy as np
+
+    from dataward.store.ledger import Ledger
+
+    ward = make_ward(tmp_path / "w")
+    server = Ledger(ward.path / "ledger.sqlite")  # another process's connection, as `dataward serve` keeps one
+    server.counts()
+    victim = ward.training_data(0).ids[3]
+    stored = next(r for r in ward.ledger.samples(0) if r[0] == victim)[4]
+    needle = bytes(stored)
+    assert len(needle) >= 64 and any(needle in f.read_bytes() for f in ward.path.rglob("*") if f.is_file())
+    ward.forget([victim], retrain=False)
+    holders = [str(f.relative_to(ward.path)) for f in ward.path.rglob("*") if f.is_file() and needle in f.read_bytes()]
+    assert holders == []
+    server.counts()  # the other connection still works
+    server.close()
+    assert np.frombuffer(needle, dtype=np.float32).size == 64
+
+
+def test_a_new_budget_on_a_trained_ward_retrains_and_verify_holds(ward_copy):
+    """`train --steps N` on an up-to-date ward (issue 19, defect 7): the models of the old budget are out of date, train
+    retrains them with the new one, and the certificate checks the new budget."""
+    from dataclasses import replace
+
+    old = {c: r.id for c, r in ward_copy.served().items()}
+    ward_copy.reconfigure(train=replace(ward_copy.config.train, steps=6))
+    assert ward_copy.models_missing() and ward_copy.served() == {}
+    ward_copy.train()
+    served = ward_copy.served()
+    assert set(served) == set(old) and all(served[c].id != old[c] and served[c].metadata["train"]["steps"] == 6 for c in old)
+    assert {r.id for r in ward_copy.ledger.models("denoiser", 0, status="retired")} >= {old[0]}
+    assert ward_copy.verify()["ok"]
+
+
+_HOLD_LOCK = """
+import sys, time
+from dataward.store.lock import WriterLock
+lock = WriterLock(sys.argv[1]); lock.acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_writer_at_a_time_and_only_the_writer_removes_orphans(ward_copy, tmp_path):
+    """Issue 19, defect 3: while another process writes (holds the lock), opening the ward leaves its half-written
+    checkpoint alone, a second train is refused naming the holder, and a forget is still accepted at once."""
+    import subprocess
+    import sys
+
+    half_written = ward_copy.path / "models" / "denoiser-c0-s1-0badc0de"
+    half_written.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(ward_copy.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "held"
+        Ward.open(ward_copy.path).close()
+        assert half_written.is_dir()
+        with pytest.raises(DatawardError, match=f"another process is writing to this ward \\(pid {writer.pid}"):
+            ward_copy.train()
+        result = ward_copy.forget([ward_copy.training_data(0).ids[0]])
+        assert result["quarantined_models"] > 0 and "retraining_elsewhere" in result
+        assert ward_copy.ledger.pending_forgets()
+    finally:
+        writer.kill()
+        writer.wait()
+    ward_copy.train()  # the lock died with its holder (kill -9): training and cleanup go on
+    assert not half_written.exists() and not ward_copy.ledger.pending_forgets()
+
+
+def test_one_rule_for_sample_ids_at_init_and_over_http(tmp_path):
+    """Issue 19, defect 9: IDs the API could not forget are refused at init; the body limit fits the documented
+    maximum forget (10,000 IDs of 512 ASCII characters)."""
+    import json
+
+    import numpy as np
+
+    from dataward.app.service.schema import ServiceLimits
+    from dataward.assignment import MAX_ID_LENGTH
+
+    images = np.zeros((3, 1, 8, 8), dtype=np.float32)
+    for bad in ("", "x" * (MAX_ID_LENGTH + 1), "a\nb"):
+        path = tmp_path / f"bad{len(bad)}.npz"
+        np.savez(path, images=images, labels=np.array([0, 1, 2]), ids=np.array(["ok-1", bad, "ok-2"]))
+        with pytest.raises(DatawardError, match="ID rule"):
+            Ward.create(tmp_path / f"w{len(bad)}", f"npz:{path}")
+    limits = ServiceLimits()
+    body = json.dumps({"ids": ["x" * MAX_ID_LENGTH] * limits.max_forget_ids}).encode()
+    assert len(body) <= limits.max_body_bytes

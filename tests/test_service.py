@@ -209,7 +209,7 @@ def test_limits_and_bad_input_are_clear_4xx(client):
     assert_clean_error(c.post("/v1/generate", headers=auth(keys["admin"]), json=density_ddim), 400, "ddpm")
     assert_clean_error(c.post("/v1/generate", headers=h | {"content-type": "application/json"}, content=b"{not json"), 422, "invalid JSON")
     assert_clean_error(c.post("/v1/generate", headers=h | {"content-type": "application/json"}, content=b"[1, 2]"), 422, "invalid request")
-    assert_clean_error(c.post("/v1/generate", headers=h, content=b"x" * 100_000), 413, "too large")
+    assert_clean_error(c.post("/v1/generate", headers=h, content=b"x" * (ServiceLimits().max_body_bytes + 1)), 413, "too large")
     assert_clean_error(c.post("/v1/forget", headers=auth(keys["admin"]), json={"ids": []}), 422, "ids")
     assert_clean_error(c.post("/v1/forget", headers=auth(keys["admin"]), json={"ids": ["x" * 600]}), 422, "ids")
     assert_clean_error(c.get("/v1/nothing-here", headers=h), 404, "Not Found")

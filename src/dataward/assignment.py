@@ -14,6 +14,8 @@ from dataward.errors import DatawardError
 from dataward.numerics import Numerics
 from dataward.store.ledger import Ledger
 
+MAX_ID_LENGTH = 512  # characters of a sample ID (the service's forget body limit is sized for 10,000 of them)
+
 
 def check_layout(compartments: int, slices: int, by: AssignBy, numerics: Numerics, adapter: str = "full") -> None:
     """Refuse a new ward's layout unless it has at least one compartment and slice, a known assignment, numerics and adapter."""
@@ -59,8 +61,19 @@ def _compartments(config: WardConfig, dataset: Dataset, source: str, first: int,
             {first + i: f"{source} (random {i}/{new})" for i in range(new)})
 
 
+def check_sample_ids(ids: tuple[str, ...] | list[str]) -> None:
+    """The one rule for sample IDs (what ``forget`` can name on the command line and over HTTP): 1 to
+    ``MAX_ID_LENGTH`` characters, no control characters. Refused with the first offending IDs named."""
+    bad = [i for i in ids if not (1 <= len(i) <= MAX_ID_LENGTH) or any(ord(ch) < 32 or ord(ch) == 127 for ch in i)]
+    if bad:
+        shown = ", ".join(repr(i[:40] + ("..." if len(i) > 40 else "")) for i in bad[:3])
+        raise DatawardError(f"{len(bad)} sample ID(s) break the ID rule (1-{MAX_ID_LENGTH} characters, no control characters), "
+                            f"e.g. {shown}: rename them in the data (npz ids column, file names)")
+
+
 def insert_samples(ledger: Ledger, config: WardConfig, dataset: Dataset, source: str, new_compartments: int) -> list[int]:
-    """Assign samples to compartments and slices and store them; returns the new compartment IDs."""
+    """Assign samples to compartments and slices and store them (IDs checked); returns the new compartment IDs."""
+    check_sample_ids(dataset.ids)
     existing = ledger.compartments()
     first = (max(existing) + 1) if existing else 0
     assign, sources = _compartments(config, dataset, source, first, bool(existing), new_compartments)

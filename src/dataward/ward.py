@@ -43,11 +43,14 @@ from dataward.numerics import Numerics
 from dataward.certificate import forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
 from dataward.store.ledger import Ledger, ModelRecord
+from dataward.store.lock import WriterBusy, WriterLock
 from dataward.training.executors import run_on_ray
 from dataward.training.loop import TrainConfig
 from dataward.training.planner import Lineage, Planner, TrainJob
 from dataward.training.runner import JobRunner
 from dataward.training.sources import WardData
+
+TRAIN_ROUNDS = 3  # train() plans again while models are missing (forgets that landed meanwhile), at most this often
 
 __all__ = ["Ward", "WardConfig", "WardHooks", "SampleResult", "Lineage", "TrainJob", "AssignBy", "run_job_in_worker"]
 
@@ -80,10 +83,15 @@ class Ward(WardChanges):
         self.hooks = hooks or WardHooks()
         self.scheduler = make_training_scheduler(config.num_train_timesteps, config.beta_schedule)
         self.cache = ModelCache(path, self._load)
+        self.writer = WriterLock(path)  # one writing process at a time (store/lock.py): train, forget's retraining, cleanup
         self.config = config
         if not worker:
             delete_quarantined(path, ledger, self.cache)
-            remove_orphans(path, ledger)
+            try:  # leftovers of a crash are removed by the writer only: another process's half-written checkpoint is not one
+                with self.writer:
+                    remove_orphans(path, ledger)
+            except WriterBusy:
+                pass
 
     @property
     def config(self) -> WardConfig:
@@ -250,18 +258,24 @@ class Ward(WardChanges):
         latents), the public denoiser (DP starts from it), each compartment's models (independent jobs), the router.
         ``executor`` is ``local`` (in this process) or ``ray`` (one Ray task per job, see :mod:`dataward.training.executors`).
         ``only`` limits training to some model kinds (e.g. ``("public-denoiser",)`` for ``dataward pretrain``).
+        One process trains a ward at a time: while another holds the writer lock this raises :class:`WriterBusy`.
         """
         if executor not in ("local", "ray"):
             raise DatawardError(f"unknown executor {executor!r}: expected local or ray")
         started = time.time()
-        for wave in self.planner.waves(only):
-            jobs = [job for job in (self.plan(l) for l in wave) if job is not None]
-            if executor == "local":
-                for job in jobs:
-                    self.register(job, self.run_job(job, device, progress))
-            else:
-                for job, results in run_on_ray(jobs, run_job_in_worker, device=device, progress=progress, **executor_options):
-                    self.register(job, results)
+        with self.writer:
+            remove_orphans(self.path, self.ledger)
+            for _ in range(TRAIN_ROUNDS):  # a forget accepted by another process while a round ran makes more work
+                for wave in self.planner.waves(only):
+                    jobs = [job for job in (self.plan(l) for l in wave) if job is not None]
+                    if executor == "local":
+                        for job in jobs:
+                            self.register(job, self.run_job(job, device, progress))
+                    else:
+                        for job, results in run_on_ray(jobs, run_job_in_worker, device=device, progress=progress, **executor_options):
+                            self.register(job, results)
+                if only is not None or not self.models_missing():
+                    break
         self.ledger.set_status(self.planner.stale(), "retired", "models-retired")
         pending = [r for r, _ in self.ledger.pending_forgets()]
         if pending and not self.models_missing():
@@ -357,8 +371,11 @@ class Ward(WardChanges):
         result |= {"request": request, "quarantined_models": len(quarantined), "serving_during_retraining": self.serving_state()}
         if retrain:
             started = time.time()
-            self.train(device=device, progress=progress)
-            result["retrain_seconds"] = time.time() - started
+            try:
+                self.train(device=device, progress=progress)
+                result["retrain_seconds"] = time.time() - started
+            except WriterBusy as busy:  # the process training now retrains this too: the forget is in effect regardless
+                result["retraining_elsewhere"] = str(busy)
         result["state"] = self.ledger.forget_request(request)["state"]
         return result
 

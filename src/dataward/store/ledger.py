@@ -51,6 +51,7 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA secure_delete=ON")  # freed content (a forgotten image) is overwritten with zeros, not left in free space
         if create:
             with self.transaction():
                 for statement in SCHEMA.split(";\n"):
@@ -62,7 +63,7 @@ class Ledger:
             raise DatawardError(f"{path}: ledger schema version {version and version[0]} is not the supported {SCHEMA_VERSION}")
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (the last one to close folds the write-ahead log into the database)."""
         self.db.close()
 
     @contextmanager
@@ -243,7 +244,19 @@ class Ledger:
             )]
             db.executemany("UPDATE models SET status='quarantined' WHERE id=?", [(m,) for m in tainted])
             self.log(db, "forget-accepted", request=request_id, count=len(ids), quarantined=tainted)
+        self.erase_old_pages()
         return tainted
+
+    def erase_old_pages(self) -> bool:
+        """Make erasure physical: copy the write-ahead log into the database (whose freed space secure_delete zeroed) and
+        truncate it, so no old page image of a forgotten sample stays in ``ledger.sqlite-wal``. Waits (busy timeout) for
+        readers of older snapshots; if one still holds its snapshot, the WAL is truncated at a later forget or close, and
+        an ``erasure-delayed`` event says so. Returns whether the log was truncated now."""
+        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            with self.transaction() as db:
+                self.log(db, "erasure-delayed", reason="another connection holds an old snapshot of the ledger")
+        return not busy
 
     def pending_forgets(self) -> list[tuple[str, list[str]]]:
         """Forget requests in effect whose retraining has not finished."""

@@ -75,9 +75,8 @@ class Planner:
         cfg, out = self.config, []
         if cfg.public is not None and cfg.base != "imported":
             if cfg.latent:
-                out.append(Lineage("autoencoder", None, (tuple(sorted(self.data.autoencoder_data().ids)),),
-                                   cfg.autoencoder.train_config(cfg.public_train.threads)))
-            out.append(Lineage("public-denoiser", None, (tuple(sorted(self.data.public_data().ids)),), cfg.public_train,
+                out.append(Lineage("autoencoder", None, (tuple(sorted(self.data.autoencoder_data().ids)),), self.budget("autoencoder")))
+            out.append(Lineage("public-denoiser", None, (tuple(sorted(self.data.public_data().ids)),), self.budget("public-denoiser"),
                                self.variant("public-denoiser", None)))
         compartments = self.ledger.compartments()
         for c in compartments:
@@ -85,14 +84,24 @@ class Planner:
             if not stage_ids[-1]:
                 continue
             if cfg.is_dp(c):
-                out.append(Lineage("denoiser", c, (stage_ids[-1],), cfg.train, self.variant("denoiser", c), dp=True))
+                out.append(Lineage("denoiser", c, (stage_ids[-1],), self.budget("denoiser"), self.variant("denoiser", c), dp=True))
             else:
-                out.append(Lineage("denoiser", c, stage_ids, cfg.train, self.variant("denoiser", c)))
+                out.append(Lineage("denoiser", c, stage_ids, self.budget("denoiser"), self.variant("denoiser", c)))
             if cfg.guard:
-                out.append(Lineage("guard", c, stage_ids, cfg.guard_settings.train_config(), self.variant("guard", c)))
+                out.append(Lineage("guard", c, stage_ids, self.budget("guard"), self.variant("guard", c)))
         if cfg.router and len(compartments) > 1:
-            out.append(Lineage("router", None, self.data.stage_ids(None), cfg.router_train, self.variant("router", None)))
+            out.append(Lineage("router", None, self.data.stage_ids(None), self.budget("router"), self.variant("router", None)))
         return out
+
+    def budget(self, kind: str) -> TrainConfig:
+        """How a kind of model is trained now (a ready model trained with another budget is out of date)."""
+        cfg = self.config
+        return {"autoencoder": lambda: cfg.autoencoder.train_config(cfg.public_train.threads), "public-denoiser": lambda: cfg.public_train,
+                "denoiser": lambda: cfg.train, "guard": cfg.guard_settings.train_config, "router": lambda: cfg.router_train}[kind]()
+
+    def _same_budget(self, record: ModelRecord) -> bool:
+        """Whether a checkpoint was trained with the kind's budget now (an imported base records none)."""
+        return record.metadata.get("train") in (None, asdict(self.budget(record.kind)))
 
     def variant(self, kind: str, compartment: int | None) -> str:
         """The variant a model of this kind must carry to be current (see :class:`Lineage`)."""
@@ -132,7 +141,8 @@ class Planner:
     def _current(self, record: ModelRecord) -> bool:
         """Whether a ready checkpoint is of the current variant and fits the ward's structure."""
         kind = KINDS[record.kind]
-        return record.metadata.get("variant", "") == self.variant(record.kind, record.compartment) and kind.fits(record.metadata, self.context)
+        return (record.metadata.get("variant", "") == self.variant(record.kind, record.compartment) and kind.fits(record.metadata, self.context)
+                and self._same_budget(record))
 
     def served(self, kind: str = "denoiser") -> dict[int | None, ModelRecord]:
         """Per compartment (None for a ward-wide kind), the newest current ready stage (it saw no forgotten ID)."""
@@ -147,7 +157,7 @@ class Planner:
         """Stages of a lineage whose ready checkpoint was trained on exactly the IDs the stage should see now."""
         out = {}
         for record in self.ledger.models(lineage.kind, lineage.compartment):
-            if record.metadata.get("variant", "") != lineage.variant or not KINDS[lineage.kind].fits(record.metadata, self.context):
+            if not self._current(record):
                 continue
             if record.stage < len(lineage.stage_ids) and record.ids_hash == ids_hash(lineage.stage_ids[record.stage]):
                 out[record.stage] = record
@@ -176,10 +186,11 @@ class Planner:
 
     def stale(self) -> list[int]:
         """Ready models that no longer fit the ward: routers after add, models of another recipe (DP on/off, another
-        latent space or none)."""
+        latent space or base, or none) or trained with another budget."""
         stale = [r.id for r in self.ledger.models("router", None) if not KINDS["router"].fits(r.metadata, self.context)]
         for lineage in self.lineages():
-            stale += [r.id for r in self.ledger.models(lineage.kind, lineage.compartment) if r.metadata.get("variant", "") != lineage.variant]
+            stale += [r.id for r in self.ledger.models(lineage.kind, lineage.compartment)
+                      if r.metadata.get("variant", "") != lineage.variant or not self._same_budget(r)]
         return stale
 
     def stage_count(self, record: ModelRecord) -> int:

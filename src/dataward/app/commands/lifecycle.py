@@ -70,10 +70,13 @@ def train(
 ) -> None:
     """Train every missing or out-of-date model of the ward (resumes interrupted work); --dp for DP fine-tuning."""
     w = open_ward(ward, resume=False)
-    if steps is not None:
+    if steps is not None and steps != w.config.train.steps:
         from dataclasses import replace
 
+        before = w.config.train.steps
         w.reconfigure(train=replace(w.config.train, steps=steps))
+        out.print(f"the denoisers' budget is now {steps} steps per compartment (was " + (f"{before} steps" if before else f"{w.config.train.epochs:g} epochs") +
+                  "): every denoiser trained with the old budget is out of date and retrains now (verify checks the new budget)")
     options = {} if executor != "ray" else dict(ray_address=ray_address, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job)
     with progress_bar() as progress:
         if dp:
@@ -172,14 +175,22 @@ def forget(
             out.print(f"  while retraining, compartment {c}: {state}")
         if result["already_forgotten"]:
             out.print(f"  already forgotten before: {escape(', '.join(result['already_forgotten']))}")
+    from dataward.store.lock import WriterBusy
+
     started = time.time()
-    with progress_bar(not as_json) as progress:
-        w.train(device=device, progress=progress)  # also finishes earlier pending forgets; if it fails, the forget stays in effect
-    result |= {"retrain_seconds": time.time() - started, "state": w.ledger.forget_request(result["request"])["state"]}
+    try:
+        with progress_bar(not as_json) as progress:
+            w.train(device=device, progress=progress)  # also finishes earlier pending forgets; if it fails, the forget stays in effect
+        result["retrain_seconds"] = time.time() - started
+    except WriterBusy as busy:  # another process is training: it retrains this too (the forget is in effect already)
+        result["retraining_elsewhere"] = str(busy)
+    result["state"] = w.ledger.forget_request(result["request"])["state"]
     if as_json:
         print(json.dumps(result))
-        return
-    out.print(f"retrained in {result['retrain_seconds']:.1f} s; state: {result['state']}. Certificate: dataward verify {ward}")
+    elif "retraining_elsewhere" in result:
+        out.print(f"retraining is left to the process training this ward now: {escape(result['retraining_elsewhere'])}")
+    else:
+        out.print(f"retrained in {result['retrain_seconds']:.1f} s; state: {result['state']}. Certificate: dataward verify {escape(str(ward))}")
 
 
 def verify(ward: Path = typer.Argument(..., help="The ward folder."), device: str = typer.Option("cpu"),

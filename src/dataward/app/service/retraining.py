@@ -12,10 +12,12 @@ import torch
 
 from dataward.errors import DatawardError
 from dataward.store.checkpoints import MODELS_DIR
+from dataward.store.lock import WriterBusy
 from dataward.training.planner import TrainJob
 from dataward.ward import Ward, WardHooks
 
 log = logging.getLogger("dataward.app.service")
+WRITER_BUSY_RETRY_SECONDS = 5.0  # how often the retraining thread looks again while another process trains the ward
 
 
 class StaleTraining(DatawardError):
@@ -97,6 +99,10 @@ class Retrainer:
                 if self.ward.ledger.pending_forgets() and self.ward.models_missing():
                     delay = 1.0  # a forget landed during the run: go again
                     self._wanted.set()
+            except WriterBusy as busy:  # another process (e.g. `dataward train`) is training: it retrains this too; look again later
+                log.info("retraining waits: %s", busy)
+                self._wanted.set()
+                delay = WRITER_BUSY_RETRY_SECONDS
             except DatawardError as error:  # data changed under the training (a forget): go again at once
                 log.info("retraining restarts: %s", error)
                 self._wanted.set()

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from dataward.assignment import MAX_ID_LENGTH
+
 
 @dataclass(frozen=True)
 class ServiceLimits:
@@ -14,7 +16,7 @@ class ServiceLimits:
 
     max_n: int = 64  # images per generation request
     max_steps: int = 250  # sampling steps per request
-    max_body_bytes: int = 64 * 1024  # request body size (413 above it)
+    max_body_bytes: int = 6 * 1024 * 1024  # request body size (413 above it): fits max_forget_ids IDs of MAX_ID_LENGTH ASCII characters
     max_forget_ids: int = 10_000  # sample IDs per forget request
     generate_timeout_s: float = 120.0  # a generation still running after this answers 503 (its slot frees when it ends)
     max_attempts: int = 3  # runs of one generation when forgets keep tainting its models (then 503)
@@ -53,7 +55,7 @@ class GenerateRequest(BaseModel):
     grid: bool = Field(False, description="With png: one grid image instead of one PNG per sample.")
 
 
-SampleId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+SampleId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
 
 
 class ForgetBody(BaseModel):

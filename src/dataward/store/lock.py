@@ -1,0 +1,68 @@
+"""The single-writer rule of a ward's files: one process at a time trains, writes and cleans up ``models/``.
+
+Readers (sampling, status, the service's generations) never take the lock; the ledger's transactions already make
+accepting a forget safe from any process at any time. The lock is an advisory ``flock`` on ``WARD/writer.lock``, so it
+is released by the kernel when its holder dies (``kill -9`` included); the file says who holds it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from pathlib import Path
+
+from dataward.errors import DatawardError
+
+LOCK_FILE = "writer.lock"
+
+
+class WriterBusy(DatawardError):
+    """Another process holds the ward's writer lock."""
+
+
+class WriterLock:
+    """The writer lock of one ward for one :class:`~dataward.ward.Ward` (re-entrant within it)."""
+
+    def __init__(self, ward: Path):
+        self.path = Path(ward) / LOCK_FILE
+        self._fd: int | None = None
+        self._depth = 0
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it (pid and command), or "unknown"."""
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def acquire(self) -> None:
+        """Take the lock now, or raise :class:`WriterBusy` naming the process that holds it."""
+        if self._depth == 0:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise WriterBusy(f"another process is writing to this ward ({self.holder()}): it trains whatever is missing, "
+                                 f"including forgets accepted meanwhile; wait for it to finish (`dataward status` shows pending work)") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}".encode())
+            self._fd = fd
+        self._depth += 1
+
+    def release(self) -> None:
+        """Give the lock back (when the outermost holder in this ward releases it)."""
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "WriterLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
