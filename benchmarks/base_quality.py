@@ -133,19 +133,23 @@ def base_alone(folder: Path, n: int, steps: int) -> dict:
 
 
 def measure_sampling(single, composed, n: int) -> dict:
-    """Seconds of n x 10-step sampling per configuration, 3 rounds in rotated order (models loaded first)."""
-    configs = {"single": (single, "ddim", None, None), "soup": (composed, "ddim", "soup", None),
-               "density top-1": (composed, "ddpm", "density", 1), "router top-1": (composed, "ddim", "router", 1),
-               "density full": (composed, "ddpm", "density", None), "router full": (composed, "ddim", "router", None)}
-    for ward, sampler, weights, top_k in configs.values():
-        ward.sample(2, steps=1, sampler=sampler, weights=weights, top_k=top_k)  # load (and make the soup) before the clock
+    """Seconds of n x 10-step sampling per configuration, 3 rounds in rotated order (models loaded first); mixtures with
+    the batched evaluation (one vectorized call per step) and with the per-compartment loop."""
+    configs = {"single": (single, "ddim", None, None, True), "soup": (composed, "ddim", "soup", None, True)}
+    for weights, sampler in (("density", "ddpm"), ("router", "ddim")):
+        for top_k in (1, None):
+            for batched in (True, False):
+                name = f"{weights} {'top-1' if top_k else 'full'} ({'batched' if batched else 'loop'})"
+                configs[name] = (composed, sampler, weights, top_k, batched)
+    for ward, sampler, weights, top_k, batched in configs.values():  # load (and make the soup and stack) before the clock
+        ward.sample(2, steps=1, sampler=sampler, weights=weights, top_k=top_k, batched=batched)
     seconds = {name: 0.0 for name in configs}
     names = list(configs)
     for r in range(3):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            ward, sampler, weights, top_k = configs[name]
+            ward, sampler, weights, top_k, batched = configs[name]
             t0 = time.perf_counter()
-            ward.sample(n, seed=r, steps=10, sampler=sampler, weights=weights, top_k=top_k)
+            ward.sample(n, seed=r, steps=10, sampler=sampler, weights=weights, top_k=top_k, batched=batched)
             seconds[name] += time.perf_counter() - t0
     return seconds
 
@@ -183,6 +187,7 @@ def main() -> None:  # long: one run of every arm, printing each figure as it is
     parser.add_argument("--time-n", type=int, default=100)
     parser.add_argument("--forgets", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--figures", default="quality,sampling,forgetting", help="which figures to measure (wards are cached)")
     parser.add_argument("--quick", action="store_true", help="smoke run: E=0.5, a 1-epoch base on 300 images, 40 samples")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -193,35 +198,40 @@ def main() -> None:  # long: one run of every arm, printing each figure as it is
     print(f"E={args.epochs}, n={args.n}, {args.sample_steps} sampling steps, threads {args.threads}, load {load_avg()}", flush=True)
     base = train_base(args.workdir, args.quick)
     out: dict = {"epochs": args.epochs, "quality": {}, "train": {}, "sampling": {}, "forgetting": {}}
-    out["quality"]["base"] = base_alone(base, args.n, args.sample_steps)
-    print(f"{'base alone':>22}: FD {out['quality']['base']['fd']:.4f}  CAS {out['quality']['base']['cas']:.4f}  (ddim)", flush=True)
+    figures = set(args.figures.split(","))
     scratch, info = get_ward(args.workdir, "scratch-k1", None, "full", 1, args.epochs, args.quick)
     out["train"]["scratch-k1"] = info
-    measure_quality(scratch, "scratch-k1", args.n, args.sample_steps, out["quality"])
+    if "quality" in figures:
+        out["quality"]["base"] = base_alone(base, args.n, args.sample_steps)
+        print(f"{'base alone':>22}: FD {out['quality']['base']['fd']:.4f}  CAS {out['quality']['base']['cas']:.4f}  (ddim)", flush=True)
+        measure_quality(scratch, "scratch-k1", args.n, args.sample_steps, out["quality"])
     for adapter in args.adapters.split(","):
         tag = adapter.replace(":", "")
         paragon, info1 = get_ward(args.workdir, f"{tag}-k1", base, adapter, 1, args.epochs, args.quick)
         composed, info8 = get_ward(args.workdir, f"{tag}-k8", base, adapter, 8, args.epochs, args.quick)
         out["train"] |= {f"{tag}-k1": info1, f"{tag}-k8": info8}
-        measure_quality(paragon, f"{tag}-k1", args.n, args.sample_steps, out["quality"])
-        measure_quality(composed, f"{tag}-k8", args.n, args.sample_steps, out["quality"])
+        print(f"{tag} storage per compartment: {info8['bytes_per_compartment'] / 1e6:.2f} MB (weights or adapter + training state)", flush=True)
         q = out["quality"]
-        for weights, sampler in (("density", "ddpm"), ("router", "ddim"), ("soup", "ddim")):
+        if "quality" in figures:
+            measure_quality(paragon, f"{tag}-k1", args.n, args.sample_steps, q)
+            measure_quality(composed, f"{tag}-k8", args.n, args.sample_steps, q)
+        for weights, sampler in (("density", "ddpm"), ("router", "ddim"), ("soup", "ddim")) if "quality" in figures else ():
             ratio = q[f"{tag}-k8/{weights}"]["fd"] / q[f"{tag}-k1/{sampler}"]["fd"]
             gain = q[f"{tag}-k8/{weights}"]["fd"] / q[f"scratch-k1/{sampler}"]["fd"]
             print(f"{tag}: FD(K=8 {weights}) / FD(K=1 paragon, {sampler}) = {ratio:.4f} (goal <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'}); "
                   f"/ FD(K=1 from scratch) = {gain:.4f}", flush=True)
-        seconds = measure_sampling(paragon, composed, args.time_n)
-        out["sampling"][tag] = {name: s / seconds["single"] for name, s in seconds.items()} | {"single_seconds": seconds["single"]}
-        print(f"{tag} sampling time / single ({seconds['single']:.2f} s for 3 rounds, load {load_avg()}): "
-              + ", ".join(f"{name} {s / seconds['single']:.3f}" for name, s in seconds.items()), flush=True)
-        forgetting = measure_forgetting(composed, info1["train_seconds"], args.forgets, args.n, args.sample_steps)
-        out["forgetting"][tag] = forgetting
-        before = q[f"{tag}-k8/density"]["fd"]
-        print(f"{tag} forgetting: mean {forgetting['mean_seconds']:.1f} s over {args.forgets} IDs / paragon training {info1['train_seconds']:.1f} s = "
-              f"{forgetting['ratio']:.4f} (goal <= 0.1); FD density before {before:.4f} -> after {forgetting['fd_after_first']:.4f} "
-              f"({100 * (forgetting['fd_after_first'] / before - 1):+.2f}%)", flush=True)
-        print(f"{tag} storage per compartment: {info8['bytes_per_compartment'] / 1e6:.2f} MB (weights + training state)")
+        if "sampling" in figures:
+            seconds = measure_sampling(paragon, composed, args.time_n)
+            out["sampling"][tag] = {name: s / seconds["single"] for name, s in seconds.items()} | {"single_seconds": seconds["single"]}
+            print(f"{tag} sampling time / single ({seconds['single']:.2f} s for 3 rounds, load {load_avg()}): "
+                  + ", ".join(f"{name} {s / seconds['single']:.3f}" for name, s in seconds.items()), flush=True)
+        if "forgetting" in figures:
+            forgetting = measure_forgetting(composed, info1["train_seconds"], args.forgets, args.n, args.sample_steps)
+            out["forgetting"][tag] = forgetting
+            before = q.get(f"{tag}-k8/density", {}).get("fd", float("nan"))
+            print(f"{tag} forgetting: mean {forgetting['mean_seconds']:.1f} s over {args.forgets} IDs / paragon training {info1['train_seconds']:.1f} s = "
+                  f"{forgetting['ratio']:.4f} (goal <= 0.1); FD density before {before:.4f} -> after {forgetting['fd_after_first']:.4f} "
+                  f"({100 * (forgetting['fd_after_first'] / before - 1):+.2f}%)", flush=True)
     print(f"load average after: {load_avg()}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str))

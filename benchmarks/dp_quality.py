@@ -1,5 +1,6 @@
 """Private fine-tuning on digits: downstream accuracy (CAS) and Fréchet distance at ε ∈ {1, 10, ∞} for attention-only
-(DP-LDM), class-embedding-only and full fine-tuning after public pretraining and DP from scratch (step time and memory:
+(DP-LDM), class-embedding-only, rank-8 LoRA adapters (``--methods lora``) and full fine-tuning after public pretraining
+and DP from scratch (step time and memory:
 ``benchmarks/dp_step_time.py``).
 
     python benchmarks/dp_quality.py [--quick] [--threads 2] [--json out.json] [--spaces pixel,latent] [--all-cells]
@@ -30,6 +31,7 @@ from dataward.data import load_source
 from dataward.diffusion.latent import (
     AutoencoderConfig, LatentCodec, LatentDenoiser, autoencoder_loss, build_autoencoder, latent_scaling_factor, make_latent_scheduler, sample_latent,
 )
+from dataward.models.adapters import add_lora
 from dataward.models.nets import build_unet, derive_seed
 from dataward.training.dp import dp_finetune
 from dataward.training.privacy import DPConfig, plan_dp, trainable_counts, trainable_filter
@@ -38,6 +40,7 @@ from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_s
 
 warnings.filterwarnings("ignore")
 SEED = 0
+LORA_RANK = 8
 
 
 def generate(model, codec, per_class: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +73,12 @@ def train_public(kind: str, model, data, loss, train: TrainConfig) -> TrainState
     generator = torch.Generator().manual_seed(derive_seed(SEED, kind, None, "stage", 0))
     run_steps(state, data, loss, train.total_steps(len(data)), train, generator)
     return state
+
+
+def start(base, trainable: str):
+    """The model a fine-tuning cell starts from: a copy of the public base, with a fresh rank-8 LoRA adapter for ``lora``
+    (what a ward made with ``--adapter lora:8`` trains)."""
+    return add_lora(base, LORA_RANK, derive_seed(SEED, "lora")) if trainable == "lora" else copy.deepcopy(base)
 
 
 def nonprivate_finetune(model, data, trainable: str, steps: int, batch: int, lr: float, seed: int) -> TrainState:
@@ -166,13 +175,13 @@ def main() -> None:
         steps = dp_epochs * -(-len(priv) // dp_batch)
         # attention-only (DP-LDM) and class-embedding-only after public pretraining: eps in {1, 10, inf} (latent: {10, inf})
         methods = args.methods.split(",") if args.methods else ["attention", "embedding", "full", "scratch"]
-        for trainable in [m for m in ("attention", "embedding") if m in methods]:
+        for trainable in [m for m in ("attention", "embedding", "lora") if m in methods]:
             for eps in (1.0, 10.0) if space == "pixel" or args.all_cells else (10.0,):
                 for dp_seed in dp_seeds:
-                    state, extra = dp_cell(copy.deepcopy(base), priv, trainable, eps, dp_seed, pub)
+                    state, extra = dp_cell(start(base, trainable), priv, trainable, eps, dp_seed, pub)
                     record(space, f"{trainable} (public pretrain)", eps, state, codec, extra)
             t0 = time.perf_counter()
-            state = nonprivate_finetune(copy.deepcopy(base), priv, trainable, steps, dp_batch, DPConfig(trainable=trainable, lr=args.lr).learning_rate(), SEED)
+            state = nonprivate_finetune(start(base, trainable), priv, trainable, steps, dp_batch, DPConfig(trainable=trainable, lr=args.lr).learning_rate(), SEED)
             record(space, f"{trainable} (public pretrain)", float("inf"), state, codec, {"steps": steps, "train_s": time.perf_counter() - t0})
         if space == "latent" and not args.all_cells and args.methods is None:
             continue

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from dataward.config import WardConfig
+from dataward.diffusion.batched import StackedDenoisers
 from dataward.diffusion.compose import ComposedDenoiser, WeightsName
 from dataward.diffusion.latent import LatentCodec, LatentDenoiser, make_latent_scheduler
 from dataward.diffusion.sampling import Denoiser, make_sampler, sample_loop, unet_eps
@@ -52,6 +53,8 @@ class SampleRequest:
     guard: bool = False
     guard_scale: float | None = None
     guard_alpha: float | None = None
+    batched: bool = False  # a mixture's compartments in one vectorized call (torch.func.vmap; equal to one call each within
+    # float tolerance); off by default: on CPU it measured 3.8x slower than the loop at top-1 (BENCHMARKS.md, "Compartments from a base")
 
 
 class SamplingWard(Protocol):
@@ -66,6 +69,7 @@ class SamplingWard(Protocol):
     def served(self, kind: str = "denoiser") -> dict[int | None, ModelRecord]: ...
     def model(self, record: ModelRecord) -> torch.nn.Module: ...
     def soup(self, records: list[ModelRecord], shares: list[float]) -> torch.nn.Module: ...
+    def stacked(self, records: list[ModelRecord]) -> StackedDenoisers: ...
     def denoiser(self, compartment: int, guard: bool = False, guard_scale: float | None = None, guard_alpha: float | None = None,
                  guard_activity: GuardActivity | None = None) -> Denoiser: ...
     def codec(self) -> LatentCodec: ...
@@ -119,7 +123,7 @@ def log_prior(use: list[int], y: torch.Tensor | None, counts: dict, n: int, num_
 
 
 def _composed(ward: SamplingWard, denoisers: list[Denoiser], use: list[int], weights: WeightsName, top_k: int | None,
-              prior: torch.Tensor) -> ComposedDenoiser:
+              prior: torch.Tensor, batched: StackedDenoisers | None) -> ComposedDenoiser:
     """The mixture ε = Σ_i w_i ε_i over the used compartments, with router or density weights."""
     router, columns = None, None
     if weights == "router":
@@ -130,7 +134,7 @@ def _composed(ward: SamplingWard, denoisers: list[Denoiser], use: list[int], wei
         router = lambda x_t, t: router_model(x_t, t)
         known = ward.compartments()
         columns = [known.index(c) for c in use]
-    return ComposedDenoiser(denoisers, prior, ward.scheduler.alphas_cumprod, weights, router, columns, top_k)
+    return ComposedDenoiser(denoisers, prior, ward.scheduler.alphas_cumprod, weights, router, columns, top_k, batched)
 
 
 def generate(ward: SamplingWard, request: SampleRequest, progress=None) -> SampleResult:
@@ -154,7 +158,8 @@ def generate(ward: SamplingWard, request: SampleRequest, progress=None) -> Sampl
         eps, mode = unet_eps(ward.soup([served[c] for c in use], [float(counts[c]["samples"]) for c in use])), "soup"
     else:
         denoisers = [ward.denoiser(c, request.guard, request.guard_scale, request.guard_alpha, activity) for c in use]
-        composed = _composed(ward, denoisers, use, weights, request.top_k, prior)
+        batched = ward.stacked([served[c] for c in use]) if request.batched and not request.guard else None  # guards steer each ε_i
+        composed = _composed(ward, denoisers, use, weights, request.top_k, prior, batched)
         eps, mode = composed, weights
     sampler = request.sampler or ("ddpm" if mode == "density" else "ddim")
     if mode == "density" and sampler != "ddpm":

@@ -1,16 +1,12 @@
 """The ward: a directory holding one protected model family, and the Python API the CLI and the service wrap.
 
-Layout::
+Layout: ``WARD/ward.json`` (:mod:`dataward.config`), ``WARD/ledger.sqlite`` (samples with their images, models, forget
+requests, keys, events: :mod:`dataward.store.ledger`), ``WARD/models/<name>/`` (one checkpoint folder per trained stage:
+:mod:`dataward.store.checkpoints`), ``WARD/writer.lock`` (:mod:`dataward.store.lock`).
 
-    WARD/ward.json          WardConfig (dataward.config)
-    WARD/ledger.sqlite      samples (with their images), models, forget requests, keys, events (dataward.store.ledger)
-    WARD/models/<name>/     one checkpoint folder per trained stage (dataward.store.checkpoints)
-
-:class:`Ward` is a facade: planning lives in :mod:`dataward.training.planner`, training in
-:mod:`dataward.training.runner` (run here or on Ray: :mod:`dataward.training.executors`), the kinds of model in
-:mod:`dataward.models.kinds`, sampling in :mod:`dataward.generation`, the forgetting certificate in
-:mod:`dataward.certificate`, status and privacy reports in :mod:`dataward.reports`. The facade alone writes the ledger
-(registering, forgetting) and ward.json, and owns the cache of loaded models.
+:class:`Ward` is a facade over :mod:`dataward.training.planner`, :mod:`dataward.training.runner` (here or on Ray),
+:mod:`dataward.models.kinds`, :mod:`dataward.generation`, :mod:`dataward.certificate` and :mod:`dataward.reports`. The
+facade alone writes the ledger (registering, forgetting) and ward.json, and owns the cache of loaded models.
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ from dataward.base import average_models, import_base, is_folder
 from dataward.changes import WardChanges
 from dataward.config import AssignBy, WardConfig
 from dataward.data import Dataset, load_source
+from dataward.diffusion.batched import StackedDenoisers
 from dataward.diffusion.compose import WeightsName
 from dataward.diffusion.latent import LatentCodec
 from dataward.diffusion.sampling import Denoiser, make_training_scheduler, unet_eps
@@ -312,7 +309,13 @@ class Ward(WardChanges):
         if self.config.base is None:
             raise DatawardError("soup averages compartments fine-tuned from one base, and this ward has none (its compartments "
                                 "trained from random weights, so their average is noise): sample with --weights density or router")
-        return self.cache.derived(tuple(r.id for r in records), lambda: average_models([self.model(r) for r in records], shares))
+        models = [self.model(r) for r in records]  # every use passes through model(): the service's hook sees each
+        return self.cache.derived("soup", tuple(r.id for r in records), lambda: average_models(models, shares))
+
+    def stacked(self, records: list[ModelRecord]) -> StackedDenoisers:
+        """The given served denoisers evaluated in one vectorized call (a mixture's batched path), made once per set."""
+        models = [self.model(r) for r in records]
+        return self.cache.derived("stack", tuple(r.id for r in records), lambda: StackedDenoisers(models))
 
     def drop_unready_models(self) -> None:
         """Drop cached models that are no longer ready in the ledger (quarantined, deleted or retired)."""
@@ -337,9 +340,10 @@ class Ward(WardChanges):
 
     def sample(self, n: int, *, label: int | None = None, seed: int = 0, sampler: str | None = None, steps: int = 50,
                allowed: list[int] | None = None, weights: WeightsName | None = None, top_k: int | None = None, guard: bool = False,
-               guard_scale: float | None = None, guard_alpha: float | None = None, progress=None) -> SampleResult:
-        """Generate ``n`` images composed over the allowed compartments (all by default); see :mod:`dataward.generation`."""
-        request = SampleRequest(n, label, seed, sampler, steps, allowed, weights, top_k, guard, guard_scale, guard_alpha)
+               guard_scale: float | None = None, guard_alpha: float | None = None, progress=None, batched: bool = False) -> SampleResult:
+        """Generate ``n`` images composed over the allowed compartments (all by default); see :mod:`dataward.generation`.
+        ``batched``: a mixture's compartments in one vectorized call (equal within float tolerance; slower on CPU)."""
+        request = SampleRequest(n, label, seed, sampler, steps, allowed, weights, top_k, guard, guard_scale, guard_alpha, batched)
         return generate(self, request, progress)
 
     def is_fallback(self, record: ModelRecord) -> bool:

@@ -13,7 +13,8 @@ The Itô estimator (reverse time τ, forward SDE dx = f dt + g dW, VP: f = -½β
 on a deterministic (DDIM) path the divergence of each score would be needed, so ``density`` requires ``ddpm``.
 
 Top-k: per sample and step only the k heaviest compartments are evaluated (each compartment once, on its sub-batch) and
-w is renormalized over them. With ``density`` the skipped compartments' log-densities are not advanced at that step.
+w is renormalized over them. With ``batched`` (:class:`dataward.diffusion.batched.StackedDenoisers`) the compartments of
+one step run in one vectorized call instead of a loop. With ``density`` the skipped compartments' log-densities are not advanced at that step.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class ComposedDenoiser:
         router: Router | None = None,
         router_columns: list[int] | None = None,
         top_k: int | None = None,
+        batched: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None,
     ):
         if weights == "router" and (router is None or router_columns is None):
             raise ValueError("router weights need a router and its columns")
@@ -55,6 +57,7 @@ class ComposedDenoiser:
         self.router = router
         self.router_columns = router_columns
         self.top_k = None if top_k is None or top_k >= len(denoisers) else top_k
+        self.batched = batched  # (x_t, t, y, mask (N, K)) -> ε (K, N, ...): all compartments in one call, instead of the loop
         self.log_q = torch.zeros_like(log_prior)  # (N, K) tracked log q_t^i(x_t), up to a shared constant
         self._last: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None  # x, t, eps (K, N, C, H, W), evaluated (N, K)
         self.weight_sum = torch.zeros_like(log_prior)
@@ -93,13 +96,16 @@ class ComposedDenoiser:
             w = w / w.sum(dim=1, keepdim=True)
         else:
             mask = torch.ones_like(w)
-        eps = torch.zeros((k_all,) + tuple(x_t.shape), dtype=x_t.dtype, device=x_t.device)
-        for i, denoiser in enumerate(self.denoisers):
-            rows = mask[:, i].nonzero().flatten()
-            if len(rows) == len(x_t):
-                eps[i] = denoiser(x_t, t, y)
-            elif len(rows):
-                eps[i, rows] = denoiser(x_t[rows], t, None if y is None else y[rows])
+        if self.batched is not None:
+            eps = self.batched(x_t, t, y, mask)
+        else:
+            eps = torch.zeros((k_all,) + tuple(x_t.shape), dtype=x_t.dtype, device=x_t.device)
+            for i, denoiser in enumerate(self.denoisers):
+                rows = mask[:, i].nonzero().flatten()
+                if len(rows) == len(x_t):
+                    eps[i] = denoiser(x_t, t, y)
+                elif len(rows):
+                    eps[i, rows] = denoiser(x_t[rows], t, None if y is None else y[rows])
         out = (w.T.reshape(k_all, -1, *([1] * (x_t.ndim - 1))) * eps).sum(dim=0)  # (N, C, H, W)
         self._last = (x_t, t_int, eps, mask)
         self.weight_sum += w

@@ -92,7 +92,7 @@ class ModelCache:
         self.ward = ward
         self.load = load  # (record, its folder) -> the model (diffusers from_pretrained with safetensors, or base + adapter)
         self.models: dict[int, torch.nn.Module] = {}
-        self.derived_models: dict[tuple[int, ...], torch.nn.Module] = {}  # models made from loaded ones (soups), by their IDs
+        self.derived_models: dict[tuple[str, tuple[int, ...]], object] = {}  # made from loaded models (soups, stacks): (what, their IDs)
 
     def get(self, record: ModelRecord) -> torch.nn.Module:
         """The model of ``record``, loaded on first use after checking its weights against the hash the ledger recorded."""
@@ -112,22 +112,24 @@ class ModelCache:
             self.models[record.id] = model.eval()
         return self.models[record.id]
 
-    def derived(self, model_ids: tuple[int, ...], make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        """A model made from the models of ``model_ids`` (e.g. their soup): made once, dropped with any of them."""
-        if model_ids not in self.derived_models:
-            self.derived_models[model_ids] = make()
-        return self.derived_models[model_ids]
+    def derived(self, what: str, model_ids: tuple[int, ...], make: Callable[[], object]) -> object:
+        """Something made from the models of ``model_ids`` (their soup, their stacked weights): made once, dropped with
+        any of them."""
+        key = (what, model_ids)
+        if key not in self.derived_models:
+            self.derived_models[key] = make()
+        return self.derived_models[key]
 
     def drop(self, model_ids: list[int]) -> None:
         """Forget the loaded models of ``model_ids`` and every model derived from them (those not loaded are ignored)."""
         for model_id in model_ids:
             self.models.pop(model_id, None)
-        for key in [k for k in self.derived_models if set(k) & set(model_ids)]:
+        for key in [k for k in self.derived_models if set(k[1]) & set(model_ids)]:
             del self.derived_models[key]
 
     def drop_unready(self, ledger: Ledger) -> None:
         """Forget the loaded models that are no longer ready in ``ledger`` (quarantined, deleted or retired)."""
-        loaded = set(self.models) | {m for key in self.derived_models for m in key}
+        loaded = set(self.models) | {m for _, ids in self.derived_models for m in ids}
         ready = ledger.ready_models(list(loaded))
         self.drop([m for m in loaded if m not in ready])
 
