@@ -219,8 +219,8 @@ def test_streamed_bodies_are_limited_too(client):
     c, keys = client
 
     def chunks():
-        for _ in range(100):
-            yield b"x" * 1024
+        for _ in range(ServiceLimits().max_body_bytes // (64 * 1024) + 2):
+            yield b"x" * (64 * 1024)
 
     assert_clean_error(c.post("/v1/generate", headers=auth(keys["c0"]), content=chunks()), 413, "too large")
 

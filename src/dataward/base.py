@@ -22,6 +22,7 @@ import torch
 from diffusers import UNet2DModel
 
 from dataward.config import WardConfig
+from dataward.data import load_source
 from dataward.errors import DatawardError
 from dataward.store.checkpoints import META_FILE, MODELS_DIR, WEIGHTS_FILE, folder_prefix, weights_hash
 from dataward.store.ledger import Ledger
@@ -43,6 +44,16 @@ def choose_base(base: str | None, data: str) -> str | None:
 def is_folder(base: str) -> bool:
     """Whether a base names a diffusers model folder (else it is a public data spec)."""
     return Path(base).is_dir()
+
+
+def base_config(base: str | None) -> dict:
+    """The ``WardConfig`` fields of a new ward's base: a folder is imported, a public data spec (checked here) is trained."""
+    if base is None:
+        return {"base": None, "public": None}
+    if is_folder(base):
+        return {"base": "imported", "public": None}
+    load_source(base)
+    return {"base": "public", "public": base}
 
 
 def check_fits(unet: UNet2DModel, config: WardConfig, source: str) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from dataward import reports
 from dataward.assignment import check_layout, insert_samples
-from dataward.base import average_models, import_base, is_folder
+from dataward.base import average_models, base_config, import_base
 from dataward.changes import WardChanges
 from dataward.config import AssignBy, WardConfig
 from dataward.data import Dataset, load_source
@@ -129,19 +129,14 @@ class Ward(WardChanges):
         adapter: str = "full",
         public_train: TrainConfig | None = None,
     ) -> "Ward":
-        """Make a new ward from a data source (spec string or Dataset). Nothing is left behind on error.
-
-        ``base`` (see :mod:`dataward.base`): a public data spec (``printed:count=3000``: ``train`` pretrains a public
-        denoiser on it first), a diffusers ``UNet2DModel`` folder (copied in), or None (compartments from random weights);
-        ``adapter``: what each compartment fine-tunes on the base, ``full`` or ``lora:RANK``; ``public_train``: the budget of
-        a public base (default 40 epochs)."""
+        """Make a new ward from a data source (spec string or Dataset); nothing is left behind on error. ``base``
+        (:mod:`dataward.base`): public data to pretrain on (``printed:count=3000``), a ``UNet2DModel`` folder, or None
+        (random weights); ``adapter``: ``full`` or ``lora:RANK``; ``public_train``: the public base's budget (40 epochs)."""
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise DatawardError(f"{path} already exists and is not empty: choose a new ward folder")
         check_layout(compartments, slices, by, numerics, adapter)
-        imported = base is not None and is_folder(base)
-        if base is not None and not imported:
-            load_source(base)  # fails early on bad public data
+        base_fields = base_config(base)  # fails early on bad public data
         dataset = load_source(data) if isinstance(data, str) else data
         spec = data if isinstance(data, str) else "dataset"
         channels = channels or dataset.shape[0]
@@ -150,8 +145,7 @@ class Ward(WardChanges):
             num_classes=dataset.num_classes if dataset.labels is not None else None, seed=seed, slices=slices, by=by,
             compartments=compartments, weights=weights, router=router, guard=guard, guard_settings=guard_settings or GuardConfig(),
             numerics=numerics, train=train or TrainConfig(), router_train=router_train or WardConfig.__dataclass_fields__["router_train"].default_factory(),
-            base=None if base is None else "imported" if imported else "public", public=None if base is None or imported else base, adapter=adapter,
-            public_train=public_train or WardConfig.__dataclass_fields__["public_train"].default_factory(),
+            **base_fields, adapter=adapter, public_train=public_train or WardConfig.__dataclass_fields__["public_train"].default_factory(),
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -160,7 +154,7 @@ class Ward(WardChanges):
             ledger = Ledger(staging / "ledger.sqlite", create=True)
             ward = cls(staging, config, ledger)
             ward._denoiser_probe()  # fails early on a bad preset or size
-            if imported:
+            if config.base == "imported":
                 import_base(staging, config, ledger, Path(base))
             config.save(staging)
             insert_samples(ledger, config, dataset.resized(image_size, channels), spec, new_compartments=compartments)
