@@ -129,3 +129,27 @@ def test_one_rule_for_sample_ids_at_init_and_over_http(tmp_path):
     limits = ServiceLimits()
     body = json.dumps({"ids": ["x" * MAX_ID_LENGTH] * limits.max_forget_ids}).encode()
     assert len(body) <= limits.max_body_bytes
+
+
+def test_data_cannot_make_memory_unbounded(tmp_path):
+    """Issue 19, defect 6: one huge image among small ones is held at a bounded size (and an image above the pixel limit
+    is refused by name before it is decoded); an absurd label is refused with its sample ID."""
+    import numpy as np
+    from PIL import Image
+
+    from dataward.data import MAX_CLASSES, MAX_WORKING_SIDE, load_source
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("L", (3000, 2000), 255).save(folder / "a-huge.png")  # sorted first: it used to set every image's size
+    for k in range(3):
+        Image.new("L", (8, 8), 40 * k).save(folder / f"b-{k}.png")
+    data = load_source(f"folder:{folder}")
+    assert data.images.shape == (4, 1, MAX_WORKING_SIDE, MAX_WORKING_SIDE)
+    Image.new("L", (8000, 7000), 0).save(folder / "c-too-big.png")
+    with pytest.raises(DatawardError, match="c-too-big.png is 8000x7000 pixels"):
+        load_source(f"folder:{folder}")
+    path = tmp_path / "labels.npz"
+    np.savez(path, images=np.zeros((3, 8, 8), dtype=np.float32), labels=np.array([0, 3_000_000, 1]), ids=np.array(["a", "b", "c"]))
+    with pytest.raises(DatawardError, match=f"'b' has label 3000000; labels must be below {MAX_CLASSES:,}"):
+        load_source(f"npz:{path}")

@@ -30,6 +30,9 @@ DIGITS_COUNT = 1797
 DIGITS_HELDOUT = 297
 DIGITS_SPLIT_SEED = 0
 PRINTED_FONT_SIZE = 64  # glyphs are drawn at this size on a canvas twice as wide, then cropped to the ink
+MAX_IMAGE_PIXELS = 50_000_000  # an image file above this is refused before it is decoded (the file is named)
+MAX_WORKING_SIDE = 256  # folder images are held at most this large until the ward resizes them (the presets stop at 64)
+MAX_CLASSES = 10_000  # a label at or above this is refused (a class table that size is already absurd for a UNet)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 
@@ -243,12 +246,20 @@ def render_strokes(count: int, seed: int = 0, image_size: int = 8) -> Dataset:
 
 
 def _read_image(path: Path) -> np.ndarray:
+    """One image in [0, 1] (H, W) or (H, W, 3), decoded at most ``2 * MAX_WORKING_SIDE`` per side."""
     try:
         with Image.open(path) as img:
+            width, height = img.size  # from the header: nothing is decoded yet
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DatawardError(f"image {path} is {width}x{height} pixels, above the {MAX_IMAGE_PIXELS:,} dataward reads: "
+                                    f"downscale it first (the ward trains at 8-64 px)")
+            img.draft(None, (2 * MAX_WORKING_SIDE, 2 * MAX_WORKING_SIDE))  # JPEG: decode at a reduced scale
             img.load()
+            if max(img.size) > 2 * MAX_WORKING_SIDE:
+                img.thumbnail((2 * MAX_WORKING_SIDE, 2 * MAX_WORKING_SIDE))
             mode = "L" if img.mode in ("1", "L", "I", "I;16", "F", "LA", "P") and img.mode != "P" else "RGB"
             return np.asarray(img.convert(mode), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         raise DatawardError(f"cannot read image {path}: {error}") from None
 
 
@@ -268,13 +279,14 @@ def load_folder(root: Path) -> Dataset:
         if f.suffix.lower() not in IMAGE_SUFFIXES:
             raise DatawardError(f"{f} is not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
     arrays = [_read_image(f) for f, _ in entries]
-    size = arrays[0].shape[:2]
+    size = tuple(min(side, MAX_WORKING_SIDE) for side in arrays[0].shape[:2])
     channels = 3 if any(a.ndim == 3 for a in arrays) else 1
     tensors = []
-    for a in arrays:
+    for k, a in enumerate(arrays):
         t = torch.from_numpy(a)
         t = t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0).expand(channels, -1, -1)
         tensors.append(fit_images(t[None], channels, *size)[0])
+        arrays[k] = None  # the decoded array is no longer needed
     images = torch.stack(tensors) * 2.0 - 1.0
     labels = torch.tensor([c for _, c in entries]) if class_dirs else None
     ids = tuple(str(f.relative_to(root)) for f, _ in entries)
@@ -323,6 +335,10 @@ def load_npz(path: Path) -> Dataset:
             raise DatawardError(f"{path}: 'labels' must have one entry per image ({n}), got shape {raw.shape}")
         if raw.dtype.kind not in "iu" or (raw < 0).any():
             raise DatawardError(f"{path}: 'labels' must be non-negative integers, got dtype {raw.dtype}")
+        if (raw >= MAX_CLASSES).any():
+            worst = int(np.argmax(raw))
+            raise DatawardError(f"{path}: sample {ids[worst]!r} has label {int(raw[worst])}; labels must be below {MAX_CLASSES:,} "
+                                f"(class numbers 0..K-1, one per class)")
         labels = torch.from_numpy(raw.astype(np.int64))
     owners = None
     if "owners" in arrays:
