@@ -52,7 +52,10 @@ def base_config(base: str | None) -> dict:
         return {"base": None, "public": None}
     if is_folder(base):
         return {"base": "imported", "public": None}
-    load_source(base)
+    try:
+        load_source(base)
+    except DatawardError as error:
+        raise DatawardError(f"the base {base!r} is neither a folder nor public data that loads ({error})") from None
     return {"base": "public", "public": base}
 
 
