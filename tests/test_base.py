@@ -165,7 +165,7 @@ def test_lora_ward_size_is_a_fraction_of_full(tmp_path):
 
 
 def test_dp_per_sample_gradients_of_adapter_parameters_match_single_sample_backward():
-    from test_privacy import _digits, _fixed_batch, _loss, _mismatches
+    from test_privacy import _digits, _fixed_batch, _loss, _mismatches, _reference_grads
 
     def lora_model():
         model = add_lora(build_unet("tiny", 8, 1, 10, seed=0), rank=4, seed=1)
@@ -175,16 +175,8 @@ def test_dp_per_sample_gradients_of_adapter_parameters_match_single_sample_backw
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
         return model
 
-    x_t, noise, t, y = batch = _fixed_batch()
-    reference_model = lora_model()
-    reference: dict[str, list] = {n: [] for n, p in reference_model.named_parameters() if p.requires_grad}
-    for i in range(x_t.shape[0]):
-        reference_model.zero_grad(set_to_none=True)
-        _loss(reference_model, x_t[i:i + 1], noise[i:i + 1], t[i:i + 1], y[i:i + 1]).sum().backward()
-        for name, p in reference_model.named_parameters():
-            if p.requires_grad:
-                reference[name].append(p.grad.clone())
-    reference = {n: torch.stack(v) for n, v in reference.items()}
+    batch = _fixed_batch()
+    reference = _reference_grads("lora", batch, lora_model())
     model = lora_model()
     state = TrainState.fresh(model, TrainConfig(), trainable_filter("lora"))
     private = make_private(state, _digits(16), DPConfig(epsilon=10, batch=4, epochs=1, trainable="lora", accountant="rdp"), seed=0)

@@ -69,8 +69,10 @@ def _loss(model, x_t, noise, t, y):
     return (model(x_t, t, class_labels=y).sample - noise).pow(2).flatten(1).mean(dim=1)  # (B,)
 
 
-def _reference_grads(trainable: str, batch) -> dict[str, torch.Tensor]:
-    model = _unet()
+def _reference_grads(trainable: str, batch, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Per-example gradients of the ``trainable`` parameters by one plain backward pass per example (of ``model``, by
+    default a fresh ``_unet()``)."""
+    model = _unet() if model is None else model
     keep = trainable_filter(trainable)
     for name, p in model.named_parameters():
         p.requires_grad_(keep(name))

@@ -140,25 +140,20 @@ class JobRunner:
         )
         return self._save_stage(lineage, 0, lineage.stage_ids[0], state, out_root, {"privacy": record.to_dict(check_accountant=other_accountant(dp.accountant))})
 
-    def _start_metadata(self, lineage: Lineage) -> dict:
-        """What a checkpoint records of the model its lineage started from: the base's hash and the adapter's rank."""
-        start = self.planner.start_model(lineage)
-        if start is None:
-            return {}
-        return {"base_sha256": start.metadata["weights_sha256"]} | ({} if self.config.lora_rank() is None else {"lora_rank": self.config.lora_rank()})
-
     def _save_stage(self, lineage: Lineage, stage: int, ids: tuple[str, ...], state: TrainState, out_root: Path, extra: dict) -> dict:
-        """Write one stage's checkpoint folder (its EMA weights, training state and metadata)."""
-        model = state.ema_model()
-        if self.planner.start_model(lineage) is not None and self.config.lora_rank() is not None:
-            model = AdapterCheckpoint(model, self.config.lora_rank())  # the adapter alone: the base is stored once
+        """Write one stage's checkpoint folder (its EMA weights, or its adapter alone: the base is stored once; training
+        state; metadata, with the base's hash and the adapter's rank when the lineage started from the base)."""
+        model, start, rank = state.ema_model(), self.planner.start_model(lineage), self.config.lora_rank()
+        origin = {} if start is None else {"base_sha256": start.metadata["weights_sha256"]} | ({} if rank is None else {"lora_rank": rank})
+        if "lora_rank" in origin:
+            model = AdapterCheckpoint(model, rank)
 
         def metadata(weights_sha256: str) -> dict:
             return {
                 "kind": lineage.kind, "compartment": lineage.compartment, "stage": stage, "ids_hash": ids_hash(ids),
                 "num_ids": len(ids), "seed": self.config.seed, "steps": state.step, "train": asdict(lineage.config),
                 "dataward_version": dataward.__version__, "weights_sha256": weights_sha256, "numerics": numerics.fingerprint(),
-            } | self._start_metadata(lineage) | KINDS[lineage.kind].structure(self.context) | {"variant": lineage.variant} | extra
+            } | origin | KINDS[lineage.kind].structure(self.context) | {"variant": lineage.variant} | extra
 
         folder, meta = write_checkpoint(out_root, folder_prefix(lineage.kind, lineage.compartment) + str(stage), model, state, metadata)
         return {"stage": stage, "folder": folder, "ids": list(ids), "metadata": meta}
