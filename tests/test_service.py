@@ -382,6 +382,62 @@ def test_overload_is_answered_429_with_retry_after(ward_copy, monkeypatch):
         assert c.post("/v1/generate", headers=auth(keys["c0"]), json=body).status_code == 200
 
 
+def test_waiting_in_the_queue_does_not_count_against_the_timeout(service_ward, monkeypatch):
+    """Issue 19, defect 5: a request queued behind a long generation used to end in 503 when the wait passed the timeout."""
+    path, keys = service_ward
+    gate = Gate(monkeypatch)
+    body = {"n": 1, "steps": STEPS}
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, limits=ServiceLimits(generate_timeout_s=1.0))) as c:
+        running = in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json=body)
+        assert gate.entered.wait(60)
+        queued = in_thread(c.post, "/v1/generate", headers=auth(keys["c1"]), json=body)
+        time.sleep(2.0)  # the queued request has waited twice the timeout
+        gate.release.set()
+        for box in (running, queued):
+            box["thread"].join(60)
+            assert box["result"].status_code == 200, box["result"].text
+
+
+def test_a_generation_past_the_timeout_is_stopped_at_its_next_step(service_ward, monkeypatch):
+    from dataward.app.service.generation import RunClock
+
+    path, keys = service_ward
+    steps_run = []
+    original = RunClock.update
+    monkeypatch.setattr(RunClock, "update", lambda clock, *a, **k: (steps_run.append(1), original(clock, *a, **k)))
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, limits=ServiceLimits(generate_timeout_s=0.05))) as c:
+        r = c.post("/v1/generate", headers=auth(keys["c0"]), json={"n": 64, "steps": 250})
+        assert_clean_error(r, 503, "stopped", "fewer images or steps")
+        assert c.app.state.service.admitted == 0  # the worker is free: the run ended, not just the request
+        assert 1 <= len(steps_run) < 250
+        assert c.post("/v1/generate", headers=auth(keys["c0"]), json={"n": 1, "steps": STEPS}).status_code == 200
+
+
+def test_admission_counts_the_work_ahead(service_ward, monkeypatch):
+    """With a measured rate, a request that would not finish within the timeout behind the admitted work is refused at once."""
+    path, keys = service_ward
+    gate = Gate(monkeypatch)
+    with TestClient(create_app(path, pool_size=1, queue_size=4, torch_threads=1, limits=ServiceLimits(generate_timeout_s=10.0))) as c:
+        pool = c.app.state.service.generations
+        running = in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json={"n": 64, "steps": 100})  # 6,400 units
+        assert gate.entered.wait(60)
+        pool.seconds_per_work = 1e-3  # as if measured: the running generation needs ~6.4 s
+        big = c.post("/v1/generate", headers=auth(keys["c0"]), json={"n": 64, "steps": 100})  # 6.4 + 6.4 s > 10 s
+        assert_clean_error(big, 429, "would not finish within 10 s")
+        assert int(big.headers["retry-after"]) == 7  # ceil(6.4 s of work ahead on 1 worker)
+        small = in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json={"n": 1, "steps": STEPS})  # fits: admitted
+        deadline = time.time() + 30
+        while pool.admitted < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert pool.admitted == 2 and pool.admitted_work == 6400 + 2
+        gate.release.set()
+        for box in (running, small):
+            box["thread"].join(60)
+            assert box["result"].status_code == 200
+        assert pool.admitted == 0 and pool.admitted_work == 0
+        assert pool.seconds_per_work != 1e-3  # learned from the runs that finished
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

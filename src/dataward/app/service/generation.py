@@ -1,4 +1,5 @@
-"""Generation: a bounded pool of threads (one :class:`Ward` each), admission (429 beyond pool + queue), and the loop
+"""Generation: a bounded pool of threads (one :class:`Ward` each), admission by count and by work (429 when the pool is full
+or the work ahead would not finish in time), the clock that stops a generation running past the timeout, and the loop
 that runs a generation, checks on the event loop that no model it used was tainted by a forget, and re-runs it if one was.
 """
 
@@ -34,6 +35,43 @@ class Attempt:
     used: set[int]
     epoch: int
     error: ServiceError | None = None
+    seconds: float | None = None  # run time of a generation that finished
+
+
+class GenerationStopped(Exception):
+    """Raised inside a pool thread at the step after a :class:`RunClock` ran out or was stopped."""
+
+
+class RunClock:
+    """Handed to :meth:`Ward.sample` as its progress display: the generation ends at the next sampling step once it has
+    run ``timeout_s`` (counted from :meth:`start`, not from admission) or once :meth:`stop` was called (client gone)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.deadline = math.inf
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        """The attempt begins running in a pool thread."""
+        self.deadline = time.monotonic() + self.timeout_s
+
+    def stop(self) -> None:
+        """End the generation at its next step (from any thread)."""
+        self.stopped.set()
+
+    def add_task(self, description: str, total: int) -> int:
+        return 0
+
+    def update(self, task: int, advance: int = 1, **fields) -> None:
+        if self.stopped.is_set() or time.monotonic() > self.deadline:
+            raise GenerationStopped
+
+
+def request_work(body: GenerateRequest, key: ApiKey, weights: str) -> int:
+    """What a generation costs, in denoiser evaluations of one image: images x steps x models evaluated per step (x2 with
+    the guard's gradient)."""
+    models = 1 if weights == "soup" else min(len(key.allow), body.top_k or len(key.allow))
+    return body.n * body.steps * models * (2 if body.guard else 1)
 
 
 class UsageRecorder:
@@ -73,8 +111,10 @@ def choose_weights(body: GenerateRequest, key: ApiKey, ward: Ward) -> str:
 
 
 class GenerationPool:
-    """``pool_size`` threads that generate, each with its own ward; at most ``pool_size + queue_size`` generations
-    admitted. Admission counters are touched on the event loop only."""
+    """``pool_size`` threads that generate, each with its own ward. Admitted: at most ``pool_size + queue_size``
+    generations, and, once a run time has been measured, only while the work ahead of a request (in image-step-model
+    units, :func:`request_work`) is estimated to finish within the timeout. Admission counters are touched on the event
+    loop only."""
 
     def __init__(self, path: Path, pool_size: int, queue_size: int, limits: ServiceLimits, torch_threads: int):
         self.path = path
@@ -83,8 +123,9 @@ class GenerationPool:
         self.limits = limits
         self.torch_threads = torch_threads
         self.admitted = 0  # generations admitted and not finished
+        self.admitted_work = 0  # their work (request_work units)
         self.draining = False  # set at shutdown: no new generations (nor forgets)
-        self.mean_seconds = 1.0  # moving average of a generation's run time (for Retry-After)
+        self.seconds_per_work: float | None = None  # moving average of run seconds per work unit (None until one ran)
         self._executor: ThreadPoolExecutor | None = None
         self._local = threading.local()  # per pool thread: its ward and usage recorder
         self._wards: list[Ward] = []
@@ -121,30 +162,47 @@ class GenerationPool:
                 ward.close()
 
     # admission ------------------------------------------------------------------------------------------------------
+    def wait_seconds(self) -> float:
+        """Estimated seconds until the admitted work is done (0 before any run was measured)."""
+        return (self.seconds_per_work or 0.0) * self.admitted_work / self.pool_size
+
     def retry_after(self) -> str:
         """Seconds until a slot is likely free."""
-        return str(max(1, math.ceil(self.mean_seconds * max(1, self.admitted) / self.pool_size)))
+        return str(max(1, math.ceil(self.wait_seconds())))
 
-    def busy(self) -> ServiceError:
+    def busy(self, reason: str | None = None) -> ServiceError:
         """The 429 of a full pool."""
-        return ServiceError(429, f"busy: {self.admitted} generations running or queued (capacity {self.capacity}); retry later",
-                            {"Retry-After": self.retry_after()})
+        reason = reason or f"{self.admitted} generations running or queued (capacity {self.capacity})"
+        return ServiceError(429, f"busy: {reason}; retry later", {"Retry-After": self.retry_after()})
 
-    def admit(self) -> None:
-        """Take a generation slot or refuse with 429 (503 while shutting down)."""
+    def admit(self, work: int) -> None:
+        """Take a generation slot for ``work`` units or refuse with 429 (503 while shutting down)."""
         if self.draining:
             raise shutting_down("retry on another instance or later")
         if self.admitted >= self.capacity:
             raise self.busy()
+        if self.admitted and self.seconds_per_work is not None:
+            wait = self.wait_seconds()
+            if wait + self.seconds_per_work * work > self.limits.generate_timeout_s:
+                raise self.busy(f"the generations ahead of this one need about {wait:.0f} s, and it would not finish within "
+                                f"{self.limits.generate_timeout_s:.0f} s")
         self.admitted += 1
+        self.admitted_work += work
 
-    def release(self, *_: object) -> None:
-        """Give a slot back (event loop only; also a future's done callback)."""
+    def release(self, work: int) -> None:
+        """Give a slot back (event loop only)."""
         self.admitted -= 1
+        self.admitted_work -= work
+
+    def measured(self, seconds: float, work: int) -> None:
+        """Learn the run time of a finished generation."""
+        rate = seconds / work
+        self.seconds_per_work = rate if self.seconds_per_work is None else 0.8 * self.seconds_per_work + 0.2 * rate
 
     # generation -----------------------------------------------------------------------------------------------------
-    def run_once(self, body: GenerateRequest, key: ApiKey, seed: int, weights: str) -> Attempt:
-        """Run in a pool thread: sample over the key's compartments and render the response body."""
+    def run_once(self, body: GenerateRequest, key: ApiKey, seed: int, weights: str, clock: RunClock) -> Attempt:
+        """Run in a pool thread: sample over the key's compartments and render the response body; stopped by ``clock``."""
+        clock.start()
         ward: Ward = self._local.ward
         recorder: UsageRecorder = self._local.recorder
         if torch.get_num_threads() != self.torch_threads:  # retraining sets its own count
@@ -152,7 +210,7 @@ class GenerationPool:
         epoch = ward.ledger.forget_count()
         ward.drop_unready_models()
         recorder.reset()
-        started = time.time()
+        started = time.monotonic()
         served = ward.served()
         if not any(c in served for c in key.allow):
             reason = "retraining after a forget" if ward.ledger.pending_forgets() else "the ward is not trained"
@@ -160,26 +218,32 @@ class GenerationPool:
                                                             {"Retry-After": "5"}))
         try:
             result = ward.sample(body.n, label=body.label, seed=seed, sampler=body.sampler, steps=body.steps, allowed=list(key.allow),
-                                 weights=weights, top_k=body.top_k, guard=body.guard)
+                                 weights=weights, top_k=body.top_k, guard=body.guard, progress=clock)
         except DatawardError as error:
             return Attempt(None, set(recorder.used), epoch, ServiceError(400, str(error)))
+        except GenerationStopped:
+            if clock.stopped.is_set():
+                return Attempt(None, set(recorder.used), epoch, shutting_down("the generation was stopped"))
+            return Attempt(None, set(recorder.used), epoch, ServiceError(
+                503, f"generation ran past {self.limits.generate_timeout_s:.0f} s and was stopped; retry with fewer images or steps",
+                {"Retry-After": self.retry_after()}))
         rendered = render_result(result, body, key, seed, ward.compartments())
-        self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.time() - started)
-        return Attempt(rendered, set(recorder.used), epoch)
+        return Attempt(rendered, set(recorder.used), epoch, seconds=time.monotonic() - started)
 
     async def generate(self, body: GenerateRequest, key: ApiKey, checker: Ward) -> Response:
         """Admit, run (re-running when a forget taints the models used), check with ``checker`` (the event loop's ward)
-        and respond."""
+        and respond. Each run is stopped at its next step once it ran past the timeout or the client went away."""
         check_limits(body, self.limits)
         weights = choose_weights(body, key, checker)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        self.admit()
+        work = request_work(body, key, weights)
+        self.admit(work)
+        clock = RunClock(self.limits.generate_timeout_s)
         future: asyncio.Future | None = None
-        deadline = time.monotonic() + self.limits.generate_timeout_s
         try:
             for attempt in range(1, self.limits.max_attempts + 1):
-                future = asyncio.get_running_loop().run_in_executor(self._executor, self.run_once, body, key, seed, weights)
-                result = await self._wait(future, deadline)
+                future = asyncio.get_running_loop().run_in_executor(self._executor, self.run_once, body, key, seed, weights, clock)
+                result = await self._wait(future, clock)
                 # From here to the return: no await, so no forget's 202 can be returned in between (see the package doc).
                 tainted = checker.ledger.tainted_models(list(result.used))
                 if tainted or (result.error is not None and checker.ledger.forget_count() != result.epoch):
@@ -187,23 +251,23 @@ class GenerationPool:
                     continue
                 if result.error is not None:
                     raise result.error
+                self.measured(result.seconds, work)
                 return Response(result.body, media_type="application/json", headers={"X-Dataward-Attempts": str(attempt)})
             raise ServiceError(503, "forget requests kept changing the models during this generation; retry",
                                {"Retry-After": self.retry_after()})
         finally:
             if future is not None and not future.done():
-                future.add_done_callback(self.release)  # the thread still runs: its slot frees when it ends
+                future.add_done_callback(lambda _: self.release(work))  # the thread stops at its next step; its slot frees then
             else:
-                self.release()
+                self.release(work)
 
-    async def _wait(self, future: asyncio.Future, deadline: float) -> Attempt:
-        """The attempt of ``future``, or 503 when it runs past ``deadline`` or the pool dropped it at shutdown."""
+    @staticmethod
+    async def _wait(future: asyncio.Future, clock: RunClock) -> Attempt:
+        """The attempt of ``future``; if this request is cancelled (client gone, shutdown), the run is stopped."""
         try:
-            return await asyncio.wait_for(asyncio.shield(future), max(0.001, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise ServiceError(503, f"generation took longer than {self.limits.generate_timeout_s:.0f} s; retry with fewer images or steps",
-                               {"Retry-After": self.retry_after()}) from None
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
+            clock.stop()
             task = asyncio.current_task()
             if future.cancelled() and not (task and task.cancelling()):  # the pool refused queued work at shutdown
                 raise shutting_down("retry later") from None

@@ -18,7 +18,7 @@ class ServiceLimits:
     max_steps: int = 250  # sampling steps per request
     max_body_bytes: int = 6 * 1024 * 1024  # request body size (413 above it): fits max_forget_ids IDs of MAX_ID_LENGTH ASCII characters
     max_forget_ids: int = 10_000  # sample IDs per forget request
-    generate_timeout_s: float = 120.0  # a generation still running after this answers 503 (its slot frees when it ends)
+    generate_timeout_s: float = 120.0  # a generation running longer is stopped at its next step and answers 503 (waiting in the queue does not count)
     max_attempts: int = 3  # runs of one generation when forgets keep tainting its models (then 503)
     shutdown_timeout_s: float = 30.0  # how long shutdown waits for admitted generations and retraining
 
