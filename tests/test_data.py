@@ -110,6 +110,25 @@ def test_npz_never_unpickles(tmp_path):
         load_source(f"npz:{path}")
 
 
+def test_random_bytes_are_not_an_npz_not_a_pickle(tmp_path):
+    path = tmp_path / "noise.npz"
+    path.write_bytes(np.random.default_rng(0).bytes(300))
+    with pytest.raises(DatawardError, match="noise.npz: not an .npz file") as error:
+        load_source(f"npz:{path}")
+    assert "pickle" not in str(error.value)
+
+
+def test_loose_images_beside_class_folders_are_refused_by_name(tmp_path):
+    (tmp_path / "cat").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "cat" / "a.png")
+    Image.new("L", (8, 8)).save(tmp_path / "stray.png")
+    with pytest.raises(DatawardError, match="1 image.* outside them .*stray.png"):
+        load_source(f"folder:{tmp_path}")
+    (tmp_path / "stray.png").unlink()
+    (tmp_path / ".cache").mkdir()  # hidden folders are not classes
+    assert load_source(f"folder:{tmp_path}").num_classes == 1
+
+
 def test_nan_image_is_named(tmp_path):
     images = np.zeros((3, 8, 8), dtype=np.float32)
     images[1, 2, 2] = np.inf

@@ -150,3 +150,38 @@ def test_data_cannot_make_memory_unbounded(tmp_path):
     np.savez(path, images=np.zeros((3, 8, 8), dtype=np.float32), labels=np.array([0, 3_000_000, 1]), ids=np.array(["a", "b", "c"]))
     with pytest.raises(DatawardError, match=f"'b' has label 3000000; labels must be below {MAX_CLASSES:,}"):
         load_source(f"npz:{path}")
+
+
+def test_a_truncated_ledger_is_refused_naming_the_file(ward_copy):
+    path = ward_copy.path
+    ward_copy.close()
+    ledger = path / "ledger.sqlite"
+    ledger.write_bytes(ledger.read_bytes()[:2048])
+    with pytest.raises(DatawardError, match=r"ledger\.sqlite is not a readable dataward ledger .*restore the ward folder"):
+        Ward.open(path)
+
+
+def test_a_creation_killed_midway_leaves_nothing_the_next_one_keeps(tmp_path):
+    """kill -9 during `init` used to leave a hidden staging folder forever; the next creation beside it removes it,
+    but never the folder of a creation that is still running (its lock is held)."""
+    import subprocess
+    import sys
+
+    from dataward.store.lock import new_staging
+
+    killed = subprocess.run([sys.executable, "-c", "import os, signal, pathlib\n"
+                             "from dataward.store.lock import new_staging\n"
+                             f"staging, _ = new_staging(pathlib.Path({str(tmp_path / 'w')!r}))\n"
+                             "(staging / 'half-written').write_text('x')\n"
+                             "os.kill(os.getpid(), signal.SIGKILL)"])
+    assert killed.returncode == -9
+    [abandoned] = tmp_path.glob(".w.dataward-init-*")
+    (tmp_path / ".w.backup").mkdir()  # the user's own hidden folder beside the ward
+    running, lock = new_staging(tmp_path / "w")  # another creation of the same name, still running
+    assert not abandoned.exists() and running.exists()
+    try:
+        make_ward(tmp_path / "w", data="digits:subset=20")
+        assert running.exists()  # its lock is held: left alone
+    finally:
+        lock.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".w.backup", running.name, "w"]

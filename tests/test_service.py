@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,6 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from dataward.app.service import ServiceLimits, StaleTraining, create_app, open_retraining_ward
+from dataward.app.service.core import Service
 from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
@@ -105,10 +108,17 @@ def test_every_endpoint_needs_a_valid_unrevoked_key(client, method, url, body):
         assert r.headers["www-authenticate"] == "Bearer"
 
 
+def service_ward_path(c: TestClient) -> tuple[Path, Service]:
+    return c.app.state.service.path, c.app.state.service
+
+
 def test_health_is_open_and_keys_work_in_both_headers(client):
     c, keys = client
     assert c.get("/healthz").json() == {"status": "ok"}
-    assert c.get("/readyz", headers=auth(keys["c0"])).json()["ready"] is True
+    ready = c.get("/readyz", headers=auth(keys["c0"])).json()
+    assert ready["ready"] is True
+    assert "pending_forgets" not in ready and "retraining" not in ready  # whether someone asked to be forgotten: admins only
+    assert c.get("/readyz", headers=auth(keys["admin"])).json()["pending_forgets"] == 0
     assert c.get("/readyz", headers={"X-API-Key": keys["c0"]}).status_code == 200
 
 
@@ -120,6 +130,17 @@ def test_revoking_takes_effect_on_the_next_request(ward_copy):
         ward.ledger.revoke_key("c1")  # as `dataward keys WARD revoke c1` does, from another process
         ward.close()
         assert_clean_error(c.get("/v1/compartments", headers=auth(keys["c1"])), 401, "revoked")
+
+
+def test_an_admin_key_without_compartments_may_forget_but_not_generate(ward_copy):
+    path, keys = ward_copy
+    ward = Ward.open(path, worker=True)
+    _, forgetter = ward.ledger.create_key("forget-only", [], admin=True)
+    ward.close()
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1)) as c:
+        assert_clean_error(c.post("/v1/generate", headers=auth(forgetter), json={"n": 1, "steps": STEPS}), 403, "no compartment")
+        assert c.get("/v1/compartments", headers=auth(forgetter)).json()["compartments"] == []
+        assert c.app.state.service.admitted == 0
 
 
 def test_admin_endpoints_refuse_other_keys(client):
@@ -204,7 +225,10 @@ def test_limits_and_bad_input_are_clear_4xx(client):
     assert_clean_error(c.post("/v1/generate", headers=h, json={"n": "3"}), 422, "n")
     assert_clean_error(c.post("/v1/generate", headers=h, json={"sampler": "euler"}), 422, "sampler")
     assert_clean_error(c.post("/v1/generate", headers=h, json={"n": 1, "steps": STEPS, "label": 99}), 400, "label")
-    assert_clean_error(c.post("/v1/generate", headers=h, json={"n": 1, "steps": STEPS, "guard": True}), 400, "guard")
+    no_guard = c.post("/v1/generate", headers=h, json={"n": 1, "steps": STEPS, "guard": True})
+    assert_clean_error(no_guard, 400, "guard", "`dataward guard WARD`")
+    path, _ = service_ward_path(c)
+    assert str(path.parent) not in no_guard.text and str(path.resolve().parent) not in no_guard.text  # no server path leaks
     density_ddim = {"n": 1, "steps": STEPS, "weights": "density", "sampler": "ddim"}
     assert_clean_error(c.post("/v1/generate", headers=auth(keys["admin"]), json=density_ddim), 400, "ddpm")
     assert_clean_error(c.post("/v1/generate", headers=h | {"content-type": "application/json"}, content=b"{not json"), 422, "invalid JSON")
@@ -213,6 +237,8 @@ def test_limits_and_bad_input_are_clear_4xx(client):
     assert_clean_error(c.post("/v1/forget", headers=auth(keys["admin"]), json={"ids": []}), 422, "ids")
     assert_clean_error(c.post("/v1/forget", headers=auth(keys["admin"]), json={"ids": ["x" * 600]}), 422, "ids")
     assert_clean_error(c.get("/v1/nothing-here", headers=h), 404, "Not Found")
+    assert_clean_error(c.get("/v1/compartments?api_key=" + keys["c0"]), 400, "no query parameters", "never in a URL")
+    assert_clean_error(c.get("/v1/compartments?x=1", headers=h), 400, "no query parameters")
 
 
 def test_streamed_bodies_are_limited_too(client):
@@ -438,6 +464,15 @@ def test_admission_counts_the_work_ahead(service_ward, monkeypatch):
         assert pool.seconds_per_work != 1e-3  # learned from the runs that finished
 
 
+class RecordingHandler(logging.Handler):
+    def __init__(self, lines: list[str]):
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -451,7 +486,9 @@ def test_real_uvicorn_serves_and_shuts_down_gracefully(ward_copy, monkeypatch):
     path, keys = ward_copy
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(path, pool_size=1, queue_size=1, torch_threads=1), host="127.0.0.1", port=port,
-                                           log_level="warning", timeout_graceful_shutdown=30))
+                                           log_level="info", timeout_graceful_shutdown=30))
+    access_log: list[str] = []  # what uvicorn's access log writes (its config has just been applied)
+    logging.getLogger("uvicorn.access").addHandler(RecordingHandler(access_log))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -463,6 +500,9 @@ def test_real_uvicorn_serves_and_shuts_down_gracefully(ward_copy, monkeypatch):
         with httpx.Client(base_url=base, timeout=60) as http:
             assert http.get("/healthz").json() == {"status": "ok"}
             assert http.get("/v1/compartments").status_code == 401
+            assert http.get(f"/v1/compartments?key={keys['c1']}").status_code == 400
+            assert any("/v1/compartments HTTP/1.1\" 400" in line for line in access_log), access_log
+            assert not any(keys["c1"] in line for line in access_log)  # the key sent in the URL is never logged
             r = http.post("/v1/generate", headers={"X-API-Key": keys["c1"]}, json={"n": 2, "steps": STEPS})
             assert r.status_code == 200 and r.json()["compartments"] == [1]
         gate = Gate(monkeypatch)

@@ -267,7 +267,11 @@ def load_folder(root: Path) -> Dataset:
     """A folder of images: one sub-folder per class (labels by sorted sub-folder name) or flat (no labels)."""
     if not root.is_dir():
         raise DatawardError(f"data folder {root} does not exist or is not a folder")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if class_dirs and loose:
+        raise DatawardError(f"data folder {root} has class sub-folders and {len(loose)} image(s) outside them (e.g. "
+                            f"{loose[0]}), which would have no label: move them into a class folder or elsewhere")
     if class_dirs:
         entries = [(f, c) for c, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if f.is_file()]
     else:
@@ -297,6 +301,8 @@ def load_npz(path: Path) -> Dataset:
     """An .npz with ``images`` and optional ``labels``, ``ids``, ``owners``; never unpickles anything."""
     if not path.is_file():
         raise DatawardError(f"npz file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise DatawardError(f"cannot read {path}: not an .npz file (an npz is a zip archive of .npy arrays, as np.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}

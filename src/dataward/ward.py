@@ -12,7 +12,6 @@ facade alone writes the ledger (registering, forgetting) and ward.json, and owns
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -40,7 +39,7 @@ from dataward.numerics import Numerics
 from dataward.certificate import forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
 from dataward.store.ledger import Ledger, ModelRecord
-from dataward.store.lock import WriterBusy, WriterLock
+from dataward.store.lock import WriterBusy, WriterLock, new_staging
 from dataward.training.executors import run_on_ray
 from dataward.training.loop import TrainConfig
 from dataward.training.planner import Lineage, Planner, TrainJob
@@ -148,7 +147,7 @@ class Ward(WardChanges):
             **base_fields, adapter=adapter, public_train=public_train or WardConfig.__dataclass_fields__["public_train"].default_factory(),
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        staging, staging_lock = new_staging(path)
         try:
             (staging / MODELS_DIR).mkdir()
             ledger = Ledger(staging / "ledger.sqlite", create=True)
@@ -165,6 +164,8 @@ class Ward(WardChanges):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        finally:
+            staging_lock.release()
         return cls.open(path)
 
     @classmethod

@@ -48,6 +48,18 @@ class Ledger:
             raise DatawardError(f"no ledger at {path}: is this a ward? (create one with `dataward init`)")
         self.path = path
         self.db = sqlite3.connect(str(path), isolation_level=None, timeout=60.0, check_same_thread=False)
+        try:
+            self._prepare(create)
+        except sqlite3.DatabaseError as error:
+            self.db.close()
+            raise DatawardError(f"{path} is not a readable dataward ledger ({error}): the file is damaged or not a ledger; "
+                                "restore the ward folder from a backup") from None
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _prepare(self, create: bool) -> None:
+        """Set the connection's pragmas, create the schema if asked, and check the schema version."""
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
@@ -60,7 +72,7 @@ class Ledger:
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         version = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if version is None or int(version[0]) != SCHEMA_VERSION:
-            raise DatawardError(f"{path}: ledger schema version {version and version[0]} is not the supported {SCHEMA_VERSION}")
+            raise DatawardError(f"{self.path}: ledger schema version {version and version[0]} is not the supported {SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Close the connection (the last one to close folds the write-ahead log into the database)."""

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from dataward.errors import DatawardError
 
 LOCK_FILE = "writer.lock"
+STAGING_MARK = ".dataward-init-"  # a ward being created is built in ``.NAME.dataward-init-XXXX`` beside it, then renamed
 
 
 class WriterBusy(DatawardError):
@@ -66,3 +69,21 @@ class WriterLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def new_staging(ward: Path) -> tuple[Path, WriterLock]:
+    """A fresh folder beside ``ward`` to build it in, with its writer lock held (release it once the folder was renamed
+    into place). Folders left by a creation that was killed (their lock is free) are removed first; one that another
+    process is building (its lock is held) is left alone."""
+    for folder in ward.parent.glob(f".{ward.name}{STAGING_MARK}*"):
+        lock = WriterLock(folder)
+        try:
+            lock.acquire()
+        except (WriterBusy, OSError):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        lock.release()
+    staging = Path(tempfile.mkdtemp(prefix=f".{ward.name}{STAGING_MARK}", dir=ward.parent))
+    lock = WriterLock(staging)
+    lock.acquire()
+    return staging, lock

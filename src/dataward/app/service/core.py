@@ -128,12 +128,13 @@ class Service:
             "limits": {"max_n": self.limits.max_n, "max_steps": self.limits.max_steps},
         }
 
-    def readiness(self) -> tuple[bool, dict]:
-        """Ready when not draining and at least one compartment is served."""
+    def readiness(self, admin: bool) -> tuple[bool, dict]:
+        """Ready when not draining and at least one compartment is served. Whether forgets are pending and retraining runs
+        is said to admin keys only (it tells that someone asked to be forgotten)."""
         served = self.api.served()
         pool = self.generations
-        info = {
-            "draining": self.draining, "served_compartments": len(served), "pending_forgets": len(self.api.ledger.pending_forgets()),
-            "retraining": bool(self.retrainer and self.retrainer.running), "generations": {"admitted": pool.admitted, "capacity": pool.capacity},
-        }
+        info = {"draining": self.draining, "served_compartments": len(served),
+                "generations": {"admitted": pool.admitted, "capacity": pool.capacity}}
+        if admin:
+            info |= {"pending_forgets": len(self.api.ledger.pending_forgets()), "retraining": bool(self.retrainer and self.retrainer.running)}
         return (not self.draining and bool(served)), info

@@ -19,7 +19,7 @@ import torch
 from fastapi.responses import Response
 
 from dataward.app.service.render import render_result
-from dataward.app.service.schema import ApiKey, GenerateRequest, ServiceError, ServiceLimits, shutting_down
+from dataward.app.service.schema import ApiKey, GenerateRequest, ServiceError, ServiceLimits, client_message, shutting_down
 from dataward.errors import DatawardError
 from dataward.store.ledger import ModelRecord
 from dataward.ward import Ward, WardHooks
@@ -99,7 +99,10 @@ def check_limits(body: GenerateRequest, limits: ServiceLimits) -> None:
 
 
 def choose_weights(body: GenerateRequest, key: ApiKey, ward: Ward) -> str:
-    """Density weights unless the key reaches every compartment (the router saw them all)."""
+    """Density weights unless the key reaches every compartment (the router saw them all); 403 for a key with none."""
+    if not key.allow:
+        raise ServiceError(403, "this key may use no compartment, so it cannot generate (an admin key made with an empty "
+                                "--allow may only forget); create a key with `--allow`")
     everything = set(key.allow) >= set(ward.compartments())
     weights = body.weights or ward.config.weights
     if weights == "router" and not everything:
@@ -220,7 +223,7 @@ class GenerationPool:
             result = ward.sample(body.n, label=body.label, seed=seed, sampler=body.sampler, steps=body.steps, allowed=list(key.allow),
                                  weights=weights, top_k=body.top_k, guard=body.guard, progress=clock)
         except DatawardError as error:
-            return Attempt(None, set(recorder.used), epoch, ServiceError(400, str(error)))
+            return Attempt(None, set(recorder.used), epoch, ServiceError(400, client_message(error, self.path)))
         except GenerationStopped:
             if clock.stopped.is_set():
                 return Attempt(None, set(recorder.used), epoch, shutting_down("the generation was stopped"))

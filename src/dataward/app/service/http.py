@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dataward
 from dataward.app.service.core import Service
-from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits
+from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, client_message
 from dataward.errors import DatawardError
 from dataward.store.ledger import Ledger
 from dataward.ward import Ward
@@ -58,7 +58,7 @@ def create_app(
                     "Send your key as `Authorization: Bearer KEY` or `X-API-Key: KEY`.",
     )
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, service=service)
+    app.add_middleware(RequestGate, limit=limits.max_body_bytes, service=service)
     add_error_handlers(app)
     app.include_router(router)
     return app
@@ -110,7 +110,7 @@ async def healthz() -> dict:
 
 @router.get("/readyz", summary="Readiness: serving models, not shutting down")
 async def readyz(request: Request, key: ApiKey = Depends(require_key)):
-    ready, info = _service(request).readiness()
+    ready, info = _service(request).readiness(key.admin)
     return JSONResponse({"ready": ready, **info}, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"})
 
 
@@ -144,7 +144,7 @@ async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
 
 
 async def _dataward_error(request: Request, error: DatawardError) -> JSONResponse:
-    return _error(400, str(error))
+    return _error(400, client_message(error, _service(request).path))
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -181,9 +181,11 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _internal_error)
 
 
-# the body limit and the overload fast path ---------------------------------------------------------------------------
-class BodyLimit:
-    """ASGI middleware: 429 at once when generation is full; 413 for bodies over ``limit`` bytes (declared or streamed)."""
+# before the app: the overload fast path, no query strings, the body limit ---------------------------------------------
+class RequestGate:
+    """ASGI middleware: 429 at once when generation is full; 400 for any query string (the API takes none, and a key put
+    in a URL would be written to access logs: it is blanked before uvicorn logs the request); 413 for bodies over
+    ``limit`` bytes (declared or streamed)."""
 
     def __init__(self, app, limit: int, service: Service):
         self.app = app
@@ -193,6 +195,10 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("query_string"):
+            scope["query_string"] = b""  # uvicorn's access log writes the path with the query string of this scope
+            return await _send_json(send, 400, {"detail": "this API takes no query parameters; send your key in the "
+                                                          "`Authorization: Bearer KEY` or `X-API-Key` header, never in a URL"}, [])
         pool = self.service.generations
         if scope["path"] == "/v1/generate" and pool.admitted >= pool.capacity:
             # overload fast path: refuse before reading, parsing or authenticating (says only "busy")

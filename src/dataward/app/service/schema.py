@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -31,6 +32,14 @@ class ServiceError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+def client_message(error: Exception, ward: Path) -> str:
+    """An error's message for a client: the server's paths (the ward folder, however spelled) replaced by ``WARD``."""
+    message = str(error)
+    for spelling in sorted({str(ward), str(ward.resolve()), str(ward.absolute())}, key=len, reverse=True):
+        message = message.replace(spelling, "WARD")
+    return message
 
 
 def shutting_down(message: str) -> ServiceError:
