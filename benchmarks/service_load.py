@@ -55,10 +55,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ward: Path, port: int, workers: int, queue: int, log: Path) -> subprocess.Popen:
-    """`dataward serve` in a subprocess; returns once /healthz answers."""
+def start_server(ward: Path, port: int, workers: int, queue: int, log: Path, *options: str) -> subprocess.Popen:
+    """`dataward serve` in a subprocess (with more ``options``); returns once /healthz answers."""
     argv = ["dataward", "serve", str(ward), "--host", HOST, "--port", str(port), "--workers", str(workers), "--queue", str(queue),
-            "--log-level", "warning"]
+            "--log-level", "warning", *options]
     code = f"import sys; from dataward.app.cli import main; sys.argv = {argv!r}; main()"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 180

@@ -440,28 +440,36 @@ def test_a_generation_past_the_timeout_is_stopped_at_its_next_step(service_ward,
 
 
 def test_admission_counts_the_work_ahead(service_ward, monkeypatch):
-    """With a measured rate, a request that would not finish within the timeout behind the admitted work is refused at once."""
+    """With run times measured, a request that would wait longer than the timeout behind the admitted work is refused at
+    once; the estimate grows with n and steps (calls x (a + b n), fitted). The pool's count alone (5 of 5) would admit it."""
+    from dataward.app.service.admission import Work
+
     path, keys = service_ward
     gate = Gate(monkeypatch)
-    with TestClient(create_app(path, pool_size=1, queue_size=4, torch_threads=1, limits=ServiceLimits(generate_timeout_s=10.0))) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=5, torch_threads=1, limits=ServiceLimits(generate_timeout_s=10.0))) as c:
         pool = c.app.state.service.generations
-        running = in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json={"n": 64, "steps": 100})  # 6,400 units
+        for n, per_call in ((1, 0.81), (11, 0.91)):  # as if measured: 0.8 s per call + 0.01 s per image (a slow server)
+            pool.run_times.add(Work(n, 3), 3 * per_call)
+        assert pool.run_times.estimate(Work(32, 250)) == pytest.approx(250 * (0.8 + 32 * 0.01))
+        body = {"n": 2, "steps": 3}  # one compartment: estimated 3 calls x 0.82 s = 2.46 s (runs in milliseconds)
+        running = [in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json=body)]
         assert gate.entered.wait(60)
-        pool.seconds_per_work = 1e-3  # as if measured: the running generation needs ~6.4 s
-        big = c.post("/v1/generate", headers=auth(keys["c0"]), json={"n": 64, "steps": 100})  # 6.4 + 6.4 s > 10 s
-        assert_clean_error(big, 429, "would not finish within 10 s")
-        assert int(big.headers["retry-after"]) == 7  # ceil(6.4 s of work ahead on 1 worker)
-        small = in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json={"n": 1, "steps": STEPS})  # fits: admitted
-        deadline = time.time() + 30
-        while pool.admitted < 2 and time.time() < deadline:
-            time.sleep(0.01)
-        assert pool.admitted == 2 and pool.admitted_work == 6400 + 2
+        for _ in range(4):  # 2.46 s each: four ahead make 9.84 s <= 10 s; five, 12.3 s > 10 s
+            before = pool.admitted
+            running.append(in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json=body))
+            deadline = time.time() + 30
+            while pool.admitted == before and time.time() < deadline:
+                time.sleep(0.01)
+        assert pool.admitted == 5 and pool.admitted_seconds == pytest.approx(5 * 2.46)
+        refused = c.post("/v1/generate", headers=auth(keys["c0"]), json=body)
+        assert_clean_error(refused, 429, "need about 12 s, more than this server's 10 s")
+        assert int(refused.headers["retry-after"]) == 13  # ceil(12.3 s)
         gate.release.set()
-        for box in (running, small):
-            box["thread"].join(60)
+        for box in running:
+            box["thread"].join(120)
             assert box["result"].status_code == 200
-        assert pool.admitted == 0 and pool.admitted_work == 0
-        assert pool.seconds_per_work != 1e-3  # learned from the runs that finished
+        assert pool.admitted == 0 and pool.admitted_seconds == pytest.approx(0, abs=1e-9)
+        assert len(pool.run_times.runs) == 2 + 5  # learned from the runs that finished
 
 
 class RecordingHandler(logging.Handler):

@@ -77,6 +77,7 @@ def serve(
     queue: int = typer.Option(8, "--queue", help="Generations that may wait for a worker; beyond that: 429 with Retry-After."),
     max_n: int = typer.Option(64, "--max-n", help="Most images per request."),
     max_steps: int = typer.Option(250, "--max-steps", help="Most sampling steps per request."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds a generation may run (queue wait not counted); then it stops, 503."),
     torch_threads: int = typer.Option(1, "--torch-threads", help="torch intra-op threads per worker (keep workers x threads <= free cores)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
@@ -85,7 +86,7 @@ def serve(
 
     from dataward.app.service import ServiceLimits, create_app
 
-    service_app = create_app(ward, pool_size=workers, queue_size=queue, limits=ServiceLimits(max_n=max_n, max_steps=max_steps),
+    service_app = create_app(ward, pool_size=workers, queue_size=queue, limits=ServiceLimits(max_n=max_n, max_steps=max_steps, generate_timeout_s=timeout),
                              torch_threads=torch_threads)
     console.print(f"serving {ward} on http://{host}:{port} ({workers} worker(s), queue {queue}); API docs at /docs")
     uvicorn.run(service_app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(ServiceLimits().shutdown_timeout_s))

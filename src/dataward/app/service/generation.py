@@ -1,5 +1,5 @@
 """Generation: a bounded pool of threads (one :class:`Ward` each), admission by count and by work (429 when the pool is full
-or the work ahead would not finish in time), the clock that stops a generation running past the timeout, and the loop
+or the work ahead would keep a request waiting longer than the timeout), the clock that stops a generation running past the timeout, and the loop
 that runs a generation, checks on the event loop that no model it used was tainted by a forget, and re-runs it if one was.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from fastapi.responses import Response
 
+from dataward.app.service.admission import RunTimes, Work, request_work
 from dataward.app.service.render import render_result
 from dataward.app.service.schema import ApiKey, GenerateRequest, ServiceError, ServiceLimits, client_message, shutting_down
 from dataward.errors import DatawardError
@@ -67,13 +68,6 @@ class RunClock:
             raise GenerationStopped
 
 
-def request_work(body: GenerateRequest, key: ApiKey, weights: str) -> int:
-    """What a generation costs, in denoiser evaluations of one image: images x steps x models evaluated per step (x2 with
-    the guard's gradient)."""
-    models = 1 if weights == "soup" else min(len(key.allow), body.top_k or len(key.allow))
-    return body.n * body.steps * models * (2 if body.guard else 1)
-
-
 class UsageRecorder:
     """``WardHooks.on_load`` of a generation ward: the IDs of the models it used since the last :meth:`reset`."""
 
@@ -115,9 +109,9 @@ def choose_weights(body: GenerateRequest, key: ApiKey, ward: Ward) -> str:
 
 class GenerationPool:
     """``pool_size`` threads that generate, each with its own ward. Admitted: at most ``pool_size + queue_size``
-    generations, and, once a run time has been measured, only while the work ahead of a request (in image-step-model
-    units, :func:`request_work`) is estimated to finish within the timeout. Admission counters are touched on the event
-    loop only."""
+    generations, and, once run times were measured (:mod:`~dataward.app.service.admission`), a request that would wait
+    for a worker only while the work ahead of it is estimated to take at most the timeout. Admission counters are
+    touched on the event loop only."""
 
     def __init__(self, path: Path, pool_size: int, queue_size: int, limits: ServiceLimits, torch_threads: int):
         self.path = path
@@ -126,9 +120,9 @@ class GenerationPool:
         self.limits = limits
         self.torch_threads = torch_threads
         self.admitted = 0  # generations admitted and not finished
-        self.admitted_work = 0  # their work (request_work units)
+        self.admitted_seconds = 0.0  # their estimated run time (0 for those admitted before any run time was known)
         self.draining = False  # set at shutdown: no new generations (nor forgets)
-        self.seconds_per_work: float | None = None  # moving average of run seconds per work unit (None until one ran)
+        self.run_times = RunTimes()
         self._executor: ThreadPoolExecutor | None = None
         self._local = threading.local()  # per pool thread: its ward and usage recorder
         self._wards: list[Ward] = []
@@ -166,8 +160,8 @@ class GenerationPool:
 
     # admission ------------------------------------------------------------------------------------------------------
     def wait_seconds(self) -> float:
-        """Estimated seconds until the admitted work is done (0 before any run was measured)."""
-        return (self.seconds_per_work or 0.0) * self.admitted_work / self.pool_size
+        """Estimated seconds until a worker is free for one more generation."""
+        return 0.0 if self.admitted < self.pool_size else self.admitted_seconds / self.pool_size
 
     def retry_after(self) -> str:
         """Seconds until a slot is likely free."""
@@ -178,29 +172,26 @@ class GenerationPool:
         reason = reason or f"{self.admitted} generations running or queued (capacity {self.capacity})"
         return ServiceError(429, f"busy: {reason}; retry later", {"Retry-After": self.retry_after()})
 
-    def admit(self, work: int) -> None:
-        """Take a generation slot for ``work`` units or refuse with 429 (503 while shutting down)."""
+    def admit(self, work: Work) -> float:
+        """Take a generation slot for ``work`` or refuse with 429 (503 while shutting down); returns its estimated seconds
+        (give them back to :meth:`release`)."""
         if self.draining:
             raise shutting_down("retry on another instance or later")
         if self.admitted >= self.capacity:
             raise self.busy()
-        if self.admitted and self.seconds_per_work is not None:
-            wait = self.wait_seconds()
-            if wait + self.seconds_per_work * work > self.limits.generate_timeout_s:
-                raise self.busy(f"the generations ahead of this one need about {wait:.0f} s, and it would not finish within "
-                                f"{self.limits.generate_timeout_s:.0f} s")
+        wait = self.wait_seconds()
+        if wait > self.limits.generate_timeout_s:
+            raise self.busy(f"the generations ahead of this one need about {wait:.0f} s, more than this server's "
+                            f"{self.limits.generate_timeout_s:.0f} s")
+        estimate = self.run_times.estimate(work) or 0.0
         self.admitted += 1
-        self.admitted_work += work
+        self.admitted_seconds += estimate
+        return estimate
 
-    def release(self, work: int) -> None:
+    def release(self, estimate: float) -> None:
         """Give a slot back (event loop only)."""
         self.admitted -= 1
-        self.admitted_work -= work
-
-    def measured(self, seconds: float, work: int) -> None:
-        """Learn the run time of a finished generation."""
-        rate = seconds / work
-        self.seconds_per_work = rate if self.seconds_per_work is None else 0.8 * self.seconds_per_work + 0.2 * rate
+        self.admitted_seconds = max(0.0, self.admitted_seconds - estimate)
 
     # generation -----------------------------------------------------------------------------------------------------
     def run_once(self, body: GenerateRequest, key: ApiKey, seed: int, weights: str, clock: RunClock) -> Attempt:
@@ -240,7 +231,7 @@ class GenerationPool:
         weights = choose_weights(body, key, checker)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         work = request_work(body, key, weights)
-        self.admit(work)
+        estimate = self.admit(work)
         clock = RunClock(self.limits.generate_timeout_s)
         future: asyncio.Future | None = None
         try:
@@ -254,15 +245,15 @@ class GenerationPool:
                     continue
                 if result.error is not None:
                     raise result.error
-                self.measured(result.seconds, work)
+                self.run_times.add(work, result.seconds)
                 return Response(result.body, media_type="application/json", headers={"X-Dataward-Attempts": str(attempt)})
             raise ServiceError(503, "forget requests kept changing the models during this generation; retry",
                                {"Retry-After": self.retry_after()})
         finally:
             if future is not None and not future.done():
-                future.add_done_callback(lambda _: self.release(work))  # the thread stops at its next step; its slot frees then
+                future.add_done_callback(lambda _: self.release(estimate))  # the thread stops at its next step; its slot frees then
             else:
-                self.release(work)
+                self.release(estimate)
 
     @staticmethod
     async def _wait(future: asyncio.Future, clock: RunClock) -> Attempt:
