@@ -131,6 +131,7 @@ class Ward(WardChanges):
         """Make a new ward from a data source (spec string or Dataset); nothing is left behind on error. ``base``
         (:mod:`dataward.base`): public data to pretrain on (``printed:count=3000``), a ``UNet2DModel`` folder, or None
         (random weights); ``adapter``: ``full`` or ``lora:RANK``; ``public_train``: the public base's budget (40 epochs)."""
+        # long: one keyword per ward setting (21 lines of signature); the body checks them and builds the ward in staging
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise DatawardError(f"{path} already exists and is not empty: choose a new ward folder")
@@ -146,7 +147,6 @@ class Ward(WardChanges):
             numerics=numerics, train=train or TrainConfig(), router_train=router_train or WardConfig.__dataclass_fields__["router_train"].default_factory(),
             **base_fields, adapter=adapter, public_train=public_train or WardConfig.__dataclass_fields__["public_train"].default_factory(),
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
         staging, staging_lock = new_staging(path)
         try:
             (staging / MODELS_DIR).mkdir()
@@ -165,7 +165,7 @@ class Ward(WardChanges):
             shutil.rmtree(staging, ignore_errors=True)
             raise
         finally:
-            staging_lock.release()
+            staging_lock.release()  # held since the folder was made: no other creation removes it meanwhile
         return cls.open(path)
 
     @classmethod

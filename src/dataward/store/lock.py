@@ -75,6 +75,7 @@ def new_staging(ward: Path) -> tuple[Path, WriterLock]:
     """A fresh folder beside ``ward`` to build it in, with its writer lock held (release it once the folder was renamed
     into place). Folders left by a creation that was killed (their lock is free) are removed first; one that another
     process is building (its lock is held) is left alone."""
+    ward.parent.mkdir(parents=True, exist_ok=True)
     for folder in ward.parent.glob(f".{ward.name}{STAGING_MARK}*"):
         lock = WriterLock(folder)
         try:
