@@ -5,6 +5,7 @@ import shutil
 import pytest
 import torch
 
+from dataward.models.nets import build_unet
 from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
@@ -38,3 +39,21 @@ def ward_copy(trained_ward_dir, tmp_path):
     ward = Ward.open(path)
     yield ward
     ward.close()
+
+
+def save_unet(folder, **changes):
+    """A UNet2DModel folder as a user would have it (``save_pretrained``): the tiny preset for 8x8 digits, with changes."""
+    options = dict(preset="tiny", image_size=8, channels=1, num_classes=10, seed=7) | changes
+    unet = build_unet(options["preset"], options["image_size"], options["channels"], options["num_classes"], options["seed"])
+    unet.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def base_ward_dir(tmp_path_factory):
+    """A trained K=3, R=2 ward fine-tuned (full) from an imported base, no router."""
+    root = tmp_path_factory.mktemp("base")
+    ward = make_ward(root / "w", compartments=3, router=False, base=str(save_unet(root / "unet")))
+    ward.train()
+    ward.close()
+    return root / "w"

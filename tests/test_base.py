@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY, make_ward
+from conftest import TINY, make_ward, save_unet
 from safetensors.torch import load_file, save_file
 
 from dataward.base import choose_base
@@ -16,14 +16,6 @@ from dataward.training.privacy import DPConfig, trainable_filter
 from dataward.ward import Ward
 
 
-def _save_unet(folder, **changes):
-    """A UNet2DModel folder as a user would have it (``save_pretrained``): the tiny preset for 8x8 digits, with changes."""
-    options = dict(preset="tiny", image_size=8, channels=1, num_classes=10, seed=7) | changes
-    unet = build_unet(options["preset"], options["image_size"], options["channels"], options["num_classes"], options["seed"])
-    unet.save_pretrained(str(folder), safe_serialization=True)
-    return folder
-
-
 def test_auto_base_is_printed_digits_for_digits_wards_only():
     assert choose_base("auto", "digits:subset=60") == "printed:count=3000"
     assert choose_base("auto", "folder:/data/scans") is None
@@ -32,7 +24,7 @@ def test_auto_base_is_printed_digits_for_digits_wards_only():
 
 
 def test_an_imported_base_is_where_every_compartment_starts(tmp_path):
-    base_dir = _save_unet(tmp_path / "unet")
+    base_dir = save_unet(tmp_path / "unet")
     ward = make_ward(tmp_path / "w", base=str(base_dir))
     base = ward.served("public-denoiser")[None]
     assert base.metadata["imported_from"] == str(base_dir.resolve()) and base.metadata["parameters"] > 0
@@ -53,27 +45,17 @@ def test_an_imported_base_is_where_every_compartment_starts(tmp_path):
     (dict(channels=3), "in_channels is 3, this ward needs 1"),
 ])
 def test_a_base_that_does_not_fit_is_refused_by_name(tmp_path, changes, message):
-    base_dir = _save_unet(tmp_path / "unet", **changes)
+    base_dir = save_unet(tmp_path / "unet", **changes)
     with pytest.raises(DatawardError, match=message):
         make_ward(tmp_path / "w", base=str(base_dir))
     assert not (tmp_path / "w").exists()
 
 
 def test_a_folder_without_safetensors_weights_is_refused(tmp_path):
-    base_dir = _save_unet(tmp_path / "unet")
+    base_dir = save_unet(tmp_path / "unet")
     (base_dir / WEIGHTS_FILE).rename(base_dir / "diffusion_pytorch_model.bin")
     with pytest.raises(DatawardError, match="not a diffusers UNet2DModel folder"):
         make_ward(tmp_path / "w", base=str(base_dir))
-
-
-@pytest.fixture(scope="module")
-def base_ward_dir(tmp_path_factory):
-    """A trained K=3, R=2 ward fine-tuned (full) from an imported base, no router."""
-    root = tmp_path_factory.mktemp("base")
-    ward = make_ward(root / "w", compartments=3, router=False, base=str(_save_unet(root / "unet")))
-    ward.train()
-    ward.close()
-    return root / "w"
 
 
 def test_forgetting_from_a_base_is_exact_and_never_touches_the_base(base_ward_dir, tmp_path):
@@ -135,7 +117,7 @@ def test_soup_is_refused_without_a_base(ward_copy):
 
 
 def test_lora_compartments_train_and_store_only_their_adapter(tmp_path):
-    ward = make_ward(tmp_path / "w", router=False, base=str(_save_unet(tmp_path / "unet")), adapter="lora:4",
+    ward = make_ward(tmp_path / "w", router=False, base=str(save_unet(tmp_path / "unet")), adapter="lora:4",
                      train=TrainConfig(steps=6, batch_size=16, lr=1e-2))
     ward.train()
     base = ward.model(ward.served("public-denoiser")[None])
@@ -158,7 +140,7 @@ def test_lora_ward_size_is_a_fraction_of_full(tmp_path):
     sizes = {}
     for adapter in ("full", "lora:4"):
         ward = make_ward(tmp_path / adapter.replace(":", ""), compartments=1, slices=1, router=False,
-                         base=str(_save_unet(tmp_path / f"unet-{adapter.replace(':', '')}")), adapter=adapter, train=TINY)
+                         base=str(save_unet(tmp_path / f"unet-{adapter.replace(':', '')}")), adapter=adapter, train=TINY)
         ward.train()
         sizes[adapter] = ward.status()["compartments"][0]["model"]["bytes"]
     assert sizes["lora:4"] < 0.3 * sizes["full"]

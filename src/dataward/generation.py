@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from dataward.config import WardConfig
 from dataward.diffusion.batched import StackedDenoisers
@@ -43,7 +43,7 @@ class SampleRequest:
     """What to sample (see :meth:`dataward.ward.Ward.sample`)."""
 
     n: int
-    label: int | None = None
+    label: int | tuple[int, ...] | None = None  # one class for every sample, or one per sample
     seed: int = 0
     sampler: str | None = None
     steps: int = 50
@@ -106,9 +106,12 @@ def _labels(ward: SamplingWard, request: SampleRequest, use: list[int], counts: 
             raise DatawardError("this ward is unconditional: --label is not available")
         return None
     if label is not None:
-        if not 0 <= label < num_classes:
+        labels = torch.tensor(label if isinstance(label, tuple) else [label] * request.n, dtype=torch.long)
+        if labels.numel() != request.n:
+            raise DatawardError(f"{labels.numel()} class labels for {request.n} samples: give one label, or one per sample")
+        if not bool(((labels >= 0) & (labels < num_classes)).all()):
             raise DatawardError(f"label must be between 0 and {num_classes - 1}, got {label}")
-        return torch.full((request.n,), label, dtype=torch.long)
+        return labels
     present = sorted({l for c in use for l in counts[c]["labels"]})
     return torch.tensor(present)[torch.randint(0, len(present), (request.n,), generator=generator)]
 
@@ -137,8 +140,31 @@ def _composed(ward: SamplingWard, denoisers: list[Denoiser], use: list[int], wei
     return ComposedDenoiser(denoisers, prior, ward.scheduler.alphas_cumprod, weights, router, columns, top_k, batched)
 
 
-def generate(ward: SamplingWard, request: SampleRequest, progress=None) -> SampleResult:
-    """Generate ``request.n`` images composed over the allowed compartments (all by default)."""
+@dataclass
+class SamplingPlan:
+    """What one sampling run needs (made by :func:`plan_sampling`): the denoiser, the starting noise and labels, the
+    generator that continues drawing in the loop, and the sampling scheduler; :func:`finish_sampling` turns x_0 into a
+    :class:`SampleResult`. Loops: :func:`generate` (the one sampling loop) and :class:`dataward.pipelines.WardPipeline`."""
+
+    request: SampleRequest
+    eps: Denoiser
+    x_T: torch.Tensor
+    y: torch.Tensor | None
+    generator: torch.Generator
+    scheduler: DDPMScheduler | DDIMScheduler
+    sampler: str
+    mode: str  # single | soup | router | density
+    use: list[int]
+    served: dict
+    prior: torch.Tensor
+    composed: ComposedDenoiser | None
+    activity: GuardActivity | None
+    started: float
+
+
+def plan_sampling(ward: SamplingWard, request: SampleRequest, generator: torch.Generator | None = None) -> SamplingPlan:
+    """Check ``request`` against the ward and build its denoiser, noise and labels (on the models served now), drawing
+    from ``generator`` (default: a CPU generator seeded with ``request.seed``; the two are the same draws)."""
     started = time.time()
     weights, allowed = _check(ward, request)
     served = ward.served()
@@ -146,7 +172,7 @@ def generate(ward: SamplingWard, request: SampleRequest, progress=None) -> Sampl
     if not use:
         raise DatawardError(f"no trained model for compartments {allowed}: run `dataward train {ward.path}`")
     counts = ward.ledger.counts()
-    generator = torch.Generator().manual_seed(request.seed)
+    generator = torch.Generator().manual_seed(request.seed) if generator is None else generator
     y = _labels(ward, request, use, counts, generator)
     x_T = torch.randn((request.n, *ward.model_shape()), generator=generator)  # images, or latents in a latent ward
     activity = GuardActivity() if request.guard else None
@@ -164,25 +190,39 @@ def generate(ward: SamplingWard, request: SampleRequest, progress=None) -> Sampl
     sampler = request.sampler or ("ddpm" if mode == "density" else "ddim")
     if mode == "density" and sampler != "ddpm":
         raise DatawardError("density weights need the stochastic sampler: use --sampler ddpm (or --weights router)")
-    update = progress_task(progress, f"sample {request.n}", request.steps)
     if ward.config.latent:  # the same loop over latents (no x_0 clipping), then the public autoencoder decodes
         eps = LatentDenoiser(eps, ward.codec())
         scheduler = make_latent_scheduler(ward.scheduler, sampler)
     else:
         scheduler = make_sampler(ward.scheduler, sampler)
-    x0 = sample_loop(eps, x_T, scheduler, steps=request.steps, y=y, generator=generator, progress=lambda i: update(1))
+    return SamplingPlan(request, eps, x_T, y, generator, scheduler, sampler, mode, use, served, prior, composed, activity, started)
+
+
+def finish_sampling(ward: SamplingWard, plan: SamplingPlan, x0: torch.Tensor) -> SampleResult:
+    """The images in [0, 1] (decoded in a latent ward), each sample's attribution, and the models used."""
     if ward.config.latent:
-        x0 = eps.decode(x0)
+        x0 = plan.eps.decode(x0)
+    n, use, mode = plan.request.n, plan.use, plan.mode
     known = ward.compartments()
-    attribution, final = torch.zeros(request.n, len(known)), torch.zeros(request.n, len(known))
+    attribution, final = torch.zeros(n, len(known)), torch.zeros(n, len(known))
     cols = [known.index(c) for c in use]
     if mode == "soup":  # a soup sample's attribution is the data share of its class in each compartment (no density pass)
-        attribution[:, cols] = final[:, cols] = torch.softmax(prior, dim=1)
-    elif composed is None:
+        attribution[:, cols] = final[:, cols] = torch.softmax(plan.prior, dim=1)
+    elif plan.composed is None:
         attribution[:, cols[0]] = final[:, cols[0]] = 1.0
     else:
-        attribution[:, cols] = composed.attribution()
-        final[:, cols] = composed.final_weights
+        attribution[:, cols] = plan.composed.attribution()
+        final[:, cols] = plan.composed.final_weights
+    served = plan.served
     stages = {c: {"model": served[c].id, "stage": served[c].stage, "fallback": ward.is_fallback(served[c])} for c in use}
-    return SampleResult(((x0.clamp(-1, 1) + 1) / 2), y, attribution, final, use, stages, mode, sampler, time.time() - started,
-                        None if activity is None else activity.share)
+    return SampleResult(((x0.clamp(-1, 1) + 1) / 2), plan.y, attribution, final, use, stages, mode, plan.sampler,
+                        time.time() - plan.started, None if plan.activity is None else plan.activity.share)
+
+
+def generate(ward: SamplingWard, request: SampleRequest, progress=None) -> SampleResult:
+    """Generate ``request.n`` images composed over the allowed compartments (all by default)."""
+    plan = plan_sampling(ward, request)
+    update = progress_task(progress, f"sample {request.n}", request.steps)
+    x0 = sample_loop(plan.eps, plan.x_T, plan.scheduler, steps=request.steps, y=plan.y, generator=plan.generator,
+                     progress=lambda i: update(1))
+    return finish_sampling(ward, plan, x0)

@@ -95,6 +95,16 @@ class Ledger:
         """Append an event inside the caller's transaction."""
         db.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)", (time.time(), kind, json.dumps(detail, sort_keys=True)))
 
+    def record_event(self, kind: str, **detail) -> None:
+        """Append one event in its own transaction."""
+        with self.transaction() as db:
+            self.log(db, kind, **detail)
+
+    def events_of(self, kind: str) -> list[dict]:
+        """Every event of ``kind``, oldest first."""
+        rows = self.db.execute("SELECT id, at, detail FROM events WHERE kind=? ORDER BY id", (kind,)).fetchall()
+        return [{"id": r[0], "at": r[1], "detail": json.loads(r[2])} for r in rows]
+
     def events(self, limit: int = 50) -> list[dict]:
         """The newest events, newest first."""
         rows = self.db.execute("SELECT id, at, kind, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()

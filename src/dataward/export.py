@@ -1,0 +1,122 @@
+"""Exports: one ordinary diffusers model per customer. ``dataward export WARD --allow 0,2 --out DIR`` writes a
+``DDPMPipeline`` folder (safetensors only, loadable with stock diffusers) holding the *soup* of the allowed compartments
+(their data-share-weighted weight average, :meth:`dataward.ward.Ward.soup`), with ``dataward-manifest.json``.
+
+An export is a copy outside the ward's control: a later forget cannot reach it. The ledger records each export (an
+``export`` event with its manifest), and :func:`export_states` says which are *stale*: a compartment's live IDs no
+longer hash to what the export was made from (a forget or an add changed them). Delete or re-export a stale export.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+import dataward
+from dataward.data import ids_hash
+from dataward.errors import DatawardError
+from dataward.store.checkpoints import weights_hash
+from dataward.store.ledger import Ledger
+
+if TYPE_CHECKING:
+    from dataward.ward import Ward
+
+MANIFEST = "dataward-manifest.json"
+UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+def fold_class(unet: UNet2DModel, label: int) -> UNet2DModel:
+    """An unconditional copy of a class-conditional ``unet`` that always denoises as class ``label``: the class embedding
+    (added to the time embedding) is folded into the time embedding's last bias, so stock pipelines can sample it."""
+    config = dict(unet.config) | {"num_class_embeds": None, "class_embed_type": None}
+    folded = UNet2DModel.from_config(config)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("class_embedding.")}
+    with torch.no_grad():
+        state["time_embedding.linear_2.bias"] = state["time_embedding.linear_2.bias"] + unet.class_embedding.weight[label]
+    folded.load_state_dict(state)
+    return folded
+
+
+def _check(ward: "Ward", allowed: list[int], label: int | None) -> None:
+    if ward.config.base is None:
+        raise DatawardError("an export is one model, the soup of the allowed compartments, and soup needs compartments fine-tuned "
+                            "from one base; this ward has none (its compartments trained from random weights): serve it with "
+                            "`dataward serve` or sample it with dataward.pipelines.WardPipeline instead")
+    if ward.config.latent:
+        raise DatawardError("a latent ward's models denoise autoencoder latents, which a DDPMPipeline cannot decode: export is "
+                            "for pixel wards; use dataward.pipelines.WardPipeline")
+    unknown = [c for c in allowed if c not in ward.compartments()]
+    if unknown:
+        raise DatawardError(f"unknown compartment(s) {unknown}: this ward has {ward.compartments()}")
+    missing = [c for c in allowed if c not in ward.served()]
+    if missing:
+        raise DatawardError(f"compartment(s) {missing} have no served model now (not trained, or retraining after a forget): "
+                            f"run `dataward train {ward.path}` first")
+    classes = ward.config.num_classes
+    if classes is not None and label is None:
+        raise DatawardError(f"this ward's models are class-conditional and a stock DDPMPipeline cannot pass a class: export one "
+                            f"class with --label 0..{classes - 1} (folded into the model), or sample with WardPipeline")
+    if label is not None and (classes is None or not 0 <= label < classes):
+        raise DatawardError(f"--label must be between 0 and {classes - 1}" if classes else "this ward is unconditional: drop --label")
+
+
+def export_ward(ward: "Ward", out: str | Path, allowed: list[int] | None = None, label: int | None = None) -> dict:
+    """Write the soup of ``allowed`` (all by default) as a stock ``DDPMPipeline`` folder ``out`` (new or empty) and record
+    it in the ledger; returns the manifest."""
+    out = Path(out)
+    allowed = sorted(set(ward.compartments() if allowed is None else allowed))
+    _check(ward, allowed, label)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatawardError(f"{out} already exists and is not an empty folder: choose a new export folder")
+    served, counts = ward.served(), ward.ledger.counts()
+    records = [served[c] for c in allowed]
+    shares = [float(counts[c]["samples"]) for c in allowed]
+    model = ward.soup(records, shares) if len(records) > 1 else ward.model(records[0])
+    unet = fold_class(model, label) if label is not None else copy.deepcopy(model)
+    public = ward.served("public-denoiser").get(None)
+    privacy = {str(r.compartment): {k: r.metadata["privacy"].get(k) for k in ("epsilon", "delta")} for r in records if r.metadata.get("privacy")}
+    manifest = {
+        "dataward_version": dataward.__version__, "created_at": time.time(), "ward": str(ward.path.resolve()), "weights": "soup",
+        "label": label, "base": {"kind": ward.config.base, "weights_sha256": public.metadata.get("weights_sha256") if public else None},
+        "compartments": [{"id": c, "model": r.id, "stage": r.stage, "share": s / sum(shares), "samples": counts[c]["samples"],
+                          "weights_sha256": r.metadata.get("weights_sha256"), "ids_sha256": ids_hash(r[0] for r in ward.ledger.samples(c))}
+                         for c, r, s in zip(allowed, records, shares)],
+        "privacy": privacy or None,
+        "note": "a copy outside the ward: a later forget cannot reach it; `dataward status` says when it is stale",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.dataward-export"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(ward.scheduler.config)).save_pretrained(staging, safe_serialization=True)
+        manifest["unet_sha256"] = weights_hash(staging / UNET_FILE)
+        manifest["folder"] = str(out.resolve())
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            out.rmdir()
+        staging.replace(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    ward.ledger.record_event("export", **manifest)
+    return manifest
+
+
+def export_states(ledger: Ledger) -> list[dict]:
+    """Every export recorded in the ledger: folder, compartments, when, and whether it is stale (with the compartments
+    whose live IDs changed since)."""
+    out = []
+    for event in ledger.events_of("export"):
+        manifest = event["detail"]
+        changed = [c["id"] for c in manifest["compartments"]
+                   if ids_hash(r[0] for r in ledger.samples(c["id"])) != c["ids_sha256"]]
+        out.append({"folder": manifest["folder"], "compartments": [c["id"] for c in manifest["compartments"]], "label": manifest["label"],
+                    "at": event["at"], "stale": bool(changed), "changed_compartments": changed})
+    return out

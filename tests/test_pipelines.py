@@ -1,0 +1,96 @@
+"""diffusers where users already work (issue 20): WardPipeline equals Ward.sample bit for bit and never uses a forgotten
+ID's model; an export is a stock DDPMPipeline folder holding the soup, with a manifest, marked stale by a forget."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
+
+from dataward.errors import DatawardError
+from dataward.export import MANIFEST, UNET_FILE, export_states, export_ward
+from dataward.pipelines import WardPipeline
+from dataward.store.checkpoints import weights_hash
+from dataward.ward import Ward
+
+
+@pytest.fixture
+def base_ward(base_ward_dir, tmp_path):
+    path = tmp_path / "w"
+    shutil.copytree(base_ward_dir, path)
+    ward = Ward.open(path)
+    yield ward
+    ward.close()
+
+
+@pytest.mark.parametrize("weights,allowed", [("density", None), ("soup", [0, 2]), ("density", [1])])
+def test_the_pipeline_equals_ward_sample_bit_for_bit(base_ward, weights, allowed):
+    pipe = WardPipeline.from_ward(base_ward.path, allowed=allowed, weights=weights)
+    out = pipe(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(11), output_type="pt")
+    ref = base_ward.sample(3, seed=11, steps=4, allowed=allowed, weights=weights)
+    assert torch.equal(out.images, ref.images)
+    assert np.array_equal(out.attribution, ref.attribution.numpy()) and out.models == ref.models
+    as_np = pipe(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(11), output_type="np").images
+    assert as_np.shape == (3, 8, 8, 1) and np.array_equal(as_np, ref.images.permute(0, 2, 3, 1).numpy())
+
+
+def test_the_pipeline_takes_per_sample_labels_and_other_schedulers(base_ward):
+    config = base_ward.scheduler.config
+    pipe = WardPipeline(base_ward, weights="soup", scheduler=DPMSolverMultistepScheduler.from_config(config))
+    out = pipe(batch_size=2, class_labels=[3, 7], num_inference_steps=6, output_type="pil")
+    assert [im.size for im in out.images] == [(8, 8), (8, 8)] and out.labels.tolist() == [3, 7]
+    with pytest.raises(DatawardError, match="density weights need DDPM steps"):
+        WardPipeline(base_ward, weights="density", scheduler=DPMSolverMultistepScheduler.from_config(config))(num_inference_steps=2)
+    with pytest.raises(DatawardError, match="another noise schedule"):
+        WardPipeline(base_ward, scheduler=DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_end=0.05))
+    with pytest.raises(DatawardError, match="2 class labels for 3 samples"):
+        pipe(batch_size=3, class_labels=[1, 2], num_inference_steps=2)
+
+
+def test_a_pipeline_made_before_a_forget_never_uses_the_forgotten_ids_model(base_ward):
+    pipe = WardPipeline.from_ward(base_ward.path, allowed=[0])
+    before = pipe(batch_size=1, num_inference_steps=2, output_type="pt").models[0]["model"]
+    victim = base_ward.training_data(0).ids[0]
+    base_ward.forget([victim], retrain=False)
+    assert base_ward.ledger.tainted_models([before]) == [before]
+    after = [m["model"] for m in pipe(batch_size=1, num_inference_steps=2, output_type="pt").models.values()]
+    assert after and before not in after and base_ward.ledger.tainted_models(after) == []
+
+
+def test_an_export_is_a_stock_ddpm_pipeline_holding_the_soup(base_ward, tmp_path):
+    manifest = export_ward(base_ward, tmp_path / "acme", allowed=[0, 2], label=4)
+    stock = DDPMPipeline.from_pretrained(tmp_path / "acme", use_safetensors=True)
+    images = stock(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    assert not list((tmp_path / "acme").rglob("*.bin"))  # safetensors only
+    # the exported model is the soup at class 4 (class embedding folded into the time embedding)
+    served, counts = base_ward.served(), base_ward.ledger.counts()
+    soup = base_ward.soup([served[0], served[2]], [counts[0]["samples"], counts[2]["samples"]])
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 500])
+    with torch.no_grad():
+        assert torch.allclose(stock.unet(x, t).sample, soup(x, t, class_labels=torch.tensor([4, 4])).sample, atol=1e-5)
+    on_disk = json.loads((tmp_path / "acme" / MANIFEST).read_text())
+    assert on_disk["unet_sha256"] == weights_hash(tmp_path / "acme" / UNET_FILE) == manifest["unet_sha256"]
+    assert [c["weights_sha256"] for c in on_disk["compartments"]] == [served[0].metadata["weights_sha256"], served[2].metadata["weights_sha256"]]
+    assert sum(c["share"] for c in on_disk["compartments"]) == pytest.approx(1.0)
+    # a forget in compartment 2 makes the export stale; one in compartment 1 does not
+    assert export_states(base_ward.ledger)[0]["stale"] is False
+    base_ward.forget([base_ward.training_data(1).ids[0]], retrain=False)
+    assert export_states(base_ward.ledger)[0]["stale"] is False
+    base_ward.forget([base_ward.training_data(2).ids[0]], retrain=False)
+    [state] = export_states(base_ward.ledger)
+    assert state["stale"] and state["changed_compartments"] == [2]
+
+
+def test_exports_that_cannot_hold_their_promise_are_refused(base_ward, ward_copy, tmp_path):
+    with pytest.raises(DatawardError, match="class-conditional .*--label"):
+        export_ward(base_ward, tmp_path / "a", allowed=[0])
+    with pytest.raises(DatawardError, match="soup needs compartments fine-tuned from one base"):
+        export_ward(ward_copy, tmp_path / "b", allowed=[0], label=1)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    with pytest.raises(DatawardError, match="not an empty folder"):
+        export_ward(base_ward, tmp_path / "full", allowed=[0], label=1)
+    assert (tmp_path / "full" / "x").read_text() == "mine" and not (tmp_path / "a").exists()
