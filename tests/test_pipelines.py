@@ -94,3 +94,22 @@ def test_exports_that_cannot_hold_their_promise_are_refused(base_ward, ward_copy
     with pytest.raises(DatawardError, match="not an empty folder"):
         export_ward(base_ward, tmp_path / "full", allowed=[0], label=1)
     assert (tmp_path / "full" / "x").read_text() == "mine" and not (tmp_path / "a").exists()
+
+
+def test_export_and_a_forget_that_makes_it_stale_from_the_command_line(base_ward, tmp_path):
+    from test_cli import run
+
+    path = base_ward.path
+    victim = base_ward.training_data(1).ids[0]
+    base_ward.close()
+    shown = run("export", path, "--allow", "0,1", "--out", tmp_path / "acme", "--label", "2").stdout
+    assert "exported compartments [0, 1]" in shown and "DDPMPipeline.from_pretrained" in shown
+    assert (tmp_path / "acme" / MANIFEST).is_file()
+    forgot = run("forget", path, victim).stdout
+    assert "exports now stale" in forgot and str((tmp_path / "acme").resolve()) in forgot.replace("\n", "")
+    ward = Ward.open(path, worker=True)
+    try:
+        [export] = ward.status()["exports"]
+        assert export["stale"] and export["changed_compartments"] == [1]
+    finally:
+        ward.close()

@@ -14,7 +14,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -22,11 +21,9 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 import dataward
 from dataward.data import ids_hash
 from dataward.errors import DatawardError
+from dataward.generation import SamplingWard
 from dataward.store.checkpoints import weights_hash
 from dataward.store.ledger import Ledger
-
-if TYPE_CHECKING:
-    from dataward.ward import Ward
 
 MANIFEST = "dataward-manifest.json"
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -44,7 +41,7 @@ def fold_class(unet: UNet2DModel, label: int) -> UNet2DModel:
     return folded
 
 
-def _check(ward: "Ward", allowed: list[int], label: int | None) -> None:
+def _check(ward: SamplingWard, allowed: list[int], label: int | None) -> None:
     if ward.config.base is None:
         raise DatawardError("an export is one model, the soup of the allowed compartments, and soup needs compartments fine-tuned "
                             "from one base; this ward has none (its compartments trained from random weights): serve it with "
@@ -67,7 +64,7 @@ def _check(ward: "Ward", allowed: list[int], label: int | None) -> None:
         raise DatawardError(f"--label must be between 0 and {classes - 1}" if classes else "this ward is unconditional: drop --label")
 
 
-def export_ward(ward: "Ward", out: str | Path, allowed: list[int] | None = None, label: int | None = None) -> dict:
+def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None = None, label: int | None = None) -> dict:
     """Write the soup of ``allowed`` (all by default) as a stock ``DDPMPipeline`` folder ``out`` (new or empty) and record
     it in the ledger; returns the manifest."""
     out = Path(out)

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict
 
 from dataward.training.planner import Planner
+from dataward.export import export_states
 from dataward.training.privacy import ward_delta, ward_epsilon
 
 PRIVACY_FIELDS = ("epsilon", "delta", "sigma", "clip", "sample_rate", "steps", "history", "trainable", "trainable_fraction", "accountant",
@@ -68,6 +69,7 @@ def status(planner: Planner) -> dict:
                                                   "data": config.public, "imported_from": None if public is None else public.metadata.get("imported_from")},
         "latent": _latent(planner),
         "privacy": privacy(planner),
+        "exports": export_states(ledger),
         "events": ledger.events(10),
     }
 

@@ -30,6 +30,7 @@ for _command in (lifecycle.init, lifecycle.train, lifecycle.pretrain, lifecycle.
     app.command()(_command)
 app.add_typer(serving.keys_app, name="keys")
 app.command()(serving.serve)
+app.command()(serving.export)
 
 
 def _print_error(message: str) -> None:

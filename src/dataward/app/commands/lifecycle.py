@@ -14,6 +14,7 @@ from rich.table import Table
 from dataward.app.commands.common import open_ward, parse_ids
 from dataward.app.terminal import out, progress_bar
 from dataward.errors import DatawardError
+from dataward.export import export_states
 
 
 def init(
@@ -175,6 +176,9 @@ def forget(
             out.print(f"  while retraining, compartment {c}: {state}")
         if result["already_forgotten"]:
             out.print(f"  already forgotten before: {escape(', '.join(result['already_forgotten']))}")
+    result["stale_exports"] = [e["folder"] for e in export_states(w.ledger) if e["stale"]]
+    if result["stale_exports"] and not as_json:
+        out.print(f"[red]exports now stale (copies outside the ward: delete them or re-export):[/red] {escape(', '.join(result['stale_exports']))}")
     from dataward.store.lock import WriterBusy
 
     started = time.time()

@@ -58,6 +58,9 @@ def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: b
                   f"autoencoder #{ae['id']} trained on {ae['data']} (public data only; reconstruction MSE {ae['public_reconstruction_mse']:.4f} on it)"))
     if s["router"]:
         out.print(f"router: model #{s['router']['id']} stage {s['router']['stage'] + 1} (joint: saw every compartment; retrained on forget)")
+    for e in s["exports"]:
+        state = f"[red]stale: compartment(s) {e['changed_compartments']} changed since (delete or re-export it)[/red]" if e["stale"] else "current"
+        out.print(f"export {escape(e['folder'])}: compartments {e['compartments']}, class {e['label']}; {state}")
     if s["pending_forgets"]:
         out.print(f"[yellow]forget requests in effect, retraining pending: {', '.join(s['pending_forgets'])}[/yellow] (run any command to finish)")
     if s.get("privacy"):

@@ -1,4 +1,4 @@
-"""Commands of the HTTP service: API keys (create, list, revoke) and serve."""
+"""Commands that hand a ward to others: API keys (create, list, revoke), serve, and export (one model per customer)."""
 
 from __future__ import annotations
 
@@ -92,3 +92,24 @@ def serve(
     uvicorn.run(service_app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(ServiceLimits().shutdown_timeout_s))
 
 
+
+
+def export(
+    ward: Path = typer.Argument(..., help="The ward folder."),
+    allow: str = typer.Option(..., "--allow", help="Compartments whose soup the export holds, e.g. 0,2 (or all)."),
+    out_dir: Path = typer.Option(..., "--out", help="A new (or empty) folder for the diffusers pipeline."),
+    label: Optional[int] = typer.Option(None, "--label", help="The class the exported model draws (class-conditional wards)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Export the soup of some compartments as a stock diffusers DDPMPipeline folder, with a manifest."""
+    from dataward.export import export_ward
+
+    w = open_ward(ward, resume=False)
+    manifest = export_ward(w, out_dir, None if allow.strip() == "all" else parse_ids(allow), label)
+    if as_json:
+        print(json.dumps(manifest))
+        return
+    out.print(escape(f"exported compartments {[c['id'] for c in manifest['compartments']]} (soup of their weights"
+                     f"{f', class {label}' if label is not None else ''}) to {manifest['folder']}; load it with "
+                     f"DDPMPipeline.from_pretrained({str(out_dir)!r}). A later forget cannot reach this copy: "
+                     "`dataward status` says when it is stale."))
