@@ -113,3 +113,31 @@ def test_export_and_a_forget_that_makes_it_stale_from_the_command_line(base_ward
         assert export["stale"] and export["changed_compartments"] == [1]
     finally:
         ward.close()
+
+
+def test_a_folder_of_32px_rgb_images_goes_through_the_whole_life(tmp_path):
+    """init -> train (small preset) -> sample -> forget -> verify -> audit with the user's own feature network."""
+    from dataward.audit import audit_ward
+    from dataward.data import load_source
+    from dataward.shapes import write_shapes_folder
+    from dataward.training.loop import TrainConfig
+
+    folder = write_shapes_folder(tmp_path / "shapes", 36, seed=0, size=32)
+    ward = Ward.create(tmp_path / "w", f"folder:{folder}", compartments=2, slices=2, model="small", image_size=32, router=False,
+                       train=TrainConfig(steps=2, batch_size=4))
+    try:
+        assert (ward.config.channels, ward.config.num_classes, ward.config.base) == (3, 3, None)
+        ward.train()
+        images = ward.sample(2, steps=2).images
+        assert images.shape == (2, 3, 32, 32) and images.isfinite().all()
+        victim = ward.training_data(1).ids[0]
+        assert victim.startswith("square/") or victim.startswith("circle/") or victim.startswith("triangle/")
+        ward.forget([victim])
+        assert victim not in ward.training_data(1).ids and ward.verify()["ok"]
+        torch.manual_seed(0)
+        features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+        report = audit_ward(ward, n=4, steps=2, grid=4, members=4, timesteps=(10,), features=features,
+                            heldout=load_source("shapes:count=12,seed=1"))
+        assert report["quality"]["status"] == "ok" and np.isfinite(report["quality"]["fd"]) and report["quality"]["fd"] > 0
+    finally:
+        ward.close()

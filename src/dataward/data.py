@@ -6,6 +6,8 @@ Sources are named by a spec string:
   ``digits:heldout`` (the fixed 297-image held-out split, never trained on);
 - ``printed`` / ``printed:count=N,seed=S`` (printed digits in 20 typefaces bundled with Pillow and matplotlib, our public data);
 - ``strokes`` / ``strokes:count=N,seed=S`` (unlabelled random pen strokes: public data for the latent autoencoder);
+- ``shapes`` / ``shapes:count=N,seed=S,size=P`` (coloured circles, squares and triangles, RGB, 32 px by default:
+  :mod:`dataward.shapes`);
 - ``folder:PATH`` (one sub-folder per class, or a flat folder of images);
 - ``npz:PATH`` (``images`` (N, H, W) or (N, C, H, W) or (N, H, W, C), optional ``labels``, ``ids``, ``owners``).
 
@@ -367,8 +369,13 @@ def load_source(spec: str) -> Dataset:
     if kind == "strokes":
         options = _parse_options(spec, rest, {"count": int, "seed": int, "size": int})
         return render_strokes(options.get("count", 10000), options.get("seed", 0), options.get("size", 8))
+    if kind == "shapes":
+        from dataward.shapes import render_shapes
+
+        options = _parse_options(spec, rest, {"count": int, "seed": int, "size": int})
+        return render_shapes(options.get("count", 600), options.get("seed", 0), options.get("size", 32))
     if kind == "folder":
         return load_folder(Path(rest).expanduser())
     if kind == "npz":
         return load_npz(Path(rest).expanduser())
-    raise DatawardError(f"unknown data source {spec!r}: expected digits, digits:subset=N, printed[:count=N], strokes[:count=N], folder:PATH or npz:PATH")
+    raise DatawardError(f"unknown data source {spec!r}: expected digits, digits:subset=N, printed[:count=N], strokes[:count=N], shapes[:count=N], folder:PATH or npz:PATH")

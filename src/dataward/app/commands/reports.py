@@ -13,6 +13,7 @@ from rich.table import Table
 
 from dataward.app.commands.common import open_ward, parse_ids
 from dataward.app.terminal import console, out, progress_bar
+from dataward.errors import DatawardError
 
 
 def _megabytes(size: int | None) -> str:
@@ -142,14 +143,24 @@ def audit(
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
     json_out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here."),
     inception: Optional[Path] = typer.Option(None, "--inception", help="Local feature-network weights for non-digits data."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Your feature network's weights (.safetensors), built by --features-module."),
+    features_module: Optional[str] = typer.Option(None, "--features-module", help="package.module:factory that builds your feature network."),
+    heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out images of your data (a data spec) for FD and membership."),
     verify_forgetting: bool = typer.Option(False, "--verify", help="Add the bitwise forgetting certificate (retrains every model)."),
 ) -> None:
     """Measure quality, replication, membership inference, forgetting and privacy; write JSON and HTML reports."""
     from dataward.audit import audit_ward
     from dataward.audit.report import summary_rows, write_json
 
+    from dataward.audit.features import module_from_safetensors
+    from dataward.data import load_source
+
+    if (features is None) != (features_module is None):
+        raise DatawardError("--features and --features-module go together: the weights file and the factory that builds the module")
+    network = module_from_safetensors(features, features_module) if features else None
     w = open_ward(ward)
-    report = audit_ward(w, n=n, seed=seed, inception=inception, verify=verify_forgetting, html=html,
+    report = audit_ward(w, n=n, seed=seed, inception=inception, features=network, heldout=load_source(heldout) if heldout else None,
+                        verify=verify_forgetting, html=html,
                         progress=None if as_json else (lambda message: console.print(f"[dim]audit:[/dim] {message}")))
     if json_out:
         write_json(json_out, report)
