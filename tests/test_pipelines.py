@@ -44,7 +44,7 @@ def test_the_pipeline_takes_per_sample_labels_and_other_schedulers(base_ward):
     with pytest.raises(DatawardError, match="density weights need DDPM steps"):
         WardPipeline(base_ward, weights="density", scheduler=DPMSolverMultistepScheduler.from_config(config))(num_inference_steps=2)
     with pytest.raises(DatawardError, match="another noise schedule"):
-        WardPipeline(base_ward, scheduler=DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_end=0.05))
+        WardPipeline(base_ward, scheduler=DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_end=0.05))(num_inference_steps=2)
     with pytest.raises(DatawardError, match="2 class labels for 3 samples"):
         pipe(batch_size=3, class_labels=[1, 2], num_inference_steps=2)
 

@@ -50,11 +50,12 @@ class WardPipeline(DiffusionPipeline):
         self.allowed = None if allowed is None else list(allowed)
         self.weights = weights
         self.top_k = top_k
-        if scheduler is not None:
-            ours, theirs = ward.scheduler.alphas_cumprod, getattr(scheduler, "alphas_cumprod", None)
-            if theirs is None or theirs.shape != ours.shape or not torch.allclose(theirs.float(), ours.float(), atol=1e-6):
-                raise DatawardError(f"{type(scheduler).__name__} has another noise schedule than this ward's: make it with "
-                                    "`.from_config(pipe.ward.scheduler.config)`")
+
+    def _check_scheduler(self, scheduler: SchedulerMixin) -> None:
+        ours, theirs = self.ward.scheduler.alphas_cumprod, getattr(scheduler, "alphas_cumprod", None)
+        if theirs is None or theirs.shape != ours.shape or not torch.allclose(theirs.float(), ours.float(), atol=1e-6):
+            raise DatawardError(f"{type(scheduler).__name__} has another noise schedule than this ward's: make it with "
+                                "`.from_config(pipe.ward.scheduler.config)`")
 
     @classmethod
     def from_ward(cls, path: str | Path, allowed: Sequence[int] | None = None, weights: WeightsName | None = None,
@@ -73,6 +74,8 @@ class WardPipeline(DiffusionPipeline):
         request = SampleRequest(batch_size, label, 0, None, num_inference_steps, self.allowed, self.weights, self.top_k)
         plan = plan_sampling(self.ward, request, generator)
         scheduler = plan.scheduler if self.scheduler is None else self.scheduler
+        if self.scheduler is not None:
+            self._check_scheduler(scheduler)
         if plan.mode == "density" and not isinstance(scheduler, DDPMScheduler):
             raise DatawardError(f"density weights need DDPM steps, not {type(scheduler).__name__}: use weights router or soup "
                                 "with other schedulers")
