@@ -141,3 +141,15 @@ def test_a_folder_of_32px_rgb_images_goes_through_the_whole_life(tmp_path):
         assert report["quality"]["status"] == "ok" and np.isfinite(report["quality"]["fd"]) and report["quality"]["fd"] > 0
     finally:
         ward.close()
+
+
+def test_the_audit_lists_exports_and_which_are_stale(base_ward, tmp_path):
+    from dataward.audit.report import render_html
+    from dataward.audit.sections import ward_summary
+
+    export_ward(base_ward, tmp_path / "acme", allowed=[1], label=0)
+    base_ward.forget([base_ward.training_data(1).ids[0]], retrain=False)
+    summary = ward_summary(base_ward, base_ward.compartments(), base_ward.training_data(), None)
+    assert [(e["compartments"], e["stale"]) for e in summary["exports"]] == [([1], True)]
+    page = render_html({"ward": summary, "settings": {"n": 0}, "timings": {}}, {})
+    assert "1 export(s) (<b class='bad'>1 stale</b>" in page and str((tmp_path / "acme").resolve()) in page

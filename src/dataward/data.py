@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from dataward.errors import DatawardError
+from dataward.shapes import SHAPE_CLASSES, shape_tensors
 
 DIGITS_COUNT = 1797
 DIGITS_HELDOUT = 297
@@ -370,10 +371,10 @@ def load_source(spec: str) -> Dataset:
         options = _parse_options(spec, rest, {"count": int, "seed": int, "size": int})
         return render_strokes(options.get("count", 10000), options.get("seed", 0), options.get("size", 8))
     if kind == "shapes":
-        from dataward.shapes import render_shapes
-
         options = _parse_options(spec, rest, {"count": int, "seed": int, "size": int})
-        return render_shapes(options.get("count", 600), options.get("seed", 0), options.get("size", 32))
+        count, seed = options.get("count", 600), options.get("seed", 0)
+        images, labels = shape_tensors(count, seed, options.get("size", 32))
+        return Dataset(tuple(f"shapes:{seed}:{i:06d}" for i in range(count)), images, labels, num_classes=len(SHAPE_CLASSES))
     if kind == "folder":
         return load_folder(Path(rest).expanduser())
     if kind == "npz":

@@ -47,14 +47,11 @@ def shape_images(count: int, seed: int = 0, size: int = 32) -> tuple[list[Image.
     return [_draw(rng, int(label), size) for label in labels], labels
 
 
-def render_shapes(count: int, seed: int = 0, size: int = 32):
-    """The ``shapes`` data source: a :class:`dataward.data.Dataset` of RGB images in [-1, 1], three classes."""
-    from dataward.data import Dataset
-
+def shape_tensors(count: int, seed: int = 0, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``shapes`` data source's arrays: images (N, 3, size, size) in [-1, 1] and labels (N,)."""
     images, labels = shape_images(count, seed, size)
     x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])).permute(0, 3, 1, 2)
-    return Dataset(tuple(f"shapes:{seed}:{i:06d}" for i in range(count)), x.contiguous(), torch.from_numpy(labels),
-                   num_classes=len(SHAPE_CLASSES))
+    return x.contiguous(), torch.from_numpy(labels)
 
 
 def write_shapes_folder(folder: str | Path, count: int, seed: int = 0, size: int = 32) -> Path:

@@ -39,13 +39,16 @@ class AuditedConfig(Protocol):
 
 
 class ForgetLedger(Protocol):
-    """The part of the ledger that says which samples were forgotten and where they were."""
+    """The part of the ledger that says which samples were forgotten and where they were, and what was exported."""
 
     def forgotten_ids(self) -> list[str]:
         """Every forgotten sample ID, sorted."""
 
     def sample_rows(self, ids: list[str]) -> dict[str, tuple]:
         """``id -> (compartment, slice, forgotten_at)`` for the known IDs among ``ids``."""
+
+    def events_of(self, kind: str) -> list[dict]:
+        """Every recorded event of ``kind`` (the audit lists ``export`` events: :func:`dataward.export.export_states`)."""
 
 
 class Samples(Protocol):

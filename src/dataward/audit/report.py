@@ -122,8 +122,17 @@ def _header(report: dict) -> str:
     ward = report.get("ward", {})
     return (f"<h1>dataward audit</h1><div class='sub'>ward <b>{html.escape(str(ward.get('path', '')))}</b> · data {html.escape(str(ward.get('data', '')))} · "
             f"{len(ward.get('compartments', []))} compartment(s) · {ward.get('training_samples')} training samples · "
-            f"{ward.get('forgotten_samples', 0)} forgotten · {report.get('settings', {}).get('n')} generated · "
+            f"{ward.get('forgotten_samples', 0)} forgotten · {_exports(ward.get('exports') or [])}{report.get('settings', {}).get('n')} generated · "
             f"{_fmt(report.get('timings', {}).get('total'), 1)} s · schema {html.escape(report.get('schema', ''))}</div>")
+
+
+def _exports(exports: list[dict]) -> str:
+    """Exports made (copies outside the ward) and how many a later forget or add made stale."""
+    if not exports:
+        return ""
+    stale = [e for e in exports if e["stale"]]
+    warning = f" (<b class='bad'>{len(stale)} stale</b>: {html.escape(', '.join(e['folder'] for e in stale))})" if stale else ""
+    return f"{len(exports)} export(s){warning} · "
 
 
 def _cards(report: dict) -> str:

@@ -24,6 +24,7 @@ from dataward.audit.protocol import AuditedWard
 from dataward.data import Dataset, load_source
 from dataward.diffusion.sampling import Denoiser
 from dataward.errors import DatawardError
+from dataward.export import export_states
 from dataward.training.privacy import other_accountant
 
 
@@ -159,7 +160,8 @@ def to_signed(images: torch.Tensor) -> torch.Tensor:
 
 
 def ward_summary(ward: AuditedWard, compartments: list[int], train: Dataset, heldout: Dataset | None) -> dict[str, Any]:
-    """The report's ``ward`` entry: where it is, its data and how many samples it has, holds out and forgot."""
+    """The report's ``ward`` entry: where it is, its data, how many samples it has, holds out and forgot, and its exports
+    (copies outside the ward, each with whether a forget or add made it stale)."""
     return {
         "path": str(ward.path),
         "data": str(ward.config.data),
@@ -167,6 +169,7 @@ def ward_summary(ward: AuditedWard, compartments: list[int], train: Dataset, hel
         "training_samples": len(train),
         "heldout_samples": None if heldout is None else len(heldout),
         "forgotten_samples": len(ward.ledger.forgotten_ids()),
+        "exports": export_states(ward.ledger),
     }
 
 

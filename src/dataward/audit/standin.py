@@ -62,6 +62,10 @@ class StandInLedger:
         known = set(self._forgotten)
         return {i: (0, 0, "stand-in") for i in ids if i in known}
 
+    def events_of(self, kind: str) -> list[dict]:
+        """No events: the stand-in exports nothing."""
+        return []
+
 
 @dataclass
 class StandInResult:
