@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 CLI = [sys.executable, "-c", "from dataward.app.cli import main; main()"]
 
@@ -127,3 +128,44 @@ def test_markup_in_user_data_is_printed_as_text(tmp_path):
     listed = run("keys", ward, "list").stdout
     assert "[/]" in listed
     assert "([/])" in run("keys", ward, "revoke", "[/]").stdout
+
+
+def _main(monkeypatch, capsys, *args):
+    """Run the CLI in this process: (exit code, stdout, stderr)."""
+    from dataward.app import cli
+
+    monkeypatch.setattr(sys, "argv", ["dataward", *map(str, args)])
+    monkeypatch.setitem(cli.STATE, "debug", False)
+    code = 0  # main() returns when the command succeeded
+    try:
+        cli.main()
+    except SystemExit as done:
+        code = done.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_usage_errors_follow_click_conventions(monkeypatch, capsys, tmp_path):
+    """Issue 22: usage line, a "Try --help" hint and exit 2 for usage errors; --version; --debug anywhere; help that
+    shows brackets and does not print a metavar on flags."""
+    import dataward
+
+    code, out, _ = _main(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"dataward {dataward.__version__}"
+    for args, message in ((["init"], "Missing argument 'WARD'"), (["status", "--bogus"], "No such option: --bogus"), (["nosuch"], "No such command")):
+        code, out, err = _main(monkeypatch, capsys, *args)
+        text = out + err
+        assert code == 2 and "Usage: dataward" in text and "--help' for help" in text and message in text, text
+    from dataward.errors import DatawardError
+
+    with pytest.raises(DatawardError, match="is not a ward"):  # --debug after the command: accepted, so the error is raised
+        _main(monkeypatch, capsys, "status", tmp_path / "missing", "--debug")
+    code, out, _ = _main(monkeypatch, capsys, "train", "--help")
+    assert code == 0 and "pip install 'dataward[ray]'" in " ".join(out.split()) and "<bool>" not in out
+
+
+def test_epsilon_and_delta_are_written_one_way():
+    from dataward.app.terminal import epsilon_delta
+
+    assert epsilon_delta(0.9967909301145604, 1e-4) == "ε = 0.997, δ = 1.00e-04"
+    assert epsilon_delta(float("inf"), 1.0) == "ε = inf, δ = 1.00e+00" and epsilon_delta("inf", 1e-5) == "ε = inf, δ = 1.00e-05"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+import click
 import typer
 from rich.markup import escape
 
@@ -15,13 +16,24 @@ from dataward.app.commands import lifecycle, reports, serving
 from dataward.app.terminal import console
 from dataward.errors import DatawardError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and serve diffusion models that protect their training data.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Train and serve diffusion models that protect their training data.")
 STATE = {"debug": False}
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        import dataward
+
+        print(f"dataward {dataward.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
-    STATE["debug"] = debug
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (accepted anywhere on the line)."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+) -> None:
+    STATE["debug"] = STATE["debug"] or debug
 
 
 # the order of `dataward --help`
@@ -38,10 +50,22 @@ def _print_error(message: str) -> None:
     console.print("[red]error:[/red]", escape(message), soft_wrap=True)
 
 
+def _usage_error(error: Exception) -> bool:
+    """Whether ``error`` is click's usage or parameter error (typer >= 0.20 vendors click: its own classes)."""
+    vendored = getattr(typer, "TyperException", ())
+    return isinstance(error, click.ClickException) or (isinstance(error, vendored) and hasattr(error, "show"))
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and exit code 1."""
+    """Entry point: run the app, turning user errors into one line and exit code 1; usage errors print click's usage line
+    and a "Try --help" hint and exit 2. ``--debug`` is accepted anywhere before ``--``."""
+    args = sys.argv[1:]
+    cut = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:cut]:
+        STATE["debug"] = True
+        args = [a for a in args[:cut] if a != "--debug"] + args[cut:]
     try:
-        app(standalone_mode=False)
+        app(args=args, prog_name="dataward", standalone_mode=False)
     except DatawardError as error:
         if STATE["debug"]:
             raise
@@ -53,9 +77,7 @@ def main() -> None:
         console.print("aborted")
         sys.exit(130)
     except Exception as error:  # noqa: BLE001 - the CLI never shows a raw traceback unless --debug
-        import click
-
-        if isinstance(error, click.ClickException):
+        if _usage_error(error):
             error.show()
             sys.exit(error.exit_code)
         if STATE["debug"]:

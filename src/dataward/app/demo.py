@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dataward.app.terminal import progress_bar
+from dataward.app.terminal import epsilon_delta, progress_bar
 from dataward.models.guard import GuardConfig
 from dataward.plots import image_grid
 from dataward.training.privacy import DPConfig
@@ -145,9 +145,9 @@ def _dp_finetune(run: _Run, ward: Ward) -> None:
     run.figures["dp_epsilon"] = round(privacy["epsilon"], 3)
     dp_samples = ward.sample(32, seed=2, allowed=[3])
     image_grid(dp_samples.images, run.out_dir / "dp-compartment-3.png", dp_samples.labels, columns=16)
-    run.console.print(f"compartment 3: ε = {privacy['epsilon']:.3f}, δ = {privacy['delta']:.2e}, σ = {privacy['sigma']:.3f}, "
+    run.console.print(f"compartment 3: {epsilon_delta(privacy['epsilon'], privacy['delta'])}, σ = {privacy['sigma']:.3f}, "
                       f"{100 * privacy['trainable_fraction']:.1f}% of parameters trained (attention + class embedding)")
-    run.done("DP fine-tuning", f"compartment 3: ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:.1e}, {100 * privacy['trainable_fraction']:.1f}% params trained",
+    run.done("DP fine-tuning", f"compartment 3: {epsilon_delta(privacy['epsilon'], privacy['delta'])}, {100 * privacy['trainable_fraction']:.1f}% params trained",
              str(run.out_dir / "dp-compartment-3.png"))
 
 

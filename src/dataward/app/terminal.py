@@ -1,4 +1,4 @@
-"""Terminal output of the command line and the demo: the two consoles and the progress bar.
+"""Terminal output of the command line and the demo: the two consoles, the progress bar, and how (ε, δ) are written.
 
 ``console`` writes messages and progress to stderr; ``out`` writes results to stdout (so ``--json`` output stays clean).
 """
@@ -24,3 +24,9 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress | None]:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console, transient=False) as progress:
         yield progress
+
+
+def epsilon_delta(epsilon: float | str, delta: float) -> str:
+    """(ε, δ) written one way everywhere: ε to 3 decimals (or "inf"), δ in scientific notation with 2 decimals."""
+    eps = epsilon if isinstance(epsilon, str) else ("inf" if epsilon == float("inf") else f"{epsilon:.3f}")
+    return f"ε = {eps}, δ = {delta:.2e}"

@@ -12,13 +12,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from dataward.app.commands.common import open_ward, parse_ids
-from dataward.app.terminal import out, progress_bar
+from dataward.app.terminal import epsilon_delta, out, progress_bar
 from dataward.errors import DatawardError
 from dataward.export import export_states
 
 
 def init(
-    ward: Path = typer.Argument(..., help="Folder for the new ward."),
+    ward: Path = typer.Argument(..., metavar="WARD", help="Folder for the new ward."),
     data: str = typer.Option("digits", "--data", help="Data source: digits, digits:subset=N, printed[:count=N], folder:PATH, npz:PATH."),
     model: str = typer.Option("tiny", help="UNet preset: tiny (8x8, CPU), small (16-32 px), base (64 px, GPU)."),
     seed: int = typer.Option(0, help="Root seed of everything the ward trains."),
@@ -50,7 +50,7 @@ def init(
 
 
 def train(
-    ward: Path = typer.Argument(..., help="The ward folder."),
+    ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     steps: Optional[int] = typer.Option(None, help="Override the ward's training budget: optimizer steps per compartment."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     executor: str = typer.Option("local", help="local (this process) | ray (one Ray task per compartment job; pip install 'dataward[ray]')."),
@@ -90,14 +90,15 @@ def train(
     out.print(f"trained in {result['seconds']:.1f} s; ward is up to date")
     privacy = w.privacy()
     if privacy:
-        out.print(f"privacy: ward ε = {privacy['ward_epsilon']}, δ = {privacy['ward_delta']:.3g}; " +
-                  ", ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"ε={v['epsilon']:.3f} σ={v['sigma']:.3f}") for c, v in privacy["compartments"].items()))
+        out.print(f"privacy: ward {epsilon_delta(privacy['ward_epsilon'], privacy['ward_delta'])}; " +
+                  "; ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"{epsilon_delta(v['epsilon'], v['delta'])}, σ = {v['sigma']:.3f}")
+                            for c, v in privacy["compartments"].items()))
         for note in privacy["notes"]:
             out.print(f"  note: {note}")
 
 
 def pretrain(
-    ward: Path = typer.Argument(..., help="The ward folder."),
+    ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     public: str = typer.Option("printed:count=3000", "--public", help="Public data, e.g. printed:count=3000."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: the ward's public budget in epochs)."),
     latent: bool = typer.Option(False, "--latent", help="Latent diffusion: train a public autoencoder first; every model of the ward then works on its latents."),
@@ -134,7 +135,7 @@ def pretrain(
 
 
 def guard(
-    ward: Path = typer.Argument(..., help="The ward folder."),
+    ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     steps: Optional[int] = typer.Option(None, help="Guard training steps (default: the guard's epochs)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
@@ -149,8 +150,8 @@ def guard(
 
 
 def forget(
-    ward: Path = typer.Argument(..., help="The ward folder."),
-    ids: Optional[list[str]] = typer.Argument(None, help="Sample IDs to forget."),
+    ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
+    ids: Optional[list[str]] = typer.Argument(None, metavar="IDS", help="Sample IDs to forget."),
     ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A file with one sample ID per line."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -197,7 +198,7 @@ def forget(
         out.print(f"retrained in {result['retrain_seconds']:.1f} s; state: {result['state']}. Certificate: dataward verify {escape(str(ward))}")
 
 
-def verify(ward: Path = typer.Argument(..., help="The ward folder."), device: str = typer.Option("cpu"),
+def verify(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."), device: str = typer.Option("cpu", help="cpu or cuda."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Forgetting certificate: retrain every served model from scratch and compare weight hashes bit for bit."""
     w = open_ward(ward, device=device)
@@ -217,8 +218,8 @@ def verify(ward: Path = typer.Argument(..., help="The ward folder."), device: st
         raise typer.Exit(1)
 
 
-def add(ward: Path = typer.Argument(..., help="The ward folder."), data: str = typer.Option(..., "--data", help="The new data source."),
-        device: str = typer.Option("cpu")) -> None:
+def add(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."), data: str = typer.Option(..., "--data", help="The new data source."),
+        device: str = typer.Option("cpu", help="cpu or cuda.")) -> None:
     """Continual learning: new data becomes a new compartment; existing compartments are untouched."""
     w = open_ward(ward, device=device)
     with progress_bar() as progress:

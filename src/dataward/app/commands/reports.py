@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dataward.app.commands.common import open_ward, parse_ids
-from dataward.app.terminal import console, out, progress_bar
+from dataward.app.terminal import console, epsilon_delta, out, progress_bar
 from dataward.errors import DatawardError
 
 
@@ -20,7 +20,7 @@ def _megabytes(size: int | None) -> str:
     return "?" if size is None else f"{size / 1e6:.1f} MB"
 
 
-def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."), as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show the ward's compartments, models, forget requests and privacy (read-only: safe while training runs)."""
     from dataward.ward import Ward
 
@@ -66,18 +66,17 @@ def status(ward: Path = typer.Argument(..., help="The ward folder."), as_json: b
         out.print(f"[yellow]forget requests in effect, retraining pending: {', '.join(s['pending_forgets'])}[/yellow] (run any command to finish)")
     if s.get("privacy"):
         p = s["privacy"]
-        per = "; ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"ε = {v['epsilon']:.3f}, δ = {v['delta']:.2e}, σ = {v['sigma']:.3f}, "
+        per = "; ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"{epsilon_delta(v['epsilon'], v['delta'])}, σ = {v['sigma']:.3f}, "
                                                    f"{v['steps']} steps, {100 * v['trainable_fraction']:.1f}% of parameters ({v['trainable']})"
                                                    + (f", {v['noise_multiplicity']} noise draws per example" if (v.get("noise_multiplicity") or 1) > 1 else ""))
                         for c, v in p["compartments"].items())
-        ward_eps = p["ward_epsilon"] if isinstance(p["ward_epsilon"], str) else f"{p['ward_epsilon']:.3f}"
-        out.print(f"privacy: ward ε = {ward_eps} at δ = {p['ward_delta']:.2e} (max over compartments); {per}")
+        out.print(f"privacy: ward {epsilon_delta(p['ward_epsilon'], p['ward_delta'])} (max over compartments); {per}")
         for note in p["notes"]:
             out.print(f"  note: {note}")
 
 
 def sample(
-    ward: Path = typer.Argument(..., help="The ward folder."),
+    ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     n: int = typer.Option(64, "-n", help="Number of samples."),
     label: Optional[int] = typer.Option(None, help="Class label for all samples (random by default)."),
     seed: int = typer.Option(0, help="Sampling seed."),
@@ -136,7 +135,7 @@ def sample(
 
 
 def audit(
-    ward: Path = typer.Argument(..., help="The ward folder."),
+    ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     n: int = typer.Option(1000, "--n", help="Samples drawn for quality and replication."),
     seed: int = typer.Option(0, help="Sampling seed."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),

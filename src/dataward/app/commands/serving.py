@@ -18,7 +18,7 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys for `dataward serve`
 
 
 @keys_app.callback()
-def _keys(ctx: typer.Context, ward: Path = typer.Argument(..., help="The ward folder.")) -> None:
+def _keys(ctx: typer.Context, ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder.")) -> None:
     """Manage a ward's API keys: dataward keys WARD create|list|revoke."""
     ctx.ensure_object(dict)["ward"] = ward
 
@@ -63,14 +63,14 @@ def keys_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", 
 
 
 @keys_app.command("revoke")
-def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., help="The key's ID or name.")) -> None:
+def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., metavar="KEY", help="The key's ID or name.")) -> None:
     """Revoke a key: refused from the very next request on."""
     record = open_ward(ctx.obj["ward"], resume=False).ledger.revoke_key(key)
     out.print(f"revoked key #{record['id']} ({escape(record['name'])})")
 
 
 def serve(
-    ward: Path = typer.Argument(..., help="The ward folder."),
+    ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (put TLS in front of anything but loopback)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     workers: int = typer.Option(2, "--workers", help="Generation pool size: generations run at once (threads in one process)."),
@@ -95,7 +95,7 @@ def serve(
 
 
 def export(
-    ward: Path = typer.Argument(..., help="The ward folder."),
+    ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     allow: str = typer.Option(..., "--allow", help="Compartments whose soup the export holds, e.g. 0,2 (or all)."),
     out_dir: Path = typer.Option(..., "--out", help="A new (or empty) folder for the diffusers pipeline."),
     label: Optional[int] = typer.Option(None, "--label", help="The class the exported model draws (class-conditional wards)."),
