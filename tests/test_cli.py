@@ -20,6 +20,7 @@ def run(*args, check=True, columns=200):
     return proc
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     ward = tmp_path / "w"
     run("init", ward, "--data", "digits:subset=40", "-k", "2", "--slices", "2", "--steps", "3", "--batch-size", "16", "--no-router")
@@ -58,6 +59,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_cli_latent_ward(tmp_path):
     ward = tmp_path / "w"
     run("init", ward, "--data", "digits:subset=40", "-k", "2", "--steps", "3", "--batch-size", "16", "--no-router")
@@ -83,7 +85,7 @@ def test_cli_latent_ward(tmp_path):
     assert "2 noise draws per example" in " ".join(run("status", ward).stdout.split())  # (rich wraps long lines)
     refused = run("train", ward, "--dp", "--trainable", "attn", check=False)
     assert refused.returncode == 1 and "trainable must be one of attention, embedding, full" in refused.stderr
-    run("train", ward, "--dp", "--epsilon", "5", "--batch", "10", "--epochs", "1", "--compartment", "0", "--trainable", "embedding")
+    run("train", ward, "--dp", "--epsilon", "5", "--batch", "10", "--epochs", "1", "--compartment", "0", "--trainable", "embedding", "--replace-dp")
     privacy = json.loads(run("status", ward, "--json").stdout)["privacy"]["compartments"]["0"]
     assert privacy["trainable"] == "embedding" and 0 < privacy["trainable_fraction"] < 0.01 and privacy["lr"] == 0.1
 
@@ -115,6 +117,7 @@ def test_a_forget_is_accepted_while_an_earlier_retraining_is_pending_and_broken(
     assert len(json.loads(sampled.stdout)["attribution"]) == 2 and "retraining is pending" in sampled.stderr
 
 
+@pytest.mark.slow
 def test_markup_in_user_data_is_printed_as_text(tmp_path):
     """Issue 19, defect 8: an owner or key name like ``[/]`` is data, not rich markup: status and keys list print it."""
     rng = np.random.default_rng(0)
@@ -169,3 +172,25 @@ def test_epsilon_and_delta_are_written_one_way():
 
     assert epsilon_delta(0.9967909301145604, 1e-4) == "ε = 0.997, δ = 1.00e-04"
     assert epsilon_delta(float("inf"), 1.0) == "ε = inf, δ = 1.00e+00" and epsilon_delta("inf", 1e-5) == "ε = inf, δ = 1.00e-05"
+
+
+def test_a_second_dp_setting_does_not_silently_replace_the_first(monkeypatch, capsys, tmp_path):
+    """Issue 22: `train --dp` with another setting used to retrain (or un-DP) compartments the user did not name."""
+    from conftest import make_ward
+
+    from dataward.training.privacy import DPConfig
+    from dataward.ward import Ward
+
+    ward = make_ward(tmp_path / "w", compartments=2, router=False)
+    ward.reconfigure(dp=DPConfig(epsilon=10.0), dp_compartments=(1,))
+    ward.close()
+    code, _, err = _main(monkeypatch, capsys, "train", tmp_path / "w", "--dp", "--epsilon", "1", "--compartment", "0")
+    assert code == 1 and "already DP-trains compartment(s) [1] at ε = 10" in " ".join(err.split()) and "--replace-dp" in err
+    ward = Ward.open(tmp_path / "w", worker=True)
+    assert ward.config.dp.epsilon == 10.0 and ward.config.dp_compartments == (1,)  # nothing changed
+    ward.close()
+
+
+def test_sampling_that_would_keep_nothing_is_refused_before_it_runs(monkeypatch, capsys, tmp_path):
+    code, _, err = _main(monkeypatch, capsys, "sample", tmp_path / "anything", "--guard")
+    assert code == 1 and "nothing would be kept" in err and "--out" in err

@@ -68,6 +68,7 @@ def train(
     dp_lr: Optional[float] = typer.Option(None, "--lr", help="DP: Adam learning rate (default: 1e-2 with --trainable attention, 1e-1 with embedding, 2e-3 with full)."),
     noise_multiplicity: int = typer.Option(1, "--noise-multiplicity", help="DP: K draws of (t, noise) per example and step, averaged before clipping (DPDM): same ε, better quality, K x compute."),
     dp_compartments: Optional[str] = typer.Option(None, "--compartment", help="DP: only these compartments, e.g. 3 or 0,2 (default: all)."),
+    replace_dp: bool = typer.Option(False, "--replace-dp", help="DP: replace the ward's DP setting (it has one; every DP compartment retrains)."),
 ) -> None:
     """Train every missing or out-of-date model of the ward (resumes interrupted work); --dp for DP fine-tuning."""
     w = open_ward(ward, resume=False)
@@ -85,7 +86,9 @@ def train(
 
             config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=batch, epochs=epochs, trainable=trainable or ("lora" if w.config.lora_rank() else "attention"), accountant=accountant,
                                lr=dp_lr, noise_multiplicity=noise_multiplicity)
-            w.enable_dp(config, parse_ids(dp_compartments), train=False)
+            chosen = parse_ids(dp_compartments)
+            _check_dp_change(w, config, chosen, replace_dp)
+            w.enable_dp(config, chosen, train=False)
         result = w.train(device=device, progress=progress, executor=executor, **options)
     out.print(f"trained in {result['seconds']:.1f} s; ward is up to date")
     privacy = w.privacy()
@@ -95,6 +98,22 @@ def train(
                             for c, v in privacy["compartments"].items()))
         for note in privacy["notes"]:
             out.print(f"  note: {note}")
+
+
+def _check_dp_change(w, config, chosen: list[int] | None, replace: bool) -> None:
+    """A ward has one DP setting: a different one replaces it for every DP compartment, so it needs --replace-dp."""
+    from dataward.training.privacy import trainable_filter
+
+    trainable_filter(config.trainable)  # a bad setting is named first
+    before, before_chosen = w.config.dp, w.config.dp_compartments
+    after_chosen = None if chosen is None else tuple(sorted(set(chosen)))
+    if before is None or replace or (before == config and before_chosen == after_chosen):
+        return
+    was = "every compartment" if before_chosen is None else f"compartment(s) {list(before_chosen)}"
+    now = "every compartment" if after_chosen is None else f"compartment(s) {list(after_chosen)}"
+    raise DatawardError(f"this ward already DP-trains {was} at ε = {before.epsilon:g}; the ward has one DP setting, so this one "
+                        f"(ε = {config.epsilon:g} for {now}) would replace it: {was} would retrain under the new setting (or "
+                        "without DP if no longer named). Pass --replace-dp to do that")
 
 
 def pretrain(

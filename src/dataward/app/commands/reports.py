@@ -92,7 +92,9 @@ def sample(
     save: Optional[Path] = typer.Option(None, "--save", help="Write samples.npz (images, labels, attribution, final_weights)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary with per-sample attribution."),
 ) -> None:
-    """Generate samples composed over the allowed compartments."""
+    """Generate samples composed over the allowed compartments (keep them with --out, --save or --json)."""
+    if not (out_png or save or as_json):
+        raise DatawardError("nothing would be kept of these samples: add --out grid.png, --save samples.npz or --json")
     w = open_ward(ward, resume=False)  # a pending retraining never blocks sampling: models that saw forgotten IDs are never served
     if w.ledger.pending_forgets():
         console.print(f"[yellow]a forget's retraining is pending: sampling uses clean fallback stages; `dataward train {ward}` finishes it[/yellow]")
