@@ -194,3 +194,24 @@ def test_a_second_dp_setting_does_not_silently_replace_the_first(monkeypatch, ca
 def test_sampling_that_would_keep_nothing_is_refused_before_it_runs(monkeypatch, capsys, tmp_path):
     code, _, err = _main(monkeypatch, capsys, "sample", tmp_path / "anything", "--guard")
     assert code == 1 and "nothing would be kept" in err and "--out" in err
+
+
+def test_progress_in_a_log_file_is_written_as_it_goes():
+    """Issue 22: with stderr redirected to a file, rich's bar only appears at the end; lines appear at every tenth."""
+    import io
+
+    from rich.console import Console
+
+    from dataward.app.terminal import LineProgress
+
+    log = io.StringIO()
+    progress = LineProgress(Console(file=log, force_terminal=False, width=200))
+    task = progress.add_task("train compartment 0", total=20)
+    lines_after = []
+    for _ in range(20):
+        progress.update(task, advance=1)
+        lines_after.append(len(log.getvalue().splitlines()))
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "train compartment 0: started (0/20)"
+    assert lines_after[1] == 2 and lines_after[3] == 3  # written while the work runs, not at its end
+    assert len(lines) == 11 and lines[-1].startswith("train compartment 0: 20/20 (100%), ")
