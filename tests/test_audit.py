@@ -325,3 +325,15 @@ def test_the_ward_and_the_stand_in_satisfy_the_audit_protocol(tmp_path):
         ward.close()
     assert isinstance(StandInWard(per_compartment=5), AuditedWard)
     assert not isinstance(object(), AuditedWard)
+
+
+
+def test_the_worst_mia_card_is_the_worst_over_attacks():
+    """Issue 22: the card showed the raw loss attack's AUC (0.587) while PIA's was higher (0.633)."""
+    from dataward.audit.report import render_html
+
+    membership = {"status": "ok", "attacks": [], "skipped": [],
+                  "worst_auc": {"raw_loss": 0.587, "raw_pia": 0.633, "guarded_loss": None, "guarded_pia": None}}
+    page = render_html({"membership": membership, "settings": {"n": 0}, "timings": {}}, {})
+    card = page[page.index("Worst MIA AUC"):][:300]
+    assert "0.633" in card and "PIA, raw" in card and "0.587" not in card

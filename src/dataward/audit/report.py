@@ -135,17 +135,27 @@ def _exports(exports: list[dict]) -> str:
     return f"{len(exports)} export(s){warning} · "
 
 
+def _worst_attack(worst: dict) -> tuple[str | None, float | None]:
+    """The highest AUC over the attacks (loss, PIA) and denoisers (raw, guarded), and which it was."""
+    names = {"raw_loss": "loss attack, raw", "raw_pia": "PIA, raw", "guarded_loss": "loss attack, guarded", "guarded_pia": "PIA, guarded"}
+    found = [(auc, names[key]) for key, auc in worst.items() if auc is not None and key in names]
+    if not found:
+        return None, None
+    auc, name = max(found)
+    return name, auc
+
+
 def _cards(report: dict) -> str:
     """One card per headline number."""
     q, rep, mia, forget, priv = (report.get(k, {}) for k in ("quality", "replication", "membership", "forgetting", "privacy"))
-    raw_loss = (mia.get("worst_auc") or {}).get("raw_loss") if _ok(mia) else None
+    worst_attack, worst_auc = _worst_attack(mia.get("worst_auc") or {}) if _ok(mia) else (None, None)
     cards = [
         _card("Fréchet distance", q.get("fd") if _ok(q) else None, f"train vs held-out: {_fmt(q.get('fd_train_vs_heldout'))}" if _ok(q) else q.get("reason", "")),
         _card("Downstream accuracy (CAS)", q.get("cas") if _ok(q) else None, f"trained on real: {_fmt(q.get('cas_real'))}" if _ok(q) else ""),
         _card("Replicated samples", f"{100 * rep['replication_rate']:.1f}%" if _ok(rep) else None,
               f"held-out baseline {100 * rep['heldout_baseline']['replication_rate']:.1f}%" if _ok(rep) and "heldout_baseline" in rep else "",
               "good" if _ok(rep) and rep["replication_rate"] == 0 else "warn" if _ok(rep) else ""),
-        _card("Worst MIA AUC (loss, raw)", raw_loss, "0.5 = chance", _auc_tone(raw_loss)),
+        _card("Worst MIA AUC", worst_auc, f"{worst_attack}; 0.5 = chance" if worst_attack else "0.5 = chance", _auc_tone(worst_auc)),
         _card("Forgotten: MIA AUC", forget.get("auc") if _ok(forget) else None,
               f"{forget['forgotten']} forgotten; never-seen range 0.5 ± {1.96 * forget['null_sd']:.2f}" if _ok(forget) else "nothing forgotten",
               ("good" if forget["consistent_with_unseen"] else "bad") if _ok(forget) else ""),
