@@ -337,3 +337,19 @@ def test_the_worst_mia_card_is_the_worst_over_attacks():
     page = render_html({"membership": membership, "settings": {"n": 0}, "timings": {}}, {})
     card = page[page.index("Worst MIA AUC"):][:300]
     assert "0.633" in card and "PIA, raw" in card and "0.587" not in card
+
+
+def test_a_certificate_run_before_the_audit_is_reported_until_the_models_change(ward_copy):
+    """Issue 22: the demo runs `verify`, then the audit said the certificate was "not run" (with raw backticks)."""
+    from dataward.audit.report import render_html
+    from dataward.audit.sections import earlier_certificate
+
+    assert earlier_certificate(ward_copy) is None
+    assert ward_copy.verify()["ok"]
+    earlier = earlier_certificate(ward_copy)
+    assert earlier["ok"] and earlier["models"] == sorted(r.id for k in ("denoiser", "router") for r in ward_copy.served(k).values())
+    page = render_html({"forgetting": {"status": "ok", "attacks": [], "auc": 0.5, "forgotten": 1, "null_sd": 0.1, "z": 0.0,
+                                       "consistent_with_unseen": True, "certificate": earlier}, "settings": {"n": 0}, "timings": {}}, {})
+    assert "every served model equals its from-scratch retrain" in page and "`" not in page[page.index("Bitwise"):]
+    ward_copy.forget([ward_copy.training_data(0).ids[0]])  # new models: the old certificate no longer speaks for them
+    assert earlier_certificate(ward_copy) is None

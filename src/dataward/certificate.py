@@ -20,7 +20,7 @@ def _check(planner: Planner, runner: JobRunner, lineage, forgotten: set[str], sc
     scratch_hash = checkpoint_hash(scratch / results[served.stage]["folder"])
     served_hash = checkpoint_hash(planner.path / served.path)
     check = {
-        "kind": lineage.kind, "compartment": lineage.compartment, "stage": served.stage,
+        "kind": lineage.kind, "compartment": lineage.compartment, "stage": served.stage, "model": served.id,
         "served_sha256": served_hash, "scratch_sha256": scratch_hash,
         "equal": served_hash == scratch_hash, "saw_forgotten_ids": len(planner.ledger.model_sample_ids(served.id) & forgotten),
     }
@@ -39,4 +39,6 @@ def forgetting_certificate(planner: Planner, runner: JobRunner, device: str = "c
         checks = [_check(planner, runner, lineage, forgotten, Path(scratch), device, progress) for lineage in planner.lineages()
                   if compartments is None or lineage.compartment is None or lineage.compartment in compartments]
     ok = bool(checks) and all(c["equal"] and not c.get("saw_forgotten_ids") for c in checks)
+    planner.ledger.record_event("certificate", ok=ok, forgotten=len(forgotten), models=sorted(c["model"] for c in checks if "model" in c),
+                                complete=compartments is None, latest_model=planner.ledger.latest_model_id())
     return {"ok": ok, "forgotten": len(forgotten), "models": checks}

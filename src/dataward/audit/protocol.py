@@ -48,7 +48,10 @@ class ForgetLedger(Protocol):
         """``id -> (compartment, slice, forgotten_at)`` for the known IDs among ``ids``."""
 
     def events_of(self, kind: str) -> list[dict]:
-        """Every recorded event of ``kind`` (the audit lists ``export`` events: :func:`dataward.export.export_states`)."""
+        """Every recorded event of ``kind`` (the audit reads ``export`` and ``certificate`` events)."""
+
+    def latest_model_id(self) -> int:
+        """The newest model's ID: whether a model was registered since an event."""
 
 
 class Samples(Protocol):

@@ -243,6 +243,8 @@ def _forgetting_html(forget: dict) -> str:
     if cert is None:
         return body + f"<p class='note'>Bitwise certificate: {html.escape(forget.get('certificate_reason', 'not run'))}</p>"
     body += f"<p class='{'good' if cert['ok'] else 'bad'}'>Bitwise certificate: {'every served model equals its from-scratch retrain' if cert['ok'] else 'MISMATCH'}</p>"
+    if "source" in cert:  # an earlier run of the certificate, still about the models served now
+        return body + f"<p class='note'>From {html.escape(cert['source'])} (models {', '.join(f'#{m}' for m in cert['models'])}).</p>"
     return body + _table(["kind", "compartment", "equal", "served sha256"], [[m.get("kind"), m.get("compartment"), m.get("equal"), str(m.get("served_sha256", ""))[:16]] for m in cert["models"]])
 
 

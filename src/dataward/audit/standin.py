@@ -63,8 +63,12 @@ class StandInLedger:
         return {i: (0, 0, "stand-in") for i in ids if i in known}
 
     def events_of(self, kind: str) -> list[dict]:
-        """No events: the stand-in exports nothing."""
+        """No events: the stand-in exports and certifies nothing."""
         return []
+
+    def latest_model_id(self) -> int:
+        """The stand-in registers no models."""
+        return 0
 
 
 @dataclass

@@ -105,6 +105,10 @@ class Ledger:
         rows = self.db.execute("SELECT id, at, detail FROM events WHERE kind=? ORDER BY id", (kind,)).fetchall()
         return [{"id": r[0], "at": r[1], "detail": json.loads(r[2])} for r in rows]
 
+    def latest_model_id(self) -> int:
+        """The newest model's ID (0 when none): it changes whenever a model is registered."""
+        return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM models").fetchone()[0]
+
     def events(self, limit: int = 50) -> list[dict]:
         """The newest events, newest first."""
         rows = self.db.execute("SELECT id, at, kind, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
