@@ -353,3 +353,12 @@ def test_a_certificate_run_before_the_audit_is_reported_until_the_models_change(
     assert "every served model equals its from-scratch retrain" in page and "`" not in page[page.index("Bitwise"):]
     ward_copy.forget([ward_copy.training_data(0).ids[0]])  # new models: the old certificate no longer speaks for them
     assert earlier_certificate(ward_copy) is None
+
+
+def test_membership_across_different_sources_is_not_counted_as_memorisation():
+    """Issue 22: a DP compartment of printed digits showed AUC ~0.8 against handwritten held-out digits."""
+    from dataward.audit.sections import mismatched_sources
+
+    assert "printed" in mismatched_sources(("printed:0:000001", "printed:0:000002"), ("digits:1600", "digits:1601"))["invalid"]
+    assert mismatched_sources(("digits:0001",), ("digits:1600",)) == {}
+    assert mismatched_sources(("square/001.png",), ("digits:1600",)) == {}  # IDs without a source name: nothing is claimed

@@ -215,13 +215,17 @@ def _membership_html(mia: dict) -> str:
     rows, curves = [], []
     for a in mia["attacks"]:
         for kind in ("loss", "pia"):
-            rows.append([f"compartment {a['compartment']}", a["denoiser"], kind, a[kind]["auc"], a[kind]["tpr_at_1pct_fpr"], a[kind]["best_t"], f"{a[kind]['n_members']} / {a[kind]['n_nonmembers']}"])
-            curves.append((f"c{a['compartment']} {a['denoiser']} {kind}", a[kind], a["compartment"], ROC_STYLES[a["denoiser"], kind]))
+            model = f"compartment {a['compartment']}" + (" (not valid: see below)" if "invalid" in a else "")
+            rows.append([model, a["denoiser"], kind, a[kind]["auc"], a[kind]["tpr_at_1pct_fpr"], a[kind]["best_t"], f"{a[kind]['n_members']} / {a[kind]['n_nonmembers']}"])
+            if "invalid" not in a:
+                curves.append((f"c{a['compartment']} {a['denoiser']} {kind}", a[kind], a["compartment"], ROC_STYLES[a["denoiser"], kind]))
     body = _table(["model", "denoiser", "attack", "AUC", "TPR @ 1% FPR", "best t", "members / held-out"], rows, {3, 4, 5})
     body += roc_figure(curves, "members vs held-out")
     body += "<p class='note'>Loss attack (Matsumoto et al. 2023) and PIA (Kong et al. 2024), best timestep of the sweep: the attacker's best case. 0.5 is chance.</p>"
     for s in mia.get("skipped", []):
         body += f"<p class='skip'>compartment {s['compartment']} {html.escape(s['denoiser'])}: {html.escape(s['reason'])}</p>"
+    for invalid in {(a["compartment"], a["invalid"]) for a in mia["attacks"] if "invalid" in a}:
+        body += f"<p class='skip'>compartment {invalid[0]}: not counted in the worst AUC: {html.escape(invalid[1])}</p>"
     return body
 
 
@@ -295,7 +299,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     m = report.get("membership", {})
     if m.get("status") == "ok":
         text = "; ".join(f"c{a['compartment']} {a['denoiser']}: loss AUC {f(a['loss']['auc'])} (TPR@1%FPR {f(a['loss']['tpr_at_1pct_fpr'])}), "
-                         f"PIA AUC {f(a['pia']['auc'])}" for a in m["attacks"])
+                         f"PIA AUC {f(a['pia']['auc'])}" + (" (not valid: different sources)" if "invalid" in a else "") for a in m["attacks"])
         rows.append(("membership", text))
     else:
         rows.append(("membership", f"{m.get('status')}: {m.get('reason')}"))

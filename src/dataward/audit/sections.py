@@ -245,6 +245,20 @@ def replication_section(audit: Audit) -> Measured:
     return Measured(out, artifacts | {"replication": rep, "train_images": train.images})
 
 
+def mismatched_sources(member_ids: tuple[str, ...], nonmember_ids: tuple[str, ...]) -> dict[str, str]:
+    """``{"invalid": why}`` when members and non-members come from different named sources (IDs ``source:...``, e.g.
+    printed digits against held-out handwritten ones): the attack then tells the two sources apart, which is not
+    memorisation; else nothing."""
+    def sources(ids):
+        return {i.split(":", 1)[0] for i in ids if ":" in i}
+
+    members, nonmembers = sources(member_ids), sources(nonmember_ids)
+    if not members or not nonmembers or members & nonmembers:
+        return {}
+    return {"invalid": f"members come from {', '.join(sorted(members))} and the held-out non-members from "
+                       f"{', '.join(sorted(nonmembers))}: the AUC measures how the two sources differ, not memorisation"}
+
+
 def membership(audit: Audit) -> Measured:
     """Loss attack and PIA on each compartment's raw (and guarded) denoiser: its members vs the held-out set."""
     heldout = audit.require_heldout("no held-out non-members (digits wards have one; pass heldout=)")
@@ -269,11 +283,12 @@ def membership(audit: Audit) -> Measured:
             )
             loss = loss_attack(eps, audit.ward.scheduler, member_inputs, heldout_inputs, **common)
             pia_result = pia(eps, audit.ward.scheduler, member_inputs, heldout_inputs, **common)
-            attacks.append({"compartment": c, "denoiser": name, "loss": loss.summary(), "pia": pia_result.summary()})
+            attacks.append({"compartment": c, "denoiser": name, "loss": loss.summary(), "pia": pia_result.summary()}
+                           | mismatched_sources(member_set.ids, heldout.ids))
     if not attacks:
         raise Skip("no compartment has a servable denoiser: " + "; ".join(s["reason"] for s in skipped))
     worst = {
-        f"{kind}_{attack}": max((a[attack]["auc"] for a in attacks if a["denoiser"] == kind), default=None)
+        f"{kind}_{attack}": max((a[attack]["auc"] for a in attacks if a["denoiser"] == kind and "invalid" not in a), default=None)
         for kind in ("raw", "guarded") for attack in ("loss", "pia")
     }
     return Measured({"attacks": attacks, "skipped": skipped, "worst_auc": worst})
