@@ -357,7 +357,7 @@ def test_a_certificate_run_before_the_audit_is_reported_until_the_models_change(
 
 def test_membership_across_different_sources_is_not_counted_as_memorisation():
     """Issue 22: a DP compartment of printed digits showed AUC ~0.8 against handwritten held-out digits."""
-    from dataward.audit.sections import mismatched_sources
+    from dataward.audit.attacks import mismatched_sources
 
     assert "printed" in mismatched_sources(("printed:0:000001", "printed:0:000002"), ("digits:1600", "digits:1601"))["invalid"]
     assert mismatched_sources(("digits:0001",), ("digits:1600",)) == {}

@@ -236,3 +236,17 @@ def pooled_rank_auc(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
     auc = float(np.mean(percentiles))
     null_sd = 1.0 / math.sqrt(12 * len(percentiles))
     return {"auc": auc, "n": len(percentiles), "null_sd": null_sd, "z": (auc - 0.5) / null_sd}
+
+
+def mismatched_sources(member_ids: tuple[str, ...], nonmember_ids: tuple[str, ...]) -> dict[str, str]:
+    """``{"invalid": why}`` when members and non-members come from different named sources (IDs ``source:...``, e.g.
+    printed digits against held-out handwritten ones): the attack then tells the two sources apart, which is not
+    memorisation; else nothing."""
+    def sources(ids):
+        return {i.split(":", 1)[0] for i in ids if ":" in i}
+
+    members, nonmembers = sources(member_ids), sources(nonmember_ids)
+    if not members or not nonmembers or members & nonmembers:
+        return {}
+    return {"invalid": f"members come from {', '.join(sorted(members))} and the held-out non-members from "
+                       f"{', '.join(sorted(nonmembers))}: the AUC measures how the two sources differ, not memorisation"}

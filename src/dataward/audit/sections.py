@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dataward.audit.attacks import FORGETTING_T, forgetting_attack, loss_attack, pia, pooled_rank_auc
+from dataward.audit.attacks import FORGETTING_T, forgetting_attack, loss_attack, mismatched_sources, pia, pooled_rank_auc
 from dataward.audit.features import FeatureExtractor, FeatureNet, ModuleFeatures, digits_feature_net, inception_features, module_features
 from dataward.audit.metrics import downstream_accuracy, frechet_distance, recompute_epsilon, replication
 from dataward.audit.protocol import AuditedWard
@@ -243,20 +243,6 @@ def replication_section(audit: Audit) -> Measured:
         out["heldout_baseline"] = {"replication_rate": base.replication_rate, "cosine_share": base.cosine_share, "nearest_l2_median": float(np.median(base.nearest_l2))}
         artifacts.update(heldout_nearest_l2=base.nearest_l2, heldout_ratio=base.ratio)
     return Measured(out, artifacts | {"replication": rep, "train_images": train.images})
-
-
-def mismatched_sources(member_ids: tuple[str, ...], nonmember_ids: tuple[str, ...]) -> dict[str, str]:
-    """``{"invalid": why}`` when members and non-members come from different named sources (IDs ``source:...``, e.g.
-    printed digits against held-out handwritten ones): the attack then tells the two sources apart, which is not
-    memorisation; else nothing."""
-    def sources(ids):
-        return {i.split(":", 1)[0] for i in ids if ":" in i}
-
-    members, nonmembers = sources(member_ids), sources(nonmember_ids)
-    if not members or not nonmembers or members & nonmembers:
-        return {}
-    return {"invalid": f"members come from {', '.join(sorted(members))} and the held-out non-members from "
-                       f"{', '.join(sorted(nonmembers))}: the AUC measures how the two sources differ, not memorisation"}
 
 
 def membership(audit: Audit) -> Measured:
