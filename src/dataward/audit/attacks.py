@@ -7,6 +7,7 @@ with the ``DDPMScheduler`` it was trained with. Every function that draws noise 
 - :func:`loss_attack` (Matsumoto et al. 2023) and :func:`pia` (Kong et al. 2024): AUC and TPR at 1% FPR of members vs
   non-members over a timestep sweep; :func:`forgetting_attack` runs the loss attack on forgotten vs held-out samples.
 - :func:`roc` and :func:`pooled_rank_auc`: the ROC of one model, and the AUC pooled over several models with its null.
+- :func:`mismatched_sources`: whether members and non-members come from different sources (then an attack is not valid).
 """
 
 from __future__ import annotations
