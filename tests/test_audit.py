@@ -362,3 +362,23 @@ def test_membership_across_different_sources_is_not_counted_as_memorisation():
     assert "printed" in mismatched_sources(("printed:0:000001", "printed:0:000002"), ("digits:1600", "digits:1601"))["invalid"]
     assert mismatched_sources(("digits:0001",), ("digits:1600",)) == {}
     assert mismatched_sources(("square/001.png",), ("digits:1600",)) == {}  # IDs without a source name: nothing is claimed
+
+
+def test_figures_label_their_axes_and_say_when_a_roc_rests_on_few_samples(monkeypatch):
+    """Issue 22: the ratio histogram had no y-label and a legend over its bars; a forgetting ROC of 1-2 samples looked
+    like a curve."""
+    from dataward.audit import figures
+    from dataward.audit.metrics import replication
+
+    monkeypatch.setattr(figures, "_png", lambda fig: fig)  # keep the figure to look at it
+    g = torch.Generator().manual_seed(0)
+    rep = replication(torch.rand(12, 1, 8, 8, generator=g), torch.rand(30, 1, 8, 8, generator=g))
+    fig = figures.nearest_figure(rep, None, None)
+    ratio_axes = fig.axes[1]
+    assert ratio_axes.get_ylabel() == "density"
+    fig.canvas.draw()
+    legend, bars = ratio_axes.get_legend().get_window_extent(), ratio_axes.get_window_extent()
+    assert legend.x0 >= bars.x1 - 1  # the legend sits beside the plot
+    summary = {"auc": 1.0, "best_t": 100, "n_members": 1, "roc": {"fpr": [0.0, 0.0, 1.0], "tpr": [0.0, 1.0, 1.0]}}
+    roc = figures.roc_figure([("c0 forgotten loss", summary, 0, "-")], "forgotten vs held-out")
+    assert any("only 1 member(s): a step, not a curve" in text.get_text() for text in roc.legends[0].get_texts())

@@ -95,8 +95,9 @@ def roc_figure(curves: list[tuple[str, dict, int, str]], title: str) -> str:
         ax.plot(grid, grid, color="#aaaaaa", linestyle="--", linewidth=1, label="chance")
         for label, summary, compartment, style in curves:
             fpr, tpr = np.asarray(summary["roc"]["fpr"]), np.asarray(summary["roc"]["tpr"])
+            few = f", only {summary['n_members']} member(s): a step, not a curve" if summary.get("n_members", 99) < 10 else ""
             ax.plot(fpr, tpr, style, color=PALETTE[compartment % len(PALETTE)], linewidth=1.6,
-                    label=f"{label}  AUC {summary['auc']:.3f}, t={summary['best_t']}")
+                    label=f"{label}  AUC {summary['auc']:.3f}, t={summary['best_t']}{few}")
         if log:
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -133,7 +134,8 @@ def nearest_figure(rep: Replication, heldout_l2: np.ndarray | None, heldout_rati
         right.hist(heldout_ratio, bins=rbins, alpha=0.5, density=True, color=PALETTE[1], label="held-out real")
     right.axvline(rep.ratio_threshold, color="#cc4444", linestyle="--", label=f"replica threshold {rep.ratio_threshold:.2f}")
     right.set_xlabel("nearest / second-nearest distance")
-    right.legend(frameon=False, fontsize=8)
+    right.set_ylabel("density")
+    right.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never on them
     fig.tight_layout()
     return _png(fig)
 
