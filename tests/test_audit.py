@@ -382,3 +382,18 @@ def test_figures_label_their_axes_and_say_when_a_roc_rests_on_few_samples(monkey
     summary = {"auc": 1.0, "best_t": 100, "n_members": 1, "roc": {"fpr": [0.0, 0.0, 1.0], "tpr": [0.0, 1.0, 1.0]}}
     roc = figures.roc_figure([("c0 forgotten loss", summary, 0, "-")], "forgotten vs held-out")
     assert any("only 1 member(s): a step, not a curve" in text.get_text() for text in roc.legends[0].get_texts())
+
+
+def test_guarded_rows_identical_to_raw_are_said_once():
+    from dataward.audit.report import render_html
+
+    def attack(c, denoiser, auc):
+        summary = {"auc": auc, "tpr_at_1pct_fpr": 0.0, "best_t": 10, "n_members": 20, "n_nonmembers": 20,
+                   "roc": {"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]}}
+        return {"compartment": c, "denoiser": denoiser, "loss": summary, "pia": dict(summary)}
+
+    attacks = [attack(0, "raw", 0.6), attack(0, "guarded", 0.6), attack(1, "raw", 0.7), attack(1, "guarded", 0.55)]
+    page = render_html({"membership": {"status": "ok", "attacks": attacks, "skipped": [], "worst_auc": {}}, "settings": {"n": 0}, "timings": {}}, {})
+    section = page[page.index("<h2>Membership inference"):]
+    assert section.count("<td>guarded</td>") == 2  # compartment 1's loss and PIA rows; compartment 0's are said once
+    assert "Guarded = raw for compartment(s) 0" in section

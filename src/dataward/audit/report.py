@@ -213,7 +213,12 @@ def _membership_html(mia: dict) -> str:
     if not _ok(mia):
         return _skipped(mia)
     rows, curves = [], []
+    raw = {a["compartment"]: a for a in mia["attacks"] if a["denoiser"] == "raw"}
+    same = sorted(a["compartment"] for a in mia["attacks"] if a["denoiser"] == "guarded" and a["compartment"] in raw
+                  and all(a[k] == raw[a["compartment"]][k] for k in ("loss", "pia")))
     for a in mia["attacks"]:
+        if a["denoiser"] == "guarded" and a["compartment"] in same:
+            continue  # said once below instead of a second identical row and curve
         for kind in ("loss", "pia"):
             model = f"compartment {a['compartment']}" + (" (not valid: see below)" if "invalid" in a else "")
             rows.append([model, a["denoiser"], kind, a[kind]["auc"], a[kind]["tpr_at_1pct_fpr"], a[kind]["best_t"], f"{a[kind]['n_members']} / {a[kind]['n_nonmembers']}"])
@@ -224,6 +229,9 @@ def _membership_html(mia: dict) -> str:
     body += "<p class='note'>Loss attack (Matsumoto et al. 2023) and PIA (Kong et al. 2024), best timestep of the sweep: the attacker's best case. 0.5 is chance.</p>"
     for s in mia.get("skipped", []):
         body += f"<p class='skip'>compartment {s['compartment']} {html.escape(s['denoiser'])}: {html.escape(s['reason'])}</p>"
+    if same:
+        body += (f"<p class='note'>Guarded = raw for compartment(s) {', '.join(map(str, same))}: the same AUCs to the last digit "
+                 "(the guard never steered on these inputs), so their guarded rows and curves are not drawn twice.</p>")
     for invalid in {(a["compartment"], a["invalid"]) for a in mia["attacks"] if "invalid" in a}:
         body += f"<p class='skip'>compartment {invalid[0]}: not counted in the worst AUC: {html.escape(invalid[1])}</p>"
     return body
