@@ -215,3 +215,21 @@ def test_progress_in_a_log_file_is_written_as_it_goes():
     assert lines[0] == "train compartment 0: started (0/20)"
     assert lines_after[1] == 2 and lines_after[3] == 3  # written while the work runs, not at its end
     assert len(lines) == 11 and lines[-1].startswith("train compartment 0: 20/20 (100%), ")
+
+
+def test_the_router_has_its_own_budget(monkeypatch, capsys, tmp_path):
+    """Issue 22: `train --steps` did not bound the router and there was no router budget option."""
+    from conftest import make_ward
+
+    from dataward.ward import Ward
+
+    ward = make_ward(tmp_path / "w", compartments=2)
+    ward.train()
+    old = ward.served("router")[None].id
+    ward.close()
+    code, out, _ = _main(monkeypatch, capsys, "train", tmp_path / "w", "--router-steps", "3")
+    assert code == 0 and "the router's budget is now 3 steps (was 2 steps)" in " ".join(out.split())
+    ward = Ward.open(tmp_path / "w", worker=True)
+    router = ward.served("router")[None]
+    assert router.id != old and router.metadata["train"]["steps"] == 3 and ward.config.router_train.steps == 3
+    ward.close()

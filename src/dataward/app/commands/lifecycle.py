@@ -52,6 +52,7 @@ def init(
 def train(
     ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     steps: Optional[int] = typer.Option(None, help="Override the ward's training budget: optimizer steps per compartment."),
+    router_steps: Optional[int] = typer.Option(None, "--router-steps", help="Override the router's budget: optimizer steps (it sees every compartment)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     executor: str = typer.Option("local", help="local (this process) | ray (one Ray task per compartment job; pip install 'dataward[ray]')."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to use, e.g. auto (default: start a local Ray)."),
@@ -72,13 +73,8 @@ def train(
 ) -> None:
     """Train every missing or out-of-date model of the ward (resumes interrupted work); --dp for DP fine-tuning."""
     w = open_ward(ward, resume=False)
-    if steps is not None and steps != w.config.train.steps:
-        from dataclasses import replace
-
-        before = w.config.train.steps
-        w.reconfigure(train=replace(w.config.train, steps=steps))
-        out.print(f"the denoisers' budget is now {steps} steps per compartment (was " + (f"{before} steps" if before else f"{w.config.train.epochs:g} epochs") +
-                  "): every denoiser trained with the old budget is out of date and retrains now (verify checks the new budget)")
+    _set_budget(w, "train", steps, "the denoisers' budget", "denoiser")
+    _set_budget(w, "router_train", router_steps, "the router's budget", "router")
     options = {} if executor != "ray" else dict(ray_address=ray_address, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job)
     with progress_bar() as progress:
         if dp:
@@ -98,6 +94,19 @@ def train(
                             for c, v in privacy["compartments"].items()))
         for note in privacy["notes"]:
             out.print(f"  note: {note}")
+
+
+def _set_budget(w, field: str, steps: int | None, what: str, models: str) -> None:
+    """Set a training budget in optimizer steps (``train`` or ``router_train``) and say what it retrains."""
+    from dataclasses import replace
+
+    config = getattr(w.config, field)
+    if steps is None or steps == config.steps:
+        return
+    before = f"{config.steps} steps" if config.steps else f"{config.epochs:g} epochs"
+    w.reconfigure(**{field: replace(config, steps=steps)})
+    out.print(f"{what} is now {steps} steps (was {before}): every {models} trained with the old budget is out of date and "
+              "retrains now (verify checks the new budget)")
 
 
 def _check_dp_change(w, config, chosen: list[int] | None, replace: bool) -> None:
