@@ -33,7 +33,8 @@ def _check(planner: Planner, runner: JobRunner, lineage, forgotten: set[str], sc
 
 def forgetting_certificate(planner: Planner, runner: JobRunner, device: str = "cpu", progress=None, compartments: list[int] | None = None) -> dict:
     """Every served model (or, with ``compartments``, those compartments' models and every joint model) retrained from
-    scratch and compared by weight hash; ``ok`` when all are equal and none saw a forgotten ID."""
+    scratch and compared by weight hash; ``ok`` when all are equal and none saw a forgotten ID. Recorded in the ledger as
+    a ``certificate`` event (the audit reports it while no model changed since)."""
     forgotten = set(planner.ledger.forgotten_ids())
     with tempfile.TemporaryDirectory(prefix="dataward-verify-") as scratch:
         checks = [_check(planner, runner, lineage, forgotten, Path(scratch), device, progress) for lineage in planner.lineages()
