@@ -233,3 +233,14 @@ def test_the_router_has_its_own_budget(monkeypatch, capsys, tmp_path):
     router = ward.served("router")[None]
     assert router.id != old and router.metadata["train"]["steps"] == 3 and ward.config.router_train.steps == 3
     ward.close()
+
+
+def test_forget_says_that_the_router_retrains(monkeypatch, capsys, tmp_path):
+    from conftest import make_ward
+
+    ward = make_ward(tmp_path / "w", compartments=2)
+    ward.train()
+    victim = ward.training_data(0).ids[0]
+    ward.close()
+    code, out, _ = _main(monkeypatch, capsys, "forget", tmp_path / "w", victim)
+    assert code == 0 and "the router saw every compartment and retrains too (it saw the forgotten IDs; 2 steps" in " ".join(out.split())

@@ -96,6 +96,14 @@ def train(
             out.print(f"  note: {note}")
 
 
+def _say_router_retrains(w, why: str) -> None:
+    """Say that the ward's router (trained on every compartment) retrains too, and on what budget."""
+    if w.config.router and len(w.compartments()) > 1:
+        budget = w.config.router_train
+        size = f"{budget.steps} steps" if budget.steps else f"{budget.epochs:g} epochs"
+        out.print(f"the router saw every compartment and retrains too ({why}; {size}, `train --router-steps` sets it)")
+
+
 def _set_budget(w, field: str, steps: int | None, what: str, models: str) -> None:
     """Set a training budget in optimizer steps (``train`` or ``router_train``) and say what it retrains."""
     from dataclasses import replace
@@ -205,6 +213,8 @@ def forget(
             out.print(f"  while retraining, compartment {c}: {state}")
         if result["already_forgotten"]:
             out.print(f"  already forgotten before: {escape(', '.join(result['already_forgotten']))}")
+    if not as_json:
+        _say_router_retrains(w, "it saw the forgotten IDs")
     result["stale_exports"] = [e["folder"] for e in export_states(w.ledger) if e["stale"]]
     if result["stale_exports"] and not as_json:
         out.print(f"[red]exports now stale (copies outside the ward: delete them or re-export):[/red] {escape(', '.join(result['stale_exports']))}")
@@ -250,6 +260,7 @@ def add(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."
         device: str = typer.Option("cpu", help="cpu or cuda.")) -> None:
     """Continual learning: new data becomes a new compartment; existing compartments are untouched."""
     w = open_ward(ward, device=device)
+    _say_router_retrains(w, "it must learn the new compartment")
     with progress_bar() as progress:
         result = w.add(data, device=device, progress=progress)
     out.print(f"added {result['samples']} samples as compartment(s) {result['compartments']}")
