@@ -31,6 +31,7 @@ def test_guards_per_compartment_are_forgotten_and_certified(tmp_path):
     off = ward.sample(4, seed=3, steps=8, guard=False)
     assert torch.equal(plain.images, off.images)
     accuracy = ward.status()["compartments"][0]["guard"]["accuracy_by_t"]
+    assert ward.status()["compartments"][0]["protection"] == "guard (when sampled with --guard)"
     assert list(accuracy) == ["0", "100", "200", "300", "400", "500"] and all(0.0 <= a <= 1.0 for a in accuracy.values())
     victim = ward.training_data(1).ids[0]
     ward.forget([victim])
@@ -51,6 +52,8 @@ def test_dp_compartment_after_public_pretraining(tmp_path):
     assert record["epsilon"] <= 10.0 + 1e-9 and record["trainable"] == "attention"
     assert 0.05 < record["trainable_fraction"] < 0.15  # DP-LDM: ~90% fewer trainable parameters
     assert privacy["compartments"]["0"] == "not DP" and privacy["ward_epsilon"] == "inf"
+    protection = [c["protection"] for c in ward.status()["compartments"]]  # issue 22: what protects each compartment
+    assert protection[0].startswith("neither DP nor a guard") and protection[1] == f"DP (ε = {record['epsilon']:.3f}, δ = {record['delta']:.2e})"
     assert ward.served()[0].id == before  # the non-DP compartment is untouched
     assert ward.serving_state()["1"] == "complete"  # one DP phase: its only stage is not a fallback
     assert ward.sample(2, steps=2, allowed=[1], weights="density", sampler="ddpm").models[1]["fallback"] is False

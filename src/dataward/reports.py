@@ -87,8 +87,20 @@ def _compartments(planner: Planner, counts: dict) -> list[dict]:
         if planner.config.guard:
             entry["guard"] = None if c not in guards else {
                 "id": guards[c].id, "stage": guards[c].stage, "accuracy_by_t": guards[c].metadata.get("accuracy_by_t")}
+        entry["protection"] = _protection(served.get(c), c in guards)
         out.append(entry)
     return out
+
+
+def _protection(model, guarded: bool) -> str:
+    """What protects a compartment's data in what it serves: DP with its (ε, δ), a trained guard (with --guard), or neither."""
+    parts = []
+    recorded = model.metadata.get("privacy") if model is not None else None
+    if recorded:
+        parts.append(f"DP (ε = {recorded['epsilon']:.3f}, δ = {recorded['delta']:.2e})")
+    if guarded:
+        parts.append("guard (when sampled with --guard)")
+    return " + ".join(parts) or "neither DP nor a guard: exact forgetting and access rights only"
 
 
 def _latent(planner: Planner) -> dict | None:

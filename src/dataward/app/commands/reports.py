@@ -44,6 +44,12 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
             row.append("-" if not c["guard"] else ", ".join(f"{t}: {a:.2f}" for t, a in (c["guard"]["accuracy_by_t"] or {}).items()))
         table.add_row(*row)
     out.print(table)
+    protections = {c["protection"] for c in s["compartments"]}
+    if len(protections) == 1:
+        out.print(f"protection of every compartment: {next(iter(protections))}")
+    else:
+        for c in s["compartments"]:
+            out.print(f"protection of compartment {c['id']}: {c['protection']}")
     if s["base"]:
         base = s["base"]
         source = f"imported from {base['imported_from']}" if base["kind"] == "imported" else f"trained on {base['data']} (public data only)"
