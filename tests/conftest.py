@@ -31,14 +31,18 @@ def trained_ward_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def ward_copy(trained_ward_dir, tmp_path):
-    """A private copy of the trained ward."""
-    path = tmp_path / "ward"
-    shutil.copytree(trained_ward_dir, path)
+def opened_copy(source, path):
+    """Copy the ward folder ``source`` to ``path`` and yield it opened (closed afterwards): a fixture's body."""
+    shutil.copytree(source, path)
     ward = Ward.open(path)
     yield ward
     ward.close()
+
+
+@pytest.fixture
+def ward_copy(trained_ward_dir, tmp_path):
+    """A private copy of the trained ward."""
+    yield from opened_copy(trained_ward_dir, tmp_path / "ward")
 
 
 def save_unet(folder, **changes):
@@ -57,3 +61,9 @@ def base_ward_dir(tmp_path_factory):
     ward.train()
     ward.close()
     return root / "w"
+
+
+@pytest.fixture
+def base_ward(base_ward_dir, tmp_path):
+    """A private copy of the ward fine-tuned from an imported base."""
+    yield from opened_copy(base_ward_dir, tmp_path / "w")

@@ -175,7 +175,7 @@ def test_a_creation_killed_midway_leaves_nothing_the_next_one_keeps(tmp_path):
                              "(staging / 'half-written').write_text('x')\n"
                              "os.kill(os.getpid(), signal.SIGKILL)"])
     assert killed.returncode == -9
-    [abandoned] = tmp_path.glob(".w.dataward-init-*")
+    [abandoned] = tmp_path.glob(".w.dataward-staging-*")
     (tmp_path / ".w.backup").mkdir()  # the user's own hidden folder beside the ward
     running, lock = new_staging(tmp_path / "w")  # another creation of the same name, still running
     assert not abandoned.exists() and running.exists()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from dataward.errors import DatawardError
 from dataward.generation import SamplingWard
 from dataward.store.checkpoints import weights_hash
 from dataward.store.ledger import Ledger
+from dataward.store.lock import staged
 
 MANIFEST = "dataward-manifest.json"
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -83,37 +83,35 @@ def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None =
         "dataward_version": dataward.__version__, "created_at": time.time(), "ward": str(ward.path.resolve()), "weights": "soup",
         "label": label, "base": {"kind": ward.config.base, "weights_sha256": public.metadata.get("weights_sha256") if public else None},
         "compartments": [{"id": c, "model": r.id, "stage": r.stage, "share": s / sum(shares), "samples": counts[c]["samples"],
-                          "weights_sha256": r.metadata.get("weights_sha256"), "ids_sha256": ids_hash(r[0] for r in ward.ledger.samples(c))}
+                          "weights_sha256": r.metadata.get("weights_sha256"), "ids_sha256": live_ids_hash(ward.ledger, c)}
                          for c, r, s in zip(allowed, records, shares)],
         "privacy": privacy or None,
         "note": "a copy outside the ward: a later forget cannot reach it; `dataward status` says when it is stale",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.dataward-export"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    manifest["folder"] = str(out.resolve())
+    with staged(out, keep_lock_file=False) as staging:  # nothing is left behind on error
         DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(ward.scheduler.config)).save_pretrained(staging, safe_serialization=True)
         manifest["unet_sha256"] = weights_hash(staging / UNET_FILE)
-        manifest["folder"] = str(out.resolve())
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            out.rmdir()
-        staging.replace(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     ward.ledger.record_event("export", **manifest)
     return manifest
+
+
+def live_ids_hash(ledger: Ledger, compartment: int) -> str:
+    """The hash of a compartment's live sample IDs (read without their images)."""
+    return ids_hash(row[0] for row in ledger.samples(compartment, images=False))
 
 
 def export_states(ledger: Ledger) -> list[dict]:
     """Every export recorded in the ledger: folder, compartments, when, and whether it is stale (with the compartments
     whose live IDs changed since)."""
-    out = []
+    out, hashes = [], {}
     for event in ledger.events_of("export"):
         manifest = event["detail"]
-        changed = [c["id"] for c in manifest["compartments"]
-                   if ids_hash(r[0] for r in ledger.samples(c["id"])) != c["ids_sha256"]]
+        for c in manifest["compartments"]:
+            if c["id"] not in hashes:
+                hashes[c["id"]] = live_ids_hash(ledger, c["id"])
+        changed = [c["id"] for c in manifest["compartments"] if hashes[c["id"]] != c["ids_sha256"]]
         out.append({"folder": manifest["folder"], "compartments": [c["id"] for c in manifest["compartments"]], "label": manifest["label"],
                     "at": event["at"], "stale": bool(changed), "changed_compartments": changed})
     return out

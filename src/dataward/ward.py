@@ -11,7 +11,6 @@ facade alone writes the ledger (registering, forgetting) and ward.json, and owns
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -39,7 +38,7 @@ from dataward.numerics import Numerics
 from dataward.certificate import forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
 from dataward.store.ledger import Ledger, ModelRecord
-from dataward.store.lock import WriterBusy, WriterLock, new_staging
+from dataward.store.lock import WriterBusy, WriterLock, staged
 from dataward.training.executors import run_on_ray
 from dataward.training.loop import TrainConfig
 from dataward.training.planner import Lineage, Planner, TrainJob
@@ -131,7 +130,6 @@ class Ward(WardChanges):
         """Make a new ward from a data source (spec string or Dataset); nothing is left behind on error. ``base``
         (:mod:`dataward.base`): public data to pretrain on (``printed:count=3000``), a ``UNet2DModel`` folder, or None
         (random weights); ``adapter``: ``full`` or ``lora:RANK``; ``public_train``: the public base's budget (40 epochs)."""
-        # long: one keyword per ward setting (21 lines of signature); the body checks them and builds the ward in staging
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise DatawardError(f"{path} already exists and is not empty: choose a new ward folder")
@@ -147,8 +145,7 @@ class Ward(WardChanges):
             numerics=numerics, train=train or TrainConfig(), router_train=router_train or WardConfig.__dataclass_fields__["router_train"].default_factory(),
             **base_fields, adapter=adapter, public_train=public_train or WardConfig.__dataclass_fields__["public_train"].default_factory(),
         )
-        staging, staging_lock = new_staging(path)
-        try:
+        with staged(path) as staging:  # nothing is left behind on error; a killed creation's folder is removed by the next
             (staging / MODELS_DIR).mkdir()
             ledger = Ledger(staging / "ledger.sqlite", create=True)
             ward = cls(staging, config, ledger)
@@ -158,14 +155,6 @@ class Ward(WardChanges):
             config.save(staging)
             insert_samples(ledger, config, dataset.resized(image_size, channels), spec, new_compartments=compartments)
             ledger.close()
-            if path.exists():
-                path.rmdir()
-            staging.replace(path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            staging_lock.release()  # held since the folder was made: no other creation removes it meanwhile
         return cls.open(path)
 
     @classmethod

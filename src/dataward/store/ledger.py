@@ -145,9 +145,11 @@ class Ledger:
         """Compartment ID -> the source or owner it was made from."""
         return dict(self.db.execute("SELECT id, source FROM compartments ORDER BY id").fetchall())
 
-    def samples(self, compartment: int | None = None, max_slice: int | None = None, include_forgotten: bool = False) -> list[tuple]:
-        """``(id, label, compartment, slice, image bytes)`` sorted by ID; live samples unless ``include_forgotten``."""
-        query = "SELECT id, label, compartment, slice, image FROM samples WHERE 1=1"
+    def samples(self, compartment: int | None = None, max_slice: int | None = None, include_forgotten: bool = False,
+                images: bool = True) -> list[tuple]:
+        """``(id, label, compartment, slice, image bytes)`` sorted by ID (without the image unless ``images``); live samples
+        unless ``include_forgotten``."""
+        query = f"SELECT id, label, compartment, slice{', image' if images else ''} FROM samples WHERE 1=1"
         args: list = []
         if not include_forgotten:
             query += " AND forgotten_at IS NULL"

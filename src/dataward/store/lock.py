@@ -12,12 +12,14 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from dataward.errors import DatawardError
 
 LOCK_FILE = "writer.lock"
-STAGING_MARK = ".dataward-init-"  # a ward being created is built in ``.NAME.dataward-init-XXXX`` beside it, then renamed
+STAGING_MARK = ".dataward-staging-"  # a ward (or an export) is built in ``.NAME.dataward-staging-XXXX`` beside it, then renamed
 
 
 class WriterBusy(DatawardError):
@@ -88,3 +90,23 @@ def new_staging(ward: Path) -> tuple[Path, WriterLock]:
     lock = WriterLock(staging)
     lock.acquire()
     return staging, lock
+
+
+@contextmanager
+def staged(target: Path, keep_lock_file: bool = True) -> Iterator[Path]:
+    """Build the folder ``target`` (new, or empty) in a locked staging folder beside it (:func:`new_staging`): renamed
+    into place when the block ends, removed with everything in it if the block raises. ``keep_lock_file=False`` drops
+    the (empty) lock file before the rename, for folders that are not wards."""
+    staging, lock = new_staging(target)
+    try:
+        yield staging
+        if not keep_lock_file:
+            lock.path.unlink()
+        if target.exists():
+            target.rmdir()
+        staging.replace(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
