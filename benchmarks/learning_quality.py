@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train_throughput.py: spin-waiting threads crawl under load
+import dataward  # noqa: E402,F401  (before torch: its CPU settings, see dataward.openmp and dataward.numerics)
 
 import torch  # noqa: E402
 

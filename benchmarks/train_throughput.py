@@ -26,9 +26,7 @@ import os
 import statistics
 import time
 
-# On an oversubscribed machine, libgomp's default spin-waiting makes 2 intra-op threads ~7x slower per step; passive
-# waiting changes no arithmetic (bitwise-identical results). Override by setting OMP_WAIT_POLICY yourself.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import dataward  # noqa: E402,F401  (before torch: its CPU settings, see dataward.openmp and dataward.numerics)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

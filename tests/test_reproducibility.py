@@ -109,3 +109,43 @@ def test_a_portable_ward_refuses_to_train_with_native_kernels(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "portable numerics" in proc.stderr and "DATAWARD_NUMERICS=native is set" in proc.stderr
     assert not any((tmp_path / "w" / "models").iterdir())  # refused before anything was written
+
+
+_WAIT_PROBE = """
+import hashlib, json, os
+import dataward  # chooses the wait policy unless the environment has one
+import torch
+from dataward.data import load_source
+from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
+from dataward.models.nets import build_unet
+from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
+torch.set_num_threads(2)
+config = TrainConfig(batch_size=32, threads=2)
+scheduler = make_training_scheduler()
+state = TrainState.fresh(build_unet("tiny", 8, 1, 10, seed=0), config)
+run_steps(state, load_source("digits:subset=100"), denoiser_loss(scheduler), 3, config, torch.Generator().manual_seed(0))
+x = sample_loop(unet_eps(state.model), torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
+                make_sampler(scheduler, "ddim"), steps=5, y=torch.arange(8))
+digest = hashlib.sha256(x.numpy().tobytes())
+for p in state.model.parameters():
+    digest.update(p.detach().numpy().tobytes())
+print(json.dumps({"wait": [os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")], "hash": digest.hexdigest()}))
+"""
+
+
+def test_how_threads_wait_changes_no_bytes_and_the_users_choice_is_kept():
+    import subprocess
+    import sys
+
+    from dataward import openmp
+
+    base = {k: v for k, v in os.environ.items() if k not in openmp.USER_VARIABLES}
+    runs = {}
+    for name, extra in {"dataward's default": {}, "spin forever": {"OMP_WAIT_POLICY": "ACTIVE"}, "spin 1000": {"GOMP_SPINCOUNT": "1000"}}.items():
+        proc = subprocess.run([sys.executable, "-c", _WAIT_PROBE], capture_output=True, text=True, env=base | extra, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["dataward's default"]["wait"] == ["PASSIVE", None]
+    assert runs["spin forever"]["wait"] == ["ACTIVE", None]  # the user's setting is kept as it is
+    assert runs["spin 1000"]["wait"] == [None, "1000"]  # GOMP_SPINCOUNT alone also counts as the user's choice
+    assert len({run["hash"] for run in runs.values()}) == 1, runs

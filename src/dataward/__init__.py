@@ -6,9 +6,10 @@ The public API: :class:`Ward` (create/open, train, sample, forget, verify, add, 
 
 __version__ = "0.1.0"
 
-from dataward import numerics  # noqa: E402  (first: pins the CPU kernels before any torch computation)
+from dataward import numerics, openmp  # noqa: E402  (first: pin the CPU kernels and the threads' waiting before torch loads)
 
 numerics.select_from_environment()
+openmp.select_from_environment()
 
 from dataward.data import Dataset, load_source  # noqa: E402
 from dataward.errors import DatawardError  # noqa: E402
