@@ -4,8 +4,10 @@ Starts the server itself (a subprocess on 127.0.0.1 and a free port, never any o
 in a temporary folder (or on --ward), measures, stops the server and exits. Each phase is bounded by a request count and
 a time limit.
 
-    python benchmarks/service_load.py --workers 2 --queue 2 --requests 40 --seconds 60
+    python benchmarks/service_load.py --configs processes:1:1,processes:2:2,threads:2:2 --requests 40 --seconds 60
 
+Each config is ``KIND:WORKERS:QUEUE`` (``dataward serve --worker-kind KIND --workers WORKERS --queue QUEUE``); all run
+in one invocation, one server after the other, and the throughput of each is printed relative to the first config's.
 Capacity = workers + queue (generations admitted at once). Clients are closed-loop: each sends its next request when the
 previous one is answered (after 0.1 s when it was a 429, so refused clients keep the pressure on without spinning).
 Goals (issue 7): zero 5xx, every request beyond capacity answered 429 (with Retry-After), p99 of admitted requests
@@ -56,7 +58,7 @@ def free_port() -> int:
 
 
 def start_server(ward: Path, port: int, workers: int, queue: int, log: Path, *options: str) -> subprocess.Popen:
-    """`dataward serve` in a subprocess (with more ``options``); returns once /healthz answers."""
+    """`dataward serve` in a subprocess (with more ``options``, e.g. ``--worker-kind``); returns once /healthz answers."""
     argv = ["dataward", "serve", str(ward), "--host", HOST, "--port", str(port), "--workers", str(workers), "--queue", str(queue),
             "--log-level", "warning", *options]
     code = f"import sys; from dataward.app.cli import main; sys.argv = {argv!r}; main()"
@@ -126,12 +128,49 @@ async def single(base: str, key: str, body: dict, count: int) -> dict:
     return {"requests": count, "p50_s": round(float(np.median(times)), 3), "mean_s": round(float(np.mean(times)), 3)}
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (uvicorn's graceful shutdown), then SIGKILL after 60 s."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def measure(ward: Path, key: str, kind: str, workers: int, queue: int, args: argparse.Namespace, log: Path) -> dict:
+    """One server config: single-request latency, then closed-loop phases at 1x and 4x its capacity."""
+    port = free_port()
+    proc = start_server(ward, port, workers, queue, log, "--worker-kind", kind)
+    try:
+        base = f"http://{HOST}:{port}"
+        body = {"n": args.n, "steps": args.steps, "seed": 0}
+        asyncio.run(single(base, key, body, 2))  # warm-up: load the models in the workers
+        capacity = workers + queue
+        report = {
+            "config": {"kind": kind, "workers": workers, "queue": queue, "capacity": capacity, "n": args.n, "steps": args.steps,
+                       "cpus": os.cpu_count(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2)},
+            "single": asyncio.run(single(base, key, body, args.single)),
+        }
+        for factor in (1, 4):
+            report[f"{factor}x"] = asyncio.run(phase(base, key, body, factor * capacity, args.requests, args.seconds))
+            r = report[f"{factor}x"]
+            r["p99_over_single"] = round(r["p99_s"] / report["single"]["p50_s"], 2) if r["p99_s"] else None
+        report["goals"] = {
+            "zero_5xx": all(report[p]["5xx"] == 0 for p in ("1x", "4x")),
+            "all_excess_429": all(report[p]["other"] == 0 and report[p]["5xx"] == 0 for p in ("1x", "4x")),
+            "all_429_have_retry_after": all(report[p]["429"] == report[p]["429_with_retry_after"] for p in ("1x", "4x")),
+            "p99_within_3x_single": all((report[p]["p99_over_single"] or 99) <= 3 for p in ("1x", "4x")),
+        }
+        return report
+    finally:
+        stop_server(proc)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ward", type=Path, help="A trained ward (default: train a tiny one in a temporary folder).")
     parser.add_argument("--key", help="A key for --ward (default: one is created).")
-    parser.add_argument("--workers", type=int, default=2, help="Generation pool size.")
-    parser.add_argument("--queue", type=int, default=2, help="Queue size.")
+    parser.add_argument("--configs", default="processes:1:1,processes:2:2,threads:2:2", help="KIND:WORKERS:QUEUE, comma-separated.")
     parser.add_argument("--n", type=int, default=4, help="Images per request.")
     parser.add_argument("--steps", type=int, default=20, help="Sampling steps per request.")
     parser.add_argument("--requests", type=int, default=40, help="Admitted requests per phase (bound).")
@@ -141,7 +180,6 @@ def main() -> None:
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="dataward-load-"))
-    proc = None
     try:
         if args.ward:
             ward, key = args.ward, args.key
@@ -153,38 +191,23 @@ def main() -> None:
                 w.close()
         else:
             ward, key = build_ward(scratch)
-        port = free_port()
-        proc = start_server(ward, port, args.workers, args.queue, scratch / "server.log")
-        base = f"http://{HOST}:{port}"
-        body = {"n": args.n, "steps": args.steps, "seed": 0}
-        asyncio.run(single(base, key, body, 2))  # warm-up: load the models in the workers
-        capacity = args.workers + args.queue
-        report = {
-            "config": {"workers": args.workers, "queue": args.queue, "capacity": capacity, "n": args.n, "steps": args.steps,
-                       "cpus": os.cpu_count(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2)},
-            "single": asyncio.run(single(base, key, body, args.single)),
-        }
-        for factor in (1, 4):
-            report[f"{factor}x"] = asyncio.run(phase(base, key, body, factor * capacity, args.requests, args.seconds))
-        for factor in (1, 4):
-            r = report[f"{factor}x"]
-            r["p99_over_single"] = round(r["p99_s"] / report["single"]["p50_s"], 2) if r["p99_s"] else None
-        report["goals"] = {
-            "zero_5xx": all(report[p]["5xx"] == 0 for p in ("1x", "4x")),
-            "all_excess_429": all(report[p]["other"] == 0 and report[p]["5xx"] == 0 for p in ("1x", "4x")),
-            "all_429_have_retry_after": all(report[p]["429"] == report[p]["429_with_retry_after"] for p in ("1x", "4x")),
-            "p99_within_3x_single": all((report[p]["p99_over_single"] or 99) <= 3 for p in ("1x", "4x")),
-        }
-        print(json.dumps(report, indent=2))
+        reports = []
+        for config in args.configs.split(","):
+            kind, workers, queue = config.split(":")
+            reports.append(measure(ward, key, kind, int(workers), int(queue), args, scratch / f"server-{len(reports)}.log"))
+            print(json.dumps(reports[-1], indent=2), flush=True)
+        first = reports[0]["1x"]["throughput_rps"]
+        print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print("config                  throughput 1x   / first config   p99/single 1x   p99/single 4x   5xx   other")
+        for r in reports:
+            c = r["config"]
+            r["throughput_over_first"] = round(r["1x"]["throughput_rps"] / first, 3)
+            print(f"{c['kind']:9s} w{c['workers']} q{c['queue']:<9d} {r['1x']['throughput_rps']:10.2f} rps   {r['throughput_over_first']:12.3f}"
+                  f"   {r['1x']['p99_over_single']:13.2f}   {r['4x']['p99_over_single']:13.2f}   {r['1x']['5xx'] + r['4x']['5xx']:3d}"
+                  f"   {r['1x']['other'] + r['4x']['other']:5d}")
         if args.json:
-            args.json.write_text(json.dumps(report, indent=2))
+            args.json.write_text(json.dumps(reports, indent=2))
     finally:
-        if proc is not None:
-            proc.terminate()  # SIGTERM: uvicorn's graceful shutdown
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -67,3 +67,17 @@ def base_ward_dir(tmp_path_factory):
 def base_ward(base_ward_dir, tmp_path):
     """A private copy of the ward fine-tuned from an imported base."""
     yield from opened_copy(base_ward_dir, tmp_path / "w")
+
+
+@pytest.fixture(scope="session")
+def service_ward(tmp_path_factory):
+    """A trained K=2, R=2 ward with a router and keys: {"c0": [0], "c1": [1], "admin": [0, 1] admin, "revoked": [0, 1]}."""
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("service") / "ward"
+    ward = make_ward(path)
+    ward.train()
+    keys = {"c0": ward.ledger.create_key("c0", [0])[1], "c1": ward.ledger.create_key("c1", [1])[1],
+            "admin": ward.ledger.create_key("admin", [0, 1], admin=True)[1], "revoked": ward.ledger.create_key("revoked", [0, 1])[1]}
+    ward.ledger.revoke_key("revoked")
+    ward.close()
+    return path, keys

@@ -23,25 +23,9 @@ from PIL import Image
 
 from dataward.app.service import ServiceLimits, StaleTraining, create_app, open_retraining_ward
 from dataward.app.service.core import Service
-from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 STEPS = 2  # sampling steps in tests: quality is irrelevant, exactness is what is tested
-
-
-@pytest.fixture(scope="session")
-def service_ward(tmp_path_factory):
-    """A trained K=2, R=2 ward with a router and keys: {"c0": [0], "c1": [1], "admin": [0, 1] admin, "revoked": [0, 1]}."""
-    torch.set_num_threads(1)
-    path = tmp_path_factory.mktemp("service") / "ward"
-    ward = Ward.create(path, "digits:subset=60", compartments=2, slices=2, train=TrainConfig(steps=4, batch_size=16),
-                       router_train=TrainConfig(steps=2, batch_size=16))
-    ward.train()
-    keys = {"c0": ward.ledger.create_key("c0", [0])[1], "c1": ward.ledger.create_key("c1", [1])[1],
-            "admin": ward.ledger.create_key("admin", [0, 1], admin=True)[1], "revoked": ward.ledger.create_key("revoked", [0, 1])[1]}
-    ward.ledger.revoke_key("revoked")
-    ward.close()
-    return path, keys
 
 
 @pytest.fixture
@@ -57,7 +41,7 @@ def ward_copy(service_ward, tmp_path):
 def client(service_ward):
     """A client on the (read-only) session ward."""
     path, keys = service_ward
-    with TestClient(create_app(path, pool_size=1, queue_size=4, torch_threads=1)) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=4, torch_threads=1, worker_kind="threads")) as c:
         yield c, keys
 
 
@@ -124,7 +108,7 @@ def test_health_is_open_and_keys_work_in_both_headers(client):
 
 def test_revoking_takes_effect_on_the_next_request(ward_copy):
     path, keys = ward_copy
-    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1)) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")) as c:
         assert c.get("/v1/compartments", headers=auth(keys["c1"])).status_code == 200
         ward = Ward.open(path, worker=True)
         ward.ledger.revoke_key("c1")  # as `dataward keys WARD revoke c1` does, from another process
@@ -137,7 +121,7 @@ def test_an_admin_key_without_compartments_may_forget_but_not_generate(ward_copy
     ward = Ward.open(path, worker=True)
     _, forgetter = ward.ledger.create_key("forget-only", [], admin=True)
     ward.close()
-    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1)) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")) as c:
         assert_clean_error(c.post("/v1/generate", headers=auth(forgetter), json={"n": 1, "steps": STEPS}), 403, "no compartment")
         assert c.get("/v1/compartments", headers=auth(forgetter)).json()["compartments"] == []
         assert c.app.state.service.admitted == 0
@@ -266,7 +250,7 @@ def test_forget_flow(ward_copy):
     path, keys = ward_copy
     admin = auth(keys["admin"])
     target = id_in(path, 0, 0)
-    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1)) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")) as c:
         assert_clean_error(c.post("/v1/forget", headers=admin, json={"ids": [target, "digits:nope"]}), 404, "digits:nope", "nothing was forgotten")
         assert_clean_error(c.get("/v1/forget/000000000000", headers=admin), 404, "unknown forget request")
         r = c.post("/v1/forget", headers=admin, json={"ids": [target]})
@@ -330,7 +314,7 @@ def test_no_response_after_the_202_uses_a_model_that_saw_the_ids(ward_copy, monk
     path, keys = ward_copy
     target = id_in(path, 0, 1)  # slice 1: compartment 0 falls back to its stage-1 checkpoint while retraining
     gate = Gate(monkeypatch)
-    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1)) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")) as c:
         box = in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json={"n": 2, "steps": STEPS, "seed": 3})
         assert gate.entered.wait(60)
         first_model = gate.models[0][0]["model"]
@@ -351,7 +335,7 @@ def test_a_generation_that_cannot_be_rerun_answers_503(ward_copy, monkeypatch):
     path, keys = ward_copy
     target = id_in(path, 0, 1)
     gate = Gate(monkeypatch)
-    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, limits=ServiceLimits(max_attempts=1))) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads", limits=ServiceLimits(max_attempts=1))) as c:
         box = in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json={"n": 1, "steps": STEPS})
         assert gate.entered.wait(60)
         assert c.post("/v1/forget", headers=auth(keys["admin"]), json={"ids": [target]}).status_code == 202
@@ -386,7 +370,7 @@ def test_overload_is_answered_429_with_retry_after(ward_copy, monkeypatch):
     path, keys = ward_copy
     gate = Gate(monkeypatch)
     body = {"n": 1, "steps": STEPS}
-    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1)) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")) as c:
         service = c.app.state.service
         running = in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json=body)
         assert gate.entered.wait(60)  # the one worker is busy
@@ -413,7 +397,7 @@ def test_waiting_in_the_queue_does_not_count_against_the_timeout(service_ward, m
     path, keys = service_ward
     gate = Gate(monkeypatch)
     body = {"n": 1, "steps": STEPS}
-    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, limits=ServiceLimits(generate_timeout_s=1.0))) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads", limits=ServiceLimits(generate_timeout_s=1.0))) as c:
         running = in_thread(c.post, "/v1/generate", headers=auth(keys["c0"]), json=body)
         assert gate.entered.wait(60)
         queued = in_thread(c.post, "/v1/generate", headers=auth(keys["c1"]), json=body)
@@ -425,13 +409,13 @@ def test_waiting_in_the_queue_does_not_count_against_the_timeout(service_ward, m
 
 
 def test_a_generation_past_the_timeout_is_stopped_at_its_next_step(service_ward, monkeypatch):
-    from dataward.app.service.generation import RunClock
+    from dataward.app.service.workers import RunClock
 
     path, keys = service_ward
     steps_run = []
     original = RunClock.update
     monkeypatch.setattr(RunClock, "update", lambda clock, *a, **k: (steps_run.append(1), original(clock, *a, **k)))
-    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, limits=ServiceLimits(generate_timeout_s=0.05))) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads", limits=ServiceLimits(generate_timeout_s=0.05))) as c:
         r = c.post("/v1/generate", headers=auth(keys["c0"]), json={"n": 64, "steps": 250})
         assert_clean_error(r, 503, "stopped", "fewer images or steps")
         assert c.app.state.service.admitted == 0  # the worker is free: the run ended, not just the request
@@ -446,7 +430,7 @@ def test_admission_counts_the_work_ahead(service_ward, monkeypatch):
 
     path, keys = service_ward
     gate = Gate(monkeypatch)
-    with TestClient(create_app(path, pool_size=1, queue_size=5, torch_threads=1, limits=ServiceLimits(generate_timeout_s=10.0))) as c:
+    with TestClient(create_app(path, pool_size=1, queue_size=5, torch_threads=1, worker_kind="threads", limits=ServiceLimits(generate_timeout_s=10.0))) as c:
         pool = c.app.state.service.generations
         for n, per_call in ((1, 0.81), (11, 0.91)):  # as if measured: 0.8 s per call + 0.01 s per image (a slow server)
             pool.run_times.add(Work(n, 3), 3 * per_call)
@@ -493,7 +477,7 @@ def test_real_uvicorn_serves_and_shuts_down_gracefully(ward_copy, monkeypatch):
 
     path, keys = ward_copy
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(path, pool_size=1, queue_size=1, torch_threads=1), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads"), host="127.0.0.1", port=port,
                                            log_level="info", timeout_graceful_shutdown=30))
     access_log: list[str] = []  # what uvicorn's access log writes (its config has just been applied)
     logging.getLogger("uvicorn.access").addHandler(RecordingHandler(access_log))

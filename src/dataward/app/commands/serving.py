@@ -73,7 +73,9 @@ def serve(
     ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (put TLS in front of anything but loopback)."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    workers: int = typer.Option(2, "--workers", help="Generation pool size: generations run at once (threads in one process)."),
+    workers: int = typer.Option(2, "--workers", help="Generation workers: generations run at once."),
+    worker_kind: str = typer.Option("processes", "--worker-kind", help="processes: each worker a process with its own models "
+                                    "(throughput grows with --workers); threads: in the server's process, sharing the GIL (less memory)."),
     queue: int = typer.Option(8, "--queue", help="Generations that may wait for a worker; beyond that: 429 with Retry-After."),
     max_n: int = typer.Option(64, "--max-n", help="Most images per request."),
     max_steps: int = typer.Option(250, "--max-steps", help="Most sampling steps per request."),
@@ -87,8 +89,8 @@ def serve(
     from dataward.app.service import ServiceLimits, create_app
 
     service_app = create_app(ward, pool_size=workers, queue_size=queue, limits=ServiceLimits(max_n=max_n, max_steps=max_steps, generate_timeout_s=timeout),
-                             torch_threads=torch_threads)
-    console.print(f"serving {ward} on http://{host}:{port} ({workers} worker(s), queue {queue}); API docs at /docs")
+                             torch_threads=torch_threads, worker_kind=worker_kind)
+    console.print(f"serving {ward} on http://{host}:{port} ({workers} worker {worker_kind}, queue {queue}); API docs at /docs")
     uvicorn.run(service_app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(ServiceLimits().shutdown_timeout_s))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from fastapi.responses import JSONResponse, Response
 
-from dataward.app.service.generation import GenerationPool
+from dataward.app.service.generation import GenerationPool, WorkerKind
 from dataward.app.service.retraining import Retrainer, open_retraining_ward
 from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, shutting_down
 from dataward.ward import Ward
@@ -21,13 +21,13 @@ log = logging.getLogger("dataward.app.service")
 
 class Service:
     """Everything the app holds. ``api`` is the event loop's ward (key checks, the forget check, read-only views);
-    ``admin`` is the forget thread's; the retrainer and every generation thread have their own."""
+    ``admin`` is the forget thread's; the retrainer and every generation worker have their own."""
 
-    def __init__(self, path: Path, pool_size: int, queue_size: int, limits: ServiceLimits, torch_threads: int):
+    def __init__(self, path: Path, pool_size: int, queue_size: int, limits: ServiceLimits, torch_threads: int, worker_kind: WorkerKind):
         self.path = path
         self.limits = limits
         self.torch_threads = torch_threads
-        self.generations = GenerationPool(path, pool_size, queue_size, limits, torch_threads)
+        self.generations = GenerationPool(path, pool_size, queue_size, limits, torch_threads, worker_kind)
         self.api: Ward | None = None
         self.admin: Ward | None = None
         self.admin_pool: ThreadPoolExecutor | None = None

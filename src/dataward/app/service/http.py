@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dataward
 from dataward.app.service.core import Service
+from dataward.app.service.generation import WorkerKind
 from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, client_message
 from dataward.errors import DatawardError
 from dataward.store.ledger import Ledger
@@ -30,19 +31,21 @@ def create_app(
     queue_size: int = 8,
     limits: ServiceLimits | None = None,
     torch_threads: int | None = None,
+    worker_kind: WorkerKind = "processes",
 ) -> FastAPI:
     """The service for one ward.
 
-    ``pool_size`` generations run at once (threads), ``queue_size`` more wait; beyond that: 429 with Retry-After.
-    ``torch_threads``: intra-op threads per pool thread (default 1: the small CPU models gain nothing from more, and
-    more than the free cores makes OpenMP spin; measured 30x slower on a loaded 2-core machine). Scale with ``pool_size``.
+    ``pool_size`` generations run at once, ``queue_size`` more wait; beyond that: 429 with Retry-After. ``worker_kind``:
+    ``processes`` (each worker a process with its own models: throughput grows with ``pool_size``) or ``threads`` (in
+    this process, sharing the GIL: lighter, for tests and small models). ``torch_threads``: intra-op threads per worker
+    (default 1: the small CPU models gain nothing from more; keep ``pool_size`` x threads <= the free cores).
     """
     path = Path(ward_path)
     Ward.open(path, worker=True).close()  # fail now, with the ward's own message, if this is not a ward
-    if pool_size < 1 or queue_size < 0:
-        raise DatawardError(f"pool_size must be >= 1 and queue_size >= 0, got {pool_size} and {queue_size}")
+    if pool_size < 1 or queue_size < 0 or worker_kind not in ("processes", "threads"):
+        raise DatawardError(f"pool_size must be >= 1, queue_size >= 0 and worker_kind processes or threads; got {pool_size}, {queue_size} and {worker_kind!r}")
     limits = limits or ServiceLimits()
-    service = Service(path, pool_size, queue_size, limits, torch_threads or 1)
+    service = Service(path, pool_size, queue_size, limits, torch_threads or 1, worker_kind)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

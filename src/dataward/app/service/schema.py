@@ -33,6 +33,9 @@ class ServiceError(Exception):
         self.message = message
         self.headers = headers or {}
 
+    def __reduce__(self):  # crosses from process workers to the event loop with its status and headers
+        return ServiceError, (self.status, self.message, self.headers)
+
 
 def client_message(error: Exception, ward: Path) -> str:
     """An error's message for a client: the server's paths (the ward folder, however spelled) replaced by ``WARD``."""
