@@ -26,7 +26,7 @@ def test_cli_end_to_end(tmp_path):
     run("init", ward, "--data", "digits:subset=40", "-k", "2", "--slices", "2", "--steps", "3", "--batch-size", "16", "--no-router")
     run("train", ward)
     grid, npz = tmp_path / "g.png", tmp_path / "s.npz"
-    out = run("sample", ward, "-n", "6", "--steps", "5", "--out", grid, "--save", npz, "--json")
+    out = run("sample", ward, "-n", "6", "--steps", "5", "--grid", grid, "--npz", npz, "--json")
     summary = json.loads(out.stdout)
     assert summary["compartments"] == [0, 1] and len(summary["attribution"]) == 6
     assert grid.stat().st_size > 100
@@ -73,19 +73,19 @@ def test_cli_latent_ward(tmp_path):
     assert status["latent"]["latent_shape"] == [4, 4, 4] and status["latent"]["autoencoder"]["public"] is True
     assert "latent space: 4x4x4 latents of autoencoder" in run("status", ward).stdout
     npz = tmp_path / "s.npz"
-    run("sample", ward, "-n", "3", "--steps", "4", "--save", npz)
+    run("sample", ward, "-n", "3", "--steps", "4", "--npz", npz)
     with np.load(npz, allow_pickle=False) as data:
         assert data["images"].shape == (3, 1, 8, 8)  # decoded from the latents
     refused = run("train", ward, "--dp", "--epsilon", "10", "--noise-multiplicity", "0", check=False)
     assert refused.returncode == 1 and "noise_multiplicity must be a positive integer" in refused.stderr
-    out = run("train", ward, "--dp", "--epsilon", "10", "--batch", "10", "--epochs", "1", "--compartment", "1", "--noise-multiplicity", "2")
+    out = run("train", ward, "--dp", "--epsilon", "10", "--dp-batch-size", "10", "--dp-epochs", "1", "--dp-compartments", "1", "--noise-multiplicity", "2")
     assert "compartment 0: not DP" in out.stdout
     privacy = json.loads(run("status", ward, "--json").stdout)["privacy"]["compartments"]["1"]
     assert privacy["epsilon"] <= 10.0 and privacy["noise_multiplicity"] == 2 and privacy["trainable"] == "attention"
     assert "2 noise draws per example" in " ".join(run("status", ward).stdout.split())  # (rich wraps long lines)
     refused = run("train", ward, "--dp", "--trainable", "attn", check=False)
     assert refused.returncode == 1 and "trainable must be one of attention, embedding, full" in refused.stderr
-    run("train", ward, "--dp", "--epsilon", "5", "--batch", "10", "--epochs", "1", "--compartment", "0", "--trainable", "embedding", "--replace-dp")
+    run("train", ward, "--dp", "--epsilon", "5", "--dp-batch-size", "10", "--dp-epochs", "1", "--dp-compartments", "0", "--trainable", "embedding", "--replace-dp")
     privacy = json.loads(run("status", ward, "--json").stdout)["privacy"]["compartments"]["0"]
     assert privacy["trainable"] == "embedding" and 0 < privacy["trainable_fraction"] < 0.01 and privacy["lr"] == 0.1
 
@@ -184,7 +184,7 @@ def test_a_second_dp_setting_does_not_silently_replace_the_first(monkeypatch, ca
     ward = make_ward(tmp_path / "w", compartments=2, router=False)
     ward.reconfigure(dp=DPConfig(epsilon=10.0), dp_compartments=(1,))
     ward.close()
-    code, _, err = _main(monkeypatch, capsys, "train", tmp_path / "w", "--dp", "--epsilon", "1", "--compartment", "0")
+    code, _, err = _main(monkeypatch, capsys, "train", tmp_path / "w", "--dp", "--epsilon", "1", "--dp-compartments", "0")
     assert code == 1 and "already DP-trains compartment(s) [1] at ε = 10" in " ".join(err.split()) and "--replace-dp" in err
     ward = Ward.open(tmp_path / "w", worker=True)
     assert ward.config.dp.epsilon == 10.0 and ward.config.dp_compartments == (1,)  # nothing changed
@@ -193,7 +193,7 @@ def test_a_second_dp_setting_does_not_silently_replace_the_first(monkeypatch, ca
 
 def test_sampling_that_would_keep_nothing_is_refused_before_it_runs(monkeypatch, capsys, tmp_path):
     code, _, err = _main(monkeypatch, capsys, "sample", tmp_path / "anything", "--guard")
-    assert code == 1 and "nothing would be kept" in err and "--out" in err
+    assert code == 1 and "nothing would be kept" in err and "--grid" in err
 
 
 def test_progress_in_a_log_file_is_written_as_it_goes():
@@ -244,3 +244,85 @@ def test_forget_says_that_the_router_retrains(monkeypatch, capsys, tmp_path):
     ward.close()
     code, out, _ = _main(monkeypatch, capsys, "forget", tmp_path / "w", victim)
     assert code == 0 and "the router saw every compartment and retrains too (it saw the forgotten IDs; 2 steps" in " ".join(out.split())
+
+
+def _options_by_command():
+    """{command path: {parameter name: click parameter}} for every command and sub-command of the CLI."""
+    import typer.main
+
+    from dataward.app.cli import app
+
+    found, todo = {}, [("dataward", typer.main.get_command(app))]
+    while todo:
+        path, command = todo.pop()
+        found[path] = {p.name: p for p in command.params}
+        todo += [(f"{path} {name}", sub) for name, sub in getattr(command, "commands", {}).items()]
+    return found
+
+
+def _type_name(param) -> str:
+    """A parameter's type: newer typer keeps its annotation (its own click has no ``type``); older typer, click's type."""
+    descriptor = getattr(param, "type_descriptor", None)
+    return descriptor.annotation.__name__ if descriptor is not None else param.type.name
+
+
+def test_one_option_name_per_concept_across_commands():
+    """Issue 22: `init --batch-size` vs `train --batch`, `--epochs` a float budget in init but DP's int in train, `audit --n`
+    vs `sample -n`, `--out` a PNG, a JSON file or a folder. Now an option means one thing (one parameter, one type) in every
+    command, a parameter is spelled one way everywhere, and `--out` is always a folder."""
+    meaning, spelling = {}, {}
+    for command, params in _options_by_command().items():
+        for name, param in params.items():
+            spelling.setdefault(name, {})[tuple(param.opts)] = command
+            for opt in param.opts:
+                meaning.setdefault(opt, {})[(name, _type_name(param))] = command
+    assert {opt: m for opt, m in meaning.items() if len(m) > 1} == {}
+    assert {name: s for name, s in spelling.items() if len(s) > 1} == {}
+    assert [name for name, _ in meaning["--out"]] == ["out_dir"]
+    options = {command: {opt for p in params.values() for opt in p.opts} for command, params in _options_by_command().items()}
+    assert {"--batch-size", "--epochs"} <= options["dataward init"]
+    assert {"--dp-batch-size", "--dp-epochs", "--dp-lr", "--dp-compartments"} <= options["dataward train"]
+    assert not {"--batch", "--epochs", "--lr", "--compartment"} & options["dataward train"]
+    assert {"-n", "--n", "--grid", "--npz"} <= options["dataward sample"] and not {"--out", "--save"} & options["dataward sample"]
+    assert {"-n", "--n", "--json-out"} <= options["dataward audit"] and "--out" not in options["dataward audit"]
+
+
+def test_status_is_readable_at_80_columns(monkeypatch, capsys, base_ward_dir):
+    """Issue 22: at 80 columns the status table wrapped every cell into slivers; now each compartment gets a block of
+    whole lines there, and the table stays where it fits."""
+    from rich.console import Console
+
+    from dataward.app.commands import reports
+    from dataward.ward import Ward
+
+    ward = Ward.open(base_ward_dir, worker=True)
+    compartments = ward.status()["compartments"]
+    ward.close()
+    for columns in (80, 200):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        monkeypatch.setattr(reports, "out", Console())  # what the CLI's console reads from the environment when it starts
+        code, out, _ = _main(monkeypatch, capsys, "status", base_ward_dir)
+        lines = out.splitlines()
+        assert code == 0 and max(map(len, lines)) <= columns and f"ward {base_ward_dir}" in lines
+        for c in compartments:
+            whole = f"compartment {c['id']}: {c['samples']} samples ({c['forgotten']} forgotten), serving {c['serving']}"
+            row = f"│ {c['id']} "
+            assert (whole in lines) == (columns == 80) and any(line.startswith(row) for line in lines) == (columns == 200)
+            assert columns == 200 or f"    source: {c['source']}" in lines
+
+
+def test_the_demo_summary_prints_whole_paths():
+    """Issue 22: the demo's summary table cut its paths with an ellipsis at 80 columns."""
+    import io
+
+    from rich.console import Console
+
+    from dataward.app.demo import print_summary
+
+    where = "/tmp/" + "a-long-folder-name/" * 6 + "composed.png"
+    text = io.StringIO()
+    print_summary(Console(file=text, width=80), "dataward demo: done in 107.3 s",
+                  [("sample", "64 samples composed with density weights", where, "12.5"), ("forget", "5 IDs; certificate OK", "dataward verify", "30.0")])
+    lines = text.getvalue().splitlines()
+    assert f"    {where}" in lines and "…" not in text.getvalue()
+    assert "sample (12.5 s): 64 samples composed with density weights" in lines and "forget (30.0 s): 5 IDs; certificate OK" in lines

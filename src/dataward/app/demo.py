@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
-from dataward.app.terminal import epsilon_delta, progress_bar
+from dataward.app.terminal import epsilon_delta, print_path, progress_bar
 from dataward.models.guard import GuardConfig
 from dataward.plots import image_grid
 from dataward.training.privacy import DPConfig
@@ -173,10 +173,14 @@ def _summary(run: _Run, victims: list[str], certificate: dict) -> dict:
     """summary.json and the closing table."""
     run.figures["total_seconds"] = round(time.time() - run.started, 1)
     (run.out_dir / "summary.json").write_text(json.dumps({"figures": run.figures, "forgotten": victims, "certificate": certificate}, indent=2))
-    table = Table(title=f"dataward demo: done in {run.figures['total_seconds']} s")
-    for col in ("step", "result", "where", "seconds"):
-        table.add_column(col, justify="right" if col == "seconds" else "left")
-    for row in run.rows:
-        table.add_row(*row)
-    run.console.print(table)
+    print_summary(run.console, f"dataward demo: done in {run.figures['total_seconds']} s", run.rows)
     return run.figures
+
+
+def print_summary(console: Console, title: str, rows: list[tuple[str, str, str, str]]) -> None:
+    """The closing summary: per (step, result, where, seconds) row, the step and its result, then where it wrote on a line
+    of its own: a full path, never wrapped or cut with an ellipsis whatever the terminal's width."""
+    console.rule(f"[bold]{title}")
+    for step, result, where, seconds in rows:
+        console.print(Text(f"{step} ({seconds} s): {result}"))
+        print_path(console, where, "    ")

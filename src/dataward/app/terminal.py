@@ -61,6 +61,12 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress | LineProgress | Non
         yield progress
 
 
+def print_path(console: Console, path: object, prefix: str = "") -> None:
+    """``prefix`` and a path on one line, never wrapped, folded or cut at the terminal's width (it stays whole, to copy);
+    neither is read as rich markup."""
+    console.print(f"{prefix}{path}", soft_wrap=True, markup=False, highlight=False)
+
+
 def epsilon_delta(epsilon: float | str, delta: float) -> str:
     """(ε, δ) written one way everywhere: ε to 3 decimals (or "inf"), δ in scientific notation with 2 decimals."""
     eps = epsilon if isinstance(epsilon, str) else ("inf" if epsilon == float("inf") else f"{epsilon:.3f}")

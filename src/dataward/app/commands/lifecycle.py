@@ -31,9 +31,9 @@ def init(
     adapter: str = typer.Option("full", help="What each compartment trains on the base: full (every weight) | lora:RANK (low-rank adapters, e.g. lora:8)."),
     router: bool = typer.Option(True, help="Train the joint router when K > 1."),
     guard: bool = typer.Option(False, "--guard", help="Train a CPSample guard per compartment."),
-    epochs: float = typer.Option(200.0, help="Training budget: epochs over each compartment's data."),
+    epochs: float = typer.Option(200.0, help="Training budget: epochs over each compartment's data (DP fine-tuning has its own: train --dp-epochs)."),
     steps: Optional[int] = typer.Option(None, help="Training budget in optimizer steps per compartment (overrides --epochs)."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Batch size."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Training batch size."),
     numerics: str = typer.Option("portable", help="CPU kernels: portable (the same bytes on every AVX2 machine) | native (fastest; bytes tied to this CPU)."),
 ) -> None:
     """Create a ward from a data source."""
@@ -62,13 +62,13 @@ def train(
     epsilon: float = typer.Option(10.0, "--epsilon", help="DP: target ε."),
     delta: Optional[float] = typer.Option(None, "--delta", help="DP: target δ (default 1/(10 N); must be < 1/N)."),
     clip: Optional[float] = typer.Option(None, "--clip", help="DP: per-sample gradient clipping norm C (default: the median per-example gradient norm on the public data; 1.0 without public pretraining)."),
-    batch: int = typer.Option(256, "--batch", help="DP: expected logical batch (Poisson sampling)."),
-    epochs: int = typer.Option(50, "--epochs", help="DP: passes over each compartment's data."),
+    dp_batch_size: int = typer.Option(256, "--dp-batch-size", help="DP: expected logical batch size (Poisson sampling)."),
+    dp_epochs: int = typer.Option(50, "--dp-epochs", help="DP: passes over each compartment's data (the denoisers' own budget is init --epochs or --steps)."),
     trainable: Optional[str] = typer.Option(None, "--trainable", help="DP: attention (DP-LDM: attention modules + class embedding; the default) | embedding (class embedding only: best at small ε or N) | full | lora (the compartment's adapter: the default and only choice in a ward with --adapter lora:RANK)."),
     accountant: str = typer.Option("prv", "--accountant", help="DP: prv | rdp."),
-    dp_lr: Optional[float] = typer.Option(None, "--lr", help="DP: Adam learning rate (default: 1e-2 with --trainable attention, 1e-1 with embedding, 2e-3 with full)."),
+    dp_lr: Optional[float] = typer.Option(None, "--dp-lr", help="DP: Adam learning rate (default: 1e-2 with --trainable attention, 1e-1 with embedding, 2e-3 with full)."),
     noise_multiplicity: int = typer.Option(1, "--noise-multiplicity", help="DP: K draws of (t, noise) per example and step, averaged before clipping (DPDM): same ε, better quality, K x compute."),
-    dp_compartments: Optional[str] = typer.Option(None, "--compartment", help="DP: only these compartments, e.g. 3 or 0,2 (default: all)."),
+    dp_compartments: Optional[str] = typer.Option(None, "--dp-compartments", help="DP: only these compartments, e.g. 3 or 0,2 (default: all)."),
     replace_dp: bool = typer.Option(False, "--replace-dp", help="DP: replace the ward's DP setting (it has one; every DP compartment retrains)."),
 ) -> None:
     """Train every missing or out-of-date model of the ward (resumes interrupted work); --dp for DP fine-tuning."""
@@ -80,7 +80,7 @@ def train(
         if dp:
             from dataward.training.privacy import DPConfig
 
-            config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=batch, epochs=epochs, trainable=trainable or ("lora" if w.config.lora_rank() else "attention"), accountant=accountant,
+            config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=dp_batch_size, epochs=dp_epochs, trainable=trainable or ("lora" if w.config.lora_rank() else "attention"), accountant=accountant,
                                lr=dp_lr, noise_multiplicity=noise_multiplicity)
             chosen = parse_ids(dp_compartments)
             _check_dp_change(w, config, chosen, replace_dp)

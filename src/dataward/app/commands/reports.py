@@ -9,15 +9,46 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from dataward.app.commands.common import open_ward, parse_ids
-from dataward.app.terminal import console, epsilon_delta, out, progress_bar
+from dataward.app.terminal import console, epsilon_delta, out, print_path, progress_bar
 from dataward.errors import DatawardError
 
 
 def _megabytes(size: int | None) -> str:
     return "?" if size is None else f"{size / 1e6:.1f} MB"
+
+
+def _model_summary(model: dict | None) -> str:
+    return "-" if model is None else f"#{model['id']} stage {model['stage'] + 1}, {model['steps']} steps, {_megabytes(model['bytes'])}"
+
+
+def _guard_summary(guard: dict | None) -> str:
+    return "-" if not guard else ", ".join(f"{t}: {a:.2f}" for t, a in (guard["accuracy_by_t"] or {}).items())
+
+
+def _print_compartments(compartments: list[dict], guards: bool) -> None:
+    """One table row per compartment when the table fits the terminal's width; otherwise one block of lines per
+    compartment (a table squeezed into 80 columns wraps its cells into slivers)."""
+    table = Table()
+    for col in ("compartment", "source", "samples", "forgotten", "serving", "model") + (("guard accuracy on its bits by t",) if guards else ()):
+        table.add_column(col)
+    for c in compartments:
+        row = [str(c["id"]), escape(c["source"]), str(c["samples"]), str(c["forgotten"]), c["serving"], _model_summary(c.get("model"))]
+        table.add_row(*row, *([_guard_summary(c["guard"])] if guards else []))
+    if out.measure(table, options=out.options.update(max_width=1 << 16)).maximum <= out.width:  # its unwrapped width
+        out.print(table)
+        return
+    for c in compartments:
+        out.print(Text(f"compartment {c['id']}: {c['samples']} samples ({c['forgotten']} forgotten), serving {c['serving']}"))
+        lines = [(4, f"source: {c['source']}"), (4, f"model: {_model_summary(c.get('model'))}")]
+        if guards:
+            lines += [(4, "guard accuracy on its bits by t:"), (6, _guard_summary(c["guard"]))]
+        for indent, line in lines:
+            out.print(Padding(Text(line), (0, 0, 0, indent), expand=False))  # wrapped lines stay indented under their compartment
 
 
 def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."), as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
@@ -30,20 +61,10 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
         print(json.dumps(s, default=str))
         return
     cfg = s["config"]
-    out.print(f"[bold]{escape(s['path'])}[/bold]: {s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, "
-              f"{cfg['slices']} slice(s), weights {cfg['weights']}")
-    guards = bool(cfg["guard"])
-    table = Table()
-    for col in ("compartment", "source", "samples", "forgotten", "serving", "model") + (("guard accuracy on its bits by t",) if guards else ()):
-        table.add_column(col)
-    for c in s["compartments"]:
-        model = c.get("model")
-        row = [str(c["id"]), escape(c["source"]), str(c["samples"]), str(c["forgotten"]), c["serving"],
-               "-" if model is None else f"#{model['id']} stage {model['stage'] + 1}, {model['steps']} steps, {_megabytes(model['bytes'])}"]
-        if guards:
-            row.append("-" if not c["guard"] else ", ".join(f"{t}: {a:.2f}" for t, a in (c["guard"]["accuracy_by_t"] or {}).items()))
-        table.add_row(*row)
-    out.print(table)
+    print_path(out, s["path"], "ward ")
+    out.print(f"{s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, {cfg['slices']} slice(s), "
+              f"weights {cfg['weights']}")
+    _print_compartments(s["compartments"], bool(cfg["guard"]))
     protections = {c["protection"] for c in s["compartments"]}
     if len(protections) == 1:
         out.print(f"protection of every compartment: {next(iter(protections))}")
@@ -55,7 +76,7 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
         source = f"imported from {base['imported_from']}" if base["kind"] == "imported" else f"trained on {base['data']} (public data only)"
         model = "not trained yet" if base["model"] is None else f"model #{base['model']}"
         delta = "its fine-tuned weights" if base["adapter"] == "full" else f"a {base['adapter']} adapter"
-        out.print(escape(f"base: {model}, {source}; each compartment stores {delta} (the model column shows each checkpoint's size)"))
+        out.print(escape(f"base: {model}, {source}; each compartment stores {delta} (its size is shown with each compartment's model)"))
     elif s["public_model"]:
         out.print(f"public denoiser: model #{s['public_model']['id']} trained on {escape(s['public_model']['data'])} (public data only)")
     if s["latent"]:
@@ -83,7 +104,7 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
 
 def sample(
     ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
-    n: int = typer.Option(64, "-n", help="Number of samples."),
+    n: int = typer.Option(64, "-n", "--n", help="Number of images."),
     label: Optional[int] = typer.Option(None, help="Class label for all samples (random by default)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     sampler: Optional[str] = typer.Option(None, help="ddim | ddpm (default: ddim; ddpm for density weights)."),
@@ -94,32 +115,32 @@ def sample(
     guard: bool = typer.Option(False, "--guard", help="Steer away from training data with each compartment's guard."),
     guard_scale: Optional[float] = typer.Option(None, "--guard-scale", help="Guard guidance scale s."),
     guard_alpha: Optional[float] = typer.Option(None, "--guard-alpha", help="Guard confidence threshold α."),
-    out_png: Optional[Path] = typer.Option(None, "--out", help="Write a PNG grid here."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Write samples.npz (images, labels, attribution, final_weights)."),
+    grid: Optional[Path] = typer.Option(None, "--grid", metavar="PNG", help="Write the images as one PNG grid to this file."),
+    npz: Optional[Path] = typer.Option(None, "--npz", metavar="FILE", help="Write the samples to this .npz file (images, labels, attribution, final_weights, compartments)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary with per-sample attribution."),
 ) -> None:
-    """Generate samples composed over the allowed compartments (keep them with --out, --save or --json)."""
-    if not (out_png or save or as_json):
-        raise DatawardError("nothing would be kept of these samples: add --out grid.png, --save samples.npz or --json")
+    """Generate samples composed over the allowed compartments (keep them with --grid, --npz or --json)."""
+    if not (grid or npz or as_json):
+        raise DatawardError("nothing would be kept of these samples: add --grid grid.png, --npz samples.npz or --json")
     w = open_ward(ward, resume=False)  # a pending retraining never blocks sampling: models that saw forgotten IDs are never served
     if w.ledger.pending_forgets():
         console.print(f"[yellow]a forget's retraining is pending: sampling uses clean fallback stages; `dataward train {ward}` finishes it[/yellow]")
     with progress_bar(not as_json) as progress:
         r = w.sample(n, label=label, seed=seed, sampler=sampler, steps=steps, allowed=parse_ids(allow), weights=weights, top_k=top_k,
                      guard=guard, guard_scale=guard_scale, guard_alpha=guard_alpha, progress=progress)
-    if out_png:
+    if grid:
         from dataward.plots import image_grid
 
-        image_grid(r.images, out_png, r.labels)
-    if save:
+        image_grid(r.images, grid, r.labels)
+    if npz:
         arrays = {"images": r.images.numpy().astype(np.float32), "attribution": r.attribution.numpy(), "final_weights": r.final_weights.numpy(),
                   "compartments": np.array(r.compartments)}
         if r.labels is not None:
             arrays["labels"] = r.labels.numpy()
-        np.savez(save, **arrays)
+        np.savez(npz, **arrays)
     summary = {
         "n": n, "compartments": r.compartments, "weights": r.weights, "sampler": r.sampler, "seconds": round(r.seconds, 3),
-        "models": {str(k): v for k, v in r.models.items()}, "grid": str(out_png) if out_png else None, "npz": str(save) if save else None,
+        "models": {str(k): v for k, v in r.models.items()}, "grid": str(grid) if grid else None, "npz": str(npz) if npz else None,
         "labels": None if r.labels is None else r.labels.tolist(),
         "attribution": r.attribution.tolist(), "final_weights": r.final_weights.tolist(), "guard_guided": r.guard_guided,
     }
@@ -137,18 +158,18 @@ def sample(
     out.print(table)
     if r.guard_guided is not None:
         out.print(f"guards guided {100 * r.guard_guided:.1f}% of their checks (sample x step x compartment, t below the guard's max timestep)")
-    for label_, path in (("grid", out_png), ("npz", save)):
+    for name, path in (("grid", grid), ("npz", npz)):
         if path:
-            out.print(f"{label_}: {path}")
+            print_path(out, path, f"{name}: ")
 
 
 def audit(
     ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
-    n: int = typer.Option(1000, "--n", help="Samples drawn for quality and replication."),
+    n: int = typer.Option(1000, "-n", "--n", help="Number of images drawn for quality and replication."),
     seed: int = typer.Option(0, help="Sampling seed."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
-    json_out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here."),
+    html: Optional[Path] = typer.Option(None, "--html", metavar="FILE", help="Write a self-contained HTML report to this file."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", metavar="FILE", help="Write the JSON report to this file (--json prints it)."),
     inception: Optional[Path] = typer.Option(None, "--inception", help="Local feature-network weights for non-digits data."),
     features: Optional[Path] = typer.Option(None, "--features", help="Your feature network's weights (.safetensors), built by --features-module."),
     features_module: Optional[str] = typer.Option(None, "--features-module", help="package.module:factory that builds your feature network."),
@@ -183,10 +204,10 @@ def audit(
         table.add_row(name, value)
     out.print(table)
     if html:
-        out.print(f"report: {html}")
+        print_path(out, html, "report: ")
 
 
-def demo(out_dir: Path = typer.Option(Path("demo-out"), "--out", help="Where the demo writes its ward and pictures."),
+def demo(out_dir: Path = typer.Option(Path("demo-out"), "--out", metavar="DIR", help="Folder the demo writes into: its ward (replaced if there), pictures, summary.json and report.html."),
          quick: bool = typer.Option(False, "--quick", help="A shorter run (smaller training budget).")) -> None:
     """Show the whole product end to end on the bundled digits."""
     from dataward.app.demo import run_demo
