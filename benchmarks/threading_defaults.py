@@ -13,7 +13,8 @@ compartment budget) and 16 samples x 25 DDIM steps. Arms:
 - ``spinN``: ``GOMP_SPINCOUNT=N``, e.g. ``spin10k``
 
 Conditions: ``alone`` (nothing else running) and ``busy`` (``--busy`` pure-Python busy loops, one per core: the "two
-other CPU jobs" of a shared machine). Every round runs every arm in both conditions, arms in a rotated order. Printed:
+other CPU jobs" of a shared machine; ``--busy-kind torch``: each runs small torch matrix products on 2 threads with
+libgomp's default waiting, like another team's job). Every round runs every arm in both conditions, arms in a rotated order. Printed:
 seconds per arm and condition (median over rounds), busy / alone per arm (goal <= 2.5), and alone, new / old (goal
 >= 0.95 in speed, i.e. time ratio <= 1.05). The load average is printed with every round.
 """
@@ -29,6 +30,10 @@ import sys
 import time
 
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+BUSY = {  # what a busy neighbour runs: a pure-Python loop, or another team's torch job (2 threads, libgomp's default waiting)
+    "python": "while True: pass",
+    "torch": "import torch; torch.set_num_threads(2); x = torch.randn(64, 64)\nwhile True: x = torch.tanh(x @ x)",
+}
 
 
 def load_avg() -> str:
@@ -47,10 +52,13 @@ def arm_environment(arm: str) -> dict[str, str]:
 
 def work(arm: str, steps: int) -> dict:
     """In the arm's process: time the training steps and the sampling (after one untimed warm-up of each)."""
+    given = {k: os.environ.get(k) for k in WAIT_VARIABLES}
     if arm == "old":
         import torch  # noqa: F401  (first: libgomp starts before dataward could choose its wait settings)
     import dataward  # noqa: F401  (selects the wait settings unless torch came first or the environment has its own)
     import torch
+
+    libgomp_read = given if arm == "old" else {k: os.environ.get(k) for k in WAIT_VARIABLES}  # what libgomp started with
 
     from dataward.data import load_source
     from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
@@ -75,7 +83,7 @@ def work(arm: str, steps: int) -> dict:
     started = time.perf_counter()
     sample_loop(unet_eps(state.model), x_T, sampler, steps=25, y=y)
     sample_s = time.perf_counter() - started
-    return {"train_s": train_s, "sample_s": sample_s, "wait": {k: os.environ.get(k) for k in WAIT_VARIABLES}}
+    return {"train_s": train_s, "sample_s": sample_s, "wait": libgomp_read}
 
 
 def run_arm(arm: str, steps: int) -> dict:
@@ -88,7 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", default="old,new,passive,spin10k")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--busy", type=int, default=2, help="busy-loop processes in the busy condition")
+    parser.add_argument("--busy", type=int, default=2, help="busy processes in the busy condition")
+    parser.add_argument("--busy-kind", choices=sorted(BUSY), default="python", help="what each busy process runs")
     parser.add_argument("--steps", type=int, default=12, help="timed training steps per arm")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
@@ -98,11 +107,11 @@ def main() -> None:
         return
     arms = args.arms.split(",")
     times: dict[tuple[str, str], list[dict]] = {}
-    print(f"load average before: {load_avg()}", flush=True)
+    print(f"load average before: {load_avg()}; busy neighbours: {args.busy} x {args.busy_kind}; {args.steps} training steps", flush=True)
     for r in range(args.rounds):
         order = arms[r % len(arms):] + arms[:r % len(arms)]
         for condition in ("alone", "busy"):
-            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy if condition == "busy" else 0)]
+            busy = [subprocess.Popen([sys.executable, "-c", BUSY[args.busy_kind]], env=arm_environment("old")) for _ in range(args.busy if condition == "busy" else 0)]
             try:
                 for arm in order:
                     result = run_arm(arm, args.steps)
@@ -134,7 +143,7 @@ def main() -> None:
     print(f"load average after: {load_avg()}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rounds": args.rounds, "steps": args.steps, "busy": args.busy, "arms": summary}, f, indent=2)
+            json.dump({"rounds": args.rounds, "steps": args.steps, "busy": args.busy, "busy_kind": args.busy_kind, "arms": summary}, f, indent=2)
 
 
 if __name__ == "__main__":

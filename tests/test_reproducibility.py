@@ -141,11 +141,33 @@ def test_how_threads_wait_changes_no_bytes_and_the_users_choice_is_kept():
 
     base = {k: v for k, v in os.environ.items() if k not in openmp.USER_VARIABLES}
     runs = {}
-    for name, extra in {"dataward's default": {}, "spin forever": {"OMP_WAIT_POLICY": "ACTIVE"}, "spin 1000": {"GOMP_SPINCOUNT": "1000"}}.items():
+    for name, extra in {"dataward's default": {}, "spin forever": {"OMP_WAIT_POLICY": "ACTIVE"}, "sleep at once": {"OMP_WAIT_POLICY": "PASSIVE"},
+                        "spin 1000": {"GOMP_SPINCOUNT": "1000"}}.items():
         proc = subprocess.run([sys.executable, "-c", _WAIT_PROBE], capture_output=True, text=True, env=base | extra, timeout=300)
         assert proc.returncode == 0, proc.stderr
         runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert runs["dataward's default"]["wait"] == ["PASSIVE", None]
+    assert runs["dataward's default"]["wait"] in ([None, "30000"], ["PASSIVE", None])  # as the machine was at import
     assert runs["spin forever"]["wait"] == ["ACTIVE", None]  # the user's setting is kept as it is
+    assert runs["sleep at once"]["wait"] == ["PASSIVE", None]
     assert runs["spin 1000"]["wait"] == [None, "1000"]  # GOMP_SPINCOUNT alone also counts as the user's choice
     assert len({run["hash"] for run in runs.values()}) == 1, runs
+
+
+def test_threads_sleep_at_once_only_where_other_work_keeps_the_cores_busy(monkeypatch):
+    from dataward import openmp
+
+    assert openmp.choose(0, 2) == openmp.choose(1, 2) == {"GOMP_SPINCOUNT": "30000"}
+    assert openmp.choose(2, 2) == openmp.choose(9, 2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp.choose(None, 2) == {"GOMP_SPINCOUNT": "30000"}  # no /proc: the setting measured as fast alone
+    assert openmp.choose(3, 4) == {"GOMP_SPINCOUNT": "30000"}
+    for name in openmp.USER_VARIABLES:  # set, then delete: monkeypatch restores each as it was (set or not) afterwards
+        monkeypatch.setenv(name, "0")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(openmp, "other_running_threads", lambda: 5)
+    openmp.select_from_environment()
+    assert os.environ.get("OMP_WAIT_POLICY") == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.setattr(openmp, "other_running_threads", lambda: 0)
+    openmp.select_from_environment()  # the first choice now counts as the user's: a child process keeps its parent's
+    assert os.environ.get("OMP_WAIT_POLICY") == "PASSIVE"
+    others = openmp.other_running_threads()
+    assert others is None or others >= 0

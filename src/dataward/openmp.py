@@ -1,31 +1,63 @@
 """OpenMP waiting: how torch's intra-op threads wait for work, chosen so that a shared machine is shared fairly.
 
-torch runs its CPU kernels on libgomp's threads. Between parallel regions a thread with no work spins (300,000 times by
-libgomp's default) before it sleeps. On an idle machine that saves a wake-up; on a machine where anything else is busy
-the spinning thread burns the core that the thread it waits for needs, and every region waits for a time slice: a
-training step of the demo took 25x longer beside two busy processes (BENCHMARKS.md "Threading defaults").
+torch runs its CPU kernels on libgomp's threads. Between parallel regions a thread with no work spins before it sleeps:
+300,000 times by libgomp's default. On a machine where other work is running, the spinning threads burn the cores that
+the threads they wait for need, and every parallel region waits for a time slice: beside two other torch jobs a
+training run of the demo's model took 16x longer than alone.
 
-dataward therefore sets ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once), chosen from the measurements there: it is
-the fastest setting measured under load and costs nothing measurable on an idle machine. Waiting changes no arithmetic:
-the same seed and thread count give the same bytes under every wait setting (pinned by a test).
+What was measured on 2 cores (``benchmarks/threading_defaults.py``, BENCHMARKS.md "Threading defaults"):
 
-libgomp reads its settings once, when torch is imported, so :func:`select_from_environment` runs when ``dataward`` is
-imported: import dataward before torch (the numerics pinning asks the same). The user's own environment wins: if
-``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set, nothing is changed. Every process dataward starts (service workers,
-Ray workers, ``spawn``-ed children) inherits the setting through the environment.
+- ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) is the only setting that holds up beside other torch jobs (which spin
+  themselves): 4x the time alone instead of 16x. But alone it is 1.6-1.9x slower than the default: every region pays a
+  wake-up.
+- ``GOMP_SPINCOUNT=30000`` is as fast as the default alone (and beside busy pure-Python processes as fast as passive),
+  but beside spinning torch jobs no better than the default.
+
+No one setting is best in both cases, and libgomp reads its setting once, when torch loads. So dataward looks at the
+machine then: if other threads already keep every core of this process busy (``procs_running`` in ``/proc/stat``, a
+few reads), threads sleep at once (``PASSIVE``); otherwise they spin 30,000 times. Waiting changes no arithmetic: the
+same seed and thread count give the same bytes under every wait setting (pinned by a test).
+
+:func:`select_from_environment` runs when ``dataward`` is imported: import dataward before torch (the numerics pinning
+asks the same). The user's own environment wins: if ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set, nothing is
+changed. Every process dataward starts (service workers, Ray workers, ``spawn``-ed children) inherits the choice through
+the environment. Only libgomp (torch's OpenMP on Linux) reads these; LLVM's OpenMP (macOS) has its own
+``KMP_BLOCKTIME``, which dataward leaves alone (not measured).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # either one set by the user keeps libgomp as the user wants it
-DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+ON_A_FREE_MACHINE = {"GOMP_SPINCOUNT": "30000"}
+ON_A_BUSY_MACHINE = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def other_running_threads(reads: int = 5, interval_s: float = 0.005) -> int | None:
+    """Threads of other processes runnable right now (median of a few reads of ``/proc/stat``); None where unknown."""
+    counts = []
+    for i in range(reads):
+        try:
+            with open("/proc/stat") as stat:
+                counts += [int(line.split()[1]) - 1 for line in stat if line.startswith("procs_running ")]
+        except (OSError, ValueError, IndexError):
+            return None
+        if i < reads - 1:
+            time.sleep(interval_s)
+    return int(statistics.median(counts)) if counts else None
+
+
+def choose(others: int | None, cores: int) -> dict[str, str]:
+    """The wait setting for a process that may use ``cores`` cores while ``others`` threads of other processes run."""
+    return ON_A_BUSY_MACHINE if others is not None and others >= cores else ON_A_FREE_MACHINE
 
 
 def select_from_environment() -> None:
-    """Set dataward's wait policy unless the user chose one (it has no effect in a process that imported torch already)."""
+    """Set dataward's wait setting unless the user chose one (it has no effect in a process that imported torch already)."""
     if any(name in os.environ for name in USER_VARIABLES):
         return
-    os.environ.update(DEFAULTS)
-
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.update(choose(other_running_threads(), cores))
