@@ -148,6 +148,22 @@ def _main(monkeypatch, capsys, *args):
     return code, captured.out, captured.err
 
 
+def test_help_answers_without_loading_torch():
+    """`dataward --help` and `dataward CMD --help` used to import torch and diffusers first (about 6-11 s)."""
+    probe = ("import sys; from dataward.app.cli import main; sys.argv = ['dataward', *sys.argv[1:]]\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'opacus', 'peft') if m in sys.modules))")
+    for args in (["--help"], ["sample", "--help"], ["--version"]):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == "[]", (args, proc.stdout[-300:])
+    import dataward
+
+    assert dataward.Ward.__module__ == "dataward.ward" and "Ward" in dataward.__all__  # the API is still there, on first use
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        dataward.Nope
+
+
 def test_usage_errors_follow_click_conventions(monkeypatch, capsys, tmp_path):
     """Issue 22: usage line, a "Try --help" hint and exit 2 for usage errors; --version; --debug anywhere; help that
     shows brackets and does not print a metavar on flags."""

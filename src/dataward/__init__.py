@@ -2,20 +2,44 @@
 
 The public API: :class:`Ward` (create/open, train, sample, forget, verify, add, status), :class:`TrainConfig`,
 :class:`DPConfig`, :class:`GuardConfig`, and data sources via :func:`load_source`.
+
+Importing the package only chooses the CPU settings torch reads when it loads (:mod:`dataward.numerics`,
+:mod:`dataward.openmp`); the API's names import torch and diffusers when first used, so ``dataward --help`` answers
+at once.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from dataward import numerics, openmp
 
 __version__ = "0.1.0"
 
-from dataward import numerics, openmp  # noqa: E402  (first: pin the CPU kernels and the threads' waiting before torch loads)
-
-numerics.select_from_environment()
+numerics.select_from_environment()  # first: before torch loads
 openmp.select_from_environment()
 
-from dataward.data import Dataset, load_source  # noqa: E402
-from dataward.errors import DatawardError  # noqa: E402
-from dataward.models.guard import GuardConfig  # noqa: E402
-from dataward.training.privacy import DPConfig  # noqa: E402
-from dataward.training.loop import TrainConfig  # noqa: E402
-from dataward.ward import SampleResult, Ward, WardConfig  # noqa: E402
+_PUBLIC = {  # name -> the module that defines it
+    "Ward": "dataward.ward", "WardConfig": "dataward.ward", "SampleResult": "dataward.ward",
+    "TrainConfig": "dataward.training.loop", "DPConfig": "dataward.training.privacy", "GuardConfig": "dataward.models.guard",
+    "Dataset": "dataward.data", "load_source": "dataward.data", "DatawardError": "dataward.errors",
+}
+__all__ = [*_PUBLIC, "__version__"]
 
-__all__ = ["Ward", "WardConfig", "SampleResult", "TrainConfig", "DPConfig", "GuardConfig", "Dataset", "load_source", "DatawardError", "__version__"]
+if TYPE_CHECKING:
+    from dataward.data import Dataset, load_source
+    from dataward.errors import DatawardError
+    from dataward.models.guard import GuardConfig
+    from dataward.training.loop import TrainConfig
+    from dataward.training.privacy import DPConfig
+    from dataward.ward import SampleResult, Ward, WardConfig
+
+
+def __getattr__(name: str):
+    """The public API's names, imported on first use (PEP 562)."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dataward' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value

@@ -14,7 +14,6 @@ from rich.table import Table
 from dataward.app.commands.common import open_ward, parse_ids
 from dataward.app.terminal import epsilon_delta, out, progress_bar
 from dataward.errors import DatawardError
-from dataward.export import export_states
 
 
 def init(
@@ -215,6 +214,8 @@ def forget(
             out.print(f"  already forgotten before: {escape(', '.join(result['already_forgotten']))}")
     if not as_json:
         _say_router_retrains(w, "it saw the forgotten IDs")
+    from dataward.export import export_states
+
     result["stale_exports"] = [e["folder"] for e in export_states(w.ledger) if e["stale"]]
     if result["stale_exports"] and not as_json:
         out.print(f"[red]exports now stale (copies outside the ward: delete them or re-export):[/red] {escape(', '.join(result['stale_exports']))}")

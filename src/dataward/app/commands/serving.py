@@ -99,7 +99,7 @@ def serve(
 def export(
     ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     allow: str = typer.Option(..., "--allow", help="Compartments whose soup the export holds, e.g. 0,2 (or all)."),
-    out_dir: Path = typer.Option(..., "--out", help="A new (or empty) folder for the diffusers pipeline."),
+    out_dir: Path = typer.Option(..., "--out", metavar="DIR", help="A new (or empty) folder for the diffusers pipeline."),
     label: Optional[int] = typer.Option(None, "--label", help="The class the exported model draws (class-conditional wards)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:

@@ -3,7 +3,7 @@
 ``create_app(ward_path)`` returns a FastAPI app (``dataward serve`` runs it under uvicorn). See docs/service.md.
 Modules: :mod:`~.http` (the app, auth, routes, errors, body limit), :mod:`~.core` (the wards and threads one app holds,
 forget acceptance, what a key may see), :mod:`~.generation` (the pool, admission, the forget check and re-runs),
-:mod:`~.render` (response bodies), :mod:`~.retraining` (background training after forgets), :mod:`~.schema` (limits,
+:mod:`~.workers` (what runs in a generation worker, and the clock that stops it), :mod:`~.render` (response bodies), :mod:`~.retraining` (background training after forgets), :mod:`~.schema` (limits,
 request bodies, errors).
 
 Design, in short:
@@ -14,8 +14,8 @@ Design, in short:
 - **Grants.** Generation composes over the key's compartments only (``Ward.sample(..., allowed=key.allow)``); nothing in
   a request can widen that (unknown body fields are refused). The joint router saw every compartment's data, so it is
   used only for keys that reach every compartment; other keys get compartment-pure density weights.
-- **Threads.** Sampling (CPU-bound torch) runs in a bounded pool; each pool thread has its own :class:`Ward` (its own
-  SQLite connection and model cache). At most ``pool_size + queue_size`` generations are admitted; the rest get 429 with
+- **Workers.** Sampling (CPU-bound torch) runs in a bounded pool of worker processes (or threads); each worker has its
+  own :class:`Ward` (its own SQLite connection and model cache) and reads the ledger on every generation. At most ``pool_size + queue_size`` generations are admitted; the rest get 429 with
   Retry-After. Forget acceptance runs on its own thread with its own Ward, retraining on another (one at a time).
   The event loop has a Ward of its own for key checks and the final forget check (short indexed reads; WAL readers
   never wait for writers).
