@@ -37,6 +37,18 @@ class SampleResult:
     seconds: float
     guard_guided: float | None = None  # with guards: share of guard checks (sample x step x compartment, t < max_timestep) that guided
 
+    def caption(self, seed: int | None = None) -> str:
+        """One line that says what a picture of these samples shows (for sample grids)."""
+        parts = [f"{self.images.shape[0]} samples from compartment{'s' if len(self.compartments) != 1 else ''} "
+                 f"{', '.join(map(str, self.compartments))} ({self.weights} weights, {self.sampler} sampler)"]
+        if self.guard_guided is not None:
+            parts.append(f"guards steered {100 * self.guard_guided:.1f}% of their checks")
+        if seed is not None:
+            parts.append(f"seed {seed}")
+        if self.labels is not None:
+            parts.append("the class asked for under each image")
+        return "; ".join(parts)
+
 
 @dataclass(frozen=True)
 class SampleRequest:

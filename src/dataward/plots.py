@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+LABEL_BAND = 12  # pixels under each image for its label
+CAPTION_LINE = 14  # pixels per caption line above the grid
+BACKGROUND = 40
 
 
-def grid_array(images: torch.Tensor, columns: int | None = None, scale: int = 4, pad: int = 2) -> np.ndarray:
-    """(N, C, H, W) in [0, 1] -> uint8 (rows*H', cols*W', 3) grid, each image upscaled by ``scale``."""
+def grid_array(images: torch.Tensor, columns: int | None = None, scale: int = 4, pad: int = 2, band: int = 0) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] -> uint8 (rows*H', cols*W', 3) grid, each image upscaled by ``scale``, with ``band`` empty
+    pixels under each image (for its label)."""
     n, c, h, w = images.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / columns))
-    cell_h, cell_w = h * scale + pad, w * scale + pad
-    canvas = np.full((rows * cell_h + pad, columns * cell_w + pad, 3), 40, dtype=np.uint8)
+    cell_h, cell_w = h * scale + band + pad, w * scale + pad
+    canvas = np.full((rows * cell_h + pad, columns * cell_w + pad, 3), BACKGROUND, dtype=np.uint8)
     x = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     x = x.expand(-1, 3, -1, -1) if c == 1 else x
     x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3).permute(0, 2, 3, 1).numpy()
@@ -25,17 +31,27 @@ def grid_array(images: torch.Tensor, columns: int | None = None, scale: int = 4,
     return canvas
 
 
-def image_grid(images: torch.Tensor, path: Path, labels: torch.Tensor | None = None, columns: int | None = None, scale: int = 6) -> Path:
-    """Write a PNG grid of (N, C, H, W) images in [0, 1]; labels, when given, are written under each cell."""
-    array = grid_array(images, columns, scale)
-    img = Image.fromarray(array)
+def image_grid(images: torch.Tensor, path: Path, labels: torch.Tensor | None = None, columns: int | None = None, scale: int = 6,
+               caption: str | None = None) -> Path:
+    """Write a PNG grid of (N, C, H, W) images in [0, 1]: ``caption`` above it (wrapped to the grid's width) and each
+    label, when given, in a band under its image (never over it)."""
+    n, _, h, w = images.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    band = LABEL_BAND if labels is not None else 0
+    grid = grid_array(images, columns, scale, band=band)
+    font = ImageFont.load_default()
+    lines = textwrap.wrap(caption, max(10, grid.shape[1] // 6)) if caption else []  # the default font is ~6 px a character
+    top = len(lines) * CAPTION_LINE + (4 if lines else 0)
+    img = Image.new("RGB", (grid.shape[1], grid.shape[0] + top), (BACKGROUND,) * 3)
+    img.paste(Image.fromarray(grid), (0, top))
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + i * CAPTION_LINE), line, fill=(235, 235, 235), font=font)
     if labels is not None:
-        n, _, h, w = images.shape
-        columns = columns or int(np.ceil(np.sqrt(n)))
-        draw = ImageDraw.Draw(img)
+        cell_h, cell_w = h * scale + band + 2, w * scale + 2
         for i, label in enumerate(labels.tolist()):
             r, col = divmod(i, columns)
-            draw.text((2 + col * (w * scale + 2) + 2, 2 + r * (h * scale + 2) + 1), str(label), fill=(255, 200, 0))
+            draw.text((2 + col * cell_w + 1, top + 2 + r * cell_h + h * scale), str(label), fill=(255, 200, 0), font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

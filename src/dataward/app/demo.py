@@ -93,7 +93,7 @@ def _train(run: _Run, ward: Ward) -> None:
 def _sample(run: _Run, ward: Ward) -> None:
     run.step("3. sample, composed over all compartments")
     composed = ward.sample(64, seed=0)
-    image_grid(composed.images, run.out_dir / "composed.png", composed.labels, columns=16)
+    image_grid(composed.images, run.out_dir / "composed.png", composed.labels, columns=16, caption=composed.caption(seed=0))
     share = composed.attribution.mean(0).tolist()
     run.console.print("mean attribution per compartment: " + ", ".join(f"{c}: {w:.2f}" for c, w in enumerate(share)))
     run.done("sample", f"64 samples composed with {composed.weights} weights", str(run.out_dir / "composed.png"))
@@ -104,12 +104,13 @@ def _access_rights_and_guards(run: _Run, ward: Ward) -> None:
     _, key = ward.ledger.create_key("demo-customer", [0, 1])
     grant = ward.ledger.key_for_hash(ward.ledger.hash_key(key))["allow"]  # what the service does with the key it is sent
     restricted = ward.sample(32, seed=1, allowed=grant)
-    image_grid(restricted.images, run.out_dir / "allowed-0-1.png", restricted.labels, columns=16)
+    image_grid(restricted.images, run.out_dir / "allowed-0-1.png", restricted.labels, columns=16,
+               caption="a key allowed compartments {0, 1}: " + restricted.caption(seed=1))
     mass_outside = float(restricted.attribution[:, 2:].sum())
     run.console.print(f"attribution mass on compartments 2 and 3: {mass_outside} (exactly zero: they are never evaluated)")
     run.done("access rights", f"key allowed {{0, 1}}: attribution mass outside = {mass_outside}", str(run.out_dir / "allowed-0-1.png"))
     guarded = ward.sample(32, seed=1, guard=True)
-    image_grid(guarded.images, run.out_dir / "guarded.png", guarded.labels, columns=16)
+    image_grid(guarded.images, run.out_dir / "guarded.png", guarded.labels, columns=16, caption="guarded: " + guarded.caption(seed=1))
     run.figures["guard_guided"] = round(guarded.guard_guided, 4)
     run.console.print(f"guarded sampling: the guards were confident (and steered) on {100 * guarded.guard_guided:.1f}% of their checks"
                       + (" (--quick trains guards too briefly to be confident; run without --quick for guards that steer)" if run.quick else ""))
@@ -144,7 +145,8 @@ def _dp_finetune(run: _Run, ward: Ward) -> None:
     privacy = ward.privacy()["compartments"]["3"]
     run.figures["dp_epsilon"] = round(privacy["epsilon"], 3)
     dp_samples = ward.sample(32, seed=2, allowed=[3])
-    image_grid(dp_samples.images, run.out_dir / "dp-compartment-3.png", dp_samples.labels, columns=16)
+    image_grid(dp_samples.images, run.out_dir / "dp-compartment-3.png", dp_samples.labels, columns=16,
+               caption=f"DP compartment 3 ({epsilon_delta(privacy['epsilon'], privacy['delta'])}): " + dp_samples.caption(seed=2))
     run.console.print(f"compartment 3: {epsilon_delta(privacy['epsilon'], privacy['delta'])}, σ = {privacy['sigma']:.3f}, "
                       f"{100 * privacy['trainable_fraction']:.1f}% of parameters trained (attention + class embedding)")
     run.done("DP fine-tuning", f"compartment 3: {epsilon_delta(privacy['epsilon'], privacy['delta'])}, {100 * privacy['trainable_fraction']:.1f}% params trained",
