@@ -240,9 +240,9 @@ def test_audit_report_schema_is_stable(audited):
 
     report, _ = audited
     assert tuple(report) == REPORT_KEYS == (
-        "schema", "ward", "settings", "sampling", "quality", "replication", "membership", "forgetting", "privacy", "timings"
+        "schema", "ward", "settings", "sampling", "quality", "replication", "membership", "forgetting", "privacy", "protection", "timings"
     )
-    assert report["schema"] == SCHEMA == "dataward.audit/1"
+    assert report["schema"] == SCHEMA == "dataward.audit/2"
     for section, keys in SECTION_KEYS.items():
         assert report[section]["status"] == "ok", (section, report[section])
         assert set(keys) <= set(report[section]), (section, set(keys) - set(report[section]))
@@ -250,6 +250,21 @@ def test_audit_report_schema_is_stable(audited):
         assert set(attack) == {"compartment", "denoiser", "loss", "pia"}
         assert tuple(attack["loss"]) == ATTACK_KEYS
     json.loads(json.dumps(report))  # JSON-ready as is
+
+
+def test_the_report_says_what_protects_each_compartment(audited):
+    """Issue 22: the report did not say, per compartment, whether DP, a guard or nothing protects its data."""
+    report, html = audited
+    rows = {row["compartment"]: row for row in report["protection"]["compartments"]}
+    assert rows[0]["dp"] is None and rows[0]["protection"] == "neither DP nor a guard: exact forgetting and access rights only"
+    assert rows[1]["dp"] == {"epsilon": 5.0, "delta": 1e-5} and rows[1]["protection"] == "DP (ε = 5.000, δ = 1.00e-05)"
+    assert rows[0]["guard_steered_share"] is None and report["protection"]["guard_probe"] is None  # the stand-in has no guards
+    page = html.read_text(encoding="utf-8")
+    assert "What protects each compartment" in page and "DP (ε = 5.000, δ = 1.00e-05)" in page
+    from dataward.reports import describe_protection
+
+    assert describe_protection(None, True, 0.0) == "guard (steered 0.0% of its checks)"
+    assert describe_protection({"epsilon": 1.0, "delta": 1e-4}, True) == "DP (ε = 1.000, δ = 1.00e-04) + guard (when sampled with --guard)"
 
 
 def test_audit_numbers_on_the_stand_in(audited):

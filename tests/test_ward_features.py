@@ -102,6 +102,8 @@ def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
     assert ward.model_inputs(ward.training_data(0).images[:2]).shape == (2, 4, 4, 4)
     report = audit_ward(ward, n=20, steps=4, grid=0, members=10, timesteps=(50,), strict=True)
     assert {a["compartment"] for a in report["membership"]["attacks"]} == {0, 1}  # the attacks ran on latents
+    steered = [row["guard_steered_share"] for row in report["protection"]["compartments"]]
+    assert len(steered) == 2 and all(0.0 <= share <= 1.0 for share in steered)  # each guard sampled alone, its steering measured
     victim = ward.training_data(1).ids[0]
     ward.forget([victim])
     assert ward.served("autoencoder")[None].id == autoencoder.id  # public: untouched by forgetting

@@ -93,13 +93,18 @@ def _compartments(planner: Planner, counts: dict) -> list[dict]:
 
 
 def _protection(model, guarded: bool) -> str:
-    """What protects a compartment's data in what it serves: DP with its (ε, δ), a trained guard (with --guard), or neither."""
+    """What protects a compartment's data in what it serves (see :func:`describe_protection`)."""
+    return describe_protection(model.metadata.get("privacy") if model is not None else None, guarded)
+
+
+def describe_protection(dp: dict | None, guarded: bool, steered: float | None = None) -> str:
+    """One phrase for what protects a compartment's data: DP with its (ε, δ), a trained guard (with the share of its
+    checks that steered, when measured), both, or neither. Used by ``status`` and the audit."""
     parts = []
-    recorded = model.metadata.get("privacy") if model is not None else None
-    if recorded:
-        parts.append(f"DP (ε = {recorded['epsilon']:.3f}, δ = {recorded['delta']:.2e})")
+    if dp:
+        parts.append(f"DP (ε = {dp['epsilon']:.3f}, δ = {dp['delta']:.2e})")
     if guarded:
-        parts.append("guard (when sampled with --guard)")
+        parts.append("guard (when sampled with --guard)" if steered is None else f"guard (steered {100 * steered:.1f}% of its checks)")
     return " + ".join(parts) or "neither DP nor a guard: exact forgetting and access rights only"
 
 

@@ -19,6 +19,7 @@ import torch
 from dataward.audit.attacks import DEFAULT_TIMESTEPS, AttackResult, forgetting_attack, loss_attack, pia, pooled_rank_auc, roc
 from dataward.audit.features import FeatureExtractor, FeatureNet, FeatureNetConfig, digits_feature_net, inception_features, module_features
 from dataward.audit.metrics import Replication, downstream_accuracy, frechet_distance, recompute_epsilon, replication
+from dataward.audit.protection import protection
 from dataward.audit.protocol import AuditedWard
 from dataward.audit.report import write_html
 from dataward.audit.sections import (
@@ -26,8 +27,8 @@ from dataward.audit.sections import (
 )
 from dataward.data import Dataset
 
-SCHEMA = "dataward.audit/1"
-SECTIONS = ("quality", "replication", "membership", "forgetting", "privacy")
+SCHEMA = "dataward.audit/2"
+SECTIONS = ("quality", "replication", "membership", "forgetting", "privacy", "protection")
 
 __all__ = [
     "DEFAULT_TIMESTEPS", "AttackResult", "AuditedWard", "FeatureNet", "FeatureNetConfig", "Replication", "SCHEMA", "SECTIONS",
@@ -77,7 +78,7 @@ def audit_ward(
     report["sampling"], samples = draw_samples(ward, n, grid, compartments, seed=seed, steps=steps, sampler=sampler, say=say)
     audit = Audit(
         ward, compartments, train, heldout, samples, cached_features(str(ward.config.data), heldout, features, inception),
-        seed=seed, members=members, timesteps=tuple(timesteps), guard=bool(ward.config.guard) if guard is None else guard,
+        seed=seed, steps=steps, members=members, timesteps=tuple(timesteps), guard=bool(ward.config.guard) if guard is None else guard,
         verify=verify, say=say,
     )
     sections = Sections(strict, timings={"sampling": report["sampling"]["seconds"]}, artifacts=samples.artifacts(compartments))
@@ -86,6 +87,7 @@ def audit_ward(
     sections.run("membership", lambda: membership(audit))
     sections.run("forgetting", lambda: forgetting(audit, sections.entries["membership"]))
     sections.run("privacy", lambda: privacy(ward))
+    sections.run("protection", lambda: protection(audit))
     report |= sections.entries
     report["timings"] = sections.timings | {"total": round(time.perf_counter() - started, 3)}
     if html is not None:

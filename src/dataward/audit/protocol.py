@@ -63,6 +63,7 @@ class Samples(Protocol):
     compartments: list[int]  # the compartments that were composed
     weights: str  # router | density | single
     sampler: str
+    guard_guided: float | None  # with guard=True: the share of guard checks that steered
 
 
 @runtime_checkable
@@ -86,7 +87,8 @@ class AuditedWard(Protocol):
     def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """Images as the denoisers see them (their latents in a latent ward)."""
 
-    def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int = 50, allowed: list[int] | None = None) -> Samples:
+    def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int = 50, allowed: list[int] | None = None,
+               guard: bool = False) -> Samples:
         """``n`` images composed over the ``allowed`` compartments (all by default); ``sampler=None``: the ward's default."""
 
     def denoiser(self, compartment: int, guard: bool = False) -> Denoiser:

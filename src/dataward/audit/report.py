@@ -19,7 +19,8 @@ from dataward.audit.figures import ROC_STYLES, attribution_figure, grid_figure, 
 
 # Top-level keys of the JSON report, in order. Every section in SECTION_KEYS carries "status" ("ok" | "skipped" | "error")
 # and, when not ok, "reason". Changing this list is a schema change: bump dataward.audit.SCHEMA.
-REPORT_KEYS = ("schema", "ward", "settings", "sampling", "quality", "replication", "membership", "forgetting", "privacy", "timings")
+REPORT_KEYS = ("schema", "ward", "settings", "sampling", "quality", "replication", "membership", "forgetting", "privacy", "protection",
+               "timings")
 SECTION_KEYS = {
     "quality": ("feature_net", "fd", "fd_train_vs_heldout", "n_generated", "n_reference", "fd_per_compartment", "cas", "cas_real"),
     "replication": (
@@ -29,6 +30,7 @@ SECTION_KEYS = {
     "membership": ("attacks", "skipped", "worst_auc"),
     "forgetting": ("forgotten", "attacks", "auc", "null_sd", "z", "consistent_with_unseen", "certificate"),
     "privacy": ("epsilon", "delta", "models"),
+    "protection": ("compartments", "guard_probe"),
 }
 ATTACK_KEYS = ("attack", "auc", "tpr_at_1pct_fpr", "best_t", "auc_by_t", "n_members", "n_nonmembers", "roc")
 
@@ -270,6 +272,16 @@ def _privacy_html(priv: dict) -> str:
     return body + "".join(f"<p class='note'>{html.escape(note)}</p>" for note in priv.get("notes", []))
 
 
+def _protection_html(protection: dict) -> str:
+    """One row per compartment: DP, guard and how often it steered, in words."""
+    if not _ok(protection):
+        return _skipped(protection)
+    rows = [[row["compartment"], html.escape(row["protection"])] for row in protection["compartments"]]
+    note = (f"<p class='note'>Guard steering: the share of guard checks that steered while sampling {protection['guard_probe']} images "
+            "from the compartment alone. A guard that never steers protects nothing.</p>") if protection.get("guard_probe") else ""
+    return _table(["compartment", "protection"], rows, set()) + note
+
+
 def render_html(report: dict, artifacts: dict[str, Any]) -> str:
     """The whole report as one HTML string (figures inlined)."""
     timings = report.get("timings", {})
@@ -282,6 +294,7 @@ def render_html(report: dict, artifacts: dict[str, Any]) -> str:
         _section("Membership inference", _membership_html(report.get("membership", {}))),
         _section("Forgetting", _forgetting_html(report.get("forgetting", {}))),
         _section("Privacy budget", _privacy_html(report.get("privacy", {}))),
+        _section("What protects each compartment", _protection_html(report.get("protection", {}))),
         _section("Timings", _table(["step", "seconds"], [[k, float(v)] for k, v in timings.items()], {1})),
     ]
     return f"<!doctype html><html><head><meta charset='utf-8'><title>dataward audit</title><style>{CSS}</style></head><body><main>{''.join(parts)}</main></body></html>"
@@ -322,4 +335,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     rows.append(("privacy", f"ε = {f(p.get('epsilon'), 2)} at δ = {f(p.get('delta'), 6)}; check: "
                  + ", ".join(f"c{x['compartment']} ε {f(x['epsilon'], 2)}, {f(x['epsilon_check'], 2)} by {x['check_accountant']}" for x in p.get("models", []) if x["dp"])
                  if p.get("status") == "ok" else f"{p.get('status')}: {p.get('reason')}"))
+    pr = report.get("protection", {})
+    rows.append(("protection", "; ".join(f"c{x['compartment']}: {x['protection']}" for x in pr["compartments"])
+                 if pr.get("status") == "ok" else f"{pr.get('status')}: {pr.get('reason')}"))
     return rows

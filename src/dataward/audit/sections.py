@@ -98,6 +98,7 @@ class Audit:
     samples: DrawnSamples
     features: Callable[[], AuditFeatures]  # resolved on first use and kept; raises Skip when there is none
     seed: int
+    steps: int  # sampling steps of the audit's samples
     members: int  # training samples attacked per compartment, at most
     timesteps: tuple[int, ...]  # the attacks' sweep
     guard: bool  # also attack the guarded denoisers

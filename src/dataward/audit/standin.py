@@ -80,6 +80,7 @@ class StandInResult:
     compartments: list[int]
     weights: str = "single"
     sampler: str = "ddim"
+    guard_guided: float | None = None
 
 
 class StandInWard:
@@ -126,7 +127,10 @@ class StandInWard:
     def verify(self) -> dict:
         raise DatawardError("the stand-in ward has no trained models to retrain: the forgetting certificate needs a real ward")
 
-    def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int = 50, allowed: list[int] | None = None) -> StandInResult:
+    def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int = 50, allowed: list[int] | None = None,
+               guard: bool = False) -> StandInResult:
+        if guard:
+            raise DatawardError("the stand-in ward has no guards")
         sampler = sampler or "ddim"
         use = allowed or [0, 1]
         generator = torch.Generator().manual_seed(seed)
