@@ -8,21 +8,22 @@ training run of the demo's model took 16x longer than alone.
 What was measured on 2 cores (``benchmarks/threading_defaults.py``, BENCHMARKS.md "Threading defaults"):
 
 - ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) is the only setting that holds up beside other torch jobs (which spin
-  themselves): 4x the time alone instead of 16x. But alone it is 1.6-1.9x slower than the default: every region pays a
-  wake-up.
-- ``GOMP_SPINCOUNT=30000`` is as fast as the default alone (and beside busy pure-Python processes as fast as passive),
-  but beside spinning torch jobs no better than the default.
+  themselves): 4x the time alone instead of 12-16x. But alone it is 1.6-1.9x slower than the default: every parallel
+  region pays a wake-up.
+- Alone, nothing tried beat libgomp's default: ``GOMP_SPINCOUNT=30000`` was within noise of it on training steps but
+  made ``dataward demo --quick`` 6% slower (sampling 21%).
 
-No one setting is best in both cases, and libgomp reads its setting once, when torch loads. So dataward looks at the
-machine then: if other threads already keep every core of this process busy (``procs_running`` in ``/proc/stat``, a
-few reads), threads sleep at once (``PASSIVE``); otherwise they spin 30,000 times. Waiting changes no arithmetic: the
-same seed and thread count give the same bytes under every wait setting (pinned by a test).
+So dataward looks at the machine once, when torch has not loaded yet: if other processes' runnable threads already
+fill every core this process may use (``procs_running`` in ``/proc/stat``, median of a few reads), threads sleep at
+once (``PASSIVE``); otherwise libgomp's default is left as it is. Waiting changes no arithmetic: the same seed and
+thread count give the same bytes under every wait setting (pinned by a test).
 
 :func:`select_from_environment` runs when ``dataward`` is imported: import dataward before torch (the numerics pinning
 asks the same). The user's own environment wins: if ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set, nothing is
-changed. Every process dataward starts (service workers, Ray workers, ``spawn``-ed children) inherits the choice through
-the environment. Only libgomp (torch's OpenMP on Linux) reads these; LLVM's OpenMP (macOS) has its own
-``KMP_BLOCKTIME``, which dataward leaves alone (not measured).
+changed. A process that chose ``PASSIVE`` passes it on to the processes it starts (service workers, Ray workers,
+``spawn``-ed children) through the environment; on a free machine each of them looks for itself. Only libgomp
+(torch's OpenMP on Linux) reads these; LLVM's OpenMP (macOS) has its own ``KMP_BLOCKTIME``, which dataward leaves
+alone (not measured).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import statistics
 import time
 
 USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # either one set by the user keeps libgomp as the user wants it
-ON_A_FREE_MACHINE = {"GOMP_SPINCOUNT": "30000"}
 ON_A_BUSY_MACHINE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
@@ -51,8 +51,9 @@ def other_running_threads(reads: int = 5, interval_s: float = 0.005) -> int | No
 
 
 def choose(others: int | None, cores: int) -> dict[str, str]:
-    """The wait setting for a process that may use ``cores`` cores while ``others`` threads of other processes run."""
-    return ON_A_BUSY_MACHINE if others is not None and others >= cores else ON_A_FREE_MACHINE
+    """The variables to set for a process that may use ``cores`` cores while ``others`` threads of other processes run
+    (none: libgomp's default)."""
+    return ON_A_BUSY_MACHINE if others is not None and others >= cores else {}
 
 
 def select_from_environment() -> None:
