@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
-from service_load import HOST, free_port, start_server
+from service_load import HOST, free_port, start_server, stop_server
 
 
 def build_ward(folder: Path, steps: int) -> tuple[Path, str, list[list[str]]]:
@@ -93,8 +93,7 @@ def main() -> None:
         print(json.dumps(report, indent=2))
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+            stop_server(proc)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
-from service_load import HOST, build_ward, free_port, start_server
+from service_load import HOST, build_ward, free_port, start_server, stop_server
 
 HEAVY = {"n": 64, "steps": 250, "seed": 0}
 SMALL = {"n": 1, "steps": 10, "seed": 0}
@@ -53,11 +53,6 @@ def serve(ward: Path, scratch: Path, workers: int, queue: int, *options: str):
     return start_server(ward, port, workers, queue, scratch / f"server-{port}.log", *options), f"http://{HOST}:{port}"
 
 
-def stop(proc) -> None:
-    proc.terminate()
-    proc.wait(60)
-
-
 def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="dataward-heavy-"))
     report: dict = {"cpus": os.cpu_count(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
@@ -69,7 +64,7 @@ def main() -> None:
             report["heavy_alone"] = timed(base, key, HEAVY)
             report["phase1_four_heavy_workers2_queue2"] = asyncio.run(concurrent(base, key, HEAVY, 4))
         finally:
-            stop(proc)
+            stop_server(proc)
         timeout = max(1.0, report["heavy_alone"][1] / 4)
         proc, base = serve(ward, scratch, 1, 1, "--timeout", f"{timeout:.1f}")
         try:
@@ -81,7 +76,7 @@ def main() -> None:
                                 "small_idle_median_s": sorted(idle)[1],
                                 "after_over_idle": round(after[1] / sorted(idle)[1], 2)}
         finally:
-            stop(proc)
+            stop_server(proc)
         statuses = [s for s, _ in report["phase1_four_heavy_workers2_queue2"]]
         report["goals"] = {"phase1_no_5xx": all(s < 500 for s in statuses), "phase2_heavy_stopped_503": report["phase2"]["heavy"][0] == 503}
         print(json.dumps(report, indent=2))
