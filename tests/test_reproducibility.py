@@ -162,14 +162,24 @@ def test_threads_sleep_at_once_only_where_other_work_keeps_the_cores_busy(monkey
     for name in openmp.USER_VARIABLES:  # set, then delete: monkeypatch restores each as it was (set or not) afterwards
         monkeypatch.setenv(name, "0")
         monkeypatch.delenv(name)
-    monkeypatch.setattr(openmp, "other_running_threads", lambda: 0)
+    monkeypatch.setattr(openmp, "other_running_threads", lambda cores: 0)
     openmp.select_from_environment()
     assert not any(name in os.environ for name in openmp.USER_VARIABLES)
-    monkeypatch.setattr(openmp, "other_running_threads", lambda: 5)
+    monkeypatch.setattr(openmp, "other_running_threads", lambda cores: 5)
     openmp.select_from_environment()
     assert os.environ.get("OMP_WAIT_POLICY") == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
-    monkeypatch.setattr(openmp, "other_running_threads", lambda: 0)
+    monkeypatch.setattr(openmp, "other_running_threads", lambda cores: 0)
     openmp.select_from_environment()  # the first choice now counts as the user's: a child process keeps its parent's
     assert os.environ.get("OMP_WAIT_POLICY") == "PASSIVE"
-    others = openmp.other_running_threads()
-    assert others is None or others >= 0
+
+
+def test_a_busy_machine_is_confirmed_by_several_reads_and_a_free_one_costs_one(monkeypatch):
+    from dataward import openmp
+
+    reads = iter([3, 0, 4, 5, 0])  # a busy first read is confirmed by the median of five: 3
+    monkeypatch.setattr(openmp, "other_threads_now", lambda: next(reads))
+    assert openmp.other_running_threads(2, interval_s=0) == 3
+    reads = iter([3, 0, 0, 1, 5])  # a momentary spike is not a busy machine
+    assert openmp.other_running_threads(2, interval_s=0) == 1
+    reads = iter([1])  # a free first read is the answer: one read, no wait
+    assert openmp.other_running_threads(2, interval_s=0) == 1

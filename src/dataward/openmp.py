@@ -14,7 +14,7 @@ What was measured on 2 cores (``benchmarks/threading_defaults.py``, BENCHMARKS.m
   made ``dataward demo --quick`` 6% slower (sampling 21%).
 
 So dataward looks at the machine once, when torch has not loaded yet: if other processes' runnable threads already
-fill every core this process may use (``procs_running`` in ``/proc/stat``, median of a few reads), threads sleep at
+fill every core this process may use (``procs_running`` in ``/proc/stat``; a busy first read is confirmed by the median of a few), threads sleep at
 once (``PASSIVE``); otherwise libgomp's default is left as it is. Waiting changes no arithmetic: the same seed and
 thread count give the same bytes under every wait setting (pinned by a test).
 
@@ -36,18 +36,31 @@ USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # either one set by the 
 ON_A_BUSY_MACHINE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def other_running_threads(reads: int = 5, interval_s: float = 0.005) -> int | None:
-    """Threads of other processes runnable right now (median of a few reads of ``/proc/stat``); None where unknown."""
-    counts = []
-    for i in range(reads):
-        try:
-            with open("/proc/stat") as stat:
-                counts += [int(line.split()[1]) - 1 for line in stat if line.startswith("procs_running ")]
-        except (OSError, ValueError, IndexError):
+def other_threads_now() -> int | None:
+    """Threads of other processes runnable at this instant (``procs_running`` in ``/proc/stat``, less this process);
+    None where unknown."""
+    try:
+        with open("/proc/stat") as stat:
+            counts = [int(line.split()[1]) - 1 for line in stat if line.startswith("procs_running ")]
+    except (OSError, ValueError, IndexError):
+        return None
+    return counts[0] if counts else None
+
+
+def other_running_threads(cores: int, reads: int = 5, interval_s: float = 0.005) -> int | None:
+    """Threads of other processes runnable now. A first read below ``cores`` is the answer (a free machine pays one read
+    and no wait at import); a busy one is confirmed by the median of ``reads`` reads ``interval_s`` apart."""
+    first = other_threads_now()
+    if first is None or first < cores:
+        return first
+    counts = [first]
+    for _ in range(reads - 1):
+        time.sleep(interval_s)
+        now = other_threads_now()
+        if now is None:
             return None
-        if i < reads - 1:
-            time.sleep(interval_s)
-    return int(statistics.median(counts)) if counts else None
+        counts.append(now)
+    return int(statistics.median(counts))
 
 
 def choose(others: int | None, cores: int) -> dict[str, str]:
@@ -61,4 +74,4 @@ def select_from_environment() -> None:
     if any(name in os.environ for name in USER_VARIABLES):
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ.update(choose(other_running_threads(), cores))
+    os.environ.update(choose(other_running_threads(cores), cores))

@@ -95,9 +95,10 @@ class GenerationPool:
             raise DatawardError(f"the generation workers could not start ({error}); their error is logged above") from None
 
     def _new_executor(self) -> Executor:
-        setup = {"initializer": workers.start_worker, "initargs": (self.path, self.torch_threads, self._flags, self._thread_wards)}
-        if self.kind == "processes":
-            setup["initargs"] = setup["initargs"][:3] + (None,)  # a process worker's ward closes with its process
+        processes = self.kind == "processes"
+        opened = None if processes else self._thread_wards  # a process worker's ward closes with its process
+        setup = {"initializer": workers.start_worker, "initargs": (self.path, self.torch_threads, self._flags, opened)}
+        if processes:
             return ProcessPoolExecutor(self.pool_size, mp_context=self._context, **setup)
         return ThreadPoolExecutor(self.pool_size, thread_name_prefix="dataward-generate", **setup)
 

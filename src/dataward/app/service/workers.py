@@ -47,17 +47,12 @@ class GenerationStopped(Exception):
 
 class RunClock:
     """Handed to :meth:`Ward.sample` as its progress display: the generation ends at the next sampling step once it has
-    run ``timeout_s`` from :meth:`start` or once ``flags[slot]`` is set."""
+    run ``timeout_s`` (from when the worker made the clock, i.e. picked the generation up) or once ``flags[slot]`` is set."""
 
     def __init__(self, timeout_s: float, flags, slot: int):
-        self.timeout_s = timeout_s
         self.flags = flags
         self.slot = slot
-        self.deadline = float("inf")
-
-    def start(self) -> None:
-        """The attempt begins running in a worker."""
-        self.deadline = time.monotonic() + self.timeout_s
+        self.deadline = time.monotonic() + timeout_s
 
     @property
     def stopped(self) -> bool:
@@ -108,7 +103,6 @@ def worker_ready() -> bool:
 def run_attempt(body: GenerateRequest, key: ApiKey, seed: int, weights: str, timeout_s: float, slot: int) -> Attempt:
     """Run in a worker: sample over the key's compartments and render the response body; stopped by the slot's clock."""
     clock = RunClock(timeout_s, _worker.flags, slot)
-    clock.start()
     ward: Ward = _worker.ward
     recorder: UsageRecorder = _worker.recorder
     if torch.get_num_threads() != _worker.torch_threads:  # retraining (in the server's process) sets its own count
