@@ -1,17 +1,24 @@
-"""Guarded sampling (CPSample) on the memorization testbed: unguarded vs guarded, same seeds, side by side.
+"""Guarded sampling (CPSample): unguarded vs the paper's guard vs the calibrated guard, same seeds, side by side.
 
-The testbed: the tiny UNet trained with ``MEMORIZE_PRESET`` on ``digits:subset=N`` (unconditional), long enough that it
-replicates training images; a guard trained on the same N images with random bits. Reported for both samplers' outputs
-from the same initial noise and generator:
+Two wards, each one denoiser and its guards trained the way a ward trains compartment 0's guard:
 
-- replication: nearest / second-nearest training L2 < 1/3 (Gu et al. 2023) and the share of samples whose feature
-  cosine to the nearest training image exceeds the audit's threshold (CPSample's protocol);
-- Fréchet distance (digits feature CNN) to the 297 held-out digits;
-- loss-attack membership inference (Matsumoto et al. 2023), the N members vs the 297 held-out digits, against the raw
-  denoiser and the guarded one (the guard's ε̂ is what a user of the guarded sampler can query);
-- sampling wall time, guarded / unguarded.
+- the memorization testbed: the tiny UNet trained with ``MEMORIZE_PRESET`` on ``digits:subset=64`` (unconditional), long
+  enough that it replicates training images;
+- the full digits (1,500 training images, the same budget in steps), where unguarded replication is low.
 
-Run:  python benchmarks/guard_replication.py            (about 5-8 minutes on 2 shared CPU cores)
+Each arm is a guard (its calibration weight: 0 is the paper's guard) applied with a scale s and threshold α. For every
+arm, from the same initial noise and generator per sampling seed:
+
+- replication: nearest / second-nearest training L2 < 1/3 (Gu et al. 2023), pooled over the seeds, and the share of
+  samples whose feature cosine to the nearest training image exceeds the audit's threshold;
+- Fréchet distance (digits feature CNN) to the 297 held-out digits, mean over the seeds;
+- loss-attack membership inference (Matsumoto et al. 2023) against the denoiser a guarded sampler uses, ε̂, the
+  training images vs the 297 held-out digits;
+- sampling wall time / unguarded;
+- how often the guard is confident (max p > 1 − α) on its members, on public images it never trained on, and on the
+  held-out digits, at t = 0-500.
+
+Run:  python benchmarks/guard_replication.py         (about 15 minutes on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -20,28 +27,36 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 
+import dataward  # noqa: F401  (threading defaults before torch loads)
 import torch
 
-from dataward.audit.features import digits_feature_net
 from dataward.audit.attacks import loss_attack
+from dataward.audit.features import digits_feature_net
 from dataward.audit.metrics import frechet_distance, replication
 from dataward.data import Dataset, load_source
+from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
 from dataward.models.guard import (
+    ACCURACY_TIMESTEPS,
     MEMORIZE_PRESET,
     MEMORIZE_SUBSET,
+    GuardActivity,
     GuardConfig,
-    guard_accuracy_by_t,
-    guard_guidance,
     build_guard,
+    guard_confidence_by_t,
+    guard_guidance,
     guard_labels,
     guard_loss,
     guard_model,
     guarded,
+    split_nonmembers,
 )
 from dataward.models.nets import build_unet, derive_seed
-from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
 from dataward.training.loop import TrainState, denoiser_loss, run_steps
+
+DEFAULT_ARMS = "paper:0:10:0.01,calibrated:1:30:0.1,calibrated-s100:1:100:0.1"  # the paper's guard at the old defaults; the new default; a stronger one
+SCHEDULER = make_training_scheduler()
 
 
 def log(message: str) -> None:
@@ -49,98 +64,119 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def parse_arms(text: str) -> list[tuple[str, float, float, float]]:
+    """``name:weight:s:alpha,...`` -> [(name, calibration weight, scale, alpha)]."""
+    arms = []
+    for part in text.split(","):
+        name, weight, scale, alpha = part.split(":")
+        arms.append((name, float(weight), float(scale), float(alpha)))
+    return arms
+
+
+def train_denoiser(members: Dataset, seed: int) -> torch.nn.Module:
+    unet = build_unet("tiny", 8, 1, None, derive_seed(seed, "unet"))
+    state = TrainState.fresh(unet, MEMORIZE_PRESET)
+    run_steps(state, members, denoiser_loss(SCHEDULER), MEMORIZE_PRESET.total_steps(len(members)), MEMORIZE_PRESET,
+              torch.Generator().manual_seed(derive_seed(seed, "unet-train")))
+    unet.load_state_dict(state.ema_state_dict())
+    return unet.eval().requires_grad_(False)
+
+
+def train_guard(members: Dataset, config: GuardConfig, seed: int, nonmembers: torch.Tensor) -> torch.nn.Module:
+    """The guard a ward with ``seed`` trains for compartment 0 (one stage, IDs in order)."""
+    ordered = members.select(sorted(members.ids))
+    train = config.train_config()
+    state = TrainState.fresh(build_guard(1, derive_seed(seed, "guard", 0, "init"), config), train)
+    run_steps(state, ordered, guard_loss(SCHEDULER, config, nonmembers), train.total_steps(len(ordered)), train,
+              torch.Generator().manual_seed(derive_seed(seed, "guard", 0, "stage", 0)), targets=guard_labels(ordered.ids, seed))
+    return guard_model(state)
+
+
+def run_ward(name: str, members: Dataset, heldout: Dataset, public: tuple[torch.Tensor, torch.Tensor], args, arms) -> dict:
+    """Every arm on one ward; returns its rows and guard confidences."""
+    clock = time.perf_counter()
+    unet = train_denoiser(members, args.seed)
+    log(f"[{name}] denoiser trained in {time.perf_counter() - clock:.0f} s")
+    guards, confidence = {}, {}
+    for weight in sorted({arm[1] for arm in arms}):
+        config = replace(GuardConfig(), nonmember_weight=weight, steps=args.guard_steps if len(members) > MEMORIZE_SUBSET else None)
+        start = time.perf_counter()
+        guards[weight] = train_guard(members, config, derive_seed(args.seed, "guard"), public[0])
+        log(f"[{name}] guard (weight {weight}) trained in {time.perf_counter() - start:.0f} s")
+    net = digits_feature_net()
+    f_heldout = net(heldout.images)
+    eps = unet_eps(unet)
+    sampler = make_sampler(SCHEDULER, "ddim")
+    rows: dict[str, dict] = {}
+    for arm_name, weight, scale, alpha in [("unguarded", None, 0.0, 0.01)] + arms:
+        guard = guards.get(weight)
+        if guard is not None:
+            confidence[arm_name] = {
+                what: guard_confidence_by_t(guard, images, alpha, SCHEDULER, ACCURACY_TIMESTEPS, torch.Generator().manual_seed(1))
+                for what, images in (("members", members.images), ("public", public[1]), ("heldout", heldout.images))}
+        images, fds, seconds, activity = [], [], 0.0, GuardActivity()
+        for sample_seed in args.seeds:
+            guidance = None if guard is None else guard_guidance(guard, scale, alpha, GuardConfig().max_timestep, activity)
+            x_T = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(derive_seed(sample_seed, "x_T")))
+            start = time.perf_counter()
+            x = sample_loop(eps, x_T, sampler, steps=args.steps, guidance=guidance,
+                            generator=torch.Generator().manual_seed(derive_seed(sample_seed, "sample"))).clamp(-1, 1)
+            seconds += time.perf_counter() - start
+            images.append(x)
+            fds.append(frechet_distance(net(x), f_heldout))
+        x = torch.cat(images)
+        rep = replication(x, members.images, features=net.copy_features)
+        denoiser = eps if guard is None else guarded(eps, guard_guidance(guard, scale, alpha, GuardConfig().max_timestep), SCHEDULER.alphas_cumprod)
+        attack = loss_attack(denoiser, SCHEDULER, members.images, heldout.images, seed=args.seed)
+        rows[arm_name] = {"replication": rep.replication_rate, "cosine share": rep.cosine_share, "FD": sum(fds) / len(fds),
+                          "FD by seed": fds, "seconds": seconds, "loss-attack AUC": attack.auc, "attack best t": attack.best_t,
+                          "steered": activity.share, "weight": weight, "s": scale, "alpha": alpha}
+        log(f"[{name}] {arm_name}: replication {rep.replication_rate:.4f}, FD {rows[arm_name]['FD']:.2f}, {seconds:.0f} s, AUC {attack.auc:.3f}")
+    return {"rows": rows, "confidence": confidence, "seconds": time.perf_counter() - clock}
+
+
+def print_ward(name: str, result: dict) -> None:
+    rows = result["rows"]
+    base = rows["unguarded"]
+    print(f"\n## {name} ({result['seconds']:.0f} s)")
+    print(f"{'arm':<16}{'weight':>7}{'s':>6}{'alpha':>7}{'replic.':>9}{'cosine':>8}{'FD':>8}{'FD/ung':>8}{'time/ung':>9}{'AUC':>7}{'steered':>9}")
+    for arm, r in rows.items():
+        steered = "-" if r["steered"] is None else f"{r['steered']:.4f}"
+        weight = "-" if r["weight"] is None else f"{r['weight']:g}"
+        print(f"{arm:<16}{weight:>7}{r['s']:>6g}{r['alpha']:>7g}{r['replication']:>9.4f}{r['cosine share']:>8.4f}{r['FD']:>8.2f}"
+              f"{r['FD'] / base['FD']:>8.3f}{r['seconds'] / base['seconds']:>9.3f}{r['loss-attack AUC']:>7.3f}{steered:>9}")
+    for arm, by_what in result["confidence"].items():
+        for what, by_t in by_what.items():
+            print(f"  {arm} confident on {what}: " + ", ".join(f"t={t}: {v:.3f}" for t, v in by_t.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=MEMORIZE_SUBSET, help="training subset size (digits:subset=N)")
-    parser.add_argument("--samples", type=int, default=500, help="generated images per arm")
-    parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps")
-    parser.add_argument("--scale", type=float, default=GuardConfig().scale, help="guidance scale s")
-    parser.add_argument("--alpha", type=float, default=GuardConfig().alpha, help="threshold α: guide where max p > 1 - α")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=1000, help="generated images per arm and sampling seed")
+    parser.add_argument("--seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1, 2], help="sampling seeds")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
+    parser.add_argument("--arms", type=parse_arms, default=parse_arms(DEFAULT_ARMS), help="name:weight:s:alpha,... (weight 0: the paper's guard)")
+    parser.add_argument("--wards", default="testbed,full", help="testbed (digits:subset=64), full (all training digits)")
+    parser.add_argument("--guard-steps", type=int, default=1500, help="guard steps on the full digits (its epochs would be 11,700 steps)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=str, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    clock = time.perf_counter()
-
-    members = load_source(f"digits:subset={args.n}")
-    members = Dataset(members.ids, members.images, None)  # unconditional denoiser
     heldout = load_source("digits:heldout")
-    scheduler = make_training_scheduler()
-
-    # the memorizing denoiser
-    unet = build_unet("tiny", 8, 1, None, derive_seed(args.seed, "unet"))
-    state = TrainState.fresh(unet, MEMORIZE_PRESET)
-    run_steps(state, members, denoiser_loss(scheduler), MEMORIZE_PRESET.total_steps(len(members)), MEMORIZE_PRESET,
-              torch.Generator().manual_seed(derive_seed(args.seed, "unet-train")))
-    unet.load_state_dict(state.ema_state_dict())
-    unet.eval().requires_grad_(False)
-    t_unet = time.perf_counter() - clock
-    log(f"denoiser trained in {t_unet:.0f} s")
-
-    # its guard, on the same images, trained as a ward with seed guard_seed trains compartment 0's guard (one stage, ID order)
-    config = GuardConfig(scale=args.scale, alpha=args.alpha)
-    guard_seed = derive_seed(args.seed, "guard")
-    ordered = members.select(sorted(members.ids))
-    guard_state = TrainState.fresh(build_guard(1, derive_seed(guard_seed, "guard", 0, "init"), config), config.train_config())
-    run_steps(guard_state, ordered, guard_loss(scheduler, config), config.train_config().total_steps(len(ordered)), config.train_config(),
-              torch.Generator().manual_seed(derive_seed(guard_seed, "guard", 0, "stage", 0)), targets=guard_labels(ordered.ids, guard_seed))
-    guard = guard_model(guard_state)
-    t_guard = time.perf_counter() - clock - t_unet
-    log(f"guard trained in {t_guard:.0f} s")
-    labels = guard_labels(members.ids, guard_seed)
-    acc_t = [0, 100, 200, 300, 400, 500, config.max_timestep - 1, 800]
-    acc_members = guard_accuracy_by_t(guard, members, labels, scheduler, acc_t, torch.Generator().manual_seed(1))
-    acc_heldout = guard_accuracy_by_t(guard, heldout, guard_labels(heldout.ids, guard_seed), scheduler, acc_t,
-                                      torch.Generator().manual_seed(1))
-
-    eps = unet_eps(unet)
-    guidance = guard_guidance(guard, config.scale, config.alpha, config.max_timestep)
-    sampler = make_sampler(scheduler, args.sampler)
-    x_T = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(derive_seed(args.seed, "x_T")))
-    images, seconds = {}, {}
-    for arm, g in (("unguarded", None), ("guarded", guidance)):
-        start = time.perf_counter()
-        x = sample_loop(eps, x_T, sampler, steps=args.steps, guidance=g, generator=torch.Generator().manual_seed(derive_seed(args.seed, "sample")))
-        seconds[arm] = time.perf_counter() - start
-        images[arm] = x.clamp(-1, 1)
-        log(f"{arm}: {args.samples} samples in {seconds[arm]:.0f} s")
-
-    net = digits_feature_net()
-    f_heldout = net(heldout.images)
-    rows: dict[str, dict[str, float]] = {}
-    for arm, x in images.items():
-        rep = replication(x, members.images, features=net.copy_features)
-        rows[arm] = {
-            "replication (L2 ratio < 1/3)": rep.replication_rate,
-            f"feature cosine > {rep.cosine_threshold}": rep.cosine_share,
-            "median nearest L2": float(rep.summary()["nearest_l2_median"]),
-            "Frechet distance to held-out": frechet_distance(net(x), f_heldout),
-            "sampling seconds": seconds[arm],
-        }
-    for arm, denoiser in (("unguarded", eps), ("guarded", guarded(eps, guidance, scheduler.alphas_cumprod))):
-        attack = loss_attack(denoiser, scheduler, members.images, heldout.images, seed=args.seed)
-        rows[arm]["loss-attack AUC"] = attack.auc
-        rows[arm]["loss-attack TPR@1%FPR"] = attack.tpr_at_1pct_fpr
-        rows[arm]["loss-attack best t"] = attack.best_t
-        log(f"loss attack against the {arm} denoiser: AUC {attack.auc:.3f}")
-
-    print(f"# guarded sampling benchmark: digits:subset={args.n}, {args.samples} samples, {args.sampler} {args.steps} steps, "
-          f"s={config.scale}, alpha={config.alpha}, guard t < {config.max_timestep}, seed {args.seed}, {args.threads} threads")
-    print(f"train: denoiser {t_unet:.0f} s ({MEMORIZE_PRESET.total_steps(len(members))} steps), guard {t_guard:.0f} s "
-          f"({config.train_config().total_steps(len(members))} steps); feature net held-out accuracy {net.heldout_accuracy:.3f}")
-    print("guard accuracy by t, members: " + ", ".join(f"t={t}: {a:.3f}" for t, a in acc_members.items()))
-    print("guard accuracy by t, held-out: " + ", ".join(f"t={t}: {a:.3f}" for t, a in acc_heldout.items()))
-    print(f"{'metric':<32}{'unguarded':>12}{'guarded':>12}{'ratio':>9}")
-    for key in rows["unguarded"]:
-        a, b = rows["unguarded"][key], rows["guarded"][key]
-        ratio = f"{b / a:.3f}" if a else "-"
-        print(f"{key:<32}{a:>12.4f}{b:>12.4f}{ratio:>9}")
-    print(f"total {time.perf_counter() - clock:.0f} s")
+    public = split_nonmembers(load_source(GuardConfig().nonmembers).images)
+    results = {}
+    for ward in args.wards.split(","):
+        spec = {"testbed": f"digits:subset={MEMORIZE_SUBSET}", "full": "digits"}[ward]
+        members = load_source(spec)
+        results[ward] = run_ward(ward, Dataset(members.ids, members.images, None), heldout, public, args, args.arms)
+    print(f"# guarded sampling: {args.samples} samples x seeds {args.seeds}, DDIM {args.steps}, guards t < {GuardConfig().max_timestep}, "
+          f"{args.threads} threads; replication pooled over seeds, FD mean over seeds; ratios to unguarded")
+    for ward, result in results.items():
+        print_ward(ward, result)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "guard_accuracy_members": acc_members, "guard_accuracy_heldout": acc_heldout, "rows": rows}, handle, indent=2)
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "arms"} | {"arms": args.arms}, "results": results}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def test_audit_report_schema_is_stable(audited):
     assert tuple(report) == REPORT_KEYS == (
         "schema", "ward", "settings", "sampling", "quality", "replication", "membership", "forgetting", "privacy", "protection", "timings"
     )
-    assert report["schema"] == SCHEMA == "dataward.audit/2"
+    assert report["schema"] == SCHEMA == "dataward.audit/3"
     for section, keys in SECTION_KEYS.items():
         assert report[section]["status"] == "ok", (section, report[section])
         assert set(keys) <= set(report[section]), (section, set(keys) - set(report[section]))
@@ -253,18 +253,24 @@ def test_audit_report_schema_is_stable(audited):
 
 
 def test_the_report_says_what_protects_each_compartment(audited):
-    """Issue 22: the report did not say, per compartment, whether DP, a guard or nothing protects its data."""
+    """Issues 22 and 17: per compartment, whether DP, a guard or nothing protects its data, and whether it memorises."""
     report, html = audited
     rows = {row["compartment"]: row for row in report["protection"]["compartments"]}
-    assert rows[0]["dp"] is None and rows[0]["protection"] == "neither DP nor a guard: exact forgetting and access rights only"
-    assert rows[1]["dp"] == {"epsilon": 5.0, "delta": 1e-5} and rows[1]["protection"] == "DP (ε = 5.000, δ = 1.00e-05)"
-    assert rows[0]["guard_steered_share"] is None and report["protection"]["guard_probe"] is None  # the stand-in has no guards
+    # the stand-in's compartment 0 is the optimal denoiser of its data (its samples are copies); compartment 1 never copies
+    assert rows[0]["memorises"] is True and rows[0]["unguarded_replication"] >= 0.5
+    assert rows[1]["memorises"] is False and rows[1]["unguarded_replication"] < 0.05
+    assert rows[0]["dp"] is None and rows[0]["protection"].startswith("neither DP nor a guard: exact forgetting and access rights only; MEMORISES: ")
+    assert rows[0]["protection"].endswith("of its unguarded samples are copies (train guards: dataward guard WARD)")
+    assert rows[1]["dp"] == {"epsilon": 5.0, "delta": 1e-5} and rows[1]["protection"].startswith("DP (ε = 5.000, δ = 1.00e-05); does not memorise (")
+    assert rows[0]["guard_steered_share"] is None and rows[0]["guarded_replication"] is None  # the stand-in has no guards
+    assert report["protection"]["probe"] == 32 and report["protection"]["memorises_at"] == 0.05
     page = html.read_text(encoding="utf-8")
-    assert "What protects each compartment" in page and "DP (ε = 5.000, δ = 1.00e-05)" in page
+    assert "What protects each compartment" in page and "DP (ε = 5.000, δ = 1.00e-05)" in page and "copies unguarded" in page
     from dataward.reports import describe_protection
 
     assert describe_protection(None, True, 0.0) == "guard (steered 0.0% of its checks)"
     assert describe_protection({"epsilon": 1.0, "delta": 1e-4}, True) == "DP (ε = 1.000, δ = 1.00e-04) + guard (when sampled with --guard)"
+    assert describe_protection(None, True, 0.25, 0.125) == "guard (steered 25.0% of its checks); MEMORISES: 12.5% of its unguarded samples are copies"
 
 
 def test_audit_numbers_on_the_stand_in(audited):

@@ -30,9 +30,11 @@ def test_guards_per_compartment_are_forgotten_and_certified(tmp_path):
     assert strict.guard_guided == 0.0 and torch.equal(strict.images, plain.images)
     off = ward.sample(4, seed=3, steps=8, guard=False)
     assert torch.equal(plain.images, off.images)
-    accuracy = ward.status()["compartments"][0]["guard"]["accuracy_by_t"]
-    assert ward.status()["compartments"][0]["protection"] == "guard (when sampled with --guard)"
-    assert list(accuracy) == ["0", "100", "200", "300", "400", "500"] and all(0.0 <= a <= 1.0 for a in accuracy.values())
+    guard = ward.status()["compartments"][0]["guard"]
+    assert ward.status()["compartments"][0]["protection"] == "guard (when sampled with --guard)"  # no audit yet
+    for figure in ("accuracy_by_t", "confident_members_by_t", "confident_public_by_t"):  # issue 17: false positives on public images
+        assert list(guard[figure]) == ["0", "100", "200", "300", "400", "500"] and all(0.0 <= a <= 1.0 for a in guard[figure].values())
+    assert guard["alpha"] == TINY_GUARD.alpha and guard["public_probe"] == f"{TINY_GUARD.nonmembers} (last 200)"
     victim = ward.training_data(1).ids[0]
     ward.forget([victim])
     assert ward.served("guard")[1].id != guards[1].id and ward.served("guard")[0].id == guards[0].id
@@ -91,8 +93,9 @@ def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
     assert set(served) == {0, 1} and not set(pixel.values()) & {r.id for r in served.values()}
     unet = ward.model(served[0])
     assert (unet.config.in_channels, unet.config.sample_size) == (4, 4)  # the denoisers see 4x4x4 latents
-    assert all(r.metadata["variant"] == "latent-" + autoencoder.metadata["weights_sha256"][:16]
+    assert all(r.metadata["variant"].split("+")[0] == "latent-" + autoencoder.metadata["weights_sha256"][:16]
                for kind in ("denoiser", "guard", "router", "public-denoiser") for r in ward.served(kind).values())
+    assert all(r.metadata["variant"].split("+")[1].startswith("calibrated-") for r in ward.served("guard").values())
     assert {r.status for r in ward.ledger.models("denoiser", 0, status=None)} == {"ready", "retired"}
     for options in ({"weights": "router"}, {"weights": "density", "sampler": "ddpm"}, {"guard": True}):
         result = ward.sample(3, seed=1, steps=4, **options)
@@ -102,10 +105,15 @@ def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
     assert ward.model_inputs(ward.training_data(0).images[:2]).shape == (2, 4, 4, 4)
     report = audit_ward(ward, n=20, steps=4, grid=0, members=10, timesteps=(50,), strict=True)
     assert {a["compartment"] for a in report["membership"]["attacks"]} == {0, 1}  # the attacks ran on latents
-    steered = [row["guard_steered_share"] for row in report["protection"]["compartments"]]
-    assert len(steered) == 2 and all(0.0 <= share <= 1.0 for share in steered)  # each guard sampled alone, its steering measured
+    rows = report["protection"]["compartments"]
+    assert len(rows) == 2 and all(0.0 <= row[key] <= 1.0 for row in rows  # each compartment sampled alone, guarded and not
+                                  for key in ("guard_steered_share", "unguarded_replication", "guarded_replication"))
+    status = ward.status()["compartments"]  # issue 17: status shows the audit's figures while they describe the served models
+    assert [c["audited"]["unguarded_replication"] for c in status] == [row["unguarded_replication"] for row in rows]
+    assert all("of its unguarded samples are copies" in c["protection"] for c in status)
     victim = ward.training_data(1).ids[0]
     ward.forget([victim])
+    assert all(c["audited"] is None for c in ward.status()["compartments"])  # a model was retrained: those figures are stale
     assert ward.served("autoencoder")[None].id == autoencoder.id  # public: untouched by forgetting
     cert = ward.verify()
     assert cert["ok"] and {(m["kind"], m["compartment"]) for m in cert["models"]} >= {("autoencoder", None), ("denoiser", 1), ("guard", 1)}

@@ -70,7 +70,8 @@ class WardConfig:
         if data.get("dp_compartments") is not None:
             data["dp_compartments"] = tuple(data["dp_compartments"])
         if "guard_settings" in data:
-            data["guard_settings"] = GuardConfig(**data["guard_settings"])
+            # guards saved before calibration existed trained without it: keep their recipe (issue 17)
+            data["guard_settings"] = GuardConfig(**{"nonmember_weight": 0.0, **data["guard_settings"]})
         if "autoencoder" in data:
             data["autoencoder"] = AutoencoderConfig.from_dict(data["autoencoder"])
         return cls(**data)

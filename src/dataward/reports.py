@@ -77,6 +77,7 @@ def status(planner: Planner) -> dict:
 def _compartments(planner: Planner, counts: dict) -> list[dict]:
     sources = planner.ledger.compartment_sources()
     served, serving, guards = planner.served(), serving_state(planner), planner.served("guard")
+    audited = (audited_protection(planner) or {}).get("compartments", {})
     out = []
     for c in planner.ledger.compartments():
         entry = {"id": c, "source": sources[c], "samples": counts[c]["samples"], "forgotten": counts[c]["forgotten"], "serving": serving[str(c)]}
@@ -85,27 +86,50 @@ def _compartments(planner: Planner, counts: dict) -> list[dict]:
             entry["model"] = {"id": served[c].id, "stage": served[c].stage, "path": served[c].path, "steps": served[c].metadata.get("steps"),
                               "ids_hash": served[c].ids_hash, "bytes": sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else None}
         if planner.config.guard:
-            entry["guard"] = None if c not in guards else {
-                "id": guards[c].id, "stage": guards[c].stage, "accuracy_by_t": guards[c].metadata.get("accuracy_by_t")}
-        entry["protection"] = _protection(served.get(c), c in guards)
+            entry["guard"] = None if c not in guards else {"id": guards[c].id, "stage": guards[c].stage} | {
+                key: guards[c].metadata.get(key) for key in GUARD_FIGURES}
+        measured = audited.get(str(c), {})
+        entry["audited"] = measured or None  # the newest audit's replication and steering figures, while they are current
+        entry["protection"] = describe_protection(served[c].metadata.get("privacy") if c in served else None, c in guards,
+                                                  measured.get("guard_steered_share"), measured.get("unguarded_replication"))
         out.append(entry)
     return out
 
 
-def _protection(model, guarded: bool) -> str:
-    """What protects a compartment's data in what it serves (see :func:`describe_protection`)."""
-    return describe_protection(model.metadata.get("privacy") if model is not None else None, guarded)
+# what a guard's training records of it (dataward.models.kinds): accuracy on its bits, and how often it is confident
+# enough to steer on its members and on public images it never saw (its false positives), by t at the ward's α
+GUARD_FIGURES = ("accuracy_by_t", "alpha", "confident_members_by_t", "confident_public_by_t", "public_probe")
 
 
-def describe_protection(dp: dict | None, guarded: bool, steered: float | None = None) -> str:
+MEMORISES = 0.05  # unguarded replication at or above this: the compartment memorises (issue 17: "where unguarded >= 5%")
+PROTECTION_EVENT = "protection"  # the ledger event in which the audit records its protection rows (status shows the newest)
+
+
+def describe_protection(dp: dict | None, guarded: bool, steered: float | None = None, unguarded_replication: float | None = None) -> str:
     """One phrase for what protects a compartment's data: DP with its (ε, δ), a trained guard (with the share of its
-    checks that steered, when measured), both, or neither. Used by ``status`` and the audit."""
+    checks that steered, when measured), both, or neither; and, when measured, whether the compartment memorises (its
+    unguarded replication rate). Used by ``status`` and the audit."""
     parts = []
     if dp:
         parts.append(f"DP (ε = {dp['epsilon']:.3f}, δ = {dp['delta']:.2e})")
     if guarded:
         parts.append("guard (when sampled with --guard)" if steered is None else f"guard (steered {100 * steered:.1f}% of its checks)")
-    return " + ".join(parts) or "neither DP nor a guard: exact forgetting and access rights only"
+    text = " + ".join(parts) or "neither DP nor a guard: exact forgetting and access rights only"
+    if unguarded_replication is None:
+        return text
+    share = f"{100 * unguarded_replication:.1f}% of its unguarded samples are copies"
+    if unguarded_replication < MEMORISES:
+        return f"{text}; does not memorise ({share})"
+    return f"{text}; MEMORISES: {share}" + ("" if guarded or dp else " (train guards: dataward guard WARD)")
+
+
+def audited_protection(planner: Planner) -> dict | None:
+    """The newest audit's protection rows (``{compartment: row}``, see :mod:`dataward.audit.protection`), if no model
+    was trained since; else None (the figures would describe models that are no longer served)."""
+    events = [e["detail"] for e in planner.ledger.events_of(PROTECTION_EVENT)]
+    if not events or events[-1].get("latest_model") != planner.ledger.latest_model_id():
+        return None
+    return events[-1]
 
 
 def _latent(planner: Planner) -> dict | None:

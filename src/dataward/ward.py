@@ -98,9 +98,13 @@ class Ward(WardChanges):
     def config(self, config: WardConfig) -> None:
         self._config = config
         self.data = WardData(config, self.ledger)
-        context = KindContext(config, self.scheduler, config.model_shape(), self.ledger)
+        context = KindContext(config, self.scheduler, config.model_shape(), self.ledger, self._public_inputs)
         self.planner = Planner(self.path, config, self.ledger, self.data, context)
         self.runner = JobRunner(config, self.planner, self.data, context, self.model)
+
+    def _public_inputs(self, spec: str) -> torch.Tensor:
+        """A public data source's images as the models see them (latents in a latent ward): guards' non-members."""
+        return self.runner.model_data(self.data.public_source(spec)).images
 
     # creation -----------------------------------------------------------------------------------------------------
     @classmethod

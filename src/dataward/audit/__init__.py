@@ -27,7 +27,7 @@ from dataward.audit.sections import (
 )
 from dataward.data import Dataset
 
-SCHEMA = "dataward.audit/2"
+SCHEMA = "dataward.audit/3"
 SECTIONS = ("quality", "replication", "membership", "forgetting", "privacy", "protection")
 
 __all__ = [

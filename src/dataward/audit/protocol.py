@@ -39,7 +39,8 @@ class AuditedConfig(Protocol):
 
 
 class ForgetLedger(Protocol):
-    """The part of the ledger that says which samples were forgotten and where they were, and what was exported."""
+    """The part of the ledger that says which samples were forgotten and where they were, and what was exported; and
+    where the audit records what it measured of each compartment's protection."""
 
     def forgotten_ids(self) -> list[str]:
         """Every forgotten sample ID, sorted."""
@@ -49,6 +50,9 @@ class ForgetLedger(Protocol):
 
     def events_of(self, kind: str) -> list[dict]:
         """Every recorded event of ``kind`` (the audit reads ``export`` and ``certificate`` events)."""
+
+    def record_event(self, kind: str, **detail) -> None:
+        """Record an event (the audit records one: its ``protection`` rows, which ``dataward status`` shows)."""
 
     def latest_model_id(self) -> int:
         """The newest model's ID: whether a model was registered since an event."""

@@ -30,7 +30,7 @@ SECTION_KEYS = {
     "membership": ("attacks", "skipped", "worst_auc"),
     "forgetting": ("forgotten", "attacks", "auc", "null_sd", "z", "consistent_with_unseen", "certificate"),
     "privacy": ("epsilon", "delta", "models"),
-    "protection": ("compartments", "guard_probe"),
+    "protection": ("compartments", "probe", "memorises_at"),
 }
 ATTACK_KEYS = ("attack", "auc", "tpr_at_1pct_fpr", "best_t", "auc_by_t", "n_members", "n_nonmembers", "roc")
 
@@ -272,14 +272,22 @@ def _privacy_html(priv: dict) -> str:
     return body + "".join(f"<p class='note'>{html.escape(note)}</p>" for note in priv.get("notes", []))
 
 
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
 def _protection_html(protection: dict) -> str:
-    """One row per compartment: DP, guard and how often it steered, in words."""
+    """One row per compartment: how often its samples copy a training image, unguarded and guarded, how often its guard
+    steered, and what protects it, in words."""
     if not _ok(protection):
         return _skipped(protection)
-    rows = [[row["compartment"], html.escape(row["protection"])] for row in protection["compartments"]]
-    note = (f"<p class='note'>Guard steering: the share of guard checks that steered while sampling {protection['guard_probe']} images "
-            "from the compartment alone. A guard that never steers protects nothing.</p>") if protection.get("guard_probe") else ""
-    return _table(["compartment", "protection"], rows, set()) + note
+    rows = [[row["compartment"], _percent(row["unguarded_replication"]), _percent(row["guarded_replication"]),
+             _percent(row["guard_steered_share"]), row["protection"]] for row in protection["compartments"]]
+    note = (f"<p class='note'>Each compartment sampled alone, {protection['probe']} images unguarded (and guarded, with guards), seed and "
+            f"steps as above. Copies: nearest / second-nearest training L2 &lt; 1/3 against the compartment's own images. At "
+            f"{100 * protection['memorises_at']:.0f}% or more the compartment memorises. Guard steering: the share of its checks that steered; "
+            "a guard that never steers protects nothing.</p>")
+    return _table(["compartment", "copies unguarded", "copies guarded", "guard steered", "protection"], rows, set()) + note
 
 
 def render_html(report: dict, artifacts: dict[str, Any]) -> str:

@@ -52,6 +52,7 @@ class StandInLedger:
 
     def __init__(self, forgotten: list[str]):
         self._forgotten = sorted(forgotten)
+        self._events: list[dict] = []
 
     def forgotten_ids(self) -> list[str]:
         """Every forgotten sample ID, sorted."""
@@ -63,8 +64,12 @@ class StandInLedger:
         return {i: (0, 0, "stand-in") for i in ids if i in known}
 
     def events_of(self, kind: str) -> list[dict]:
-        """No events: the stand-in exports and certifies nothing."""
-        return []
+        """The events the audit recorded here (the stand-in exports and certifies nothing)."""
+        return [e for e in self._events if e["kind"] == kind]
+
+    def record_event(self, kind: str, **detail) -> None:
+        """Keep an event in memory (the audit records its protection rows)."""
+        self._events.append({"kind": kind, "detail": detail})
 
     def latest_model_id(self) -> int:
         """The stand-in registers no models."""

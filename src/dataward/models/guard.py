@@ -14,6 +14,13 @@ from memorised training points. The formula is the paper's (its ε-space classif
 ``condition_score``); the ``sqrt(1 − ᾱ_t)`` factor lives in :func:`dataward.diffusion.sampling.guide_eps`, the one place guidance
 is applied, and this module returns only ``s · ∇ log p_φ(ŷ | x_t)`` (zero where not confident).
 
+**Calibration** (issue 17): random bits alone leave a guard confident far from its members (the paper's guard on 64
+digits gives max p > 0.99 to ~half the held-out digits at t <= 200), so it also steers samples that copy nothing. A
+dataward guard therefore trains with a second term, ``nonmember_weight · KL(uniform ‖ p_φ(· | z_t, t))`` on non-member
+images ``z``: public images (``GuardConfig.nonmembers``, never the ward's held-out split, which is the audit's judge) and
+mixtures of two of its own members (``λ x_a + (1 − λ) x_b``, λ ∈ [1/4, 3/4]), which are near the data but copy neither.
+The guard learns to be sure only *at* its members. ``nonmember_weight = 0`` is the paper's guard.
+
 Deviations from the paper, all documented on the functions:
 
 - the guard trains on ``t < max_timestep`` only (random labels cannot be learned at large ``t``), and guidance is zero
@@ -27,6 +34,7 @@ the network (:func:`build_guard`), the loss, the labels and the guidance.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +74,10 @@ class GuardConfig:
     lr: float = 1e-3  # Adam learning rate
     ema_decay: float = 0.99  # EMA of the guard's weights; the EMA weights are the ones that guide sampling
     max_timestep: int = 600  # the guard trains on t in [0, max_timestep) and guides only there (of T = 1000)
-    scale: float = 10.0  # default guidance scale s (benchmark: s = 10 removes replicas, s <= 3 does not)
-    alpha: float = 0.01  # default threshold α: guide where max_y p(y | x_t) > 1 − α
+    scale: float = 30.0  # default guidance scale s (BENCHMARKS.md, guarded sampling: the calibrated guard's replication / FD trade-off)
+    alpha: float = 0.1  # default threshold α: guide where max_y p(y | x_t) > 1 − α (a calibrated guard is rarely that sure off its members)
+    nonmember_weight: float = 1.0  # weight of the calibration term on non-member images (0: the paper's guard, confident far from its members)
+    nonmembers: str = "printed:count=1200"  # public non-member images: all but the last CONFIDENCE_PROBE train the calibration, those are the status figure
     threads: int = 2  # torch intra-op threads during training (part of the determinism contract)
 
     def __post_init__(self) -> None:
@@ -78,6 +88,8 @@ class GuardConfig:
         if self.max_timestep < 1:
             raise DatawardError(f"guard max_timestep must be >= 1, got {self.max_timestep}")
         check_guidance(self.scale, self.alpha)
+        if not (self.nonmember_weight >= 0 and math.isfinite(self.nonmember_weight)):
+            raise DatawardError(f"guard nonmember_weight must be a finite number >= 0, got {self.nonmember_weight}")
 
     def train_config(self) -> TrainConfig:
         """The shared trainer's config for this guard."""
@@ -96,13 +108,43 @@ def build_guard(channels: int, seed: int, config: GuardConfig = GuardConfig()) -
     return build_classifier(channels, num_classes=2, seed=seed, width=config.width, levels=config.levels, blocks_per_level=config.blocks_per_level)
 
 
-def guard_loss(scheduler: DDPMScheduler, config: GuardConfig = GuardConfig()) -> PerSampleLoss:
-    """Per-example cross-entropy on x_t = scheduler.add_noise(x_0, ε, t), t uniform in [0, max_timestep)."""
+def guard_loss(scheduler: DDPMScheduler, config: GuardConfig = GuardConfig(), nonmembers: torch.Tensor | None = None) -> PerSampleLoss:
+    """Per-example cross-entropy on x_t = scheduler.add_noise(x_0, ε, t), t uniform in [0, max_timestep), plus (when
+    ``config.nonmember_weight > 0``) the calibration term on as many non-member images: half drawn from ``nonmembers``
+    (public images as the guard sees them), half mixtures of two different members of the batch (see the module docstring)."""
     if config.max_timestep > scheduler.config.num_train_timesteps:
         raise DatawardError(
             f"guard max_timestep {config.max_timestep} exceeds the scheduler's num_train_timesteps {scheduler.config.num_train_timesteps}"
         )
-    return classifier_loss(scheduler, config.max_timestep)
+    members_loss = classifier_loss(scheduler, config.max_timestep)
+    if not config.nonmember_weight:
+        return members_loss
+    if nonmembers is None or len(nonmembers) == 0:
+        raise DatawardError("a calibrated guard (nonmember_weight > 0) needs non-member images: set GuardConfig.nonmembers")
+
+    def loss(model, x0, y, targets, generator):
+        own = members_loss(model, x0, y, targets, generator)
+        n = x0.shape[0]
+        public = nonmembers[torch.randint(0, len(nonmembers), (n,), generator=generator)].to(x0.device)
+        order = torch.randperm(n, generator=generator).to(x0.device)  # pairs (order[i], order[i - 1]): two different members
+        share = 0.25 + 0.5 * torch.rand(n, *([1] * (x0.ndim - 1)), generator=generator).to(x0.device)
+        mixed = share * x0[order] + (1 - share) * x0[order.roll(1)]
+        z = torch.cat([public, mixed]) if n > 1 else public
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(x0.device)
+        t = torch.randint(0, config.max_timestep, (len(z),), generator=generator).to(x0.device)
+        log_p = torch.log_softmax(model(scheduler.add_noise(z, noise, t), t).float(), dim=1)
+        off_uniform = -log_p.mean(dim=1) - math.log(log_p.shape[1])  # KL(uniform ‖ p) >= 0, zero at p = 1/2
+        return own + config.nonmember_weight * off_uniform.mean()
+
+    return loss
+
+
+def split_nonmembers(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration images, probe images): the last ``CONFIDENCE_PROBE`` public images are never trained on; they
+    measure how often the guard is confident on images it has not seen (the figure ``status`` reports)."""
+    if len(images) <= CONFIDENCE_PROBE:
+        raise DatawardError(f"guard non-members need more than {CONFIDENCE_PROBE} images (the probe), got {len(images)}")
+    return images[:-CONFIDENCE_PROBE], images[-CONFIDENCE_PROBE:]
 
 
 def guard_model(state: TrainState) -> NoisyClassifier:
@@ -111,6 +153,23 @@ def guard_model(state: TrainState) -> NoisyClassifier:
 
 
 @torch.no_grad()
+def _probabilities_by_t(guard: torch.nn.Module, images: torch.Tensor, scheduler: DDPMScheduler, timesteps, generator: torch.Generator,
+                        batch_size: int = 512) -> dict[int, torch.Tensor]:
+    """p_φ(· | x_t, t) (N, 2) at each timestep t, on x_t = add_noise(x_0, ε, t) with ε from ``generator``."""
+    guard.eval()
+    device = next(guard.parameters()).device
+    out: dict[int, torch.Tensor] = {}
+    for t in timesteps:
+        parts = []
+        for start in range(0, len(images), batch_size):
+            x0 = images[start : start + batch_size]
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+            tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
+            parts.append(guard(scheduler.add_noise(x0, noise, tt).to(device), tt.to(device)).float().softmax(dim=1).cpu())
+        out[int(t)] = torch.cat(parts)
+    return out
+
+
 def guard_accuracy_by_t(
     guard: torch.nn.Module,
     data: Dataset,
@@ -123,24 +182,22 @@ def guard_accuracy_by_t(
     """Accuracy of ``guard`` on ``labels`` at each timestep t, on x_t = add_noise(x_0, ε, t) with ε from ``generator``."""
     if labels.shape != (len(data),):
         raise DatawardError(f"labels must have one entry per image ({len(data)}), got {tuple(labels.shape)}")
-    guard.eval()
-    device = next(guard.parameters()).device
-    result: dict[int, float] = {}
-    for t in timesteps:
-        correct = 0
-        for start in range(0, len(data), batch_size):
-            x0 = data.images[start : start + batch_size]
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-            tt = torch.full((x0.shape[0],), int(t), dtype=torch.long)
-            x_t = scheduler.add_noise(x0, noise, tt).to(device)
-            pred = guard(x_t, tt.to(device)).argmax(dim=1).cpu()
-            correct += int((pred == labels[start : start + batch_size]).sum())
-        result[int(t)] = correct / len(data)
-    return result
+    probabilities = _probabilities_by_t(guard, data.images, scheduler, timesteps, generator, batch_size)
+    return {t: float((p.argmax(dim=1) == labels).float().mean()) for t, p in probabilities.items()}
+
+
+def guard_confidence_by_t(guard: torch.nn.Module, images: torch.Tensor, alpha: float, scheduler: DDPMScheduler, timesteps,
+                          generator: torch.Generator) -> dict[int, float]:
+    """The share of ``images`` on which the guard is confident enough to steer (max_y p_φ(y | x_t, t) > 1 − α) at each t.
+    On members it is how often the guard protects; on non-members (public images) it is its false-positive share."""
+    check_guidance(0.0, alpha)
+    probabilities = _probabilities_by_t(guard, images, scheduler, timesteps, generator)
+    return {t: float((p.max(dim=1).values > 1.0 - alpha).float().mean()) for t, p in probabilities.items()}
 
 
 # timesteps at which a trained guard's accuracy on its own random bits is recorded (issue 5: "how accuracy varies with t")
 ACCURACY_TIMESTEPS = (0, 100, 200, 300, 400, 500)
+CONFIDENCE_PROBE = 200  # public images held out of the calibration: the guard's false-positive share is measured on them
 
 
 class GuardActivity:
@@ -169,25 +226,31 @@ def guard_guidance(
     For each sample with ``max_y p_φ(y | x_t, t) > 1 − alpha`` it returns ``scale · ∇_{x_t} log p_φ(ŷ | x_t, t)`` with
     ``ŷ`` the less likely label; zero for the others, and zero for every sample when ``t >= max_timestep`` (None: all t).
     The loop turns it into ε̂ = ε − sqrt(1 − ᾱ_t) · (this) in :func:`dataward.diffusion.sampling.guide_eps`.
-    Gradients are enabled here, since the loop runs under ``no_grad``; the guard must treat samples independently
-    (GroupNorm, no BatchNorm), which the NoisyClassifier does, so one backward pass gives every per-sample gradient.
+    One forward pass without gradients finds the confident samples; the gradient is taken (with gradients enabled here,
+    since the loop runs under ``no_grad``) on those samples only. The guard must treat samples independently (GroupNorm,
+    no BatchNorm), which the NoisyClassifier does, so one backward pass gives every per-sample gradient.
     ``activity``, if given, is told which samples were confident at each guided step.
     """
     check_guidance(scale, alpha)
     guard.eval()
 
     def grad_log_p(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if max_timestep is not None and int(t) >= max_timestep:
-            return torch.zeros_like(x_t)
-        with torch.enable_grad():
-            x = x_t.detach().requires_grad_(True)
-            log_p = torch.log_softmax(guard(x, t).float(), dim=1)  # (N, 2)
-            y_hat = log_p.argmin(dim=1)  # the less likely label
-            confident = log_p.max(dim=1).values.exp() > 1.0 - alpha  # (N,)
-            (grad,) = torch.autograd.grad(log_p.gather(1, y_hat[:, None]).sum(), x)
+        out = torch.zeros_like(x_t)
+        if max_timestep is not None and int(t.max()) >= max_timestep:
+            return out
+        with torch.no_grad():
+            confident = torch.log_softmax(guard(x_t, t).float(), dim=1).max(dim=1).values.exp() > 1.0 - alpha  # (N,)
         if activity is not None:
             activity(confident)
-        return scale * grad.to(x_t.dtype) * confident.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+        rows = confident.nonzero().squeeze(1)
+        if len(rows):  # the gradient only where the guard is confident: a calibrated guard rarely is
+            with torch.enable_grad():
+                x = x_t[rows].detach().requires_grad_(True)
+                log_p = torch.log_softmax(guard(x, t[rows] if t.ndim else t).float(), dim=1)
+                y_hat = log_p.argmin(dim=1)  # the less likely label
+                (grad,) = torch.autograd.grad(log_p.gather(1, y_hat[:, None]).sum(), x)
+            out[rows] = scale * grad.to(x_t.dtype)
+        return out
 
     return grad_log_p
 

@@ -24,7 +24,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from dataward.config import WardConfig
 from dataward.data import Dataset
 from dataward.diffusion.latent import LatentCodec, autoencoder_loss, build_autoencoder, latent_scaling_factor
-from dataward.models.guard import ACCURACY_TIMESTEPS, build_guard, guard_accuracy_by_t, guard_labels, guard_loss, guard_model
+from dataward.models.guard import (ACCURACY_TIMESTEPS, build_guard, guard_accuracy_by_t, guard_confidence_by_t, guard_labels, guard_loss,
+                                   guard_model, split_nonmembers)
 from dataward.models.nets import NoisyClassifier, build_classifier, build_unet, derive_seed
 from dataward.store.ledger import Ledger
 from dataward.training.loop import PerSampleLoss, TrainState, classifier_loss, denoiser_loss
@@ -40,6 +41,7 @@ class KindContext:
     scheduler: DDPMScheduler  # the training scheduler: every kind on noisy inputs adds noise with it
     shape: tuple[int, int, int]  # (C, H, W) the models see: the images, or the latents of a latent ward
     ledger: Ledger  # the compartments and which one holds a sample (the router's outputs and targets)
+    public_inputs: Callable[[str], torch.Tensor]  # a public data spec -> its images as the models see them (latents in a latent ward)
 
     @property
     def compartments(self) -> list[int]:
@@ -87,11 +89,28 @@ def _router_objective(context: KindContext, ids: tuple[str, ...]) -> Objective:
     return classifier_loss(context.scheduler), torch.tensor([column[rows[i][0]] for i in ids])
 
 
-def _guard_accuracy(context: KindContext, state: TrainState, data: Dataset, labels: torch.Tensor | None, stage: int) -> dict:
-    """A guard's accuracy on its own random bits by timestep (EMA weights, as it guides sampling)."""
-    generator = torch.Generator().manual_seed(derive_seed(context.config.seed, "guard-accuracy", stage))
-    accuracy = guard_accuracy_by_t(guard_model(state), data, labels, context.scheduler, ACCURACY_TIMESTEPS, generator)
-    return {"accuracy_by_t": {str(t): round(a, 4) for t, a in accuracy.items()}}
+def _guard_objective(context: KindContext, ids: tuple[str, ...]) -> Objective:
+    settings = context.config.guard_settings
+    nonmembers = split_nonmembers(context.public_inputs(settings.nonmembers))[0] if settings.nonmember_weight else None
+    return guard_loss(context.scheduler, settings, nonmembers), guard_labels(list(ids), context.config.seed)
+
+
+def _by_t(values: dict[int, float]) -> dict[str, float]:
+    return {str(t): round(v, 4) for t, v in values.items()}
+
+
+def _guard_summary(context: KindContext, state: TrainState, data: Dataset, labels: torch.Tensor | None, stage: int) -> dict:
+    """A guard's accuracy on its own random bits by timestep, and how often it is confident enough to steer (at the
+    ward's α) on its members and on public images it never trained on (EMA weights, as it guides sampling)."""
+    settings, guard, seed = context.config.guard_settings, guard_model(state), context.config.seed
+    accuracy = guard_accuracy_by_t(guard, data, labels, context.scheduler, ACCURACY_TIMESTEPS,
+                                   torch.Generator().manual_seed(derive_seed(seed, "guard-accuracy", stage)))
+    probe = split_nonmembers(context.public_inputs(settings.nonmembers))[1]
+    confident = {name: guard_confidence_by_t(guard, images, settings.alpha, context.scheduler, ACCURACY_TIMESTEPS,
+                                             torch.Generator().manual_seed(derive_seed(seed, "guard-confidence", stage)))
+                 for name, images in (("members", data.images), ("public", probe))}
+    return {"accuracy_by_t": _by_t(accuracy), "alpha": settings.alpha, "confident_members_by_t": _by_t(confident["members"]),
+            "confident_public_by_t": _by_t(confident["public"]), "public_probe": f"{settings.nonmembers} (last {len(probe)})"}
 
 
 def _autoencoder_summary(context: KindContext, state: TrainState, public: Dataset, targets: torch.Tensor | None, stage: int) -> dict:
@@ -115,8 +134,7 @@ KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (
               build=_unet, objective=_denoising),
     ModelKind("guard", NoisyClassifier, public=False, per_compartment=True, wave=2, data="compartment", latent_space=True,
               build=lambda context, seed: build_guard(context.shape[0], seed, context.config.guard_settings),
-              objective=lambda context, ids: (guard_loss(context.scheduler, context.config.guard_settings), guard_labels(list(ids), context.config.seed)),
-              describe=_guard_accuracy),
+              objective=_guard_objective, describe=_guard_summary),
     ModelKind("router", NoisyClassifier, public=False, per_compartment=False, wave=3, data="compartment", latent_space=True,
               build=lambda context, seed: build_classifier(context.shape[0], len(context.compartments), seed),
               objective=_router_objective, structure=lambda context: {"num_outputs": len(context.compartments)}),

@@ -24,6 +24,7 @@ from dataward.training.sources import WardData
 DP_VARIANT_PREFIX = "dp-"  # variant of DP fine-tuning (one phase, no slices, from the public model)
 BASE_VARIANT_PREFIX = "base-"  # variant of denoisers fine-tuned from the ward's base: names the base (and the adapter)
 LATENT_VARIANT_PREFIX = "latent-"  # variant of models on latents: names the autoencoder whose latents they saw
+CALIBRATED_VARIANT_PREFIX = "calibrated-"  # variant of calibrated guards: names the weight and the public non-members they trained with
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,10 @@ class Planner:
         if kind == "denoiser" and self.config.base is not None:
             base, rank = self.base(), self.config.lora_rank()
             tags.append(BASE_VARIANT_PREFIX + (base.metadata["weights_sha256"][:16] if base else "untrained") + ("" if rank is None else f"-lora{rank}"))
+        if kind == "guard" and self.config.guard_settings.nonmember_weight:
+            settings = self.config.guard_settings
+            basis = f"{settings.nonmember_weight!r}|{settings.nonmembers}"
+            tags.append(CALIBRATED_VARIANT_PREFIX + hashlib.sha256(basis.encode()).hexdigest()[:16])
         return "+".join(tag for tag in tags if tag)
 
     def base(self) -> ModelRecord | None:

@@ -26,19 +26,31 @@ def _model_summary(model: dict | None) -> str:
     return "-" if model is None else f"#{model['id']} stage {model['stage'] + 1}, {model['steps']} steps, {_megabytes(model['bytes'])}"
 
 
-def _guard_summary(guard: dict | None) -> str:
-    return "-" if not guard else ", ".join(f"{t}: {a:.2f}" for t, a in (guard["accuracy_by_t"] or {}).items())
+def _guard_lines(guard: dict | None) -> list[str]:
+    """A guard by timestep: its accuracy on its own random bits, and how often it is sure enough to steer (p > 1 − α)
+    on its members and on public images it never saw (its false positives). Guards trained before issue 17 lack the latter."""
+    if not guard:
+        return ["-"]
+
+    def by_t(values: dict | None) -> str:
+        return ", ".join(f"{t}: {v:.2f}" for t, v in (values or {}).items())
+
+    lines = [f"bits right by t: {by_t(guard['accuracy_by_t'])}"]
+    if guard.get("confident_public_by_t") is not None:
+        lines += [f"steers (p > 1 - {guard['alpha']:g}) on members: {by_t(guard['confident_members_by_t'])}",
+                  f"steers on public images: {by_t(guard['confident_public_by_t'])}"]
+    return lines
 
 
 def _print_compartments(compartments: list[dict], guards: bool) -> None:
     """One table row per compartment when the table fits the terminal's width; otherwise one block of lines per
     compartment (a table squeezed into 80 columns wraps its cells into slivers)."""
     table = Table()
-    for col in ("compartment", "source", "samples", "forgotten", "serving", "model") + (("guard accuracy on its bits by t",) if guards else ()):
+    for col in ("compartment", "source", "samples", "forgotten", "serving", "model") + (("guard",) if guards else ()):
         table.add_column(col)
     for c in compartments:
         row = [str(c["id"]), escape(c["source"]), str(c["samples"]), str(c["forgotten"]), c["serving"], _model_summary(c.get("model"))]
-        table.add_row(*row, *([_guard_summary(c["guard"])] if guards else []))
+        table.add_row(*row, *(["\n".join(_guard_lines(c["guard"]))] if guards else []))
     if out.measure(table, options=out.options.update(max_width=1 << 16)).maximum <= out.width:  # its unwrapped width
         out.print(table)
         return
@@ -46,7 +58,7 @@ def _print_compartments(compartments: list[dict], guards: bool) -> None:
         out.print(Text(f"compartment {c['id']}: {c['samples']} samples ({c['forgotten']} forgotten), serving {c['serving']}"))
         lines = [(4, f"source: {c['source']}"), (4, f"model: {_model_summary(c.get('model'))}")]
         if guards:
-            lines += [(4, "guard accuracy on its bits by t:"), (6, _guard_summary(c["guard"]))]
+            lines += [(4, "guard:")] + [(6, line) for line in _guard_lines(c["guard"])]
         for indent, line in lines:
             out.print(Padding(Text(line), (0, 0, 0, indent), expand=False))  # wrapped lines stay indented under their compartment
 
