@@ -327,6 +327,25 @@ def test_status_is_readable_at_80_columns(monkeypatch, capsys, base_ward_dir):
             assert columns == 200 or f"    source: {c['source']}" in lines
 
 
+def test_status_shows_how_often_each_guard_would_steer_on_members_and_on_public_images():
+    """Issue 17: status says how often a guard is sure enough to steer, on its members and on public images it never saw."""
+    from dataward.app.commands.reports import _guard_lines
+
+    def by_t(*values: float) -> dict[str, float]:
+        return {str(t): v for t, v in zip((0, 100, 200, 300, 400, 500), values)}
+
+    guard = {"accuracy_by_t": by_t(1.0, 0.98, 0.9, 0.7, 0.45, 0.12), "alpha": 0.1, "confident_members_by_t": by_t(1.0, 0.98, 0.89, 0.7, 0.45, 0.125),
+             "confident_public_by_t": by_t(0.0, 0.005, 0.0, 0.0, 0.0, 0.0), "public_probe": "printed:count=1200 (last 200)"}
+    lines = _guard_lines(guard)
+    assert lines == ["by t = 0/100/200/300/400/500:",
+                     "bits right                 1.00 0.98 0.90 0.70 0.45 0.12",
+                     "sure on members (p > 0.9)  1.00 0.98 0.89 0.70 0.45 0.12",
+                     "sure on public images      0.00 0.01 0.00 0.00 0.00 0.00"]
+    assert all(len(line) + 6 <= 80 for line in lines)  # whole lines under their compartment at 80 columns
+    old = {"accuracy_by_t": by_t(0.5, 0.5, 0.5, 0.5, 0.5, 0.5)}  # a guard trained before issue 17 recorded its accuracy only
+    assert _guard_lines(old) == ["by t = 0/100/200/300/400/500:", "bits right  0.50 0.50 0.50 0.50 0.50 0.50"]
+
+
 def test_the_demo_summary_prints_whole_paths():
     """Issue 22: the demo's summary table cut its paths with an ellipsis at 80 columns."""
     import io

@@ -31,15 +31,12 @@ def _guard_lines(guard: dict | None) -> list[str]:
     on its members and on public images it never saw (its false positives). Guards trained before issue 17 lack the latter."""
     if not guard:
         return ["-"]
-
-    def by_t(values: dict | None) -> str:
-        return ", ".join(f"{t}: {v:.2f}" for t, v in (values or {}).items())
-
-    lines = [f"bits right by t: {by_t(guard['accuracy_by_t'])}"]
+    rows = [("bits right", guard["accuracy_by_t"] or {})]
     if guard.get("confident_public_by_t") is not None:
-        lines += [f"steers (p > 1 - {guard['alpha']:g}) on members: {by_t(guard['confident_members_by_t'])}",
-                  f"steers on public images: {by_t(guard['confident_public_by_t'])}"]
-    return lines
+        rows += [(f"sure on members (p > {1 - guard['alpha']:g})", guard["confident_members_by_t"]),
+                 ("sure on public images", guard["confident_public_by_t"])]
+    width = max(len(name) for name, _ in rows)
+    return [f"by t = {'/'.join(rows[0][1])}:"] + [f"{name:<{width}}  " + " ".join(f"{v:.2f}" for v in by_t.values()) for name, by_t in rows]
 
 
 def _print_compartments(compartments: list[dict], guards: bool) -> None:
