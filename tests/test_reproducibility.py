@@ -32,9 +32,9 @@ PUBLIC = TrainConfig(steps=3, batch_size=30)
 PINNED_PIXEL = {
     "denoiser/0/s0": "be2dd0f44df8572d", "denoiser/0/s1": "27386da18cb82c46", "denoiser/1/s0": "7189d1b694de98ca",  # 1: DP, one phase
     # guards and guarded samples re-pinned in issue 17: the calibration term on non-member images changed how guards train
-    "guard/0/s0": "e602377962903811", "guard/0/s1": "255a0a14a4c00ffe", "guard/1/s0": "1ab709df849c4bb5", "guard/1/s1": "506b3a79ccaed8e5",
+    "guard/0/s0": "854fb65b970b5c2a", "guard/0/s1": "40e11c4d5fa2d2f7", "guard/1/s0": "7bfa76ee7ce4ddee", "guard/1/s1": "c1a4f591ab025fea",
     "public-denoiser/None/s0": "75e1ea6432839ba9", "router/None/s0": "59ca6cafbb207570", "router/None/s1": "378a5568ac6c5fb1",
-    "sample/density": "704ce1a0bd9ac5a6", "sample/guarded": "4638b2b7229604ff", "sample/router": "dcbadc43d3ac96ff",
+    "sample/density": "704ce1a0bd9ac5a6", "sample/guarded": "ccb04fe6c70a15b4", "sample/router": "dcbadc43d3ac96ff",
 }
 PINNED_LATENT = {
     "autoencoder/None/s0": "b029b663faf83c58", "public-denoiser/None/s0": "facb324a0a8ec35a",

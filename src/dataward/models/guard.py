@@ -3,8 +3,8 @@
 Kazdan et al., *CPSample: Classifier Protected Sampling for Guarding Training Data During Diffusion* (arXiv 2409.07025).
 Every training image gets a random label ``y ∈ {0, 1}`` fixed by (seed, sample ID). The guard ``p_φ(y | x_t, t)`` is
 trained on ``x_t = add_noise(x_0, ε, t)`` (the same scheduler object as the denoiser) until it labels the training data
-with near-certainty at small ``t``. Random labels carry no signal, so the guard is confident only near the training
-images it memorised and uncertain (≈ 1/2) elsewhere. During sampling, wherever the guard is confident
+with near-certainty at small ``t``. Random labels carry no signal, so the paper expects the guard to be confident only
+near the training images it memorised and uncertain (≈ 1/2) elsewhere (measured, it is not: see *Calibration*). During sampling, wherever the guard is confident
 (``max_y p_φ(y | x_t) > 1 − α``) the noise prediction is pushed toward the *less* likely label:
 
     ε̂(x_t, t) = ε(x_t, t) − sqrt(1 − ᾱ_t) · s · ∇_{x_t} log p_φ(ŷ | x_t, t),   ŷ = argmin_y p_φ(y | x_t, t)
@@ -110,8 +110,9 @@ def build_guard(channels: int, seed: int, config: GuardConfig = GuardConfig()) -
 
 def guard_loss(scheduler: DDPMScheduler, config: GuardConfig = GuardConfig(), nonmembers: torch.Tensor | None = None) -> PerSampleLoss:
     """Per-example cross-entropy on x_t = scheduler.add_noise(x_0, ε, t), t uniform in [0, max_timestep), plus (when
-    ``config.nonmember_weight > 0``) the calibration term on as many non-member images: half drawn from ``nonmembers``
-    (public images as the guard sees them), half mixtures of two different members of the batch (see the module docstring)."""
+    ``config.nonmember_weight > 0``) the calibration term on non-member images: per batch of n members, n / CALIBRATION_SHARE
+    drawn from ``nonmembers`` (public images as the guard sees them) and as many mixtures of two different members of the
+    batch (see the module docstring)."""
     if config.max_timestep > scheduler.config.num_train_timesteps:
         raise DatawardError(
             f"guard max_timestep {config.max_timestep} exceeds the scheduler's num_train_timesteps {scheduler.config.num_train_timesteps}"
@@ -125,10 +126,11 @@ def guard_loss(scheduler: DDPMScheduler, config: GuardConfig = GuardConfig(), no
     def loss(model, x0, y, targets, generator):
         own = members_loss(model, x0, y, targets, generator)
         n = x0.shape[0]
-        public = nonmembers[torch.randint(0, len(nonmembers), (n,), generator=generator)].to(x0.device)
+        k = max(1, n // CALIBRATION_SHARE)  # a quarter of a batch of each kind: half a batch more to classify per step
+        public = nonmembers[torch.randint(0, len(nonmembers), (k,), generator=generator)].to(x0.device)
         order = torch.randperm(n, generator=generator).to(x0.device)  # pairs (order[i], order[i - 1]): two different members
-        share = 0.25 + 0.5 * torch.rand(n, *([1] * (x0.ndim - 1)), generator=generator).to(x0.device)
-        mixed = share * x0[order] + (1 - share) * x0[order.roll(1)]
+        share = 0.25 + 0.5 * torch.rand(k, *([1] * (x0.ndim - 1)), generator=generator).to(x0.device)
+        mixed = share * x0[order[:k]] + (1 - share) * x0[order.roll(1)[:k]]
         z = torch.cat([public, mixed]) if n > 1 else public
         noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(x0.device)
         t = torch.randint(0, config.max_timestep, (len(z),), generator=generator).to(x0.device)
@@ -137,6 +139,10 @@ def guard_loss(scheduler: DDPMScheduler, config: GuardConfig = GuardConfig(), no
         return own + config.nonmember_weight * off_uniform.mean()
 
     return loss
+
+
+CALIBRATION_SHARE = 4  # per batch of n members, n / 4 public images and n / 4 blends: on the testbed as calibrated as n + n
+# (public false positives 0.00-0.01, held-out 0.25-0.27 vs 0.31) at half the training time (17 vs 33 s; the paper's guard 12 s)
 
 
 def split_nonmembers(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
