@@ -1,6 +1,14 @@
 """Shared fixtures: tiny wards trained once per session (quality is irrelevant; exactness is what is tested)."""
 
+import glob
+import itertools
+import os
+import pwd
 import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +89,49 @@ def service_ward(tmp_path_factory):
     ward.ledger.revoke_key("revoked")
     ward.close()
     return path, keys
+
+
+def postgres_binary(name: str) -> str | None:
+    """A PostgreSQL server program on PATH or in Debian's /usr/lib/postgresql/*/bin, or None."""
+    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of this test session on 127.0.0.1 (trust authentication, fsync off: a test server); yields a
+    function that makes a new empty database and returns its URL. Skips when the server is not installed (.ci/run
+    installs Debian's postgresql)."""
+    initdb, pg_ctl = postgres_binary("initdb"), postgres_binary("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) are not installed: apt-get install postgresql")
+    pytest.importorskip("psycopg")
+    import psycopg
+
+    root = Path(tempfile.mkdtemp(prefix="dataward-postgres-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres user
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run the server as")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    subprocess.run(as_user + [initdb, "-D", str(data), "-A", "trust", "-U", "dataward", "--no-sync", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    subprocess.run(as_user + [pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "start", "-o",
+                              f"-k {root} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off"], check=True, capture_output=True)
+    names = itertools.count()
+
+    def new_database() -> str:
+        name = f"ward{next(names)}"
+        with psycopg.connect(f"postgresql://dataward@127.0.0.1:{port}/postgres", autocommit=True) as server:
+            server.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://dataward@127.0.0.1:{port}/{name}"
+
+    yield new_database
+    subprocess.run(as_user + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)

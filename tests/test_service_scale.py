@@ -24,6 +24,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from dataward.app.service import ServiceLimits, create_app
+from dataward.store.move import move_ledger
 from dataward.ward import Ward
 from test_service import STEPS, assert_clean_error, auth, forgotten_seen, free_port, id_in, wait_done
 
@@ -139,12 +140,16 @@ def serve_replica(path, port: int, log) -> subprocess.Popen:
     raise AssertionError(f"replica on port {port} did not start")
 
 
-def test_a_forget_through_one_replica_holds_at_once_on_the_other(service_ward, tmp_path):
-    """Two server processes over one ward folder (docs/scale-out.md); clients keep generating through replica B while the
-    forget goes through replica A. Every request sent to B after A's 202 is answered by models that never saw the ID."""
+@pytest.mark.parametrize("ledger", ["sqlite", "postgres"])
+def test_a_forget_through_one_replica_holds_at_once_on_the_other(service_ward, tmp_path, ledger, request):
+    """Two server processes over one ward folder (docs/scale-out.md), its ledger in SQLite or in PostgreSQL (as replicas
+    on several machines have it); clients keep generating through replica B while the forget goes through replica A.
+    Every request sent to B after A's 202 is answered by models that never saw the ID."""
     path, keys = service_ward
     shutil.copytree(path, tmp_path / "ward")
     path = tmp_path / "ward"
+    if ledger == "postgres":
+        move_ledger(path, request.getfixturevalue("postgres")())
     target = id_in(path, 0, 0)
     ports = [free_port(), free_port()]
     with open(tmp_path / "replicas.log", "w") as log:

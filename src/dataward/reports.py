@@ -58,6 +58,7 @@ def status(planner: Planner) -> dict:
     public = planner.served("public-denoiser").get(None)
     return {
         "path": str(planner.path),
+        "ledger": ledger.db.where,
         "config": asdict(config),
         "compartments": _compartments(planner, counts),
         "router": None if router is None else {"id": router.id, "stage": router.stage, "saw_compartments": "all"},

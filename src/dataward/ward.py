@@ -1,7 +1,7 @@
 """The ward: a directory holding one protected model family, and the Python API the CLI and the service wrap.
 
 Layout: ``WARD/ward.json`` (:mod:`dataward.config`), ``WARD/ledger.sqlite`` (samples with their images, models, forget
-requests, keys, events: :mod:`dataward.store.ledger`), ``WARD/models/<name>/`` (one checkpoint folder per trained stage:
+requests, keys, events: :mod:`dataward.store.ledger`; or ``WARD/ledger.url`` naming a PostgreSQL database that holds them), ``WARD/models/<name>/`` (one checkpoint folder per trained stage:
 :mod:`dataward.store.checkpoints`), ``WARD/writer.lock`` (:mod:`dataward.store.lock`).
 
 :class:`Ward` is a facade over :mod:`dataward.training.planner`, :mod:`dataward.training.runner` (here or on Ray),
@@ -37,6 +37,7 @@ from dataward.models.kinds import KINDS, KindContext
 from dataward.numerics import Numerics
 from dataward.certificate import forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
+from dataward.store.database import LEDGER_FILE, ledger_location
 from dataward.store.ledger import Ledger, ModelRecord
 from dataward.store.lock import WriterBusy, WriterLock, staged
 from dataward.training.executors import run_on_ray
@@ -151,7 +152,7 @@ class Ward(WardChanges):
         )
         with staged(path) as staging:  # nothing is left behind on error; a killed creation's folder is removed by the next
             (staging / MODELS_DIR).mkdir()
-            ledger = Ledger(staging / "ledger.sqlite", create=True)
+            ledger = Ledger(staging / LEDGER_FILE, create=True)
             ward = cls(staging, config, ledger)
             ward._denoiser_probe()  # fails early on a bad preset or size
             if config.base == "imported":
@@ -167,7 +168,7 @@ class Ward(WardChanges):
         are the host's callbacks (see :class:`WardHooks`)."""
         path = Path(path)
         config = WardConfig.load(path)
-        return cls(path, config, Ledger(path / "ledger.sqlite"), worker, hooks)
+        return cls(path, config, Ledger(ledger_location(path)), worker, hooks)
 
     def close(self) -> None:
         """Close the ledger."""

@@ -41,6 +41,7 @@ for _command in (lifecycle.init, lifecycle.train, lifecycle.pretrain, lifecycle.
                  lifecycle.forget, lifecycle.verify, lifecycle.add, reports.demo):
     app.command()(_command)
 app.add_typer(serving.keys_app, name="keys")
+app.add_typer(serving.ledger_app, name="ledger")
 app.command()(serving.serve)
 app.command()(serving.export)
 

@@ -1,9 +1,10 @@
-"""The ward's ledger: one SQLite database that remembers every sample, model, forget request, key and event.
+"""The ward's ledger: one database that remembers every sample, model, forget request, key and event.
 
-Durability: WAL journal with ``synchronous=FULL``, every change in one ``BEGIN IMMEDIATE`` transaction, so a crash
-(even ``kill -9``) at any point leaves either the whole change or none of it. The event log is append-only
-(triggers refuse UPDATE and DELETE). Images live in the ledger too, so forgetting erases them in the same transaction
-that takes the forget into effect.
+Every public method is one transaction, so a crash (even ``kill -9``) at any point leaves either the whole change or
+none of it. The event log is append-only (the schema refuses UPDATE and DELETE). Images live in the ledger too, so
+forgetting erases them in the same transaction that takes the forget into effect. The database is an SQLite file in the
+ward (the default) or a PostgreSQL database that several machines share (:mod:`dataward.store.database`); the queries
+below are the same for both.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +22,8 @@ from typing import Iterator
 import numpy as np
 
 from dataward.errors import DatawardError
-from dataward.store.schema import SCHEMA, SCHEMA_VERSION
+from dataward.store.database import Database, connect, copy_tables
+from dataward.store.schema import SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
@@ -41,57 +42,53 @@ class ModelRecord:
 
 
 class Ledger:
-    """Access to the ward's SQLite ledger. Every public method is one transaction."""
+    """Access to a ward's ledger at ``location``: an SQLite file path or a PostgreSQL URL. Every public method is one
+    transaction."""
 
-    def __init__(self, path: Path, create: bool = False):
-        if not create and not path.exists():
-            raise DatawardError(f"no ledger at {path}: is this a ward? (create one with `dataward init`)")
-        self.path = path
-        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=60.0, check_same_thread=False)
+    def __init__(self, location: Path | str, create: bool = False):
+        self.db: Database = connect(location, create)
+        self.path = location
         try:
-            self._prepare(create)
-        except sqlite3.DatabaseError as error:
-            self.db.close()
-            raise DatawardError(f"{path} is not a readable dataward ledger ({error}): the file is damaged or not a ledger; "
-                                "restore the ward folder from a backup") from None
-        except BaseException:
+            if create:
+                with self.transaction() as db:
+                    db.create_schema()
+                    db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING", (str(SCHEMA_VERSION),))
+            version = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except DatawardError:
             self.db.close()
             raise
-
-    def _prepare(self, create: bool) -> None:
-        """Set the connection's pragmas, create the schema if asked, and check the schema version."""
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA secure_delete=ON")  # freed content (a forgotten image) is overwritten with zeros, not left in free space
-        if create:
-            with self.transaction():
-                for statement in SCHEMA.split(";\n"):
-                    if statement.strip():
-                        self.db.execute(statement)
-                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        version = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except Exception as error:  # sqlite3.DatabaseError or psycopg.Error: not a ledger, or a damaged one
+            self.db.close()
+            raise DatawardError(f"{self.db.where} is not a readable dataward ledger ({str(error).strip()}): it is damaged or "
+                                "not a ledger; restore the ward from a backup") from None
         if version is None or int(version[0]) != SCHEMA_VERSION:
-            raise DatawardError(f"{self.path}: ledger schema version {version and version[0]} is not the supported {SCHEMA_VERSION}")
+            self.db.close()
+            raise DatawardError(f"{self.db.where}: ledger schema version {version and version[0]} is not the supported {SCHEMA_VERSION}")
 
     def close(self) -> None:
-        """Close the connection (the last one to close folds the write-ahead log into the database)."""
+        """Close the connection."""
         self.db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """An IMMEDIATE transaction: all or nothing, even under kill -9."""
-        self.db.execute("BEGIN IMMEDIATE")
+    def transaction(self) -> Iterator[Database]:
+        """A write transaction: all or nothing, even under kill -9; writers run one at a time."""
+        with self.db.transaction() as db:
+            yield db
+
+    def copy_into(self, location: str) -> int:
+        """Copy this whole ledger into a new, empty ledger database at ``location`` in one transaction (see
+        ``dataward ledger move``). Returns the number of rows copied."""
+        target = connect(location)
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            with target.transaction():
+                target.create_schema()
+                return copy_tables(self.db, target)
+        finally:
+            target.close()
 
     # events -------------------------------------------------------------------------------------------------------
     @staticmethod
-    def log(db: sqlite3.Connection, kind: str, **detail) -> None:
+    def log(db: Database, kind: str, **detail) -> None:
         """Append an event inside the caller's transaction."""
         db.execute("INSERT INTO events (at, kind, detail) VALUES (?, ?, ?)", (time.time(), kind, json.dumps(detail, sort_keys=True)))
 
@@ -193,18 +190,18 @@ class Ledger:
             # a forget accepted while this model trained: it is born quarantined, never served
             forgotten = self._any_forgotten(db, sample_ids)
             status = "quarantined" if forgotten else "ready"
-            cur = db.execute(
-                "INSERT INTO models (kind, compartment, stage, path, ids_hash, status, public, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            model_id = db.execute(
+                "INSERT INTO models (kind, compartment, stage, path, ids_hash, status, public, metadata, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (kind, compartment, stage, path, ids_hash, status, int(public), json.dumps(metadata, sort_keys=True), time.time()),
-            )
-            model_id = cur.lastrowid
+            ).fetchone()[0]
             db.executemany("INSERT INTO model_samples VALUES (?, ?)", [(model_id, s) for s in sample_ids])
             self.log(db, "model-ready" if not forgotten else "model-quarantined", model=model_id, model_kind=kind, compartment=compartment,
                      stage=stage, ids_hash=ids_hash)
         return model_id
 
     @staticmethod
-    def _any_forgotten(db: sqlite3.Connection, sample_ids: list[str]) -> bool:
+    def _any_forgotten(db: Database, sample_ids: list[str]) -> bool:
         for start in range(0, len(sample_ids), 500):
             chunk = sample_ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
@@ -219,8 +216,10 @@ class Ledger:
         if kind is not None:
             query += " AND kind=?"
             args.append(kind)
-        if not any_compartment:
-            query += " AND compartment IS ?"
+        if not any_compartment and compartment is None:
+            query += " AND compartment IS NULL"
+        elif not any_compartment:
+            query += " AND compartment=?"
             args.append(compartment)
         if status is not None:
             query += " AND status=?"
@@ -276,15 +275,13 @@ class Ledger:
         return tainted
 
     def erase_old_pages(self) -> bool:
-        """Make erasure physical: copy the write-ahead log into the database (whose freed space secure_delete zeroed) and
-        truncate it, so no old page image of a forgotten sample stays in ``ledger.sqlite-wal``. Waits (busy timeout) for
-        readers of older snapshots; if one still holds its snapshot, the WAL is truncated at a later forget or close, and
-        an ``erasure-delayed`` event says so. Returns whether the log was truncated now."""
-        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:
-            with self.transaction() as db:
-                self.log(db, "erasure-delayed", reason="another connection holds an old snapshot of the ledger")
-        return not busy
+        """Make erasure physical (:meth:`dataward.store.database.SqliteDatabase.erase_old_pages`); if a reader of an older
+        snapshot delays it, an ``erasure-delayed`` event says so. Returns whether the old pages were erased now."""
+        if self.db.erase_old_pages():
+            return True
+        with self.transaction() as db:
+            self.log(db, "erasure-delayed", reason="another connection holds an old snapshot of the ledger")
+        return False
 
     def pending_forgets(self) -> list[tuple[str, list[str]]]:
         """Forget requests in effect whose retraining has not finished."""
@@ -320,7 +317,7 @@ class Ledger:
     def set_meta(self, key: str, value: str, event: str | None = None) -> None:
         """Set a meta value (and log an event) in one transaction."""
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value", (key, value))
             if event:
                 self.log(db, event, key=key, value=value)
 
@@ -354,9 +351,8 @@ class Ledger:
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM api_keys WHERE name=? AND revoked_at IS NULL", (name,)).fetchone():
                 raise DatawardError(f"a key named {name!r} already exists: choose another --name or revoke it first")
-            cur = db.execute("INSERT INTO api_keys (name, key_hash, allow, admin, created_at) VALUES (?, ?, ?, ?, ?)",
-                             (name, self.hash_key(raw), json.dumps(allow), int(admin), time.time()))
-            key_id = cur.lastrowid
+            key_id = db.execute("INSERT INTO api_keys (name, key_hash, allow, admin, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+                                (name, self.hash_key(raw), json.dumps(allow), int(admin), time.time())).fetchone()[0]
             self.log(db, "key-created", key=key_id, name=name, allow=allow, admin=bool(admin))
         return key_id, raw
 

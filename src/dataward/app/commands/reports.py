@@ -71,6 +71,8 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
         return
     cfg = s["config"]
     print_path(out, s["path"], "ward ")
+    if not s["ledger"].endswith(".sqlite"):
+        print_path(out, s["ledger"], "ledger ")
     out.print(f"{s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, {cfg['slices']} slice(s), "
               f"weights {cfg['weights']}")
     _print_compartments(s["compartments"], bool(cfg["guard"]))

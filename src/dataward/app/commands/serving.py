@@ -1,4 +1,5 @@
-"""Commands that hand a ward to others: API keys (create, list, revoke), serve, and export (one model per customer)."""
+"""Commands that hand a ward to others: API keys (create, list, revoke), where the ledger lives (move), serve, and export
+(one model per customer)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,33 @@ def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., metavar="KEY"
     """Revoke a key: refused from the very next request on."""
     record = open_ward(ctx.obj["ward"], resume=False).ledger.revoke_key(key)
     out.print(f"revoked key #{record['id']} ({escape(record['name'])})")
+
+
+ledger_app = typer.Typer(no_args_is_help=True, help="Where the ward's ledger lives: its SQLite file, or a PostgreSQL database shared by replicas.")
+
+
+@ledger_app.callback()
+def _ledger(ctx: typer.Context, ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder.")) -> None:
+    """Manage where a ward's ledger lives: dataward ledger WARD move URL."""
+    ctx.ensure_object(dict)["ward"] = ward
+
+
+@ledger_app.command("move")
+def ledger_move(
+    ctx: typer.Context,
+    url: str = typer.Argument(..., metavar="URL", help="An empty PostgreSQL database, e.g. postgresql://dataward@db:5432/ward "
+                              "(no password: libpq reads PGPASSWORD or ~/.pgpass)."),
+) -> None:
+    """Move the ledger into a PostgreSQL database, so that servers on several machines can share the ward (stop its
+    servers first; see docs/scale-out.md)."""
+    from dataward.config import WardConfig
+    from dataward.store.move import move_ledger
+
+    WardConfig.load(ctx.obj["ward"])  # "not a ward" before anything else
+    moved = move_ledger(ctx.obj["ward"], url)
+    done = "finished the interrupted move" if moved["finished"] else f"copied {moved['rows']} rows"
+    out.print(escape(f"{done}; the ledger of {ctx.obj['ward']} now lives in {moved['ledger']} and ledger.sqlite is gone. "
+                     "Every machine that opens the ward needs the ward folder (shared storage) and psycopg."))
 
 
 def serve(

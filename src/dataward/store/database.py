@@ -1,0 +1,208 @@
+"""Where a ward's ledger lives: an embedded SQLite file (the default) or a PostgreSQL database (several machines).
+
+A :class:`Database` is one connection with the few operations the ledger needs (``execute``, ``executemany``, an
+all-or-nothing write transaction, physical erasure); the ledger's queries (:mod:`dataward.store.ledger`) are written
+once, in SQL both engines accept, with ``?`` placeholders.
+
+- **SQLite** (``WARD/ledger.sqlite``): WAL journal with ``synchronous=FULL``; a write transaction is ``BEGIN IMMEDIATE``
+  (one writer at a time, readers never wait), so a crash (even ``kill -9``) leaves the whole change or none of it.
+  ``secure_delete`` zeroes freed pages and a forget folds the write-ahead log back, so an erased image leaves no copy.
+- **PostgreSQL** (``WARD/ledger.url`` names it, see docs/scale-out.md): every write transaction first takes one
+  transaction-level advisory lock, so writers are serialised exactly as SQLite's are, and a forget can never interleave
+  with a model's registration. The URL never holds a password: libpq reads it from ``PGPASSWORD`` or ``~/.pgpass``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from dataward.errors import DatawardError
+from dataward.store.schema import COUNTED_TABLES, POSTGRES_SCHEMA, SQLITE_SCHEMA, TABLES
+
+LEDGER_FILE = "ledger.sqlite"
+LEDGER_URL_FILE = "ledger.url"  # present when the ward's ledger is a PostgreSQL database
+WRITER_LOCK_KEY = 0x64617461  # the advisory lock that serialises the ledger's writers in PostgreSQL ("data")
+COPY_BATCH = 1000
+
+
+class Database(Protocol):
+    """One connection to a ledger database (SQLite or PostgreSQL)."""
+
+    where: str  # a file path or a URL without secrets: what error messages name
+
+    def execute(self, sql: str, args: tuple | list = ()): ...
+    def executemany(self, sql: str, rows: list) -> None: ...
+    def transaction(self) -> Iterator["Database"]: ...
+    def create_schema(self) -> None: ...
+    def erase_old_pages(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class SqliteDatabase:
+    """The embedded ledger: one SQLite file in the ward folder."""
+
+    def __init__(self, path: Path, create: bool = False):
+        if not create and not path.exists():
+            raise DatawardError(f"no ledger at {path}: is this a ward? (create one with `dataward init`)")
+        self.where = str(path)
+        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=60.0, check_same_thread=False)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA secure_delete=ON")  # freed content (a forgotten image) is overwritten with zeros
+        except sqlite3.DatabaseError as error:
+            self.db.close()
+            raise DatawardError(f"{path} is not a readable dataward ledger ({error}): the file is damaged or not a ledger; "
+                                "restore the ward folder from a backup") from None
+
+    def execute(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
+        """Run one statement."""
+        return self.db.execute(sql, args)
+
+    def executemany(self, sql: str, rows: list) -> None:
+        """Run one statement for each row."""
+        self.db.executemany(sql, rows)
+
+    @contextmanager
+    def transaction(self) -> Iterator["SqliteDatabase"]:
+        """An IMMEDIATE transaction: all or nothing, even under kill -9."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def create_schema(self) -> None:
+        """Create the tables (in the caller's transaction)."""
+        for statement in SQLITE_SCHEMA.split(";\n"):
+            if statement.strip():
+                self.db.execute(statement)
+
+    def erase_old_pages(self) -> bool:
+        """Copy the write-ahead log into the database (whose freed space secure_delete zeroed) and truncate it, so no old
+        page image of a forgotten sample stays in ``ledger.sqlite-wal``. Returns False when a reader of an older snapshot
+        kept the log from being truncated now (it is truncated at a later forget or close)."""
+        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
+    def close(self) -> None:
+        """Close the connection (the last one to close folds the write-ahead log into the database)."""
+        self.db.close()
+
+
+def check_ledger_url(url: str) -> str:
+    """``url`` if it names a PostgreSQL database without a password; a clear error otherwise."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise DatawardError(f"a ledger URL starts with postgresql://, e.g. postgresql://dataward@db.example:5432/ward, got {url!r}")
+    try:
+        fields = conninfo_to_dict(url)
+    except Exception as error:  # psycopg.ProgrammingError: the parse error, which never echoes a password
+        raise DatawardError(f"not a PostgreSQL URL: {error}") from None
+    if fields.get("password"):
+        raise DatawardError("the ledger URL holds a password: dataward never stores secrets; drop it from the URL and give it "
+                            "to libpq in PGPASSWORD or ~/.pgpass (https://www.postgresql.org/docs/current/libpq-pgpass.html)")
+    if not fields.get("dbname"):
+        raise DatawardError(f"the ledger URL names no database: {url!r} (postgresql://USER@HOST:PORT/DATABASE)")
+    return url
+
+
+class PostgresDatabase:
+    """A ledger in a PostgreSQL database that every replica's machine reaches (psycopg 3)."""
+
+    def __init__(self, url: str):
+        try:
+            import psycopg
+        except ImportError:
+            raise DatawardError("this ward's ledger is a PostgreSQL database: install the driver with "
+                                "pip install 'dataward[postgres]'") from None
+        self.where = check_ledger_url(url)
+        self.errors = (psycopg.Error,)
+        try:
+            self.db = psycopg.connect(url, autocommit=True, connect_timeout=30)
+        except psycopg.Error as error:
+            raise DatawardError(f"cannot reach the ledger database {url}: {str(error).strip()}") from None
+
+    def execute(self, sql: str, args: tuple | list = ()):
+        """Run one statement (``?`` placeholders, as in SQLite)."""
+        return self.db.execute(sql.replace("?", "%s"), args or None)
+
+    def executemany(self, sql: str, rows: list) -> None:
+        """Run one statement for each row."""
+        rows = list(rows)
+        if rows:
+            with self.db.cursor() as cursor:
+                cursor.executemany(sql.replace("?", "%s"), rows)
+
+    @contextmanager
+    def transaction(self) -> Iterator["PostgresDatabase"]:
+        """A transaction that first takes the ledger's writer lock: writers run one at a time, as in SQLite."""
+        self.db.execute("BEGIN")
+        try:
+            self.db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY,))
+            yield self
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def create_schema(self) -> None:
+        """Create the tables (in the caller's transaction); refuses a database that already holds a ledger."""
+        if self.db.execute("SELECT to_regclass('meta')").fetchone()[0] is not None:
+            raise DatawardError(f"{self.where} already holds a dataward ledger: give each ward a database of its own")
+        for statement in POSTGRES_SCHEMA.split(";\n"):
+            if statement.strip():
+                self.db.execute(statement)
+
+    def erase_old_pages(self) -> bool:
+        """VACUUM the samples table so the rows that held forgotten images are reclaimed. (PostgreSQL does not zero the
+        freed space, and its write-ahead log and backups keep old pages until recycled: docs/scale-out.md.)"""
+        try:
+            self.db.execute("VACUUM samples")
+        except self.errors:  # e.g. this connection is inside another transaction: reclaimed at the next forget
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+
+def ledger_location(ward: Path) -> Path | str:
+    """Where the ledger of the ward folder ``ward`` lives: the URL in ``ledger.url``, or the path of ``ledger.sqlite``."""
+    url_file = ward / LEDGER_URL_FILE
+    if url_file.exists():
+        if (ward / LEDGER_FILE).exists():
+            raise DatawardError(f"{ward} has both {LEDGER_URL_FILE} and {LEDGER_FILE}: a `dataward ledger move` was interrupted; "
+                                f"run it again with the same URL to finish it")
+        return url_file.read_text().strip()
+    return ward / LEDGER_FILE
+
+
+def connect(location: Path | str, create: bool = False) -> Database:
+    """A connection to the ledger at ``location``: a PostgreSQL URL or an SQLite file path."""
+    if isinstance(location, str) and location.startswith(("postgresql://", "postgres://")):
+        return PostgresDatabase(location)
+    return SqliteDatabase(Path(location), create)
+
+
+def copy_tables(source: Database, target: Database) -> int:
+    """Copy every row of every ledger table from ``source`` into ``target`` (in the caller's transaction on ``target``),
+    keeping IDs, and move PostgreSQL's ID counters past them. Returns the number of rows copied."""
+    copied = 0
+    for table, columns in TABLES.items():
+        insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        cursor = source.execute(f"SELECT {', '.join(columns)} FROM {table}")
+        while rows := cursor.fetchmany(COPY_BATCH):
+            target.executemany(insert, rows)
+            copied += len(rows)
+        if table in COUNTED_TABLES and isinstance(target, PostgresDatabase):
+            target.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}")
+    return copied

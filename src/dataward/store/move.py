@@ -1,0 +1,59 @@
+"""Moving a ward's ledger from its SQLite file into a PostgreSQL database, so that service replicas on several machines
+can share it (``dataward ledger WARD move URL``; docs/scale-out.md).
+
+The order makes a crash at any point safe: (1) copy every row into the new database in one transaction (a crash
+leaves it empty), (2) write ``WARD/ledger.url`` atomically (from now on every process that opens the ward uses the
+database), (3) delete ``ledger.sqlite`` and its write-ahead files. A ward found between (2) and (3) refuses to open
+until the move is run again with the same URL, which only does step (3).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dataward.errors import DatawardError
+from dataward.store.database import LEDGER_FILE, LEDGER_URL_FILE, check_ledger_url
+from dataward.store.ledger import Ledger
+from dataward.store.lock import WriterLock
+
+SQLITE_FILES = (LEDGER_FILE, LEDGER_FILE + "-wal", LEDGER_FILE + "-shm")
+
+
+def move_ledger(ward: Path, url: str) -> dict:
+    """Move the ledger of the ward folder ``ward`` into the empty PostgreSQL database ``url`` (no password in it).
+
+    Stop every process that uses the ward first (servers, training): the writer lock keeps training away, but a running
+    server would go on writing to the old file. Returns ``{"ledger": url, "rows": copied, "finished": bool}``.
+    """
+    url = check_ledger_url(url.strip())
+    url_file = ward / LEDGER_URL_FILE
+    if url_file.exists():
+        current = url_file.read_text().strip()
+        if current != url:
+            raise DatawardError(f"the ledger of {ward} already lives in {current}, not {url}")
+        if not (ward / LEDGER_FILE).exists():
+            raise DatawardError(f"the ledger of {ward} already lives in {url}: nothing to move")
+        _remove_sqlite(ward)  # an interrupted move: the copy is complete and in use; finish it
+        return {"ledger": url, "rows": 0, "finished": True}
+    if not (ward / LEDGER_FILE).exists():
+        raise DatawardError(f"no ledger at {ward / LEDGER_FILE}: is this a ward? (create one with `dataward init`)")
+    with WriterLock(ward):
+        source = Ledger(ward / LEDGER_FILE)
+        try:
+            rows = source.copy_into(url)
+        finally:
+            source.close()
+        tmp = url_file.with_suffix(".tmp")
+        tmp.write_text(url + "\n")
+        with open(tmp) as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, url_file)
+        _remove_sqlite(ward)
+    return {"ledger": url, "rows": rows, "finished": False}
+
+
+def _remove_sqlite(ward: Path) -> None:
+    """Delete the SQLite ledger and its write-ahead files (their images now live in the database)."""
+    for name in SQLITE_FILES:
+        (ward / name).unlink(missing_ok=True)

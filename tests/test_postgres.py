@@ -1,0 +1,131 @@
+"""The ledger in PostgreSQL (docs/scale-out.md "Past one machine"): the same behaviour as the SQLite ledger, a ward moved
+into it (`dataward ledger WARD move URL`) that trains, samples and forgets, and clear errors on bad URLs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dataward.app.cli import app
+from dataward.errors import DatawardError
+from dataward.store.database import LEDGER_FILE, LEDGER_URL_FILE
+from dataward.store.ledger import Ledger
+from dataward.store.move import move_ledger
+from dataward.ward import Ward
+
+IMAGE = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 8, 8)
+
+
+def ledger_story(ledger: Ledger) -> dict:
+    """One ledger through a ward's life (samples, models, a forget racing a registration, keys, meta); what it shows."""
+    rows = [(f"s{i}", i % 3, i % 2, i // 4, "test", None, IMAGE * (i + 1) / 10) for i in range(8)]
+    ledger.add_samples(rows, {0: "test", 1: "test"}, "samples-added")
+    with pytest.raises(DatawardError, match="already in the ward: s1"):
+        ledger.add_samples(rows[1:3] + [("new", 0, 0, 0, "test", None, IMAGE)], {}, "samples-added")
+    ids0 = [r[0] for r in ledger.samples(0, images=False)]
+    m0 = ledger.register_model("denoiser", 0, 0, "models/a", ids0, "h0", {"steps": 4})
+    m1 = ledger.register_model("denoiser", 1, 0, "models/b", [r[0] for r in ledger.samples(1, images=False)], "h1", {})
+    router = ledger.register_model("router", None, 0, "models/r", ids0, "hr", {})
+    quarantined = ledger.accept_forget("req-1", ["s2"])
+    late = ledger.register_model("denoiser", 0, 1, "models/c", ids0, "h2", {})  # trained before the forget: born quarantined
+    key_id, raw = ledger.create_key("alice", [0])
+    ledger.revoke_key("alice")
+    ledger.set_meta("k", "one")
+    ledger.set_meta("k", "two", event="meta-set")
+    ledger.finish_forgets(["req-1"])
+    images = {r[0]: np.frombuffer(r[4], dtype=np.float32) for r in ledger.samples(0)}
+    return {
+        "compartments": ledger.compartments(), "counts": ledger.counts(), "ids0": ids0,
+        "models": [(m.id, m.kind, m.compartment, m.status) for m in ledger.models(any_compartment=True, status=None)],
+        "ready": [(m.id, m.kind) for m in ledger.models("router")] + [(m.id, m.kind) for m in ledger.models("denoiser", 1)],
+        "quarantined": quarantined, "late": late, "tainted": ledger.tainted_models([m0, m1, router, late]),
+        "ready_of": sorted(ledger.ready_models([m0, m1, router, late])), "forgotten": ledger.forgotten_ids(),
+        "request": {k: v for k, v in ledger.forget_request("req-1").items() if k in ("ids", "state")},
+        "key": (key_id, ledger.key_for_hash(Ledger.hash_key(raw))["revoked_at"] is not None, len(ledger.list_keys())),
+        "meta": ledger.get_meta("k"), "latest": ledger.latest_model_id(), "forget_count": ledger.forget_count(),
+        "events": [e["kind"] for e in reversed(ledger.events())], "image_sums": {k: float(v.sum()) for k, v in images.items()},
+        "saw": sorted(ledger.model_sample_ids(m0)),
+    }
+
+
+def test_the_ledger_in_postgres_behaves_as_in_sqlite(postgres, tmp_path):
+    sqlite = Ledger(tmp_path / LEDGER_FILE, create=True)
+    server = Ledger(postgres(), create=True)
+    in_sqlite, in_postgres = ledger_story(sqlite), ledger_story(server)
+    assert in_postgres == in_sqlite
+    assert in_postgres["quarantined"] == [1, 3] and in_postgres["tainted"] == [1, 3, 4]  # the forgotten s2 (compartment 0)
+    assert [status for *_, status in in_postgres["models"]] == ["quarantined", "ready", "quarantined", "quarantined"]
+    assert "s2" not in in_postgres["image_sums"] and in_postgres["counts"][0]["forgotten"] == 1
+    assert in_postgres["meta"] == "two" and in_postgres["request"] == {"ids": ["s2"], "state": "done"}
+    with pytest.raises(Exception, match="append-only"):  # the event log refuses changes in PostgreSQL too
+        server.db.execute("UPDATE events SET kind='x'")
+    with pytest.raises(Exception, match="append-only"):
+        server.db.execute("TRUNCATE events")
+    for ledger in (sqlite, server):
+        ledger.close()
+
+
+def test_bad_ledger_urls_get_clear_errors(postgres):
+    with pytest.raises(DatawardError, match="never stores secrets"):
+        Ledger("postgresql://dataward:hunter2@127.0.0.1:5432/w")
+    with pytest.raises(DatawardError, match="names no database"):
+        Ledger("postgresql://dataward@127.0.0.1:5432")
+    with pytest.raises(DatawardError, match="cannot reach the ledger database"):
+        Ledger("postgresql://dataward@127.0.0.1:1/w")
+    with pytest.raises(DatawardError, match="not a readable dataward ledger"):
+        Ledger(postgres())  # an empty database is not a ledger
+    url = postgres()
+    Ledger(url, create=True).close()
+    with pytest.raises(DatawardError, match="already holds a dataward ledger"):
+        Ledger(url, create=True)
+
+
+def test_a_ward_moved_into_postgres_samples_the_same_bytes_forgets_and_retrains(trained_ward_dir, postgres, tmp_path):
+    path = tmp_path / "w"
+    shutil.copytree(trained_ward_dir, path)
+    before = Ward.open(path)
+    expected, status = before.sample(4, seed=3), before.status()
+    before.close()
+    url = postgres()
+    result = CliRunner().invoke(app, ["ledger", str(path), "move", url])
+    assert result.exit_code == 0, result.output
+    assert "now lives in" in result.output and not (path / LEDGER_FILE).exists()
+    assert (path / LEDGER_URL_FILE).read_text().strip() == url
+    ward = Ward.open(path)
+    moved = ward.status()
+    assert moved["ledger"] == url and {**moved, "ledger": status["ledger"]} == status
+    assert np.array_equal(ward.sample(4, seed=3).images, expected.images)  # the same models, found through the new ledger
+    target = ward.ledger.samples(1, images=False)[0][0]
+    ward.forget([target])
+    assert ward.ledger.forgotten_ids() == [target]
+    assert all(target not in ward.ledger.model_sample_ids(m.id) for m in ward.ledger.models("denoiser", 1))
+    assert ward.status()["forgotten"] == 1
+    ward.close()
+    listed = CliRunner().invoke(app, ["status", str(path), "--json"])
+    assert json.loads(listed.output)["ledger"] == url
+
+
+def test_an_interrupted_move_refuses_to_open_until_it_is_finished(trained_ward_dir, postgres, tmp_path):
+    path = tmp_path / "w"
+    shutil.copytree(trained_ward_dir, path)
+    url = postgres()
+    with pytest.raises(DatawardError, match="never stores secrets"):
+        move_ledger(path, url.replace("dataward@", "dataward:secret@"))
+    assert (path / LEDGER_FILE).exists() and not (path / LEDGER_URL_FILE).exists()  # a refused move changes nothing
+    Ledger(path / LEDGER_FILE).copy_into(url)  # the move's steps 1 and 2, then a crash before step 3
+    (path / LEDGER_URL_FILE).write_text(url + "\n")
+    with pytest.raises(DatawardError, match="was interrupted; run it again with the same URL"):
+        Ward.open(path)
+    with pytest.raises(DatawardError, match="already lives in"):
+        move_ledger(path, url + "x")
+    assert move_ledger(path, url) == {"ledger": url, "rows": 0, "finished": True}
+    assert not (path / LEDGER_FILE).exists()
+    ward = Ward.open(path)
+    assert ward.status()["ledger"] == url and ward.status()["samples"] == 60
+    ward.close()
+    with pytest.raises(DatawardError, match="nothing to move"):
+        move_ledger(path, url)
