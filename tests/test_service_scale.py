@@ -124,71 +124,78 @@ def test_an_unknown_worker_kind_is_refused(service_ward):
         create_app(service_ward[0], worker_kind="fibres")
 
 
-def serve_replica(path, port: int, log) -> subprocess.Popen:
-    """`dataward serve` on 127.0.0.1:``port`` (one thread worker: light), returned once /healthz answers."""
-    argv = ["dataward", "serve", str(path), "--port", str(port), "--workers", "1", "--worker-kind", "threads", "--log-level", "warning"]
+def serve_replica(path, port: int, log, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`dataward serve` on ``host``:``port`` (one thread worker: light), started behind the command ``prefix`` (e.g. ``ip
+    netns exec HOST``), returned once /healthz answers."""
+    argv = ["dataward", "serve", str(path), "--host", host, "--port", str(port), "--workers", "1", "--worker-kind", "threads",
+            "--log-level", "warning"]
     code = f"import sys; from dataward.app.cli import main; sys.argv = {argv!r}; main()"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"http://{host}:{port}/healthz", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise AssertionError(f"replica on port {port} did not start")
+    raise AssertionError(f"replica on {host}:{port} did not start")
 
 
-@pytest.mark.parametrize("ledger", ["sqlite", "postgres"])
-def test_a_forget_through_one_replica_holds_at_once_on_the_other(service_ward, tmp_path, ledger, request):
-    """Two server processes over one ward folder (docs/scale-out.md), its ledger in SQLite or in PostgreSQL (as replicas
-    on several machines have it); clients keep generating through replica B while the forget goes through replica A.
-    Every request sent to B after A's 202 is answered by models that never saw the ID."""
-    path, keys = service_ward
-    shutil.copytree(path, tmp_path / "ward")
-    path = tmp_path / "ward"
-    if ledger == "postgres":
-        move_ledger(path, request.getfixturevalue("postgres")())
+def forget_through_a_while_b_serves(path, keys, a: str, b: str) -> None:
+    """Clients keep generating through replica ``b`` while a forget goes through replica ``a``; asserts that every request
+    sent to ``b`` after ``a``'s 202 was answered by models that never saw the ID (and that ``b`` served the old model
+    before it: the check can fail)."""
     target = id_in(path, 0, 0)
-    ports = [free_port(), free_port()]
-    with open(tmp_path / "replicas.log", "w") as log:
-        replicas = [serve_replica(path, port, log) for port in ports]
-        try:
-            a, b = (f"http://127.0.0.1:{port}" for port in ports)
-            responses: list[tuple[float, int, dict | None]] = []
-            stop = threading.Event()
+    responses: list[tuple[float, int, dict | None]] = []
+    stop = threading.Event()
 
-            def generate_on_b():
-                with httpx.Client(base_url=b, timeout=120) as http:
-                    while not stop.is_set():
-                        sent = time.monotonic()
-                        r = http.post("/v1/generate", headers=auth(keys["c0"]), json={"n": 1, "steps": STEPS})
-                        responses.append((sent, r.status_code, r.json().get("models") if r.status_code == 200 else None))
+    def generate_on_b():
+        with httpx.Client(base_url=b, timeout=120) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                r = http.post("/v1/generate", headers=auth(keys["c0"]), json={"n": 1, "steps": STEPS})
+                responses.append((sent, r.status_code, r.json().get("models") if r.status_code == 200 else None))
 
-            clients = [threading.Thread(target=generate_on_b, daemon=True) for _ in range(2)]
-            for thread in clients:
-                thread.start()
-            time.sleep(1.0)
-            accepted = httpx.post(f"{a}/v1/forget", headers=auth(keys["admin"]), json={"ids": [target]}, timeout=60)
-            acknowledged = time.monotonic()
-            assert accepted.status_code == 202, accepted.text
-            request = accepted.json()["request"]
-            deadline = time.time() + 120
-            while httpx.get(f"{b}/v1/forget/{request}", headers=auth(keys["admin"])).json()["state"] != "done":  # B sees A's forget
-                assert time.time() < deadline, "retraining did not finish"
-                time.sleep(0.2)
-            time.sleep(1.0)
-            stop.set()
-            for thread in clients:
-                thread.join(120)
-        finally:
-            for proc in replicas:
-                proc.terminate()
-                proc.wait(60)
+    clients = [threading.Thread(target=generate_on_b, daemon=True) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    time.sleep(1.0)
+    accepted = httpx.post(f"{a}/v1/forget", headers=auth(keys["admin"]), json={"ids": [target]}, timeout=60)
+    acknowledged = time.monotonic()
+    assert accepted.status_code == 202, accepted.text
+    request = accepted.json()["request"]
+    deadline = time.time() + 120
+    while httpx.get(f"{b}/v1/forget/{request}", headers=auth(keys["admin"])).json()["state"] != "done":  # B sees A's forget
+        assert time.time() < deadline, "retraining did not finish"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    stop.set()
+    for thread in clients:
+        thread.join(120)
     after = [(status, models) for sent, status, models in responses if sent > acknowledged]
     assert len(after) >= 3 and all(status in (200, 503) for status, _ in after), after
     served_after = {models["0"]["model"] for status, models in after if status == 200}
     assert served_after and forgotten_seen(path, served_after) == set()  # 0 requests answered by a model that saw the ID
     before = {models["0"]["model"] for sent, status, models in responses if sent <= acknowledged and status == 200}
     assert forgotten_seen(path, before)  # the test can fail: B served the old model until the forget
+
+
+@pytest.mark.parametrize("ledger", ["sqlite", "postgres"])
+def test_a_forget_through_one_replica_holds_at_once_on_the_other(service_ward, tmp_path, ledger, request):
+    """Two server processes over one ward folder (docs/scale-out.md), its ledger in SQLite or in PostgreSQL (as replicas
+    on several machines have it)."""
+    path, keys = service_ward
+    shutil.copytree(path, tmp_path / "ward")
+    path = tmp_path / "ward"
+    if ledger == "postgres":
+        move_ledger(path, request.getfixturevalue("postgres")())
+    ports = [free_port(), free_port()]
+    with open(tmp_path / "replicas.log", "w") as log:
+        replicas = [serve_replica(path, port, log) for port in ports]
+        try:
+            forget_through_a_while_b_serves(path, keys, *(f"http://127.0.0.1:{port}" for port in ports))
+        finally:
+            for proc in replicas:
+                proc.terminate()
+                proc.wait(60)
