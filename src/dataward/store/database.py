@@ -128,7 +128,7 @@ class PostgresDatabase:
         try:
             self.db = psycopg.connect(url, autocommit=True, connect_timeout=30)
         except psycopg.Error as error:
-            raise DatawardError(f"cannot reach the ledger database {url}: {str(error).strip()}") from None
+            raise DatawardError(f"cannot reach the ledger database {url}: {' '.join(str(error).split())}") from None
 
     def execute(self, sql: str, args: tuple | list = ()):
         """Run one statement (``?`` placeholders, as in SQLite)."""
