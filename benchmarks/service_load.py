@@ -5,6 +5,11 @@ in a temporary folder (or on --ward), measures, stops the server and exits. Each
 a time limit.
 
     python benchmarks/service_load.py --configs processes:1:1,processes:2:2,threads:2:2 --requests 40 --seconds 60
+    python benchmarks/service_load.py --configs processes:2:2 --ledger-url postgresql://dataward@127.0.0.1:5432/load
+
+With ``--ledger-url`` (an empty PostgreSQL database) every config runs twice, one after the other: on the ward with its
+SQLite ledger, then on a copy whose ledger was moved into that database (``dataward ledger move``), as replicas on
+several machines run; the table gives the PostgreSQL / SQLite throughput of each config.
 
 Each config is ``KIND:WORKERS:QUEUE`` (``dataward serve --worker-kind KIND --workers WORKERS --queue QUEUE``); all run
 in one invocation, one server after the other, and the throughput of each is printed relative to the first config's.
@@ -176,6 +181,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="Admitted requests per phase (bound).")
     parser.add_argument("--seconds", type=float, default=60.0, help="Time limit per phase (bound).")
     parser.add_argument("--single", type=int, default=8, help="Sequential requests for the single-request latency.")
+    parser.add_argument("--ledger-url", help="An empty PostgreSQL database: also measure each config with the ledger there.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
 
@@ -191,20 +197,31 @@ def main() -> None:
                 w.close()
         else:
             ward, key = build_ward(scratch)
+        ledgers = {"sqlite": ward}
+        if args.ledger_url:
+            from dataward.store.move import move_ledger
+
+            shutil.copytree(ward, scratch / "ward-postgres")
+            move_ledger(scratch / "ward-postgres", args.ledger_url)
+            ledgers["postgres"] = scratch / "ward-postgres"
         reports = []
         for config in args.configs.split(","):
             kind, workers, queue = config.split(":")
-            reports.append(measure(ward, key, kind, int(workers), int(queue), args, scratch / f"server-{len(reports)}.log"))
-            print(json.dumps(reports[-1], indent=2), flush=True)
+            for ledger, folder in ledgers.items():
+                reports.append(measure(folder, key, kind, int(workers), int(queue), args, scratch / f"server-{len(reports)}.log"))
+                reports[-1]["config"]["ledger"] = ledger
+                print(json.dumps(reports[-1], indent=2), flush=True)
         first = reports[0]["1x"]["throughput_rps"]
         print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        print("config                  throughput 1x   / first config   p99/single 1x   p99/single 4x   5xx   other")
-        for r in reports:
+        print("config                  ledger     throughput 1x   / first config   / sqlite   p99/single 1x   p99/single 4x   5xx   other")
+        for i, r in enumerate(reports):
             c = r["config"]
+            same = reports[i - list(ledgers).index(c["ledger"])]  # the SQLite run just before it, same config
             r["throughput_over_first"] = round(r["1x"]["throughput_rps"] / first, 3)
-            print(f"{c['kind']:9s} w{c['workers']} q{c['queue']:<9d} {r['1x']['throughput_rps']:10.2f} rps   {r['throughput_over_first']:12.3f}"
-                  f"   {r['1x']['p99_over_single']:13.2f}   {r['4x']['p99_over_single']:13.2f}   {r['1x']['5xx'] + r['4x']['5xx']:3d}"
-                  f"   {r['1x']['other'] + r['4x']['other']:5d}")
+            r["throughput_over_sqlite"] = round(r["1x"]["throughput_rps"] / same["1x"]["throughput_rps"], 3)
+            print(f"{c['kind']:9s} w{c['workers']} q{c['queue']:<9d} {c['ledger']:8s} {r['1x']['throughput_rps']:10.2f} rps   "
+                  f"{r['throughput_over_first']:12.3f}   {r['throughput_over_sqlite']:8.3f}   {r['1x']['p99_over_single']:13.2f}"
+                  f"   {r['4x']['p99_over_single']:13.2f}   {r['1x']['5xx'] + r['4x']['5xx']:3d}   {r['1x']['other'] + r['4x']['other']:5d}")
         if args.json:
             args.json.write_text(json.dumps(reports, indent=2))
     finally:
