@@ -129,3 +129,27 @@ def test_an_interrupted_move_refuses_to_open_until_it_is_finished(trained_ward_d
     ward.close()
     with pytest.raises(DatawardError, match="nothing to move"):
         move_ledger(path, url)
+
+
+def test_a_dropped_connection_is_made_anew_and_a_transaction_it_cut_leaves_nothing(postgres):
+    import psycopg
+
+    url = postgres()
+    ledger = Ledger(url, create=True)
+    ledger.add_samples([("s0", 0, 0, 0, "test", None, IMAGE)], {0: "test"}, "samples-added")
+
+    def drop_connection():  # what a server restart or a failover does to this replica's connection
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (ledger.db.db.info.backend_pid,))
+
+    drop_connection()
+    assert ledger.compartments() == [0]  # a read after the drop: a new connection, the same answer
+    with pytest.raises(psycopg.OperationalError):
+        with ledger.transaction() as db:
+            db.execute("INSERT INTO compartments VALUES (1, 'x', 0)")
+            drop_connection()
+            db.execute("INSERT INTO compartments VALUES (2, 'x', 0)")
+    assert ledger.compartments() == [0]  # the cut transaction left nothing
+    ledger.add_samples([("s1", 0, 1, 0, "test", None, IMAGE)], {1: "test"}, "samples-added")
+    assert ledger.compartments() == [0, 1] and ledger.counts()[1]["samples"] == 1
+    ledger.close()

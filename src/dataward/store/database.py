@@ -125,14 +125,25 @@ class PostgresDatabase:
                                 "pip install 'dataward[postgres]'") from None
         self.where = check_ledger_url(url)
         self.errors = (psycopg.Error,)
+        self._connect = lambda: psycopg.connect(url, autocommit=True, connect_timeout=30)
+        self._lost = psycopg.OperationalError
+        self._in_transaction = False
         try:
-            self.db = psycopg.connect(url, autocommit=True, connect_timeout=30)
+            self.db = self._connect()
         except psycopg.Error as error:
             raise DatawardError(f"cannot reach the ledger database {url}: {' '.join(str(error).split())}") from None
 
     def execute(self, sql: str, args: tuple | list = ()):
-        """Run one statement (``?`` placeholders, as in SQLite)."""
-        return self.db.execute(sql.replace("?", "%s"), args or None)
+        """Run one statement (``?`` placeholders, as in SQLite). Outside a transaction, a connection the server dropped
+        (a restart, a failover, an idle timeout) is made anew once and the statement run again; inside one, the error
+        is raised (the server has rolled the transaction back)."""
+        try:
+            return self.db.execute(sql.replace("?", "%s"), args or None)
+        except self._lost:
+            if self._in_transaction or not self.db.broken:
+                raise
+            self.db = self._connect()
+            return self.db.execute(sql.replace("?", "%s"), args or None)
 
     def executemany(self, sql: str, rows: list) -> None:
         """Run one statement for each row."""
@@ -144,13 +155,17 @@ class PostgresDatabase:
     @contextmanager
     def transaction(self) -> Iterator["PostgresDatabase"]:
         """A transaction that first takes the ledger's writer lock: writers run one at a time, as in SQLite."""
-        self.db.execute("BEGIN")
+        self.execute("BEGIN")
+        self._in_transaction = True
         try:
-            self.db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY,))
+            self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK_KEY,))
             yield self
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if not self.db.broken:  # a dropped connection's transaction is already rolled back by the server
+                self.db.execute("ROLLBACK")
             raise
+        finally:
+            self._in_transaction = False
         self.db.execute("COMMIT")
 
     def create_schema(self) -> None:
