@@ -361,3 +361,25 @@ def test_the_demo_summary_prints_whole_paths():
     lines = text.getvalue().splitlines()
     assert f"    {where}" in lines and "…" not in text.getvalue()
     assert "sample (12.5 s): 64 samples composed with density weights" in lines and "forget (30.0 s): 5 IDs; certificate OK" in lines
+
+
+def test_guard_command_trains_the_papers_guard_on_request_and_refuses_a_bad_weight(ward_copy):
+    from typer.testing import CliRunner
+
+    from dataward.app.cli import app
+    from dataward.errors import DatawardError
+    from dataward.ward import Ward
+
+    path = ward_copy.path
+    ward_copy.close()
+    refused = CliRunner().invoke(app, ["guard", str(path), "--steps", "2", "--nonmember-weight", "-1"])
+    assert isinstance(refused.exception, DatawardError) and "nonmember_weight must be a finite number >= 0" in str(refused.exception)
+    assert Ward.open(path).config.guard is False  # refused before anything changed
+    result = CliRunner().invoke(app, ["guard", str(path), "--steps", "2", "--nonmember-weight", "0"])
+    assert result.exit_code == 0, result.output
+    ward = Ward.open(path)
+    assert ward.config.guard and ward.config.guard_settings.nonmember_weight == 0 and ward.config.guard_settings.steps == 2
+    guards = ward.ledger.models("guard", any_compartment=True)
+    assert sorted({g.compartment for g in guards}) == ward.compartments()
+    assert not any(lineage.variant.startswith("calibrated-") for lineage in ward.lineages() if lineage.kind == "guard")  # the paper's recipe
+    ward.close()

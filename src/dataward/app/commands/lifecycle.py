@@ -172,13 +172,16 @@ def pretrain(
 def guard(
     ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     steps: Optional[int] = typer.Option(None, help="Guard training steps (default: the guard's epochs)."),
+    nonmember_weight: Optional[float] = typer.Option(None, "--nonmember-weight", help="Weight of the calibration term that keeps a "
+                                                     "guard unsure off its members (default 1; 0: the paper's guard, which also steers non-copies)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Add CPSample guards to every compartment and train them (sample with --guard)."""
     from dataclasses import replace
 
     w = open_ward(ward, device=device)
-    settings = w.config.guard_settings if steps is None else replace(w.config.guard_settings, steps=steps)
+    changes = {"steps": steps, "nonmember_weight": nonmember_weight}
+    settings = replace(w.config.guard_settings, **{k: v for k, v in changes.items() if v is not None})
     with progress_bar() as progress:
         result = w.enable_guards(settings, device=device, progress=progress)
     out.print(f"guards trained in {result['seconds']:.1f} s; sample with: dataward sample {ward} --guard")
