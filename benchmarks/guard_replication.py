@@ -15,6 +15,8 @@ arm, from the same initial noise and generator per sampling seed:
 - loss-attack membership inference (Matsumoto et al. 2023) against the denoiser a guarded sampler uses, ε̂, the
   training images vs the 297 held-out digits;
 - sampling wall time / unguarded;
+- the oracle filter: the unguarded samples minus exactly their replicas, the best any replica remover can do with this
+  denoiser (FD of what is kept / FD of random subsets of the same size);
 - how often the guard is confident (max p > 1 − α) on its members, on public images it never trained on, and on the
   held-out digits, at t = 0-500.
 
@@ -128,11 +130,30 @@ def run_ward(name: str, members: Dataset, heldout: Dataset, public: tuple[torch.
         rep = replication(x, members.images, features=net.copy_features)
         denoiser = eps if guard is None else guarded(eps, guard_guidance(guard, scale, alpha, GuardConfig().max_timestep), SCHEDULER.alphas_cumprod)
         attack = loss_attack(denoiser, SCHEDULER, members.images, heldout.images, seed=args.seed)
+        if guard is None:
+            oracle = oracle_filter(images, rep.replicated, net, f_heldout)
         rows[arm_name] = {"replication": rep.replication_rate, "cosine share": rep.cosine_share, "FD": sum(fds) / len(fds),
                           "FD by seed": fds, "seconds": seconds, "loss-attack AUC": attack.auc, "attack best t": attack.best_t,
                           "steered": activity.share, "weight": weight, "s": scale, "alpha": alpha}
         log(f"[{name}] {arm_name}: replication {rep.replication_rate:.4f}, FD {rows[arm_name]['FD']:.2f}, {seconds:.0f} s, AUC {attack.auc:.3f}")
-    return {"rows": rows, "confidence": confidence, "seconds": time.perf_counter() - clock}
+    return {"rows": rows, "confidence": confidence, "oracle": oracle, "seconds": time.perf_counter() - clock}
+
+
+def oracle_filter(images: list[torch.Tensor], replicated, net, f_heldout: torch.Tensor) -> dict:
+    """The best any replica remover can do with this denoiser: its unguarded samples minus exactly their replicas. FD of
+    what is kept, per seed, against FD of a random subset of the same size (FD depends on the sample count)."""
+    kept_fd, same_size_fd, kept = [], [], []
+    start = 0
+    for x in images:
+        keep = ~torch.as_tensor(replicated[start:start + len(x)])
+        start += len(x)
+        chosen = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: int(keep.sum())]
+        kept_fd.append(frechet_distance(net(x[keep]), f_heldout))
+        same_size_fd.append(frechet_distance(net(x[chosen]), f_heldout))
+        kept.append(int(keep.sum()))
+    fd, fd_same = sum(kept_fd) / len(kept_fd), sum(same_size_fd) / len(same_size_fd)
+    log(f"oracle filter: kept {kept} of {[len(x) for x in images]}, FD {fd:.2f} vs {fd_same:.2f} for random subsets of the same size")
+    return {"kept": kept, "FD": fd, "FD same size": fd_same, "FD ratio": fd / fd_same}
 
 
 def print_ward(name: str, result: dict) -> None:
@@ -145,6 +166,9 @@ def print_ward(name: str, result: dict) -> None:
         weight = "-" if r["weight"] is None else f"{r['weight']:g}"
         print(f"{arm:<16}{weight:>7}{r['s']:>6g}{r['alpha']:>7g}{r['replication']:>9.4f}{r['cosine share']:>8.4f}{r['FD']:>8.2f}"
               f"{r['FD'] / base['FD']:>8.3f}{r['seconds'] / base['seconds']:>9.3f}{r['loss-attack AUC']:>7.3f}{steered:>9}")
+    oracle = result["oracle"]
+    print(f"oracle filter (unguarded samples minus exactly their replicas; kept {oracle['kept']}): FD {oracle['FD']:.2f} vs "
+          f"{oracle['FD same size']:.2f} for random subsets of the same size: ratio {oracle['FD ratio']:.3f}")
     for arm, by_what in result["confidence"].items():
         for what, by_t in by_what.items():
             print(f"  {arm} confident on {what}: " + ", ".join(f"t={t}: {v:.3f}" for t, v in by_t.items()))
