@@ -89,6 +89,17 @@ def test_ray_from_the_cli_is_bitwise_equal_to_local(ray_session, reference, tmp_
     assert isinstance(result.exception, DatawardError) and "unknown executor 'spark'" in str(result.exception)
 
 
+def test_ray_workers_use_a_postgres_ledger_and_give_the_same_bytes(ray_session, reference, postgres, tmp_path):
+    from dataward.store.move import move_ledger
+
+    make_ward(tmp_path / "ward").close()
+    move_ledger(tmp_path / "ward", postgres())
+    ward = Ward.open(tmp_path / "ward")
+    ward.train(executor="ray")  # each Ray worker opens the ward, and so the PostgreSQL ledger, by itself
+    assert ward.status()["ledger"].startswith("postgresql://") and model_hashes(ward) == reference
+    ward.close()
+
+
 def test_dead_worker_is_retried_and_a_failing_job_is_reported(faults, reference, tmp_path):
     crashed = tmp_path / "crashed-once"
     # both workers die in stage 1, after stage 0's checkpoint folder was written: compartment 0's only on the first
