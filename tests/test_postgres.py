@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dataward.app.cli import app
-from dataward.errors import DatawardError
+from dataward.errors import DatawardError, LedgerUnavailable
 from dataward.store.database import LEDGER_FILE, LEDGER_URL_FILE
 from dataward.store.ledger import Ledger
 from dataward.store.move import move_ledger
@@ -74,7 +74,7 @@ def test_bad_ledger_urls_get_clear_errors(postgres):
         Ledger("postgresql://dataward:hunter2@127.0.0.1:5432/w")
     with pytest.raises(DatawardError, match="names no database"):
         Ledger("postgresql://dataward@127.0.0.1:5432")
-    with pytest.raises(DatawardError, match="cannot reach the ledger database"):
+    with pytest.raises(LedgerUnavailable, match="cannot reach the ledger database"):
         Ledger("postgresql://dataward@127.0.0.1:1/w")
     with pytest.raises(DatawardError, match="not a readable dataward ledger"):
         Ledger(postgres())  # an empty database is not a ledger
@@ -144,7 +144,7 @@ def test_a_dropped_connection_is_made_anew_and_a_transaction_it_cut_leaves_nothi
 
     drop_connection()
     assert ledger.compartments() == [0]  # a read after the drop: a new connection, the same answer
-    with pytest.raises(psycopg.OperationalError):
+    with pytest.raises(LedgerUnavailable, match="was lost during a change"):
         with ledger.transaction() as db:
             db.execute("INSERT INTO compartments VALUES (1, 'x', 0)")
             drop_connection()
@@ -153,3 +153,41 @@ def test_a_dropped_connection_is_made_anew_and_a_transaction_it_cut_leaves_nothi
     ledger.add_samples([("s1", 0, 1, 0, "test", None, IMAGE)], {1: "test"}, "samples-added")
     assert ledger.compartments() == [0, 1] and ledger.counts()[1]["samples"] == 1
     ledger.close()
+
+
+def test_a_replica_whose_ledger_is_down_answers_503_and_recovers_by_itself(service_ward, postgres, tmp_path):
+    import psycopg
+    from fastapi.testclient import TestClient
+
+    from dataward.app.service import create_app
+    from test_service import STEPS, assert_clean_error, auth
+
+    path, keys = service_ward
+    shutil.copytree(path, tmp_path / "ward")
+    url = postgres()
+    move_ledger(tmp_path / "ward", url)
+    name = url.rsplit("/", 1)[1]
+    server = url.rsplit("/", 1)[0] + "/postgres"
+
+    def allow_connections(allowed: bool):  # the ledger's database goes down (its connections cut) or comes back
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {str(allowed).lower()}")
+            if not allowed:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    body = {"n": 1, "steps": STEPS, "seed": 0}
+    with TestClient(create_app(tmp_path / "ward", pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")) as c:
+        served = c.post("/v1/generate", headers=auth(keys["c0"]), json=body)
+        assert served.status_code == 200
+        allow_connections(False)
+        try:
+            down = c.post("/v1/generate", headers=auth(keys["c0"]), json=body)
+            assert_clean_error(down, 503, "ledger cannot be reached")  # fail closed: nothing it could not check
+            assert down.headers["retry-after"] == "5"
+            assert_clean_error(c.post("/v1/forget", headers=auth(keys["admin"]), json={"ids": ["x"]}), 503, "ledger")
+            assert c.get("/healthz").status_code == 200  # the process lives on
+        finally:
+            allow_connections(True)
+        again = c.post("/v1/generate", headers=auth(keys["c0"]), json=body)  # no restart: each connection is made anew
+        assert again.status_code == 200
+        assert [s["png"] for s in again.json()["samples"]] == [s["png"] for s in served.json()["samples"]]  # same seed, same image

@@ -6,3 +6,8 @@ class DatawardError(Exception):
 
     The CLI prints its message as one line and exits non-zero; the service answers 4xx with it.
     """
+
+
+class LedgerUnavailable(DatawardError):
+    """The ward's ledger database cannot be reached now (a PostgreSQL server down or restarting): nothing was changed,
+    and the same call may succeed later. The service answers 503 with Retry-After: it never serves what it cannot check."""

@@ -19,13 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from dataward.errors import DatawardError
+from dataward.errors import DatawardError, LedgerUnavailable
 from dataward.store.schema import COUNTED_TABLES, POSTGRES_SCHEMA, SQLITE_SCHEMA, TABLES
 
 LEDGER_FILE = "ledger.sqlite"
 LEDGER_URL_FILE = "ledger.url"  # present when the ward's ledger is a PostgreSQL database
 WRITER_LOCK_KEY = 0x64617461  # the advisory lock that serialises the ledger's writers in PostgreSQL ("data")
 COPY_BATCH = 1000
+CONNECT_TIMEOUT_S = 5  # a replica whose ledger is down answers 503 after this long, not after libpq's default
 
 
 class Database(Protocol):
@@ -125,18 +126,22 @@ class PostgresDatabase:
                                 "pip install 'dataward[postgres]'") from None
         self.where = check_ledger_url(url)
         self.errors = (psycopg.Error,)
-        self._connect = lambda: psycopg.connect(url, autocommit=True, connect_timeout=30)
         self._lost = psycopg.OperationalError
         self._in_transaction = False
+        self.db = self._connect()
+
+    def _connect(self):
+        """A new connection, or :class:`LedgerUnavailable` saying why there is none."""
+        import psycopg
+
         try:
-            self.db = self._connect()
+            return psycopg.connect(self.where, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
         except psycopg.Error as error:
-            raise DatawardError(f"cannot reach the ledger database {url}: {' '.join(str(error).split())}") from None
+            raise LedgerUnavailable(f"cannot reach the ledger database {self.where}: {' '.join(str(error).split())}") from None
 
     def execute(self, sql: str, args: tuple | list = ()):
         """Run one statement (``?`` placeholders, as in SQLite). Outside a transaction, a connection the server dropped
-        (a restart, a failover, an idle timeout) is made anew once and the statement run again; inside one, the error
-        is raised (the server has rolled the transaction back)."""
+        (a restart, a failover, an idle timeout) is made anew once and the statement run again."""
         try:
             return self.db.execute(sql.replace("?", "%s"), args or None)
         except self._lost:
@@ -154,19 +159,24 @@ class PostgresDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator["PostgresDatabase"]:
-        """A transaction that first takes the ledger's writer lock: writers run one at a time, as in SQLite."""
+        """A transaction that first takes the ledger's writer lock: writers run one at a time, as in SQLite. A connection
+        lost on the way ends it with :class:`LedgerUnavailable` (the server rolls back what it had not committed)."""
         self.execute("BEGIN")
         self._in_transaction = True
         try:
-            self.execute("SELECT pg_advisory_xact_lock(?)", (WRITER_LOCK_KEY,))
+            self.db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK_KEY,))
             yield self
-        except BaseException:
-            if not self.db.broken:  # a dropped connection's transaction is already rolled back by the server
+            self.db.execute("COMMIT")
+        except BaseException as error:
+            if not self.db.broken:
                 self.db.execute("ROLLBACK")
+                raise
+            if isinstance(error, self._lost):
+                raise LedgerUnavailable(f"the connection to the ledger database {self.where} was lost during a change; the "
+                                        "server rolled it back unless it had committed it: check, then try again") from error
             raise
         finally:
             self._in_transaction = False
-        self.db.execute("COMMIT")
 
     def create_schema(self) -> None:
         """Create the tables (in the caller's transaction); refuses a database that already holds a ledger."""

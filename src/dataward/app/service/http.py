@@ -17,11 +17,12 @@ import dataward
 from dataward.app.service.core import Service
 from dataward.app.service.generation import WorkerKind
 from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, client_message
-from dataward.errors import DatawardError
+from dataward.errors import DatawardError, LedgerUnavailable
 from dataward.store.ledger import Ledger
 from dataward.ward import Ward
 
 log = logging.getLogger("dataward.app.service")
+LEDGER_RETRY_AFTER_S = 5  # seconds a client waits before trying again while the ledger database is unreachable
 
 
 def create_app(
@@ -150,6 +151,12 @@ async def _dataward_error(request: Request, error: DatawardError) -> JSONRespons
     return _error(400, client_message(error, _service(request).path))
 
 
+async def _ledger_unavailable(request: Request, error: LedgerUnavailable) -> JSONResponse:
+    log.warning("ledger unavailable on %s %s: %s", request.method, request.url.path, error)
+    return _error(503, "the ward's ledger cannot be reached right now, so nothing can be checked or served; try again",
+                  {"Retry-After": str(LEDGER_RETRY_AFTER_S)})
+
+
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     errors = []
     for e in error.errors():
@@ -175,10 +182,12 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error as JSON ``{"detail": ...}``: service errors with their status, DatawardError 400, validation 422,
+    """Every error as JSON ``{"detail": ...}``: service errors with their status, DatawardError 400, an unreachable
+    ledger 503 with Retry-After (fail closed: no answer the ledger could not check), validation 422,
     anything unexpected 500 with an incident ID for the server log (never a stack trace to a client)."""
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(DatawardError, _dataward_error)
+    app.add_exception_handler(LedgerUnavailable, _ledger_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from dataward.errors import DatawardError
+from dataward.errors import DatawardError, LedgerUnavailable
 from dataward.store.checkpoints import MODELS_DIR
 from dataward.store.lock import WriterBusy
 from dataward.training.planner import TrainJob
 from dataward.ward import Ward, WardHooks
 
 log = logging.getLogger("dataward.app.service")
-WRITER_BUSY_RETRY_SECONDS = 5.0  # how often the retraining thread looks again while another process trains the ward
+WRITER_BUSY_RETRY_SECONDS = 5.0  # how often the retraining thread looks again while another process trains the ward (or the ledger is down)
 
 
 class StaleTraining(DatawardError):
@@ -101,6 +101,11 @@ class Retrainer:
                     self._wanted.set()
             except WriterBusy as busy:  # another process (e.g. `dataward train`) is training: it retrains this too; look again later
                 log.info("retraining waits: %s", busy)
+                self._wanted.set()
+                delay = WRITER_BUSY_RETRY_SECONDS
+            except LedgerUnavailable as error:  # the ledger database is down: the forget stays pending there; look again later
+                log.warning("retraining waits for the ledger: %s", error)
+                self.last_error = str(error)
                 self._wanted.set()
                 delay = WRITER_BUSY_RETRY_SECONDS
             except DatawardError as error:  # data changed under the training (a forget): go again at once
