@@ -26,6 +26,7 @@ LEDGER_FILE = "ledger.sqlite"
 LEDGER_URL_FILE = "ledger.url"  # present when the ward's ledger is a PostgreSQL database
 WRITER_LOCK_KEY = 0x64617461  # the advisory lock that serialises the ledger's writers in PostgreSQL ("data")
 COPY_BATCH = 1000
+MIN_SQLITE = (3, 24, 0)  # INSERT ... ON CONFLICT
 CONNECT_TIMEOUT_S = 5  # a replica whose ledger is down answers 503 after this long, not after libpq's default
 
 
@@ -35,6 +36,7 @@ class Database(Protocol):
     where: str  # a file path or a URL without secrets: what error messages name
 
     def execute(self, sql: str, args: tuple | list = ()): ...
+    def insert(self, sql: str, args: tuple | list) -> int: ...
     def executemany(self, sql: str, rows: list) -> None: ...
     def transaction(self) -> Iterator["Database"]: ...
     def create_schema(self) -> None: ...
@@ -48,6 +50,8 @@ class SqliteDatabase:
     def __init__(self, path: Path, create: bool = False):
         if not create and not path.exists():
             raise DatawardError(f"no ledger at {path}: is this a ward? (create one with `dataward init`)")
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise DatawardError(f"the ledger needs SQLite >= {'.'.join(map(str, MIN_SQLITE))} (upserts); this Python has {sqlite3.sqlite_version}")
         self.where = str(path)
         self.db = sqlite3.connect(str(path), isolation_level=None, timeout=60.0, check_same_thread=False)
         try:
@@ -63,6 +67,10 @@ class SqliteDatabase:
     def execute(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
         """Run one statement."""
         return self.db.execute(sql, args)
+
+    def insert(self, sql: str, args: tuple | list) -> int:
+        """Run one INSERT into a table with an ``id`` counter; returns the new row's ID."""
+        return self.db.execute(sql, args).lastrowid
 
     def executemany(self, sql: str, rows: list) -> None:
         """Run one statement for each row."""
@@ -149,6 +157,10 @@ class PostgresDatabase:
                 raise
             self.db = self._connect()
             return self.db.execute(sql.replace("?", "%s"), args or None)
+
+    def insert(self, sql: str, args: tuple | list) -> int:
+        """Run one INSERT into a table with an ``id`` counter; returns the new row's ID."""
+        return self.execute(sql + " RETURNING id", args).fetchone()[0]
 
     def executemany(self, sql: str, rows: list) -> None:
         """Run one statement for each row."""

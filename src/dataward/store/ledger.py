@@ -190,11 +190,10 @@ class Ledger:
             # a forget accepted while this model trained: it is born quarantined, never served
             forgotten = self._any_forgotten(db, sample_ids)
             status = "quarantined" if forgotten else "ready"
-            model_id = db.execute(
-                "INSERT INTO models (kind, compartment, stage, path, ids_hash, status, public, metadata, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            model_id = db.insert(
+                "INSERT INTO models (kind, compartment, stage, path, ids_hash, status, public, metadata, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (kind, compartment, stage, path, ids_hash, status, int(public), json.dumps(metadata, sort_keys=True), time.time()),
-            ).fetchone()[0]
+            )
             db.executemany("INSERT INTO model_samples VALUES (?, ?)", [(model_id, s) for s in sample_ids])
             self.log(db, "model-ready" if not forgotten else "model-quarantined", model=model_id, model_kind=kind, compartment=compartment,
                      stage=stage, ids_hash=ids_hash)
@@ -351,8 +350,8 @@ class Ledger:
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM api_keys WHERE name=? AND revoked_at IS NULL", (name,)).fetchone():
                 raise DatawardError(f"a key named {name!r} already exists: choose another --name or revoke it first")
-            key_id = db.execute("INSERT INTO api_keys (name, key_hash, allow, admin, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
-                                (name, self.hash_key(raw), json.dumps(allow), int(admin), time.time())).fetchone()[0]
+            key_id = db.insert("INSERT INTO api_keys (name, key_hash, allow, admin, created_at) VALUES (?, ?, ?, ?, ?)",
+                               (name, self.hash_key(raw), json.dumps(allow), int(admin), time.time()))
             self.log(db, "key-created", key=key_id, name=name, allow=allow, admin=bool(admin))
         return key_id, raw
 
