@@ -191,3 +191,16 @@ def test_a_replica_whose_ledger_is_down_answers_503_and_recovers_by_itself(servi
         again = c.post("/v1/generate", headers=auth(keys["c0"]), json=body)  # no restart: each connection is made anew
         assert again.status_code == 200
         assert [s["png"] for s in again.json()["samples"]] == [s["png"] for s in served.json()["samples"]]  # same seed, same image
+
+
+def test_init_can_put_a_new_wards_ledger_in_postgres_and_leaves_nothing_on_a_bad_url(postgres, tmp_path):
+    refused = CliRunner().invoke(app, ["init", str(tmp_path / "bad"), "--data", "digits:subset=40", "--ledger", "postgresql://u:pw@h/d"])
+    assert isinstance(refused.exception, DatawardError) and "never stores secrets" in str(refused.exception)
+    assert not (tmp_path / "bad").exists()
+    url = postgres()
+    made = CliRunner().invoke(app, ["init", str(tmp_path / "w"), "--data", "digits:subset=40", "-k", "2", "--ledger", url])
+    assert made.exit_code == 0, made.output
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [LEDGER_URL_FILE, "models", "ward.json", "writer.lock"]
+    ward = Ward.open(tmp_path / "w")
+    assert ward.status()["ledger"] == url and ward.status()["samples"] == 40 and ward.compartments() == [0, 1]
+    ward.close()

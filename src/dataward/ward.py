@@ -37,9 +37,10 @@ from dataward.models.kinds import KINDS, KindContext
 from dataward.numerics import Numerics
 from dataward.certificate import forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
-from dataward.store.database import LEDGER_FILE, ledger_location
+from dataward.store.database import LEDGER_FILE, check_ledger_url, ledger_location
 from dataward.store.ledger import Ledger, ModelRecord
 from dataward.store.lock import WriterBusy, WriterLock, staged
+from dataward.store.move import switch_to_database
 from dataward.training.executors import run_on_ray
 from dataward.training.loop import TrainConfig
 from dataward.training.planner import Lineage, Planner, TrainJob
@@ -131,14 +132,18 @@ class Ward(WardChanges):
         base: str | None = None,
         adapter: str = "full",
         public_train: TrainConfig | None = None,
+        ledger_url: str | None = None,
     ) -> "Ward":
         """Make a new ward from a data source (spec string or Dataset); nothing is left behind on error. ``base``
         (:mod:`dataward.base`): public data to pretrain on (``printed:count=3000``), a ``UNet2DModel`` folder, or None
-        (random weights); ``adapter``: ``full`` or ``lora:RANK``; ``public_train``: the public base's budget (40 epochs)."""
+        (random weights); ``adapter``: ``full`` or ``lora:RANK``; ``public_train``: the public base's budget (40 epochs);
+        ``ledger_url``: an empty PostgreSQL database for the ledger (replicas on several machines), else ``ledger.sqlite``."""
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise DatawardError(f"{path} already exists and is not empty: choose a new ward folder")
         check_layout(compartments, slices, by, numerics, adapter)
+        if ledger_url is not None:
+            check_ledger_url(ledger_url)
         base_fields = base_config(base)  # fails early on bad public data
         dataset = load_source(data) if isinstance(data, str) else data
         spec = data if isinstance(data, str) else "dataset"
@@ -160,6 +165,8 @@ class Ward(WardChanges):
             config.save(staging)
             insert_samples(ledger, config, dataset.resized(image_size, channels), spec, new_compartments=compartments)
             ledger.close()
+            if ledger_url is not None:
+                switch_to_database(staging, ledger_url)
         return cls.open(path)
 
     @classmethod

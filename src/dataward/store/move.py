@@ -39,18 +39,26 @@ def move_ledger(ward: Path, url: str) -> dict:
     if not (ward / LEDGER_FILE).exists():
         raise DatawardError(f"no ledger at {ward / LEDGER_FILE}: is this a ward? (create one with `dataward init`)")
     with WriterLock(ward):
-        source = Ledger(ward / LEDGER_FILE)
-        try:
-            rows = source.copy_into(url)
-        finally:
-            source.close()
-        tmp = url_file.with_suffix(".tmp")
-        tmp.write_text(url + "\n")
-        with open(tmp) as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, url_file)
-        _remove_sqlite(ward)
+        rows = switch_to_database(ward, url)
     return {"ledger": url, "rows": rows, "finished": False}
+
+
+def switch_to_database(ward: Path, url: str) -> int:
+    """Steps (1)-(3) above on a ward folder whose writer lock the caller holds (or that no one else can see yet, as
+    ``Ward.create --ledger`` builds it). Returns the number of rows copied."""
+    source = Ledger(ward / LEDGER_FILE)
+    try:
+        rows = source.copy_into(url)
+    finally:
+        source.close()
+    url_file = ward / LEDGER_URL_FILE
+    tmp = url_file.with_suffix(".tmp")
+    tmp.write_text(url + "\n")
+    with open(tmp) as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, url_file)
+    _remove_sqlite(ward)
+    return rows
 
 
 def _remove_sqlite(ward: Path) -> None:

@@ -34,6 +34,9 @@ def init(
     steps: Optional[int] = typer.Option(None, help="Training budget in optimizer steps per compartment (overrides --epochs)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Training batch size."),
     numerics: str = typer.Option("portable", help="CPU kernels: portable (the same bytes on every AVX2 machine) | native (fastest; bytes tied to this CPU)."),
+    ledger: Optional[str] = typer.Option(None, "--ledger", metavar="URL", help="Keep the ledger in this empty PostgreSQL database "
+                                         "(postgresql://USER@HOST:PORT/DB, password in PGPASSWORD or ~/.pgpass) instead of ledger.sqlite: "
+                                         "servers on several machines can share the ward."),
 ) -> None:
     """Create a ward from a data source."""
     from dataward.base import base_summary, choose_base
@@ -42,7 +45,7 @@ def init(
 
     w = Ward.create(ward, data, compartments=compartments, by=by, slices=slices, model=model, seed=seed, image_size=image_size,
                     weights=weights, router=router, guard=guard, train=TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size),
-                    numerics=numerics, base=choose_base(base, data), adapter=adapter)
+                    numerics=numerics, base=choose_base(base, data), adapter=adapter, ledger_url=ledger)
     status = w.status()
     out.print(f"created ward [bold]{escape(str(ward))}[/bold]: {status['samples']} samples in {len(status['compartments'])} compartment(s), "
               f"{slices} slice(s) each; {escape(base_summary(w.config))}. Next: dataward train {escape(str(ward))}")
