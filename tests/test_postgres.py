@@ -204,3 +204,51 @@ def test_init_can_put_a_new_wards_ledger_in_postgres_and_leaves_nothing_on_a_bad
     ward = Ward.open(tmp_path / "w")
     assert ward.status()["ledger"] == url and ward.status()["samples"] == 40 and ward.compartments() == [0, 1]
     ward.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_no_model_stays_ready_with_a_forgotten_id_when_forgets_race_registrations(engine, request, tmp_path):
+    """Two connections at once, as two replicas have them: one registers models on the IDs it read as live (a training
+    that finishes), the other forgets IDs one by one. Afterwards no ready model saw a forgotten ID."""
+    import random
+    import threading
+
+    location = tmp_path / LEDGER_FILE if engine == "sqlite" else request.getfixturevalue("postgres")()
+    setup = Ledger(location, create=True)
+    setup.add_samples([(f"s{i:03d}", 0, 0, 0, "test", None, IMAGE) for i in range(120)], {0: "test"}, "samples-added")
+    setup.close()
+    errors: list[BaseException] = []
+
+    def trainer():
+        ledger, pick = Ledger(location), random.Random(1)
+        try:
+            for n in range(60):
+                live = [r[0] for r in ledger.samples(0, images=False)]
+                ledger.register_model("denoiser", 0, 0, f"models/m{n}", pick.sample(live, min(30, len(live))), f"h{n}", {})
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+        finally:
+            ledger.close()
+
+    def forgetter():
+        ledger = Ledger(location)
+        try:
+            for n in range(40):
+                ledger.accept_forget(f"req-{n}", [f"s{3 * n:03d}"])
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+        finally:
+            ledger.close()
+
+    threads = [threading.Thread(target=trainer), threading.Thread(target=forgetter)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert errors == []
+    ledger = Ledger(location)
+    forgotten = set(ledger.forgotten_ids())
+    ready = ledger.models("denoiser", 0)
+    assert len(forgotten) == 40 and len(ledger.models("denoiser", 0, status=None)) == 60
+    assert [m.id for m in ready if ledger.model_sample_ids(m.id) & forgotten] == []
+    ledger.close()
