@@ -47,7 +47,6 @@ class Ledger:
 
     def __init__(self, location: Path | str, create: bool = False):
         self.db: Database = connect(location, create)
-        self.path = location
         try:
             if create:
                 with self.transaction() as db:
