@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from dataward.app.cli import app
 from dataward.errors import DatawardError, LedgerUnavailable
-from dataward.store.database import LEDGER_FILE, LEDGER_URL_FILE
+from dataward.store.database import LEDGER_FILE, LEDGER_URL_FILE, check_ledger_url
 from dataward.store.ledger import Ledger
 from dataward.store.move import move_ledger
 from dataward.ward import Ward
@@ -72,6 +72,10 @@ def test_the_ledger_in_postgres_behaves_as_in_sqlite(postgres, tmp_path):
 def test_bad_ledger_urls_get_clear_errors(postgres):
     with pytest.raises(DatawardError, match="never stores secrets"):
         Ledger("postgresql://dataward:hunter2@127.0.0.1:5432/w")
+    for bad in ("postgresql://dataward:hunter2@[db/w", "mysql://dataward:hunter2@db/w"):  # never echoes the password
+        with pytest.raises(DatawardError) as refused:
+            check_ledger_url(bad)
+        assert "hunter2" not in str(refused.value) and "URL" in str(refused.value)
     with pytest.raises(DatawardError, match="names no database"):
         Ledger("postgresql://dataward@127.0.0.1:5432")
     with pytest.raises(LedgerUnavailable, match="cannot reach the ledger database"):

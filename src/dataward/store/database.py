@@ -24,6 +24,7 @@ from dataward.store.schema import COUNTED_TABLES, POSTGRES_SCHEMA, SQLITE_SCHEMA
 
 LEDGER_FILE = "ledger.sqlite"
 LEDGER_URL_FILE = "ledger.url"  # present when the ward's ledger is a PostgreSQL database
+URL_SCHEMES = ("postgresql://", "postgres://")
 WRITER_LOCK_KEY = 0x64617461  # the advisory lock that serialises the ledger's writers in PostgreSQL ("data")
 COPY_BATCH = 1000
 MIN_SQLITE = (3, 24, 0)  # INSERT ... ON CONFLICT
@@ -106,15 +107,16 @@ class SqliteDatabase:
 
 
 def check_ledger_url(url: str) -> str:
-    """``url`` if it names a PostgreSQL database without a password; a clear error otherwise."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise DatawardError(f"a ledger URL starts with postgresql://, e.g. postgresql://dataward@db.example:5432/ward, got {url!r}")
+    """``url`` if it names a PostgreSQL database without a password; a clear error otherwise (never echoing a secret)."""
+    if not url.startswith(URL_SCHEMES):
+        scheme = url.split("://", 1)[0] if "://" in url else url[:0]
+        raise DatawardError(f"a ledger URL starts with postgresql://, e.g. postgresql://dataward@db.example:5432/ward"
+                            f"{f', not {scheme}://' if scheme else ''}")
+    conninfo = psycopg_module().conninfo
     try:
-        fields = conninfo_to_dict(url)
-    except Exception as error:  # psycopg.ProgrammingError: the parse error, which never echoes a password
-        raise DatawardError(f"not a PostgreSQL URL: {error}") from None
+        fields = conninfo.conninfo_to_dict(url)
+    except Exception as error:  # psycopg.ProgrammingError, whose message may quote the URL and so a password
+        raise DatawardError(f"not a PostgreSQL URL: {' '.join(str(error).replace(url, 'the URL').split())}") from None
     if fields.get("password"):
         raise DatawardError("the ledger URL holds a password: dataward never stores secrets; drop it from the URL and give it "
                             "to libpq in PGPASSWORD or ~/.pgpass (https://www.postgresql.org/docs/current/libpq-pgpass.html)")
@@ -123,15 +125,21 @@ def check_ledger_url(url: str) -> str:
     return url
 
 
+def psycopg_module():
+    """psycopg 3 (with its conninfo module), or a clear error saying how to install it."""
+    try:
+        import psycopg
+        import psycopg.conninfo  # noqa: F401
+    except ImportError:
+        raise DatawardError("a ledger in PostgreSQL needs the psycopg driver: pip install 'dataward[postgres]'") from None
+    return psycopg
+
+
 class PostgresDatabase:
     """A ledger in a PostgreSQL database that every replica's machine reaches (psycopg 3)."""
 
     def __init__(self, url: str):
-        try:
-            import psycopg
-        except ImportError:
-            raise DatawardError("this ward's ledger is a PostgreSQL database: install the driver with "
-                                "pip install 'dataward[postgres]'") from None
+        psycopg = psycopg_module()
         self.where = check_ledger_url(url)
         self.errors = (psycopg.Error,)
         self._lost = psycopg.OperationalError
@@ -140,8 +148,7 @@ class PostgresDatabase:
 
     def _connect(self):
         """A new connection, or :class:`LedgerUnavailable` saying why there is none."""
-        import psycopg
-
+        psycopg = psycopg_module()
         try:
             return psycopg.connect(self.where, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
         except psycopg.Error as error:
@@ -225,7 +232,7 @@ def ledger_location(ward: Path) -> Path | str:
 
 def connect(location: Path | str, create: bool = False) -> Database:
     """A connection to the ledger at ``location``: a PostgreSQL URL or an SQLite file path."""
-    if isinstance(location, str) and location.startswith(("postgresql://", "postgres://")):
+    if isinstance(location, str) and location.startswith(URL_SCHEMES):
         return PostgresDatabase(location)
     return SqliteDatabase(Path(location), create)
 
