@@ -29,19 +29,16 @@ def ip(*args: str) -> None:
 @pytest.fixture
 def hosts():
     """Namespaces ``db``, ``a`` and ``b`` on a bridge (the test itself is 10.213.x.1); yields ``{name: (address, prefix)}``
-    where ``prefix`` runs a command on that host. Skips where network namespaces cannot be made (not root, no iproute2)."""
+    where ``prefix`` runs a command on that host. Skips where network namespaces cannot be made (not root, no iproute2,
+    a sandbox that forbids them)."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root and iproute2")
     tag = f"dw{os.getpid() % 100000}"
-    bridge, made = f"{tag}br", []
+    bridge, made, out = f"{tag}br", [], {}
     try:
         ip("link", "add", bridge, "type", "bridge")
-    except subprocess.CalledProcessError as error:
-        pytest.skip(f"cannot make a network bridge here: {error.stderr.decode().strip()}")
-    try:
         ip("addr", "add", f"{SUBNET}.1/24", "dev", bridge)
         ip("link", "set", bridge, "up")
-        out = {}
         for number, name in enumerate(("db", "a", "b"), start=10):
             space, link = f"{tag}{name}", f"{tag}{name}v"
             ip("netns", "add", space)
@@ -52,11 +49,20 @@ def hosts():
             for command in (["addr", "add", f"{SUBNET}.{number}/24", "dev", "eth0"], ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
                 ip("netns", "exec", space, "ip", *command)
             out[name] = (f"{SUBNET}.{number}", ("ip", "netns", "exec", space))
+    except subprocess.CalledProcessError as error:
+        remove_hosts(made, bridge)
+        pytest.skip(f"cannot make network namespaces here: {error.stderr.decode().strip()}")
+    try:
         yield out
     finally:
-        for space in made:
-            subprocess.run(["ip", "netns", "del", space], capture_output=True)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        remove_hosts(made, bridge)
+
+
+def remove_hosts(spaces: list[str], bridge: str) -> None:
+    """Remove the namespaces (their veth ends go with them) and the bridge."""
+    for space in spaces:
+        subprocess.run(["ip", "netns", "del", space], capture_output=True)
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True)
 
 
 @pytest.fixture
@@ -65,19 +71,26 @@ def ledger_host(hosts):
     initdb, pg_ctl = postgres_binary("initdb"), postgres_binary("pg_ctl")
     if initdb is None or pg_ctl is None:
         pytest.skip("PostgreSQL server programs (initdb, pg_ctl) are not installed: apt-get install postgresql")
-    user = pwd.getpwnam("postgres")
+    try:
+        user = pwd.getpwnam("postgres")  # the server refuses to run as root
+    except KeyError:
+        pytest.skip("there is no postgres user to run the server as")
     root = Path(tempfile.mkdtemp(prefix="dataward-dbhost-"))
     os.chown(root, user.pw_uid, user.pw_gid)
     as_postgres = ["runuser", "-u", "postgres", "--"]
     address, on_db = hosts["db"]
     data = root / "data"
-    subprocess.run(as_postgres + [initdb, "-D", str(data), "-A", "trust", "-U", "dataward", "--no-sync"], check=True, capture_output=True)
-    with open(data / "pg_hba.conf", "a") as hba:
-        hba.write(f"host all all {SUBNET}.0/24 trust\n")
-    subprocess.run([*on_db, *as_postgres, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "start", "-o",
-                    f"-k {root} -c listen_addresses={address} -c fsync=off"], check=True, capture_output=True)
-    subprocess.run([*on_db, *as_postgres, "psql", "-h", address, "-U", "dataward", "-d", "postgres", "-c", "CREATE DATABASE ward"],
-                   check=True, capture_output=True)
+    try:
+        subprocess.run(as_postgres + [initdb, "-D", str(data), "-A", "trust", "-U", "dataward", "--no-sync"], check=True, capture_output=True)
+        with open(data / "pg_hba.conf", "a") as hba:
+            hba.write(f"host all all {SUBNET}.0/24 trust\n")
+        subprocess.run([*on_db, *as_postgres, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "start", "-o",
+                        f"-k {root} -c listen_addresses={address} -c fsync=off"], check=True, capture_output=True)
+        subprocess.run([*on_db, *as_postgres, postgres_binary("psql") or "psql", "-h", address, "-U", "dataward", "-d", "postgres",
+                        "-c", "CREATE DATABASE ward"], check=True, capture_output=True)
+    except (subprocess.CalledProcessError, OSError) as error:  # this machine cannot run one on host db
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"could not start PostgreSQL on host db: {getattr(error, 'stderr', b'') or error}")
     yield f"postgresql://dataward@{address}:5432/ward"
     subprocess.run([*on_db, *as_postgres, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
