@@ -1,8 +1,11 @@
-"""What several commands share: parsing compartment lists and opening a ward (finishing interrupted work first)."""
+"""What several commands share: parsing compartment lists, opening a ward (finishing interrupted work first), and command
+groups on one ward (``dataward keys WARD ...``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import typer
 
 from dataward.app.terminal import console, progress_bar
 from dataward.errors import DatawardError
@@ -28,3 +31,14 @@ def open_ward(path: Path, resume: bool = True, device: str = "cpu"):
         with progress_bar() as progress:
             ward.train(device=device, progress=progress)
     return ward
+
+
+def ward_group(summary: str) -> typer.Typer:
+    """A command group on one ward, ``dataward NAME WARD COMMAND``; its commands find the folder in ``ctx.obj["ward"]``."""
+    group = typer.Typer(no_args_is_help=True, help=summary)
+
+    @group.callback()
+    def _ward(ctx: typer.Context, ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder.")) -> None:
+        ctx.ensure_object(dict)["ward"] = ward
+
+    return group

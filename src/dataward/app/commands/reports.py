@@ -62,6 +62,7 @@ def _print_compartments(compartments: list[dict], guards: bool) -> None:
 
 def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."), as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show the ward's compartments, models, forget requests and privacy (read-only: safe while training runs)."""
+    from dataward.store.database import URL_SCHEMES
     from dataward.ward import Ward
 
     w = Ward.open(ward, worker=True)
@@ -71,7 +72,7 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
         return
     cfg = s["config"]
     print_path(out, s["path"], "ward ")
-    if not s["ledger"].endswith(".sqlite"):
+    if s["ledger"].startswith(URL_SCHEMES):  # a PostgreSQL ledger; the SQLite one is in the ward folder
         print_path(out, s["ledger"], "ledger ")
     out.print(f"{s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, {cfg['slices']} slice(s), "
               f"weights {cfg['weights']}")

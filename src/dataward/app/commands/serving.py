@@ -11,17 +11,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dataward.app.commands.common import open_ward, parse_ids
+from dataward.app.commands.common import open_ward, parse_ids, ward_group
 from dataward.app.terminal import console, out
 from dataward.errors import DatawardError
 
-keys_app = typer.Typer(no_args_is_help=True, help="API keys for `dataward serve`: each key reaches only its compartments.")
-
-
-@keys_app.callback()
-def _keys(ctx: typer.Context, ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder.")) -> None:
-    """Manage a ward's API keys: dataward keys WARD create|list|revoke."""
-    ctx.ensure_object(dict)["ward"] = ward
+keys_app = ward_group("API keys for `dataward serve`: each key reaches only its compartments.")
 
 
 @keys_app.command("create")
@@ -70,13 +64,7 @@ def keys_revoke(ctx: typer.Context, key: str = typer.Argument(..., metavar="KEY"
     out.print(f"revoked key #{record['id']} ({escape(record['name'])})")
 
 
-ledger_app = typer.Typer(no_args_is_help=True, help="Where the ward's ledger lives: its SQLite file, or a PostgreSQL database shared by replicas.")
-
-
-@ledger_app.callback()
-def _ledger(ctx: typer.Context, ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder.")) -> None:
-    """Manage where a ward's ledger lives: dataward ledger WARD move URL."""
-    ctx.ensure_object(dict)["ward"] = ward
+ledger_app = ward_group("Where the ward's ledger lives: its SQLite file, or a PostgreSQL database shared by replicas.")
 
 
 @ledger_app.command("move")
