@@ -1,5 +1,7 @@
 """Audit wall time for a default digits ward at N = 1000 samples (goal: <= 2 minutes on 2 cores).
 
+Figures: BENCHMARKS.md, section "Audit".
+
     python benchmarks/audit_time.py [--n 1000] [--train-steps 300] [--threads 2] [--ward PATH] [--html report.html]
 
 Without ``--ward`` it creates a default ward (``Ward.create(path, "digits")``: one compartment, tiny UNet) in a temp

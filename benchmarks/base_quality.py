@@ -1,5 +1,7 @@
 """Compartments fine-tuned from a public base (issue 16): quality, sampling cost and forgetting of K = 8 vs the K = 1 paragon.
 
+Figures: BENCHMARKS.md, section "Compartments fine-tuned from a public base (issue 16)".
+
     python benchmarks/base_quality.py --workdir DIR [--epochs E] [--adapters full,lora:8] [--n 250] [--forgets 8] [--quick]
 
 One public base (a denoiser trained on ``printed:count=3000`` at the ward's default public budget, 40 epochs) is trained

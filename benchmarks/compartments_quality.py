@@ -1,5 +1,7 @@
 """Compartments quality (issue 4): Fréchet distance of composed K=4 / K=8 wards over the K=1 paragon, equal total compute.
 
+Figures: BENCHMARKS.md, section "Compartments from scratch: quality (issue 4)".
+
     python benchmarks/compartments_quality.py --workdir DIR [--epochs E] [--slices R] [--n 250] [--sample-steps 25] [--quick]
 
 Wards (cached in ``--workdir`` and reused by forgetting_cost.py and sampling_cost.py; a ward is trained once, its training

@@ -3,6 +3,8 @@
 and DP from scratch (step time and memory:
 ``benchmarks/dp_step_time.py``).
 
+Figures: BENCHMARKS.md, section "DP quality (issue 6)".
+
     python benchmarks/dp_quality.py [--quick] [--threads 2] [--json out.json] [--spaces pixel,latent] [--all-cells]
                                     [--dp-batch 250] [--dp-epochs 15] [--noise-multiplicity K] [--methods full,...]
                                     [--dp-seeds 0,1,2]

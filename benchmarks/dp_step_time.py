@@ -1,5 +1,7 @@
 """DP step time / non-private step time for the same trainable set, and peak memory per mode (issue 6).
 
+Figures: BENCHMARKS.md, section "Step time and memory".
+
     python benchmarks/dp_step_time.py [--rounds 5] [--steps 4] [--batch 250] [--physical 128] [--threads 2] [--json out.json]
 
 Model: the ``tiny`` preset (8x8 digits), the digits training split. For each trainable set (``attention``: DP-LDM's

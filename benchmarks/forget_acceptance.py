@@ -1,5 +1,7 @@
 """Time from `POST /v1/forget` to its 202, with and without a retraining in flight (issue 19; goal: the same).
 
+Figures: BENCHMARKS.md, section "Reliability".
+
 Starts `dataward serve` itself (loopback, a free port, as benchmarks/service_load.py does) on a K=2, R=2 ward it trains
 in a temporary folder with a budget that makes one retraining take several seconds. Each round: a forget on the idle
 server (no retraining running), then, one second later while the retraining it started runs, a second forget; both

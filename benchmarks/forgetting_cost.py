@@ -1,5 +1,7 @@
 """Forgetting cost (issue 4): wall time of ``ward.forget([id])`` (retraining included) / wall time to train the paragon.
 
+Figures: BENCHMARKS.md, section "Compartments from scratch: forgetting cost (issue 4)".
+
     python benchmarks/forgetting_cost.py --workdir DIR [--epochs E] [--slices R] [--n 250] [--sample-steps 25]
                                          [--batch 5] [--reuse-paragon-time] [--quick] [--json out.json]
 

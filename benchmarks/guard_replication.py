@@ -1,5 +1,7 @@
 """Guarded sampling (CPSample): unguarded vs the paper's guard vs the calibrated guard, same seeds, side by side.
 
+Figures: BENCHMARKS.md, section "Calibrated guard (issue 17)".
+
 Two wards, each one denoiser and its guards trained the way a ward trains compartment 0's guard:
 
 - the memorization testbed: the tiny UNet trained with ``MEMORIZE_PRESET`` on ``digits:subset=64`` (unconditional), long

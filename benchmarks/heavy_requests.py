@@ -1,6 +1,8 @@
 """Requests within the limits but heavy (issue 19, defect 5): are they served or refused at once, and does a generation
 that runs past the timeout stop?
 
+Figures: BENCHMARKS.md, section "Reliability".
+
 Starts `dataward serve` itself (loopback, a free port) on a tiny ward it trains in a temporary folder, as
 benchmarks/service_load.py does.
 

@@ -1,5 +1,7 @@
 """Learning quality within a fixed training budget (issue 2): default ``tiny`` preset, <= 4 minutes on 2 cores.
 
+Figures: BENCHMARKS.md, section "Learning quality in 4 minutes (issue 2)".
+
     python benchmarks/learning_quality.py [--minutes 4] [--steps S] [--n 500] [--threads 2] [--quick] [--json out.json]
 
 ``Ward.create(tmp, "digits", train=TrainConfig(steps=S))`` then ``ward.train()``, then ``ward.sample(n)`` (conditional,

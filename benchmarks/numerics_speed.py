@@ -1,5 +1,7 @@
 """Portable numerics / native numerics: training speed of the same job under each CPU-kernel setting (issue 21).
 
+Figures: BENCHMARKS.md, section "Reproducibility across machines (numerics)".
+
     python benchmarks/numerics_speed.py [--rounds 4] [--steps 40] [--arms native,portable,...] [--json out.json]
 
 Each arm is a fresh Python process (the kernel choice is fixed at a process's first computation) that trains the

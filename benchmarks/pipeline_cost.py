@@ -1,5 +1,7 @@
 """WardPipeline / Ward.sample time for the same work (issue 20; goal <= 1.05), and an export's size vs one compartment.
 
+Figures: BENCHMARKS.md, section "diffusers pipeline, exports and image sizes (issue 20)".
+
 Builds a K=4, R=2 ward of 400 digits fine-tuned (full) from a freshly initialised imported base in a temporary folder
 (quality is irrelevant here), then times both paths interleaved, same seeds, in one process.
 

@@ -1,5 +1,7 @@
 """Sampling cost (issue 4): composed K=8 sampling time / single-model sampling time; FD of top-k vs the full mixture.
 
+Figures: BENCHMARKS.md, section "Compartments from scratch: sampling cost (issue 4)".
+
     python benchmarks/sampling_cost.py --workdir DIR [--epochs E] [--slices R] [--n 250] [--sample-steps 25]
                                        [--time-n 100] [--time-steps 10] [--rounds 3] [--quick] [--json out.json]
 

@@ -1,5 +1,7 @@
 """Bounded load test of `dataward serve` on loopback: throughput, p50/p99 latency, 429s, 5xx at 1x and 4x capacity.
 
+Figures: BENCHMARKS.md, section "Service: process workers (issue 18)".
+
 Starts the server itself (a subprocess on 127.0.0.1 and a free port, never any other address) on a tiny ward it trains
 in a temporary folder (or on --ward), measures, stops the server and exits. Each phase is bounded by a request count and
 a time limit.

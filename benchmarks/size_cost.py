@@ -1,5 +1,7 @@
 """Seconds per training step and per sample on this machine, by model preset and image size (issue 20).
 
+Figures: BENCHMARKS.md, section "diffusers pipeline, exports and image sizes (issue 20)".
+
 `tiny` at 8x8 (digits, 1 channel) and `small` at 16 and 32 px (the bundled RGB shapes, 3 channels); one compartment,
 one slice, batch 32, no base; sampling: DDIM, 50 steps, 8 images. One process, one arm after the other.
 

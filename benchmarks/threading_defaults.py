@@ -1,5 +1,7 @@
 """Threading defaults (issue 18): how long torch's OpenMP threads spin before sleeping, alone and beside busy processes.
 
+Figures: BENCHMARKS.md, section "Threading defaults (issue 18)".
+
     python benchmarks/threading_defaults.py [--arms old,new,passive,spin10k] [--rounds 3] [--busy 2] [--steps 12]
                                             [--json out.json]
 

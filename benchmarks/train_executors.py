@@ -1,5 +1,7 @@
 """Wall time of training K compartments with the ``ray`` executor vs ``local``, and GPU vs CPU training throughput.
 
+Figures: BENCHMARKS.md, section "Scale-out".
+
     python benchmarks/train_executors.py [--k 4] [--steps 60] [--data digits:subset=600] [--cpus-per-job 1]
                                          [--ray-address ADDR] [--throughput-steps 3] [--device cuda]
 

@@ -1,5 +1,7 @@
 """Training throughput: dataward's trainer vs a plain diffusers training loop, same UNet, batch and threads (issue 2).
 
+Figures: BENCHMARKS.md, section "Training throughput (issue 2)".
+
     python benchmarks/train_throughput.py [--rounds 8] [--steps 10] [--batch 128] [--threads 2] [--quick] [--json out.json]
 
 Variants, all on the ``tiny`` preset (``dataward.models.nets.build_unet``, same seed), the digits training split, batch 128:

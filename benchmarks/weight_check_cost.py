@@ -1,5 +1,7 @@
 """Cost of checking a model's weights against the ledger's hash on load / one sample call (issue 19, goal < 5%).
 
+Figures: BENCHMARKS.md, section "Reliability".
+
     python benchmarks/weight_check_cost.py [--rounds 5] [--n 16] [--steps 50]
 
 A one-compartment ``tiny`` ward (400 digits, 20 training steps). Each round, in this process: the hash check alone
