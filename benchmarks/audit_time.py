@@ -46,7 +46,7 @@ def main() -> None:
         ward = StandInWard(per_compartment=600)
         kind = "stand-in ward (closed-form denoisers, 2 compartments x 600)"
     else:
-        from dataward.training.loop import TrainConfig
+        from dataward.config import TrainConfig
         from dataward.ward import Ward
 
         if args.ward is not None:

@@ -43,7 +43,7 @@ def load_avg() -> str:
 
 def train_base(workdir: Path, quick: bool) -> Path:
     """The public base, trained once by a ward on printed digits and saved as a UNet2DModel folder."""
-    from dataward.training.loop import TrainConfig
+    from dataward.config import TrainConfig
     from dataward.ward import Ward
 
     folder = workdir / "base-unet"
@@ -62,7 +62,7 @@ def train_base(workdir: Path, quick: bool) -> Path:
 
 def get_ward(workdir: Path, name: str, base: Path | None, adapter: str, compartments: int, epochs: float, quick: bool):
     """Open the cached ward or create and train it; returns (ward, info)."""
-    from dataward.training.loop import TrainConfig
+    from dataward.config import TrainConfig
     from dataward.ward import Ward
 
     path, info_path = workdir / name, workdir / f"{name}.train.json"

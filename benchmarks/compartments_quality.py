@@ -39,7 +39,7 @@ def load_avg() -> str:
 def get_ward(workdir: Path, name: str, *, compartments: int, slices: int, epochs: float, router: bool, threads: int = 2,
              router_epochs: float = 30.0):
     """Open the cached ward ``workdir/name`` or create and train it; returns (ward, info with training seconds)."""
-    from dataward.training.loop import TrainConfig
+    from dataward.config import TrainConfig
     from dataward.ward import Ward
 
     path, info_path = workdir / name, workdir / f"{name}.train.json"

@@ -29,16 +29,17 @@ import torch
 
 from dataward.audit.features import digits_feature_net
 from dataward.audit.metrics import downstream_accuracy, frechet_distance
+from dataward.config import AutoencoderConfig, DPConfig, TrainConfig
 from dataward.data import load_source
 from dataward.diffusion.latent import (
-    AutoencoderConfig, LatentCodec, LatentDenoiser, autoencoder_loss, build_autoencoder, latent_scaling_factor, make_latent_scheduler, sample_latent,
+    LatentCodec, LatentDenoiser, autoencoder_loss, latent_scaling_factor, make_latent_scheduler, sample_latent,
 )
 from dataward.models.adapters import add_lora
-from dataward.models.nets import build_unet, derive_seed
+from dataward.models.nets import build_autoencoder, build_unet, derive_seed
 from dataward.training.dp import dp_finetune
-from dataward.training.privacy import DPConfig, plan_dp, trainable_counts, trainable_filter
+from dataward.training.privacy import plan_dp, trainable_counts, trainable_filter
 from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
-from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
+from dataward.training.loop import TrainState, denoiser_loss, run_steps
 
 warnings.filterwarnings("ignore")
 SEED = 0
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--dp-epochs", type=int, default=15)
     parser.add_argument("--dp-batch", type=int, default=250, help="expected Poisson batch: q = 1 / ceil(1500 / batch)")
     parser.add_argument("--clip", type=float, default=None, help="DP clipping norm (default: calibrated on the public data; 1.0 from scratch)")
-    parser.add_argument("--lr", type=float, default=None, help="DP-SGD learning rate (default: dataward.training.privacy.DP_LEARNING_RATES by trainable set)")
+    parser.add_argument("--lr", type=float, default=None, help="DP-SGD learning rate (default: dataward.config.DP_LEARNING_RATES by trainable set)")
     parser.add_argument("--noise-multiplicity", type=int, default=1, help="K draws of (t, noise) per example in every DP cell (DPDM)")
     parser.add_argument("--dp-seeds", default=str(SEED),
                         help="seeds of the attention and embedding DP cells (Poisson batches, noise, clip calibration), e.g. 0,1,2: "

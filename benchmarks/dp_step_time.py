@@ -46,10 +46,11 @@ def setup(args):
 
 def run_variant(variant: str, base, data, args) -> float:
     """Seconds per logical step of one variant over --steps steps (fresh optimizer state, same weights)."""
+    from dataward.config import DPConfig, TrainConfig
     from dataward.training.dp import make_private, run_private_epochs
-    from dataward.training.privacy import DPConfig, trainable_filter
+    from dataward.training.privacy import trainable_filter
     from dataward.diffusion.sampling import make_training_scheduler
-    from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
+    from dataward.training.loop import TrainState, denoiser_loss, run_steps
 
     trainable, mode = variant.split("-")
     loss = denoiser_loss(make_training_scheduler())

@@ -30,7 +30,7 @@ def build_ward(folder: Path, steps: int) -> tuple[Path, str, list[list[str]]]:
     """A trained K=2, R=2 ward, an admin key, and per compartment the sample IDs of slice 0 (a forget retrains both stages)."""
     import torch
 
-    from dataward.training.loop import TrainConfig
+    from dataward.config import TrainConfig
     from dataward.ward import Ward
 
     torch.set_num_threads(1)

@@ -86,7 +86,7 @@ def main() -> None:
             paragon_s = paragon_info["train_seconds"]
             print(f"paragon training time from {args.workdir / 'k1.train.json'}: {paragon_s:.1f} s (NOT measured in this run)")
         else:
-            from dataward.training.loop import TrainConfig
+            from dataward.config import TrainConfig
             from dataward.ward import Ward
 
             fresh = Ward.create(scratch / "paragon", "digits", train=TrainConfig(epochs=args.epochs, threads=args.threads))

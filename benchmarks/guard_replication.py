@@ -39,6 +39,7 @@ import torch
 from dataward.audit.attacks import loss_attack
 from dataward.audit.features import digits_feature_net
 from dataward.audit.metrics import frechet_distance, replication
+from dataward.config import GuardConfig
 from dataward.data import Dataset, load_source
 from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
 from dataward.models.guard import (
@@ -46,17 +47,15 @@ from dataward.models.guard import (
     MEMORIZE_PRESET,
     MEMORIZE_SUBSET,
     GuardActivity,
-    GuardConfig,
     build_guard,
     guard_confidence_by_t,
     guard_guidance,
     guard_labels,
-    guard_loss,
-    guard_model,
     guarded,
     split_nonmembers,
 )
 from dataward.models.nets import build_unet, derive_seed
+from dataward.training.kinds import guard_loss, guard_model
 from dataward.training.loop import TrainState, denoiser_loss, run_steps
 
 DEFAULT_ARMS = "paper:0:10:0.01,calibrated:1:30:0.1,calibrated-s100:1:100:0.1"  # the paper's guard at the old defaults; the new default; a stronger one

@@ -53,10 +53,11 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
     from dataward.audit.features import digits_feature_net
+    from dataward.config import TrainConfig
     from dataward.data import load_source
     from dataward.models.nets import build_unet
     from dataward.diffusion.sampling import make_training_scheduler
-    from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
+    from dataward.training.loop import TrainState, denoiser_loss, run_steps
     from dataward.ward import Ward
 
     print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, threads {args.threads}, load average {load_avg()}")

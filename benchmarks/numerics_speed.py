@@ -37,7 +37,7 @@ PINNED = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "DATAWARD_NUMER
 WORKER = r"""
 import json, sys, tempfile, time
 import dataward, torch
-from dataward.training.loop import TrainConfig
+from dataward.config import TrainConfig
 from dataward.ward import Ward
 steps = int(sys.argv[1])
 with tempfile.TemporaryDirectory() as d:

@@ -34,11 +34,11 @@ def main() -> None:
     args = parser.parse_args()
     from diffusers.utils import logging as diffusers_logging
 
+    from dataward.config import TrainConfig
     from dataward.export import export_ward
     from dataward.models.nets import build_unet
     from dataward.pipelines import WardPipeline
     from dataward.store.checkpoints import WEIGHTS_FILE
-    from dataward.training.loop import TrainConfig
     from dataward.ward import Ward
 
     torch.set_num_threads(2)

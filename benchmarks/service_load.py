@@ -45,7 +45,7 @@ def build_ward(folder: Path) -> tuple[Path, str]:
     """A tiny trained K=2, R=2 ward and a key reaching both compartments."""
     import torch
 
-    from dataward.training.loop import TrainConfig
+    from dataward.config import TrainConfig
     from dataward.ward import Ward
 
     torch.set_num_threads(1)

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    from dataward.training.loop import TrainConfig
+    from dataward.config import TrainConfig
     from dataward.ward import Ward
 
     torch.set_num_threads(args.threads)

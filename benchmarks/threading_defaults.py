@@ -62,10 +62,11 @@ def work(arm: str, steps: int) -> dict:
 
     libgomp_read = given if arm == "old" else {k: os.environ.get(k) for k in WAIT_VARIABLES}  # what libgomp started with
 
+    from dataward.config import TrainConfig
     from dataward.data import load_source
     from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
     from dataward.models.nets import build_unet
-    from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
+    from dataward.training.loop import TrainState, denoiser_loss, run_steps
 
     torch.set_num_threads(2)
     data = load_source("digits:subset=400")

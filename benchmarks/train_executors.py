@@ -28,7 +28,7 @@ import torch
 
 
 def train_ward(path: Path, args, executor: str) -> tuple[float, dict]:
-    from dataward.training.loop import TrainConfig
+    from dataward.config import TrainConfig
     from dataward.store.checkpoints import WEIGHTS_FILE, weights_hash
     from dataward.ward import Ward
 
@@ -71,9 +71,10 @@ def executors(args) -> None:
 
 
 def samples_per_second(device: str, steps: int, batch: int = 64) -> float:
+    from dataward.config import TrainConfig
     from dataward.models.nets import build_unet
     from dataward.diffusion.sampling import make_training_scheduler
-    from dataward.training.loop import TrainConfig, TrainState, denoiser_loss
+    from dataward.training.loop import TrainState, denoiser_loss
 
     torch.set_num_threads(2)
     model = build_unet("small", 32, 1, 10, seed=0).to(device)

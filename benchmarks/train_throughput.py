@@ -54,10 +54,11 @@ def main() -> None:
 
     from diffusers.training_utils import EMAModel
 
+    from dataward.config import TrainConfig
     from dataward.data import load_source
     from dataward.models.nets import build_unet
     from dataward.diffusion.sampling import make_training_scheduler
-    from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
+    from dataward.training.loop import TrainState, denoiser_loss, run_steps
 
     data = load_source("digits")
     scheduler = make_training_scheduler()

@@ -20,8 +20,8 @@ import time
 import dataward  # noqa: F401  (first: numerics)
 import torch
 
+from dataward.config import TrainConfig
 from dataward.store.checkpoints import checkpoint_hash
-from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 

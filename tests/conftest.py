@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataward.config import TrainConfig
 from dataward.models.nets import build_unet
-from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 TINY = TrainConfig(steps=4, batch_size=16)

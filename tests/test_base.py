@@ -6,13 +6,14 @@ from conftest import TINY, make_ward, save_unet
 from safetensors.torch import load_file, save_file
 
 from dataward.base import choose_base
+from dataward.config import DPConfig, TrainConfig
 from dataward.errors import DatawardError
 from dataward.models.adapters import add_lora, is_adapter_name
 from dataward.models.nets import build_unet
 from dataward.store.checkpoints import ADAPTER_FILE, WEIGHTS_FILE, checkpoint_hash
 from dataward.training.dp import make_private
-from dataward.training.loop import TrainConfig, TrainState
-from dataward.training.privacy import DPConfig, trainable_filter
+from dataward.training.loop import TrainState
+from dataward.training.privacy import trainable_filter
 from dataward.ward import Ward
 
 

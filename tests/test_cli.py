@@ -194,7 +194,7 @@ def test_a_second_dp_setting_does_not_silently_replace_the_first(monkeypatch, ca
     """Issue 22: `train --dp` with another setting used to retrain (or un-DP) compartments the user did not name."""
     from conftest import make_ward
 
-    from dataward.training.privacy import DPConfig
+    from dataward.config import DPConfig
     from dataward.ward import Ward
 
     ward = make_ward(tmp_path / "w", compartments=2, router=False)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from dataward.config import TrainConfig
 from dataward.errors import DatawardError
-from dataward.training.loop import TrainConfig
 from dataward.store.checkpoints import WEIGHTS_FILE, weights_hash
 from dataward.ward import Ward, run_job_in_worker
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from dataward.config import GuardConfig, TrainConfig
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
 from dataward.models.guard import (
-    GuardConfig,
     build_guard,
     guard_accuracy_by_t,
     guard_confidence_by_t,
@@ -23,7 +23,6 @@ from dataward.models.guard import (
 )
 from dataward.models.nets import NoisyClassifier
 from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
-from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 # small enough to train in a few seconds on one core, big enough to memorise 48 random bits
@@ -100,13 +99,13 @@ def test_config_errors_name_the_field():
     with pytest.raises(DatawardError, match="width"):
         GuardConfig(width=20)
     with pytest.raises(DatawardError, match="max_timestep"):
-        from dataward.models.guard import guard_loss
+        from dataward.training.kinds import guard_loss
 
         guard_loss(make_training_scheduler(100), GuardConfig(max_timestep=300))
     with pytest.raises(DatawardError, match="nonmember_weight"):
         GuardConfig(nonmember_weight=float("nan"))
     with pytest.raises(DatawardError, match="non-member images"):
-        from dataward.models.guard import guard_loss
+        from dataward.training.kinds import guard_loss
 
         guard_loss(make_training_scheduler(), GuardConfig(), nonmembers=None)
 

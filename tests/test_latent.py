@@ -8,13 +8,12 @@ import pytest
 import torch
 
 import dataward.diffusion.sampling as sampling
+from dataward.config import AutoencoderConfig, DPConfig, TrainConfig
 from dataward.data import load_source
 from dataward.errors import DatawardError
-from dataward.diffusion.latent import AutoencoderConfig, LatentCodec, LatentDenoiser, make_latent_scheduler, sample_latent
+from dataward.diffusion.latent import LatentCodec, LatentDenoiser, make_latent_scheduler, sample_latent
 from dataward.models.nets import build_unet
 from dataward.training.dp import dp_finetune
-from dataward.training.privacy import DPConfig
-from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 warnings.filterwarnings("ignore", message="Secure RNG")

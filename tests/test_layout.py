@@ -1,5 +1,6 @@
-"""The house rules, checked on the source (docs/architecture.md): no import cycle, modules a newcomer reads at once,
-SQL only in the ledger (and its connections), no private member imported across modules, long functions say why."""
+"""The house rules, checked on the source (docs/architecture.md): no import cycle, dependencies that point down the
+module map, modules a newcomer reads at once, SQL only in the ledger (and its connections), no private member imported
+across modules, long functions say why."""
 
 from __future__ import annotations
 
@@ -80,6 +81,56 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
     b.write_text("def f():\n    from dataward.a import g\n")
     monkeypatch.setattr(f"{__name__}.MODULES", {"dataward": SRC / "dataward" / "__init__.py", "dataward.a": a, "dataward.b": b})
     assert _cycles() == [["dataward.a", "dataward.b", "dataward.a"]]
+
+
+# docs/architecture.md's module map as layers, bottom first: a module imports its own layer or the layers below it,
+# never one above. A name covers the module and everything under it; every module belongs to exactly one layer.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("foundation", ("dataward.errors", "dataward.numerics", "dataward.openmp", "dataward.progress", "dataward.config",
+                    "dataward.shapes", "dataward.data", "dataward.plots")),
+    ("store", ("dataward.store",)),
+    ("diffusion", ("dataward.diffusion",)),
+    ("models", ("dataward.models",)),
+    ("training", ("dataward.training",)),
+    ("facade", ("dataward.ward", "dataward.changes", "dataward.base", "dataward.assignment", "dataward.generation",
+                "dataward.pipelines", "dataward.export", "dataward.certificate", "dataward.reports")),
+    ("audit", ("dataward.audit",)),
+    ("app", ("dataward.app",)),
+)
+# Upward imports that are genuinely needed, each with its reason: (importer, imported) -> why. Keep it short.
+UPWARD_ALLOWED: dict[tuple[str, str], str] = {}
+
+
+def _layer(name: str) -> int | None:
+    found = [i for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes if name == p or name.startswith(p + ".")]
+    return found[0] if len(found) == 1 else None
+
+
+def _upward_imports() -> list[str]:
+    out = []
+    for name, path in MODULES.items():
+        if name == "dataward":  # the package: the public API names every layer (imported lazily)
+            continue
+        for target in sorted(_imports(name, path)):
+            if _layer(target) > _layer(name) and (name, target) not in UPWARD_ALLOWED:
+                out.append(f"{name} ({LAYERS[_layer(name)][0]}) imports {target} ({LAYERS[_layer(target)][0]})")
+    return out
+
+
+def test_every_module_has_one_layer():
+    assert [name for name in MODULES if name != "dataward" and _layer(name) is None] == []
+
+
+def test_dependencies_point_down_the_module_map():
+    assert _upward_imports() == []
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path, monkeypatch):
+    low, high = tmp_path / "low.py", tmp_path / "high.py"
+    low.write_text("def f():\n    from dataward.training.loop import TrainState\n")  # deferred imports count too
+    high.write_text("from dataward.config import TrainConfig\n")
+    monkeypatch.setattr(f"{__name__}.MODULES", {"dataward.config": low, "dataward.training.loop": high})
+    assert _upward_imports() == ["dataward.config (foundation) imports dataward.training.loop (training)"]
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

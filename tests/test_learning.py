@@ -4,8 +4,8 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from dataward.config import TrainConfig
 from dataward.data import load_source
-from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 

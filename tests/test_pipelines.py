@@ -108,9 +108,9 @@ def test_export_and_a_forget_that_makes_it_stale_from_the_command_line(base_ward
 def test_a_folder_of_32px_rgb_images_goes_through_the_whole_life(tmp_path):
     """init -> train (small preset) -> sample -> forget -> verify -> audit with the user's own feature network."""
     from dataward.audit import audit_ward
+    from dataward.config import TrainConfig
     from dataward.data import load_source
     from dataward.shapes import write_shapes_folder
-    from dataward.training.loop import TrainConfig
 
     folder = write_shapes_folder(tmp_path / "shapes", 36, seed=0, size=32)
     ward = Ward.create(tmp_path / "w", f"folder:{folder}", compartments=2, slices=2, model="small", image_size=32, router=False,

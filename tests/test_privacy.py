@@ -11,12 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dataward.config import DPConfig, TrainConfig
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
 from dataward.models.nets import build_classifier, build_unet
 from dataward.training.dp import backward_per_example, calibrate_clip, dp_finetune, make_private
 from dataward.training.privacy import (
-    DPConfig,
     PrivacyRecord,
     calibrate_sigma,
     epsilon_for,
@@ -29,7 +29,7 @@ from dataward.training.privacy import (
     ward_epsilon,
 )
 from dataward.diffusion.sampling import make_training_scheduler
-from dataward.training.loop import TrainConfig, TrainState
+from dataward.training.loop import TrainState
 
 warnings.filterwarnings("ignore", message="Full backward hook")
 warnings.filterwarnings("ignore", message="Secure RNG")

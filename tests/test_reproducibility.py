@@ -17,10 +17,7 @@ import torch
 
 from conftest import make_ward
 from dataward import numerics
-from dataward.models.guard import GuardConfig
-from dataward.diffusion.latent import AutoencoderConfig
-from dataward.training.privacy import DPConfig
-from dataward.training.loop import TrainConfig
+from dataward.config import AutoencoderConfig, DPConfig, GuardConfig, TrainConfig
 
 pytestmark = pytest.mark.skipif(numerics.process_numerics() != "portable",
                                 reason="pinned hashes hold under portable numerics only (an x86-64 CPU with AVX2, DATAWARD_NUMERICS unset)")
@@ -119,7 +116,8 @@ import torch
 from dataward.data import load_source
 from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
 from dataward.models.nets import build_unet
-from dataward.training.loop import TrainConfig, TrainState, denoiser_loss, run_steps
+from dataward.config import TrainConfig
+from dataward.training.loop import TrainState, denoiser_loss, run_steps
 torch.set_num_threads(2)
 config = TrainConfig(batch_size=32, threads=2)
 scheduler = make_training_scheduler()

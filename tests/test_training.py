@@ -3,10 +3,11 @@
 import torch
 from diffusers import UNet2DModel
 
+from dataward.config import TrainConfig
 from dataward.data import load_source
 from dataward.models.nets import build_unet
 from dataward.diffusion.sampling import make_training_scheduler
-from dataward.training.loop import PlainSteps, TrainConfig, TrainState, denoiser_loss, run_steps, shuffled_batches, train_batches
+from dataward.training.loop import PlainSteps, TrainState, denoiser_loss, run_steps, shuffled_batches, train_batches
 
 DATA = load_source("digits:subset=40")
 SCHED = make_training_scheduler()

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dataward.errors import DatawardError
-from dataward.models.kinds import KINDS
 from dataward.store.checkpoints import WEIGHTS_FILE, weights_hash
+from dataward.training.kinds import KINDS
 from dataward.ward import Ward, WardHooks
 
 from conftest import make_ward

@@ -5,10 +5,8 @@ import json
 import pytest
 import torch
 
+from dataward.config import DPConfig, GuardConfig, TrainConfig
 from dataward.errors import DatawardError
-from dataward.models.guard import GuardConfig
-from dataward.training.privacy import DPConfig
-from dataward.training.loop import TrainConfig
 
 from conftest import make_ward
 
@@ -75,9 +73,29 @@ def test_dp_bad_input_is_refused_before_training(tmp_path):
     assert (ward.path / "ward.json").read_text() == config_before and ward.ledger.models(any_compartment=True) == []
 
 
+def test_a_library_caller_of_enable_dp_gets_the_refusal_the_cli_gives(tmp_path):
+    """Issue 30: the one-DP-setting rule lived in the CLI, so Ward.enable_dp replaced a ward's DP setting silently."""
+    ward = make_ward(tmp_path / "w", data="digits:subset=40", router=False)
+    ward.reconfigure(dp=DPConfig(epsilon=10.0), dp_compartments=(1,))
+    config_before = (ward.path / "ward.json").read_text()
+    with pytest.raises(DatawardError, match=r"already DP-trains compartment\(s\) \[1\] at ε = 10; .*Pass --replace-dp"):
+        ward.enable_dp(DPConfig(epsilon=1.0, batch=10, epochs=1), compartments=[0], train=False)
+    assert (ward.path / "ward.json").read_text() == config_before  # nothing changed
+    ward.enable_dp(DPConfig(epsilon=1.0, batch=10, epochs=1), compartments=[0], train=False, replace_dp=True)
+    assert ward.config.dp.epsilon == 1.0 and ward.config.dp_compartments == (0,)
+
+
+def test_a_wards_default_dp_trainable_set_is_its_adapters_under_lora():
+    from dataward.config import WardConfig
+    from dataward.training.privacy import default_trainable
+
+    assert default_trainable(WardConfig(data="digits", adapter="lora:4")) == "lora"
+    assert default_trainable(WardConfig(data="digits")) == "attention"
+
+
 def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
     from dataward.audit import audit_ward
-    from dataward.diffusion.latent import AutoencoderConfig
+    from dataward.config import AutoencoderConfig
 
     ward = make_ward(tmp_path / "w", data="digits:subset=80", guard=True, guard_settings=TINY_GUARD)
     ward.train()

@@ -22,17 +22,15 @@ openmp.select_from_environment()
 
 _PUBLIC = {  # name -> the module that defines it
     "Ward": "dataward.ward", "WardConfig": "dataward.ward", "SampleResult": "dataward.ward",
-    "TrainConfig": "dataward.training.loop", "DPConfig": "dataward.training.privacy", "GuardConfig": "dataward.models.guard",
+    "TrainConfig": "dataward.config", "DPConfig": "dataward.config", "GuardConfig": "dataward.config",
     "Dataset": "dataward.data", "load_source": "dataward.data", "DatawardError": "dataward.errors",
 }
 __all__ = [*_PUBLIC, "__version__"]
 
 if TYPE_CHECKING:
+    from dataward.config import DPConfig, GuardConfig, TrainConfig
     from dataward.data import Dataset, load_source
     from dataward.errors import DatawardError
-    from dataward.models.guard import GuardConfig
-    from dataward.training.loop import TrainConfig
-    from dataward.training.privacy import DPConfig
     from dataward.ward import SampleResult, Ward, WardConfig
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from dataward.config import AssignBy, WardConfig
+from dataward.config import Adapter, AssignBy, WardConfig
 from dataward.data import Dataset
 from dataward.errors import DatawardError
 from dataward.numerics import Numerics
@@ -25,9 +25,7 @@ def check_layout(compartments: int, slices: int, by: AssignBy, numerics: Numeric
         raise DatawardError(f"--by must be random, label or source, got {by!r}")
     if numerics not in ("portable", "native"):
         raise DatawardError(f"numerics must be portable or native, got {numerics!r}")
-    rank = adapter.split(":", 1)[1] if adapter.startswith("lora:") else None
-    if adapter != "full" and not (rank is not None and rank.isdigit() and int(rank) >= 1):
-        raise DatawardError(f"adapter must be full or lora:RANK with a rank >= 1 (e.g. lora:8), got {adapter!r}")
+    Adapter.parse(adapter)
 
 
 def check_new_data(config: WardConfig, dataset: Dataset) -> None:

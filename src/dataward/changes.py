@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dataward.assignment import check_new_data, insert_samples
+from dataward.config import AutoencoderConfig, DPConfig, GuardConfig, TrainConfig
 from dataward.data import Dataset, load_source
-from dataward.diffusion.latent import AutoencoderConfig, build_autoencoder
 from dataward.errors import DatawardError
-from dataward.models.guard import GuardConfig
-from dataward.models.kinds import PUBLIC_KINDS
-from dataward.training.loop import TrainConfig
-from dataward.training.privacy import DPConfig, plan_dp
+from dataward.models.nets import build_autoencoder
+from dataward.training.kinds import PUBLIC_KINDS
+from dataward.training.privacy import check_dp_change, plan_dp
 
 
 class WardChanges:
@@ -47,8 +46,12 @@ class WardChanges:
         self.config.save(self.path)
         return self.train(device=device, progress=progress, only=PUBLIC_KINDS)
 
-    def enable_dp(self, dp: DPConfig, compartments: list[int] | None = None, train: bool = True, device: str = "cpu", progress=None) -> dict:
-        """Train the compartments' denoisers with DP-SGD (``dataward train --dp``): validated before anything is written."""
+    def enable_dp(self, dp: DPConfig, compartments: list[int] | None = None, train: bool = True, device: str = "cpu", progress=None,
+                  replace_dp: bool = False) -> dict:
+        """Train the compartments' denoisers with DP-SGD (``dataward train --dp``): validated before anything is written.
+        A ward has one DP setting: replacing a different one needs ``replace_dp``. In a ward with LoRA adapters DP trains
+        the adapters (``trainable="lora"``; :func:`dataward.training.privacy.default_trainable` names a ward's default)."""
+        check_dp_change(self.config, dp, compartments, replace_dp)
         known = self.compartments()
         chosen = known if compartments is None else sorted(set(compartments))
         unknown = [c for c in chosen if c not in known]

@@ -11,9 +11,9 @@ from typing import Protocol
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from dataward.config import WardConfig
+from dataward.config import WardConfig, WeightsName
 from dataward.diffusion.batched import StackedDenoisers
-from dataward.diffusion.compose import ComposedDenoiser, WeightsName
+from dataward.diffusion.compose import ComposedDenoiser
 from dataward.diffusion.latent import LatentCodec, LatentDenoiser, make_latent_scheduler
 from dataward.diffusion.sampling import Denoiser, make_sampler, sample_loop, unet_eps
 from dataward.errors import DatawardError

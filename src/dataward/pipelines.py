@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 
-from dataward.diffusion.compose import WeightsName
+from dataward.config import WeightsName
 from dataward.errors import DatawardError
 from dataward.generation import SampleRequest, finish_sampling, plan_sampling
 from dataward.ward import Ward

@@ -97,7 +97,7 @@ def _compartments(planner: Planner, counts: dict) -> list[dict]:
     return out
 
 
-# what a guard's training records of it (dataward.models.kinds): accuracy on its bits, and how often it is confident
+# what a guard's training records of it (dataward.training.kinds): accuracy on its bits, and how often it is confident
 # enough to steer on its members and on public images it never saw (its false positives), by t at the ward's α
 GUARD_FIGURES = ("accuracy_by_t", "alpha", "confident_members_by_t", "confident_public_by_t", "public_probe")
 

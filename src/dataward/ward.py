@@ -5,7 +5,7 @@ requests, keys, events: :mod:`dataward.store.ledger`; or ``WARD/ledger.url`` nam
 :mod:`dataward.store.checkpoints`), ``WARD/writer.lock`` (:mod:`dataward.store.lock`).
 
 :class:`Ward` is a facade over :mod:`dataward.training.planner`, :mod:`dataward.training.runner` (here or on Ray),
-:mod:`dataward.models.kinds`, :mod:`dataward.generation`, :mod:`dataward.certificate` and :mod:`dataward.reports`. The
+:mod:`dataward.training.kinds`, :mod:`dataward.generation`, :mod:`dataward.certificate` and :mod:`dataward.reports`. The
 facade alone writes the ledger (registering, forgetting) and ward.json, and owns the cache of loaded models.
 """
 
@@ -23,17 +23,15 @@ from dataward import reports
 from dataward.assignment import check_layout, insert_samples
 from dataward.base import average_models, base_config, import_base
 from dataward.changes import WardChanges
-from dataward.config import AssignBy, WardConfig
+from dataward.config import AssignBy, GuardConfig, TrainConfig, WardConfig, WeightsName
 from dataward.data import Dataset, load_source
 from dataward.diffusion.batched import StackedDenoisers
-from dataward.diffusion.compose import WeightsName
 from dataward.diffusion.latent import LatentCodec
 from dataward.diffusion.sampling import Denoiser, make_training_scheduler, unet_eps
 from dataward.errors import DatawardError
 from dataward.generation import SampleRequest, SampleResult, generate
 from dataward.models.adapters import load_merged
-from dataward.models.guard import GuardActivity, GuardConfig, guard_guidance, guarded
-from dataward.models.kinds import KINDS, KindContext
+from dataward.models.guard import GuardActivity, guard_guidance, guarded
 from dataward.numerics import Numerics
 from dataward.certificate import forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
@@ -42,7 +40,7 @@ from dataward.store.ledger import Ledger, ModelRecord
 from dataward.store.lock import WriterBusy, WriterLock, staged
 from dataward.store.move import switch_to_database
 from dataward.training.executors import run_on_ray
-from dataward.training.loop import TrainConfig
+from dataward.training.kinds import KINDS, KindContext
 from dataward.training.planner import Lineage, Planner, TrainJob
 from dataward.training.runner import JobRunner
 from dataward.training.sources import WardData
@@ -247,7 +245,7 @@ class Ward(WardChanges):
     def train(self, device: str = "cpu", progress=None, executor: str = "local", only: tuple[str, ...] | None = None, **executor_options) -> dict:
         """Train every model that is missing or out of date (after init, add, forget or a crash); finish pending forgets.
 
-        Models train in waves (:attr:`dataward.models.kinds.ModelKind.wave`): the public autoencoder (the others see its
+        Models train in waves (:attr:`dataward.training.kinds.ModelKind.wave`): the public autoencoder (the others see its
         latents), the public denoiser (DP starts from it), each compartment's models (independent jobs), the router.
         ``executor`` is ``local`` (in this process) or ``ray`` (one Ray task per job, see :mod:`dataward.training.executors`).
         ``only`` limits training to some model kinds (e.g. ``("public-denoiser",)`` for ``dataward pretrain``).

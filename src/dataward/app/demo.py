@@ -13,10 +13,8 @@ from rich.console import Console
 from rich.text import Text
 
 from dataward.app.terminal import epsilon_delta, print_path, progress_bar
-from dataward.models.guard import GuardConfig
+from dataward.config import DPConfig, GuardConfig, TrainConfig
 from dataward.plots import image_grid
-from dataward.training.privacy import DPConfig
-from dataward.training.loop import TrainConfig
 from dataward.ward import Ward
 
 

@@ -19,13 +19,13 @@ one step run in one vectorized call instead of a loop. With ``density`` the skip
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
+from dataward.config import WeightsName
 from dataward.diffusion.sampling import Denoiser
 
-WeightsName = Literal["router", "density", "soup"]  # soup: one averaged model, not a mixture (dataward.base.average_state)
 # router(x_t, t) -> logits (N, K_all) over every compartment the router was trained on
 Router = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

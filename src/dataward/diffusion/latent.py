@@ -1,5 +1,6 @@
-"""Latent diffusion (DP-LDM's first half): a small diffusers ``AutoencoderKL`` trained on PUBLIC data, and the latent
-denoiser wrapper that lets the one sampling loop run in its latent space.
+"""Latent diffusion (DP-LDM's first half): a small diffusers ``AutoencoderKL`` trained on PUBLIC data (built by
+:func:`dataward.models.nets.build_autoencoder`), and the latent denoiser wrapper that lets the one sampling loop run in
+its latent space.
 
 The autoencoder is trained with the ordinary trainer (:func:`dataward.training.loop.run_steps`) on an unreduced per-sample
 loss (reconstruction + ``kl_weight`` * KL). Encoding uses the posterior mean (deterministic), scaled by a factor computed
@@ -18,65 +19,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 
 import dataward.diffusion.sampling as sampling
+from dataward.config import AutoencoderConfig, SamplerName
 from dataward.data import Dataset
 from dataward.errors import DatawardError
-from dataward.models.nets import seeded_init
-from dataward.training.loop import TrainConfig
-
-
-@dataclass(frozen=True)
-class AutoencoderConfig:
-    """A small ``AutoencoderKL`` for 8x8 (or 16x16) grey digits. Saved as JSON next to the weights."""
-
-    image_size: int = 8  # input H = W
-    channels: int = 1  # input channels
-    latent_channels: int = 4  # C' of the latent (C', H / 2, W / 2): 4x4x4 for 8x8 images
-    block_out_channels: tuple[int, ...] = (16, 32)  # encoder/decoder widths; len - 1 downsamplings by 2
-    layers_per_block: int = 2  # resnet blocks per level
-    norm_num_groups: int = 8  # GroupNorm groups (must divide every width)
-    kl_weight: float = 1e-4  # β: weight of the KL to N(0, I) per latent dimension, relative to the pixel MSE
-    steps: int = 1000  # Adam steps of pretraining (~50 s on 1 CPU thread)
-    batch_size: int = 64  # examples per step
-    lr: float = 6e-3  # Adam learning rate
-
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C', h, w) of one latent."""
-        side = self.image_size // 2 ** (len(self.block_out_channels) - 1)
-        return (self.latent_channels, side, side)
-
-    def train_config(self, threads: int = 2) -> TrainConfig:
-        """The trainer settings of autoencoder pretraining (EMA decay 0.99: few steps)."""
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, ema_decay=0.99, threads=threads)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "AutoencoderConfig":
-        """Parse the JSON form (``asdict``), naming any unknown field."""
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise DatawardError(f"autoencoder config has unknown field(s): {', '.join(sorted(unknown))}")
-        return cls(**{**data, "block_out_channels": tuple(data.get("block_out_channels", cls.block_out_channels))})
-
-
-def build_autoencoder(config: AutoencoderConfig, seed: int) -> AutoencoderKL:
-    """An ``AutoencoderKL`` with weights drawn from ``seed``."""
-    levels = len(config.block_out_channels)
-    if config.image_size % 2 ** (levels - 1):
-        raise DatawardError(f"autoencoder image_size {config.image_size} is not divisible by {2 ** (levels - 1)}")
-    return seeded_init(
-        lambda: AutoencoderKL(
-            in_channels=config.channels,
-            out_channels=config.channels,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=tuple(config.block_out_channels),
-            layers_per_block=config.layers_per_block,
-            latent_channels=config.latent_channels,
-            norm_num_groups=config.norm_num_groups,
-            sample_size=config.image_size,
-            mid_block_add_attention=False,
-        ),
-        seed,
-    )
 
 
 def autoencoder_loss(kl_weight: float):
@@ -133,7 +78,7 @@ def latent_scaling_factor(autoencoder: AutoencoderKL, config: AutoencoderConfig,
 # Sampling in latent space
 
 
-def make_latent_scheduler(training_scheduler: DDPMScheduler, sampler: sampling.SamplerName = "ddim") -> DDPMScheduler | DDIMScheduler:
+def make_latent_scheduler(training_scheduler: DDPMScheduler, sampler: SamplerName = "ddim") -> DDPMScheduler | DDIMScheduler:
     """The sampling scheduler of ``training_scheduler``'s noise schedule without x_0 clipping (latents are unbounded)."""
     scheduler = sampling.make_sampler(training_scheduler, sampler)
     return type(scheduler).from_config(scheduler.config, clip_sample=False)

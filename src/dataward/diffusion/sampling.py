@@ -7,12 +7,12 @@ are wrappers that return the same kind of callable, so this loop never knows abo
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Protocol
+from typing import Callable, Protocol
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-SamplerName = Literal["ddim", "ddpm"]
+from dataward.config import SamplerName
 
 
 class Denoiser(Protocol):

@@ -28,74 +28,27 @@ Deviations from the paper, all documented on the functions:
 - the confidence test is per sample (the paper's Algorithm 1 is per sample too; we state it so batched sampling is clear).
 
 The ward trains guards like every other model: the shared deterministic trainer (:class:`dataward.training.loop.TrainState`,
-:func:`dataward.training.loop.run_steps`) with :func:`guard_loss` and the guard labels as ``targets``; this module gives
-the network (:func:`build_guard`), the loss, the labels and the guidance.
+:func:`dataward.training.loop.run_steps`) with :func:`dataward.training.kinds.guard_loss` (the loss and its calibration
+term) and the guard labels as ``targets``; this module gives the network (:func:`build_guard`), the labels, the
+confidence measures and the guidance.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from diffusers import DDPMScheduler
 
+from dataward.config import GuardConfig, TrainConfig, check_guidance
 from dataward.data import Dataset
+from dataward.diffusion.sampling import Denoiser, Guidance, guide_eps
 from dataward.errors import DatawardError
 from dataward.models.nets import NoisyClassifier, build_classifier, derive_seed
-from dataward.diffusion.sampling import Denoiser, Guidance, guide_eps
-from dataward.training.loop import PerSampleLoss, TrainConfig, TrainState, classifier_loss
 
 
 # The memorization testbed (issue 5): the tiny UNet trained on ``digits:subset=MEMORIZE_SUBSET`` with this config
 # replicates training images when sampled unguarded (see BENCHMARKS.md, "Guarded sampling").
 MEMORIZE_SUBSET = 64  # training images: digits:subset=64 (seed 0)
 MEMORIZE_PRESET = TrainConfig(steps=600, batch_size=64, lr=2e-3, ema_decay=0.995)  # 600 full-batch steps (600 epochs)
-
-
-def check_guidance(scale: float, alpha: float) -> None:
-    """Refuse a guidance scale s < 0 or a threshold α outside (0, 0.5) (the one check, for configs and calls alike)."""
-    if scale < 0:
-        raise DatawardError(f"guard scale must be >= 0, got {scale}")
-    if not 0.0 < alpha < 0.5:
-        raise DatawardError(f"guard alpha must be in (0, 0.5), got {alpha}")
-
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """How a guard is built, trained and applied. Saved as JSON next to the guard's weights."""
-
-    width: int = 64  # classifier base channels (NoisyClassifier width): enough to memorise the random bits of 64 digits at t < 300 (~0.9 at t = 500)
-    levels: int = 2  # resolution levels of the classifier (8x8 -> 4x4)
-    blocks_per_level: int = 1  # ResNet blocks per level
-    epochs: float = 500.0  # passes over the guard's data (used when ``steps`` is None); 500 steps for 64 images
-    steps: int | None = None  # if set, overrides epochs: optimizer steps over all stages
-    batch_size: int = 64  # examples per optimizer step
-    lr: float = 1e-3  # Adam learning rate
-    ema_decay: float = 0.99  # EMA of the guard's weights; the EMA weights are the ones that guide sampling
-    max_timestep: int = 600  # the guard trains on t in [0, max_timestep) and guides only there (of T = 1000)
-    scale: float = 30.0  # default guidance scale s (BENCHMARKS.md, guarded sampling: the calibrated guard's replication / FD trade-off)
-    alpha: float = 0.1  # default threshold α: guide where max_y p(y | x_t) > 1 − α (a calibrated guard is rarely that sure off its members)
-    nonmember_weight: float = 1.0  # weight of the calibration term on non-member images (0: the paper's guard, confident far from its members)
-    nonmembers: str = "printed:count=1200"  # public non-member images: all but the last CONFIDENCE_PROBE train the calibration, those are the status figure
-    threads: int = 2  # torch intra-op threads during training (part of the determinism contract)
-
-    def __post_init__(self) -> None:
-        if self.width < 16 or self.width % 16:
-            raise DatawardError(f"guard width must be a positive multiple of 16 (GroupNorm groups), got {self.width}")
-        if self.levels < 1 or self.blocks_per_level < 1:
-            raise DatawardError(f"guard levels and blocks_per_level must be >= 1, got {self.levels} and {self.blocks_per_level}")
-        if self.max_timestep < 1:
-            raise DatawardError(f"guard max_timestep must be >= 1, got {self.max_timestep}")
-        check_guidance(self.scale, self.alpha)
-        if not (self.nonmember_weight >= 0 and math.isfinite(self.nonmember_weight)):
-            raise DatawardError(f"guard nonmember_weight must be a finite number >= 0, got {self.nonmember_weight}")
-
-    def train_config(self) -> TrainConfig:
-        """The shared trainer's config for this guard."""
-        return TrainConfig(
-            epochs=self.epochs, steps=self.steps, batch_size=self.batch_size, lr=self.lr, ema_decay=self.ema_decay, threads=self.threads
-        )
 
 
 def guard_labels(ids, seed: int) -> torch.Tensor:
@@ -108,54 +61,12 @@ def build_guard(channels: int, seed: int, config: GuardConfig = GuardConfig()) -
     return build_classifier(channels, num_classes=2, seed=seed, width=config.width, levels=config.levels, blocks_per_level=config.blocks_per_level)
 
 
-def guard_loss(scheduler: DDPMScheduler, config: GuardConfig = GuardConfig(), nonmembers: torch.Tensor | None = None) -> PerSampleLoss:
-    """Per-example cross-entropy on x_t = scheduler.add_noise(x_0, ε, t), t uniform in [0, max_timestep), plus (when
-    ``config.nonmember_weight > 0``) the calibration term on non-member images: per batch of n members, n / CALIBRATION_SHARE
-    drawn from ``nonmembers`` (public images as the guard sees them) and as many mixtures of two different members of the
-    batch (see the module docstring)."""
-    if config.max_timestep > scheduler.config.num_train_timesteps:
-        raise DatawardError(
-            f"guard max_timestep {config.max_timestep} exceeds the scheduler's num_train_timesteps {scheduler.config.num_train_timesteps}"
-        )
-    members_loss = classifier_loss(scheduler, config.max_timestep)
-    if not config.nonmember_weight:
-        return members_loss
-    if nonmembers is None or len(nonmembers) == 0:
-        raise DatawardError("a calibrated guard (nonmember_weight > 0) needs non-member images: set GuardConfig.nonmembers")
-
-    def loss(model, x0, y, targets, generator):
-        own = members_loss(model, x0, y, targets, generator)
-        n = x0.shape[0]
-        k = max(1, n // CALIBRATION_SHARE)  # a quarter of a batch of each kind: half a batch more to classify per step
-        public = nonmembers[torch.randint(0, len(nonmembers), (k,), generator=generator)].to(x0.device)
-        order = torch.randperm(n, generator=generator).to(x0.device)  # pairs (order[i], order[i - 1]): two different members
-        share = 0.25 + 0.5 * torch.rand(k, *([1] * (x0.ndim - 1)), generator=generator).to(x0.device)
-        mixed = share * x0[order[:k]] + (1 - share) * x0[order.roll(1)[:k]]
-        z = torch.cat([public, mixed]) if n > 1 else public
-        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(x0.device)
-        t = torch.randint(0, config.max_timestep, (len(z),), generator=generator).to(x0.device)
-        log_p = torch.log_softmax(model(scheduler.add_noise(z, noise, t), t).float(), dim=1)
-        off_uniform = -log_p.mean(dim=1) - math.log(log_p.shape[1])  # KL(uniform ‖ p) >= 0, zero at p = 1/2
-        return own + config.nonmember_weight * off_uniform.mean()
-
-    return loss
-
-
-CALIBRATION_SHARE = 4  # per batch of n members, n / 4 public images and n / 4 blends: on the testbed as calibrated as n + n
-# (public false positives 0.00-0.01, held-out 0.25-0.27 vs 0.31) at half the training time (17 vs 33 s; the paper's guard 12 s)
-
-
 def split_nonmembers(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibration images, probe images): the last ``CONFIDENCE_PROBE`` public images are never trained on; they
     measure how often the guard is confident on images it has not seen (the figure ``status`` reports)."""
     if len(images) <= CONFIDENCE_PROBE:
         raise DatawardError(f"guard non-members need more than {CONFIDENCE_PROBE} images (the probe), got {len(images)}")
     return images[:-CONFIDENCE_PROBE], images[-CONFIDENCE_PROBE:]
-
-
-def guard_model(state: TrainState) -> NoisyClassifier:
-    """A copy of the trained guard holding the EMA weights, in eval mode (what guides sampling and gets saved)."""
-    return state.ema_model().requires_grad_(False)
 
 
 @torch.no_grad()

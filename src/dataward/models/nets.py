@@ -1,7 +1,8 @@
-"""Networks: the denoiser presets (diffusers ``UNet2DModel``) and a time-conditioned classifier on noisy inputs.
+"""Networks: the denoiser presets (diffusers ``UNet2DModel``), a time-conditioned classifier on noisy inputs, and the
+public autoencoder of latent wards (diffusers ``AutoencoderKL``).
 
 The classifier serves as the compartment router (targets: compartment index) and as the CPSample guard
-(targets: random bits). Both are diffusers models, so every checkpoint is a folder that ``from_pretrained`` loads.
+(targets: random bits). All are diffusers models, so every checkpoint is a folder that ``from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import hashlib
 from typing import Literal
 
 import torch
-from diffusers import ConfigMixin, ModelMixin, UNet2DModel
+from diffusers import AutoencoderKL, ConfigMixin, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 
+from dataward.config import AutoencoderConfig
 from dataward.errors import DatawardError
 
 Preset = Literal["tiny", "small", "base"]
@@ -117,4 +119,26 @@ def build_classifier(in_channels: int, num_classes: int, seed: int, width: int =
     """A noisy-input classifier with weights drawn from ``seed``."""
     return seeded_init(
         lambda: NoisyClassifier(in_channels=in_channels, num_classes=num_classes, width=width, levels=levels, blocks_per_level=blocks_per_level), seed
+    )
+
+
+def build_autoencoder(config: AutoencoderConfig, seed: int) -> AutoencoderKL:
+    """An ``AutoencoderKL`` with weights drawn from ``seed``."""
+    levels = len(config.block_out_channels)
+    if config.image_size % 2 ** (levels - 1):
+        raise DatawardError(f"autoencoder image_size {config.image_size} is not divisible by {2 ** (levels - 1)}")
+    return seeded_init(
+        lambda: AutoencoderKL(
+            in_channels=config.channels,
+            out_channels=config.channels,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            latent_channels=config.latent_channels,
+            norm_num_groups=config.norm_num_groups,
+            sample_size=config.image_size,
+            mid_block_add_attention=False,
+        ),
+        seed,
     )

@@ -19,7 +19,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -27,7 +27,6 @@ from safetensors.torch import load_file
 
 from dataward.errors import DatawardError
 from dataward.store.ledger import Ledger, ModelRecord
-from dataward.training.loop import TrainState
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA adapter's tensors (dataward.models.adapters): served as base + adapter
@@ -52,7 +51,15 @@ def folder_prefix(kind: str, compartment: int | None) -> str:
     return f"{kind}-c{'all' if compartment is None else compartment}-s"
 
 
-def write_checkpoint(out_root: Path, prefix: str, model: torch.nn.Module, state: TrainState, metadata: Callable[[str], dict]) -> tuple[str, dict]:
+class SavedState(Protocol):
+    """What a checkpoint keeps to continue training: :class:`dataward.training.loop.TrainState` (the store sits below
+    training, so it names only the one method it calls)."""
+
+    def save(self, path: Path) -> None:
+        """Write the state to one file."""
+
+
+def write_checkpoint(out_root: Path, prefix: str, model: torch.nn.Module, state: SavedState, metadata: Callable[[str], dict]) -> tuple[str, dict]:
     """Write a checkpoint folder ``<prefix>-<8 hex>`` under ``out_root`` atomically (a temp folder, then a rename):
     ``model`` (holding the weights to serve), ``state`` and ``metadata(weights_sha256)``. Returns (folder name, metadata)."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"

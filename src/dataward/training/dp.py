@@ -29,12 +29,13 @@ import torch
 from diffusers import DDPMScheduler
 from torch.utils.data import DataLoader, TensorDataset
 
+from dataward.config import DPConfig, TrainConfig, Trainable
 from dataward.data import Dataset
 from dataward.errors import DatawardError
 from dataward.models.nets import derive_seed
-from dataward.training.loop import Batch, PerSampleLoss, TrainConfig, TrainState, denoiser_loss, finite_mean, train_batches
+from dataward.training.loop import Batch, PerSampleLoss, TrainState, denoiser_loss, finite_mean, train_batches
 from dataward.training.privacy import (
-    CLIP_CALIBRATION_EXAMPLES, CLIP_WITHOUT_PUBLIC_DATA, DPConfig, DPPlan, PrivacyRecord, Trainable, plan_dp, trainable_filter,
+    CLIP_CALIBRATION_EXAMPLES, CLIP_WITHOUT_PUBLIC_DATA, DPPlan, PrivacyRecord, plan_dp, trainable_filter,
 )
 
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
@@ -24,37 +23,12 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
+from dataward.config import TrainConfig
 from dataward.data import Dataset
 from dataward.errors import DatawardError
 
 # per_sample_loss(model, x0 (B, C, H, W), y (B,) or None, targets (B,) or None, generator) -> (B,) unreduced losses
 PerSampleLoss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Generator], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How one model is trained. Saved as JSON in every checkpoint's metadata."""
-
-    epochs: float = 200.0  # passes over the model's data (the explicit compute budget, comparable across K)
-    steps: int | None = None  # if set, overrides epochs: optimizer steps over all stages
-    batch_size: int = 128  # examples per optimizer step
-    lr: float = 2e-3  # Adam learning rate
-    ema_decay: float = 0.995  # EMA of weights used for sampling (warm-up: min(decay, (1+n)/(10+n)))
-    threads: int = 2  # torch intra-op threads; part of the determinism contract
-
-    def batch_for(self, n_examples: int) -> int:
-        """The batch actually drawn from ``n_examples``: ``batch_size``, or all of them when there are fewer."""
-        return max(1, min(self.batch_size, n_examples))
-
-    def epoch_steps(self, epochs: float, n_examples: int) -> int:
-        """Optimizer steps that make ``epochs`` passes over ``n_examples`` at the batch actually drawn (at least 1)."""
-        return max(1, math.ceil(epochs * n_examples / self.batch_for(n_examples)))
-
-    def total_steps(self, n_examples: int) -> int:
-        """Optimizer steps over all stages for a model trained on ``n_examples``."""
-        if self.steps is not None:
-            return self.steps
-        return self.epoch_steps(self.epochs, n_examples)
 
 
 def denoiser_loss(scheduler: DDPMScheduler) -> PerSampleLoss:
@@ -269,8 +243,3 @@ def run_steps(
     """``steps`` Adam steps on ``data`` (epoch-wise shuffles from ``generator``); updates EMA after each step."""
     batches = shuffled_batches(data, config.batch_for(len(data)), steps, generator, targets, device)
     train_batches(state, batches, per_sample_loss, generator, on_step=on_step)
-
-
-def config_dict(config) -> dict:
-    """A frozen config dataclass as a JSON-ready dict."""
-    return asdict(config)

@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from dataward.config import WardConfig
+from dataward.config import TrainConfig, WardConfig
 from dataward.data import ids_hash
-from dataward.models.kinds import KINDS, KindContext
 from dataward.store.ledger import Ledger, ModelRecord
-from dataward.training.loop import TrainConfig
+from dataward.training.kinds import KINDS, KindContext
 from dataward.training.sources import WardData
 
 DP_VARIANT_PREFIX = "dp-"  # variant of DP fine-tuning (one phase, no slices, from the public model)
@@ -31,7 +30,7 @@ CALIBRATED_VARIANT_PREFIX = "calibrated-"  # variant of calibrated guards: names
 class Lineage:
     """One kind of model for one compartment (or for all, the router), trained stage by stage."""
 
-    kind: str  # a name in dataward.models.kinds.KINDS
+    kind: str  # a name in dataward.training.kinds.KINDS
     compartment: int | None
     stage_ids: tuple[tuple[str, ...], ...]  # sorted IDs each stage trains on (cumulative slices)
     config: TrainConfig

@@ -1,5 +1,6 @@
-"""What DP-SGD means for one model (DP-LDM, Lyu et al. arXiv 2305.15759; DPDM, Dockhorn et al.): the config, the
-trainable set, the validated plan, and the accounting. The training itself wraps the one loop: :mod:`dataward.training.dp`.
+"""What DP-SGD means for one model (DP-LDM, Lyu et al. arXiv 2305.15759; DPDM, Dockhorn et al.): the trainable set,
+the validated plan, the accounting, and a ward's DP rules (its default trainable set, one DP setting per ward). The
+config is :class:`dataward.config.DPConfig`; the training itself wraps the one loop: :mod:`dataward.training.dp`.
 
 The accounting is an object you can save: :class:`PrivacyRecord` holds the accountant's state (opacus
 ``IAccountant.state_dict()``: the history of ``(sigma, q, steps)``), ``delta``, ``C``, and the trainable set, goes to JSON
@@ -13,58 +14,17 @@ import functools
 import math
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
+from dataward.config import ACCOUNTANT_CHOICES, GRAD_SAMPLE_CHOICES, TRAINABLE_CHOICES, AccountantName, DPConfig, Trainable, WardConfig
 from dataward.errors import DatawardError
 from dataward.models.adapters import is_adapter_name
 
-Trainable = Literal["attention", "embedding", "full", "lora"]
-AccountantName = Literal["prv", "rdp"]
-GradSampleMode = Literal["hooks", "functorch"]
-
-TRAINABLE_CHOICES = ("attention", "embedding", "full", "lora")
-ACCOUNTANT_CHOICES = ("prv", "rdp")
-GRAD_SAMPLE_CHOICES = ("hooks", "functorch")
-# Adam learning rates of DP-SGD by trainable set, from the sweep in BENCHMARKS.md ("Private fine-tuning"): the few
-# attention parameters want large steps (at 2e-3 the noise drowns them: CAS 0.65 vs 0.80 at 1e-2), while 1e-2 on the
-# whole model is ruinous (0.46 vs 0.76 at 2e-3); the class embedding alone (1,280 numbers) wants 1e-1 (ε = 1: CAS 0.76;
-# 0.64 at 1e-2, 0.72 at 4e-1).
-DP_LEARNING_RATES = {"attention": 1e-2, "embedding": 1e-1, "full": 2e-3, "lora": 1e-2}
 DELTA_DEFAULT_FACTOR = 10  # default delta = 1 / (DELTA_DEFAULT_FACTOR * N)
 CLIP_CALIBRATION_EXAMPLES = 128  # public examples whose median gradient norm is the default clipping norm
 CLIP_WITHOUT_PUBLIC_DATA = 1.0  # the default clipping norm when there is no public data to calibrate on
-
-
-@dataclass(frozen=True)
-class DPConfig:
-    """How a model is trained with DP-SGD. Saved as JSON in the model's metadata (with the :class:`PrivacyRecord`).
-
-    The EMA decay and thread count come from :class:`~dataward.training.loop.TrainConfig`; its ``lr``, ``epochs``,
-    ``steps`` and ``batch_size`` are NOT used here: ``lr`` below is DP-SGD's, and ``epochs`` and ``batch`` define the
-    sampling the accountant sees.
-    """
-
-    epsilon: float = 10.0  # target ε for the whole run; sigma is calibrated so the accountant's ε <= this
-    delta: float | None = None  # target δ; None -> 1 / (10 N) for N private examples; must be < 1 / N
-    clip: float | None = None  # C: per-sample gradients are clipped to L2 norm <= C (flat, over the trainable parameters);
-    # None: the median per-example gradient norm of the starting model on public data (calibrate_clip), 1.0 without any
-    batch: int = 256  # expected logical batch under Poisson sampling; q = 1 / ceil(N / batch) (opacus's convention)
-    epochs: int = 50  # passes; one pass = ceil(N / batch) logical steps, so steps = epochs * ceil(N / batch)
-    trainable: Trainable = "attention"  # attention: the DP-LDM recipe (attention modules + class embedding); embedding: the
-    # class embedding only (the least noise: best on small private sets and at small ε); full: all; lora: the compartment's
-    # adapter on the ward's base (a ward with adapter="lora:RANK" trains this and only this)
-    lr: float | None = None  # Adam learning rate; None: DP_LEARNING_RATES[trainable] (attention 1e-2, embedding 1e-1, full 2e-3)
-    accountant: AccountantName = "prv"  # prv (Gopi et al. 2021, tight) or rdp (Mironov 2017, looser upper bound)
-    max_physical_batch: int = 128  # logical batches are split into physical ones of at most this size (BatchMemoryManager)
-    secure_rng: bool = False  # cryptographically secure sampling and noise (needs torchcsprng); not bitwise reproducible
-    grad_sample_mode: GradSampleMode = "hooks"  # per-sample gradients: opacus hooks (+ contiguity fix) or functorch
-    noise_multiplicity: int = 1  # K: each example's loss averages K draws of (t, noise) before clipping (DPDM): same ε, K x compute
-
-    def learning_rate(self) -> float:
-        """DP-SGD's Adam learning rate: ``lr``, or the default for the trainable set."""
-        return self.lr if self.lr is not None else DP_LEARNING_RATES[self.trainable]
 
 
 @dataclass(frozen=True)
@@ -121,6 +81,31 @@ def trainable_counts(model: torch.nn.Module, trainable: Trainable) -> tuple[int,
     keep = trainable_filter(trainable)
     selected = sum(p.numel() for n, p in model.named_parameters() if keep(n))
     return selected, sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A ward's DP rules (Ward.enable_dp applies them; the CLI's train --dp calls it)
+
+
+def default_trainable(config: WardConfig) -> Trainable:
+    """The trainable set of a ward's DP fine-tuning unless one is named: the compartments' adapters in a ward with LoRA
+    adapters (the only choice there), else the DP-LDM recipe (attention)."""
+    return "lora" if config.lora_rank() is not None else "attention"
+
+
+def check_dp_change(config: WardConfig, dp: DPConfig, compartments: list[int] | None, replace_dp: bool) -> None:
+    """A ward has one DP setting: a different one replaces it for every DP compartment, so it needs ``replace_dp``
+    (``--replace-dp``). A bad trainable set is named first."""
+    trainable_filter(dp.trainable)
+    before, before_chosen = config.dp, config.dp_compartments
+    after_chosen = None if compartments is None else tuple(sorted(set(compartments)))
+    if before is None or replace_dp or (before == dp and before_chosen == after_chosen):
+        return
+    was = "every compartment" if before_chosen is None else f"compartment(s) {list(before_chosen)}"
+    now = "every compartment" if after_chosen is None else f"compartment(s) {list(after_chosen)}"
+    raise DatawardError(f"this ward already DP-trains {was} at ε = {before.epsilon:g}; the ward has one DP setting, so this one "
+                        f"(ε = {dp.epsilon:g} for {now}) would replace it: {was} would retrain under the new setting (or "
+                        "without DP if no longer named). Pass --replace-dp to do that")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -23,12 +23,12 @@ from dataward.data import Dataset, ids_hash
 from dataward.diffusion.latent import LatentCodec
 from dataward.errors import DatawardError
 from dataward.models.adapters import AdapterCheckpoint, add_lora
-from dataward.models.kinds import KINDS, KindContext
 from dataward.models.nets import derive_seed
 from dataward.progress import progress_task
 from dataward.store.checkpoints import MODELS_DIR, folder_prefix, state_file, write_checkpoint
 from dataward.store.ledger import ModelRecord
 from dataward.training.dp import dp_finetune
+from dataward.training.kinds import KINDS, KindContext
 from dataward.training.loop import TrainState, run_steps
 from dataward.training.planner import Lineage, Planner, TrainJob
 from dataward.training.privacy import other_accountant, plan_dp

@@ -40,7 +40,7 @@ def init(
 ) -> None:
     """Create a ward from a data source."""
     from dataward.base import base_summary, choose_base
-    from dataward.training.loop import TrainConfig
+    from dataward.config import TrainConfig
     from dataward.ward import Ward
 
     w = Ward.create(ward, data, compartments=compartments, by=by, slices=slices, model=model, seed=seed, image_size=image_size,
@@ -80,13 +80,13 @@ def train(
     options = {} if executor != "ray" else dict(ray_address=ray_address, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job)
     with progress_bar() as progress:
         if dp:
-            from dataward.training.privacy import DPConfig
+            from dataward.config import DPConfig
+            from dataward.training.privacy import default_trainable
 
-            config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=dp_batch_size, epochs=dp_epochs, trainable=trainable or ("lora" if w.config.lora_rank() else "attention"), accountant=accountant,
+            config = DPConfig(epsilon=epsilon, delta=delta, clip=clip, batch=dp_batch_size, epochs=dp_epochs, trainable=trainable or default_trainable(w.config), accountant=accountant,
                                lr=dp_lr, noise_multiplicity=noise_multiplicity)
             chosen = parse_ids(dp_compartments)
-            _check_dp_change(w, config, chosen, replace_dp)
-            w.enable_dp(config, chosen, train=False)
+            w.enable_dp(config, chosen, train=False, replace_dp=replace_dp)
         result = w.train(device=device, progress=progress, executor=executor, **options)
     out.print(f"trained in {result['seconds']:.1f} s; ward is up to date")
     privacy = w.privacy()
@@ -119,22 +119,6 @@ def _set_budget(w, field: str, steps: int | None, what: str, models: str) -> Non
               "retrains now (verify checks the new budget)")
 
 
-def _check_dp_change(w, config, chosen: list[int] | None, replace: bool) -> None:
-    """A ward has one DP setting: a different one replaces it for every DP compartment, so it needs --replace-dp."""
-    from dataward.training.privacy import trainable_filter
-
-    trainable_filter(config.trainable)  # a bad setting is named first
-    before, before_chosen = w.config.dp, w.config.dp_compartments
-    after_chosen = None if chosen is None else tuple(sorted(set(chosen)))
-    if before is None or replace or (before == config and before_chosen == after_chosen):
-        return
-    was = "every compartment" if before_chosen is None else f"compartment(s) {list(before_chosen)}"
-    now = "every compartment" if after_chosen is None else f"compartment(s) {list(after_chosen)}"
-    raise DatawardError(f"this ward already DP-trains {was} at ε = {before.epsilon:g}; the ward has one DP setting, so this one "
-                        f"(ε = {config.epsilon:g} for {now}) would replace it: {was} would retrain under the new setting (or "
-                        "without DP if no longer named). Pass --replace-dp to do that")
-
-
 def pretrain(
     ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     public: str = typer.Option("printed:count=3000", "--public", help="Public data, e.g. printed:count=3000."),
@@ -148,7 +132,7 @@ def pretrain(
     """Pretrain the public models on public data: a denoiser (and with --latent an autoencoder); compartments fine-tune from it (the base) and `train --dp` too (DP-LDM)."""
     from dataclasses import replace
 
-    from dataward.training.loop import TrainConfig
+    from dataward.config import TrainConfig
 
     if (autoencoder_steps is not None or autoencoder_data is not None) and not latent:
         raise DatawardError("--autoencoder-steps and --autoencoder-data need --latent (pixel wards have no autoencoder)")
