@@ -256,7 +256,7 @@ def test_forget_flow(ward_copy):
         r = c.post("/v1/forget", headers=admin, json={"ids": [target]})
         assert r.status_code == 202, r.text
         accepted = r.json()
-        assert accepted["state"] == "accepted" and accepted["ids"] == [target] and accepted["quarantined_models"] > 0
+        assert accepted["state"] == "accepted" and accepted["ids"] == [target] and accepted["quarantined_models"] > 0 and accepted["erased"]
         assert r.headers["location"] == f"/v1/forget/{accepted['request']}"
         # in effect before the 202: the ledger already says so, and no served model saw the ID
         ward = Ward.open(path, worker=True)
@@ -264,7 +264,7 @@ def test_forget_flow(ward_copy):
         assert not forgotten_seen(path, [m.id for m in ward.ledger.models(status="ready", any_compartment=True)])
         ward.close()
         state = wait_done(c, accepted["request"], admin)
-        assert state["ids"] == [target] and state["finished_at"] is not None and state["retraining"] is False
+        assert state["ids"] == [target] and state["finished_at"] is not None and state["retraining"] is False and state["erased"] is True
         out = c.post("/v1/generate", headers=auth(keys["c0"]), json={"n": 2, "steps": STEPS}).json()
         assert out["compartments"] == [0] and not forgotten_seen(path, [out["models"]["0"]["model"]])
         again = c.post("/v1/forget", headers=admin, json={"ids": [target]})
@@ -356,7 +356,7 @@ def test_retraining_never_registers_a_model_that_saw_a_forgotten_id(ward_copy):
     results = [{"stage": 0, "folder": "denoiser-c0-s0-trained", "ids": ids, "metadata": {"ids_hash": "h"}}]
     before = {m.id for m in trainer.ledger.models(status=None, any_compartment=True)}
     forgetter = Ward.open(path, worker=True)
-    forgetter.forget([ids[0]], retrain=False)  # ... then one of its IDs is forgotten before it is registered
+    forgetter.accept_forget([ids[0]])  # ... then one of its IDs is forgotten before it is registered
     with pytest.raises(StaleTraining):
         trainer.register(job, results)
     assert {m.id for m in trainer.ledger.models(status=None, any_compartment=True)} == before

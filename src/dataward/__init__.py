@@ -21,7 +21,7 @@ numerics.select_from_environment()  # first: before torch loads
 openmp.select_from_environment()
 
 _PUBLIC = {  # name -> the module that defines it
-    "Ward": "dataward.ward", "WardConfig": "dataward.ward", "SampleResult": "dataward.ward",
+    "Ward": "dataward.ward", "WardConfig": "dataward.ward", "SampleResult": "dataward.ward", "ForgetResult": "dataward.forgetting",
     "TrainConfig": "dataward.training.loop", "DPConfig": "dataward.training.privacy", "GuardConfig": "dataward.models.guard",
     "Dataset": "dataward.data", "load_source": "dataward.data", "DatawardError": "dataward.errors",
 }
@@ -30,6 +30,7 @@ __all__ = [*_PUBLIC, "__version__"]
 if TYPE_CHECKING:
     from dataward.data import Dataset, load_source
     from dataward.errors import DatawardError
+    from dataward.forgetting import ForgetResult
     from dataward.models.guard import GuardConfig
     from dataward.training.loop import TrainConfig
     from dataward.training.privacy import DPConfig
