@@ -10,6 +10,7 @@ import io
 import logging
 import shutil
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -269,6 +270,28 @@ def test_forget_flow(ward_copy):
         assert out["compartments"] == [0] and not forgotten_seen(path, [out["models"]["0"]["model"]])
         again = c.post("/v1/forget", headers=admin, json={"ids": [target]})
         assert again.status_code == 200 and again.json()["state"] == "noop"
+
+
+def test_a_reader_holding_a_snapshot_delays_no_202_and_the_state_says_when_erasure_followed(ward_copy):
+    """Issue 35 item 1: with an outside read transaction held on ledger.sqlite, both forgets are answered while it holds
+    its snapshot (the second not queued behind the first's erasure), say "erased": false, and erasure follows its release."""
+    path, keys = ward_copy
+    admin = auth(keys["admin"])
+    reader = sqlite3.connect(path / "ledger.sqlite", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM samples").fetchone()
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")) as c:
+        answers = [c.post("/v1/forget", headers=admin, json={"ids": [id_in(path, compartment, 0)]}) for compartment in (0, 1)]
+        assert reader.in_transaction and [r.status_code for r in answers] == [202, 202]
+        requests = [r.json()["request"] for r in answers]
+        assert [r.json()["erased"] for r in answers] == [False, False]
+        assert c.get(f"/v1/forget/{requests[0]}", headers=admin).json()["erased"] is False
+        reader.execute("COMMIT")
+        reader.close()
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(c.get(f"/v1/forget/{r}", headers=admin).json()["erased"] for r in requests):
+            time.sleep(0.1)
+        assert all(c.get(f"/v1/forget/{r}", headers=admin).json()["erased"] for r in requests)
 
 
 class Gate:
