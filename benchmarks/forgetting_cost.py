@@ -123,10 +123,10 @@ def main() -> None:
             t0 = time.perf_counter()
             result = copy.forget(ids)
             seconds = time.perf_counter() - t0
-            case = {"ids": where, "seconds": seconds, "ratio": seconds / paragon_s, "state": result["state"],
-                    "retrain_seconds": result.get("retrain_seconds"), "load_before": load_before, "load_after": load_avg()}
+            case = {"ids": where, "seconds": seconds, "ratio": seconds / paragon_s, "state": result.state,
+                    "retrain_seconds": result.retrain_seconds, "load_before": load_before, "load_after": load_avg()}
             print(f"{name}: forget {[w['id'] + ' (c%d s%d)' % (w['compartment'], w['slice']) for w in where][:5]} "
-                  f"{seconds:.1f} s -> / paragon {case['ratio']:.4f} (state {result['state']}, load {load_before} -> {case['load_after']})", flush=True)
+                  f"{seconds:.1f} s -> / paragon {case['ratio']:.4f} (state {result.state}, load {load_before} -> {case['load_after']})", flush=True)
             if weights is not None:
                 key = (str(ward.path), weights)
                 if key not in fd_before:

@@ -100,7 +100,7 @@ def test_a_forget_is_accepted_while_an_earlier_retraining_is_pending_and_broken(
     rows = ward.ledger.sample_rows(list(ward.training_data().ids))
     late = [i for i, (c, s, _) in rows.items() if s == 1]  # in slice 1: retraining resumes from stage 0's saved state
     first, second = late[0], next(i for i in late if rows[i][0] != rows[late[0]][0])
-    ward.forget([first], retrain=False)  # accepted, retraining pending (as after a crash or a Ctrl-C)
+    ward.accept_forget([first])  # accepted, retraining pending (as after a crash or a Ctrl-C)
     for state in (tmp_path / "w" / "models").glob("*/train_state.safetensors"):
         state.write_bytes(b"not a safetensors file")  # the pending retraining cannot resume
     ward.close()

@@ -51,7 +51,7 @@ def test_a_forgotten_image_is_in_no_file_of_the_ward_once_the_forget_returns(tmp
     stored = next(r for r in ward.ledger.samples(0) if r[0] == victim)[4]
     needle = bytes(stored)
     assert len(needle) >= 64 and any(needle in f.read_bytes() for f in ward.path.rglob("*") if f.is_file())
-    ward.forget([victim], retrain=False)
+    ward.accept_forget([victim])
     holders = [str(f.relative_to(ward.path)) for f in ward.path.rglob("*") if f.is_file() and needle in f.read_bytes()]
     assert holders == []
     server.counts()  # the other connection still works
@@ -98,7 +98,7 @@ def test_one_writer_at_a_time_and_only_the_writer_removes_orphans(ward_copy, tmp
         with pytest.raises(DatawardError, match=f"another process is writing to this ward \\(pid {writer.pid}"):
             ward_copy.train()
         result = ward_copy.forget([ward_copy.training_data(0).ids[0]])
-        assert result["quarantined_models"] > 0 and "retraining_elsewhere" in result
+        assert result.quarantined_models > 0 and result.retraining_elsewhere is not None and result.state == "accepted"
         assert ward_copy.ledger.pending_forgets()
     finally:
         writer.kill()

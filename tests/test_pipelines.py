@@ -43,7 +43,7 @@ def test_a_pipeline_made_before_a_forget_never_uses_the_forgotten_ids_model(base
     pipe = WardPipeline.from_ward(base_ward.path, allowed=[0])
     before = pipe(batch_size=1, num_inference_steps=2, output_type="pt").models[0]["model"]
     victim = base_ward.training_data(0).ids[0]
-    base_ward.forget([victim], retrain=False)
+    base_ward.accept_forget([victim])
     assert base_ward.ledger.tainted_models([before]) == [before]
     after = [m["model"] for m in pipe(batch_size=1, num_inference_steps=2, output_type="pt").models.values()]
     assert after and before not in after and base_ward.ledger.tainted_models(after) == []
@@ -67,9 +67,9 @@ def test_an_export_is_a_stock_ddpm_pipeline_holding_the_soup(base_ward, tmp_path
     assert sum(c["share"] for c in on_disk["compartments"]) == pytest.approx(1.0)
     # a forget in compartment 2 makes the export stale; one in compartment 1 does not
     assert export_states(base_ward.ledger)[0]["stale"] is False
-    base_ward.forget([base_ward.training_data(1).ids[0]], retrain=False)
+    base_ward.accept_forget([base_ward.training_data(1).ids[0]])
     assert export_states(base_ward.ledger)[0]["stale"] is False
-    base_ward.forget([base_ward.training_data(2).ids[0]], retrain=False)
+    base_ward.accept_forget([base_ward.training_data(2).ids[0]])
     [state] = export_states(base_ward.ledger)
     assert state["stale"] and state["changed_compartments"] == [2]
 
@@ -138,7 +138,7 @@ def test_the_audit_lists_exports_and_which_are_stale(base_ward, tmp_path):
     from dataward.audit.sections import ward_summary
 
     export_ward(base_ward, tmp_path / "acme", allowed=[1], label=0)
-    base_ward.forget([base_ward.training_data(1).ids[0]], retrain=False)
+    base_ward.accept_forget([base_ward.training_data(1).ids[0]])
     summary = ward_summary(base_ward, base_ward.compartments(), base_ward.training_data(), None)
     assert [(e["compartments"], e["stale"]) for e in summary["exports"]] == [([1], True)]
     page = render_html({"ward": summary, "settings": {"n": 0}, "timings": {}}, {})

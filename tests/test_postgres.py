@@ -104,7 +104,8 @@ def test_a_ward_moved_into_postgres_samples_the_same_bytes_forgets_and_retrains(
     assert moved["ledger"] == url and {**moved, "ledger": status["ledger"]} == status
     assert np.array_equal(ward.sample(4, seed=3).images, expected.images)  # the same models, found through the new ledger
     target = ward.ledger.samples(1, images=False)[0][0]
-    ward.forget([target])
+    result = ward.forget([target])
+    assert result.state == "done" and result.erased and ward.ledger.unerased_forgets() == []  # VACUUM, after the commit
     assert ward.ledger.forgotten_ids() == [target]
     assert all(target not in ward.ledger.model_sample_ids(m.id) for m in ward.ledger.models("denoiser", 1))
     assert ward.status()["forgotten"] == 1

@@ -10,6 +10,7 @@ import io
 import logging
 import shutil
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -256,7 +257,7 @@ def test_forget_flow(ward_copy):
         r = c.post("/v1/forget", headers=admin, json={"ids": [target]})
         assert r.status_code == 202, r.text
         accepted = r.json()
-        assert accepted["state"] == "accepted" and accepted["ids"] == [target] and accepted["quarantined_models"] > 0
+        assert accepted["state"] == "accepted" and accepted["ids"] == [target] and accepted["quarantined_models"] > 0 and accepted["erased"]
         assert r.headers["location"] == f"/v1/forget/{accepted['request']}"
         # in effect before the 202: the ledger already says so, and no served model saw the ID
         ward = Ward.open(path, worker=True)
@@ -264,11 +265,33 @@ def test_forget_flow(ward_copy):
         assert not forgotten_seen(path, [m.id for m in ward.ledger.models(status="ready", any_compartment=True)])
         ward.close()
         state = wait_done(c, accepted["request"], admin)
-        assert state["ids"] == [target] and state["finished_at"] is not None and state["retraining"] is False
+        assert state["ids"] == [target] and state["finished_at"] is not None and state["retraining"] is False and state["erased"] is True
         out = c.post("/v1/generate", headers=auth(keys["c0"]), json={"n": 2, "steps": STEPS}).json()
         assert out["compartments"] == [0] and not forgotten_seen(path, [out["models"]["0"]["model"]])
         again = c.post("/v1/forget", headers=admin, json={"ids": [target]})
         assert again.status_code == 200 and again.json()["state"] == "noop"
+
+
+def test_a_reader_holding_a_snapshot_delays_no_202_and_the_state_says_when_erasure_followed(ward_copy):
+    """Issue 35 item 1: with an outside read transaction held on ledger.sqlite, both forgets are answered while it holds
+    its snapshot (the second not queued behind the first's erasure), say "erased": false, and erasure follows its release."""
+    path, keys = ward_copy
+    admin = auth(keys["admin"])
+    reader = sqlite3.connect(path / "ledger.sqlite", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM samples").fetchone()
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")) as c:
+        answers = [c.post("/v1/forget", headers=admin, json={"ids": [id_in(path, compartment, 0)]}) for compartment in (0, 1)]
+        assert reader.in_transaction and [r.status_code for r in answers] == [202, 202]
+        requests = [r.json()["request"] for r in answers]
+        assert [r.json()["erased"] for r in answers] == [False, False]
+        assert c.get(f"/v1/forget/{requests[0]}", headers=admin).json()["erased"] is False
+        reader.execute("COMMIT")
+        reader.close()
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(c.get(f"/v1/forget/{r}", headers=admin).json()["erased"] for r in requests):
+            time.sleep(0.1)
+        assert all(c.get(f"/v1/forget/{r}", headers=admin).json()["erased"] for r in requests)
 
 
 class Gate:
@@ -356,7 +379,7 @@ def test_retraining_never_registers_a_model_that_saw_a_forgotten_id(ward_copy):
     results = [{"stage": 0, "folder": "denoiser-c0-s0-trained", "ids": ids, "metadata": {"ids_hash": "h"}}]
     before = {m.id for m in trainer.ledger.models(status=None, any_compartment=True)}
     forgetter = Ward.open(path, worker=True)
-    forgetter.forget([ids[0]], retrain=False)  # ... then one of its IDs is forgotten before it is registered
+    forgetter.accept_forget([ids[0]])  # ... then one of its IDs is forgotten before it is registered
     with pytest.raises(StaleTraining):
         trainer.register(job, results)
     assert {m.id for m in trainer.ledger.models(status=None, any_compartment=True)} == before

@@ -60,7 +60,7 @@ def test_forget_is_bitwise_equal_to_training_from_scratch(ward_copy, tmp_path):
     before = served_hashes(ward)
     untouched = files_bytes(ward, 0)
     result = ward.forget([victim])
-    assert result["state"] == "done" and result["ids"] == [victim]
+    assert result.state == "done" and result.ids == (victim,) and result.erased
     after = served_hashes(ward)
     assert after[0] == before[0] and after[2] == before[2]  # purity: other compartments untouched
     assert after[1] != before[1]
@@ -70,7 +70,7 @@ def test_forget_is_bitwise_equal_to_training_from_scratch(ward_copy, tmp_path):
     assert {(m["kind"], m["compartment"]) for m in cert["models"]} == {("denoiser", 0), ("denoiser", 1), ("denoiser", 2), ("router", None)}
     # and equal to a brand-new ward made from the data without the ID
     fresh = make_ward(tmp_path / "fresh", compartments=3)
-    fresh.forget([victim], retrain=False)
+    fresh.accept_forget([victim])
     fresh.train()
     assert served_hashes(fresh) == after
     # the forgotten image is gone from the ledger
@@ -80,19 +80,19 @@ def test_forget_is_bitwise_equal_to_training_from_scratch(ward_copy, tmp_path):
 def test_forget_takes_effect_immediately_with_fallback(ward_copy):
     ward = ward_copy
     victim = id_in(ward, 1, 1)  # slice 1: the stage-0 checkpoint never saw it
-    result = ward.forget([victim], retrain=False)
-    assert result["state"] == "accepted"
-    assert result["serving_during_retraining"]["1"].startswith("fallback: stage 1/2")
+    result = ward.accept_forget([victim])
+    assert result.state == "accepted"
+    assert result.serving_during_retraining["1"].startswith("fallback: stage 1/2")
     served = ward.served()
     for record in list(served.values()) + list(ward.served("router").values()):
         saw = ward.ledger.model_sample_ids(record.id)
         assert victim not in saw
     assert served[1].stage == 0
-    assert ward.status()["pending_forgets"] == [result["request"]]
+    assert ward.status()["pending_forgets"] == [result.request]
     r = ward.sample(4, allowed=[1])  # still serves, from the clean checkpoint
     assert r.models[1]["fallback"] and r.models[1]["stage"] == 0
     # a slice-0 ID leaves the compartment out entirely until retrained
-    ward.forget([id_in(ward, 2, 0)], retrain=False)
+    ward.accept_forget([id_in(ward, 2, 0)])
     assert 2 not in ward.served() and ward.serving_state()["2"].startswith("left out")
     ward.train()
     assert ward.status()["pending_forgets"] == [] and ward.verify()["ok"]
@@ -103,9 +103,9 @@ def test_forget_errors_and_noop(ward_copy):
         ward_copy.forget(["nope", id_in(ward_copy, 0, 0)])
     assert ward_copy.ledger.forgotten_ids() == []  # nothing was forgotten
     victim = id_in(ward_copy, 0, 1)
-    ward_copy.forget([victim], retrain=False)
-    again = ward_copy.forget([victim], retrain=False)
-    assert again["state"] == "noop" and again["already_forgotten"] == [victim]
+    ward_copy.accept_forget([victim])
+    again = ward_copy.accept_forget([victim])
+    assert again.state == "noop" and again.already_forgotten == (victim,) and again.request is None
 
 
 def test_crash_during_forget_never_serves_a_leaked_model(trained_ward_dir, tmp_path):
@@ -217,7 +217,7 @@ def test_a_model_registered_after_a_forget_that_saw_the_id_is_never_served(ward_
     job = ward.plan(lineage, from_scratch=True)
     results = ward.run_job(job)  # trained on the IDs as they were
     victim = lineage.stage_ids[-1][0]
-    ward.forget([victim], retrain=False)
+    ward.accept_forget([victim])
     ward.register(job, results)
     for record in ward.served().values():
         saw = ward.ledger.model_sample_ids(record.id)
@@ -250,7 +250,7 @@ def test_hooks_see_every_load_and_can_refuse_a_registration(trained_ward_dir, tm
     ward.sample(2, steps=2, allowed=[0])
     ward.sample(2, steps=2, allowed=[0])  # the second time from the cache: the hook sees it again
     assert loaded == [served[0].id, served[0].id]
-    ward.forget([id_in(ward, 1, 1)], retrain=False)
+    ward.accept_forget([id_in(ward, 1, 1)])
     with pytest.raises(RuntimeError, match="refused"):
         ward.train()
     assert offered == [("denoiser", 1, [1])] and ward.models_missing()  # nothing of the refused job was registered
@@ -264,7 +264,7 @@ def test_drop_unready_models_forgets_what_another_process_quarantined(trained_wa
     model = server.model(record)
     server.drop_unready_models()
     assert server.model(record) is model  # still ready: kept in the cache
-    admin.forget([id_in(admin, 1, 0)], retrain=False)  # quarantines it and deletes its files
+    admin.accept_forget([id_in(admin, 1, 0)])  # quarantines it and deletes its files
     assert server.model(record) is model  # the cache does not read the ledger ...
     server.drop_unready_models()  # ... until asked to
     with pytest.raises(DatawardError, match="cannot load model"):

@@ -21,7 +21,7 @@ numerics.select_from_environment()  # first: before torch loads
 openmp.select_from_environment()
 
 _PUBLIC = {  # name -> the module that defines it
-    "Ward": "dataward.ward", "WardConfig": "dataward.ward", "SampleResult": "dataward.ward",
+    "Ward": "dataward.ward", "WardConfig": "dataward.ward", "SampleResult": "dataward.ward", "ForgetResult": "dataward.forgetting",
     "TrainConfig": "dataward.config", "DPConfig": "dataward.config", "GuardConfig": "dataward.config",
     "Dataset": "dataward.data", "load_source": "dataward.data", "DatawardError": "dataward.errors",
 }
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from dataward.config import DPConfig, GuardConfig, TrainConfig
     from dataward.data import Dataset, load_source
     from dataward.errors import DatawardError
+    from dataward.forgetting import ForgetResult
     from dataward.ward import SampleResult, Ward, WardConfig
 
 

@@ -11,3 +11,13 @@ class DatawardError(Exception):
 class LedgerUnavailable(DatawardError):
     """The ward's ledger database cannot be reached now (a PostgreSQL server down or restarting): nothing was changed,
     and the same call may succeed later. The service answers 503 with Retry-After: it never serves what it cannot check."""
+
+
+class DataChanged(DatawardError):
+    """A forget changed the data a training job was about to train on: ``results`` holds the stages the job finished
+    before it noticed (still exact for the IDs they saw); :meth:`dataward.ward.Ward.train` registers them and plans again
+    with the live IDs."""
+
+    def __init__(self, message: str, results: list[dict] | None = None):
+        super().__init__(message)
+        self.results = results or []

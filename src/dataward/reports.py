@@ -65,6 +65,7 @@ def status(planner: Planner) -> dict:
         "samples": sum(c["samples"] for c in counts.values()),
         "forgotten": sum(c["forgotten"] for c in counts.values()),
         "pending_forgets": [r for r, _ in ledger.pending_forgets()],
+        "unerased_forgets": ledger.unerased_forgets(),  # in effect, but a reader of an older snapshot delays their physical erasure
         "public_model": None if public is None else {"id": public.id, "data": config.public, "public": True},
         "base": None if config.base is None else {"kind": config.base, "adapter": config.adapter, "model": None if public is None else public.id,
                                                   "data": config.public, "imported_from": None if public is None else public.metadata.get("imported_from")},

@@ -28,7 +28,9 @@ from dataward.data import Dataset, load_source
 from dataward.diffusion.batched import StackedDenoisers
 from dataward.diffusion.latent import LatentCodec
 from dataward.diffusion.sampling import Denoiser, make_training_scheduler, unet_eps
-from dataward.errors import DatawardError
+from dataward.errors import DataChanged, DatawardError
+from dataward.export import export_states
+from dataward.forgetting import ForgetResult, split_forget_ids
 from dataward.generation import SampleRequest, SampleResult, generate
 from dataward.models.adapters import load_merged
 from dataward.models.guard import GuardActivity, guard_guidance, guarded
@@ -36,10 +38,11 @@ from dataward.numerics import Numerics
 from dataward.certificate import forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
 from dataward.store.database import LEDGER_FILE, check_ledger_url, ledger_location
+from dataward.store.erasure import Eraser
 from dataward.store.ledger import Ledger, ModelRecord
 from dataward.store.lock import WriterBusy, WriterLock, staged
 from dataward.store.move import switch_to_database
-from dataward.training.executors import run_on_ray
+from dataward.training.executors import run_here, run_on_ray
 from dataward.training.kinds import KINDS, KindContext
 from dataward.training.planner import Lineage, Planner, TrainJob
 from dataward.training.runner import JobRunner
@@ -47,7 +50,7 @@ from dataward.training.sources import WardData
 
 TRAIN_ROUNDS = 3  # train() plans again while models are missing (forgets that landed meanwhile), at most this often
 
-__all__ = ["Ward", "WardConfig", "WardHooks", "SampleResult", "Lineage", "TrainJob", "AssignBy", "run_job_in_worker"]
+__all__ = ["Ward", "WardConfig", "WardHooks", "SampleResult", "ForgetResult", "Lineage", "TrainJob", "AssignBy", "run_job_in_worker"]
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,10 @@ class Ward(WardChanges):
         self.scheduler = make_training_scheduler(config.num_train_timesteps, config.beta_schedule)
         self.cache = ModelCache(path, self._load)
         self.writer = WriterLock(path)  # one writing process at a time (store/lock.py): train, forget's retraining, cleanup
+        self.eraser = Eraser(ledger)  # physical erasure after a forget, in the background while a reader delays it
         self.config = config
         if not worker:
+            self.eraser.erase()  # an earlier process's forget whose erasure a reader delayed
             delete_quarantined(path, ledger, self.cache)
             try:  # leftovers of a crash are removed by the writer only: another process's half-written checkpoint is not one
                 with self.writer:
@@ -176,7 +181,8 @@ class Ward(WardChanges):
         return cls(path, config, Ledger(ledger_location(path)), worker, hooks)
 
     def close(self) -> None:
-        """Close the ledger."""
+        """Stop background erasure (the next process that opens the ward resumes it) and close the ledger."""
+        self.eraser.close()
         self.ledger.close()
 
     def reconfigure(self, **changes) -> None:
@@ -223,11 +229,8 @@ class Ward(WardChanges):
         return self.planner.plan(lineage, from_scratch)
 
     def run_job(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None) -> list[dict]:
-        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/).
-
-        Reads the ledger, never writes it, so it can run in a worker process (see :mod:`dataward.training.runner`).
-        Returns one record per stage: ``{"stage", "folder", "ids", "metadata"}``.
-        """
+        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/); one record
+        per stage: ``{"stage", "folder", "ids", "metadata"}``. Reads the ledger, never writes it (:mod:`dataward.training.runner`)."""
         return self.runner.run(job, device, progress, out_root)
 
     def register(self, job: TrainJob, results: list[dict]) -> None:
@@ -254,17 +257,17 @@ class Ward(WardChanges):
         if executor not in ("local", "ray"):
             raise DatawardError(f"unknown executor {executor!r}: expected local or ray")
         started = time.time()
+        work, execute = (run_job_in_worker, run_on_ray) if executor == "ray" else (self.run_job, run_here)
         with self.writer:
             remove_orphans(self.path, self.ledger)
             for _ in range(TRAIN_ROUNDS):  # a forget accepted by another process while a round ran makes more work
-                for wave in self.planner.waves(only):
-                    jobs = [job for job in (self.plan(l) for l in wave) if job is not None]
-                    if executor == "local":
-                        for job in jobs:
-                            self.register(job, self.run_job(job, device, progress))
-                    else:
-                        for job, results in run_on_ray(jobs, run_job_in_worker, device=device, progress=progress, **executor_options):
+                try:
+                    for wave in self.planner.waves(only):
+                        jobs = [job for job in (self.plan(l) for l in wave) if job is not None]
+                        for job, results in execute(jobs, work, device=device, progress=progress, **executor_options):
                             self.register(job, results)
+                except DataChanged:  # a forget landed in data a job was to train on: plan again with the live IDs
+                    continue
                 if only is not None or not self.models_missing():
                     break
         self.ledger.set_status(self.planner.stale(), "retired", "models-retired")
@@ -349,33 +352,34 @@ class Ward(WardChanges):
         return reports.serving_state(self.planner)
 
     # forgetting ---------------------------------------------------------------------------------------------------
-    def forget(self, ids: list[str], retrain: bool = True, device: str = "cpu", progress=None) -> dict:
-        """Forget sample IDs: in effect at once (durable, quarantines every model that saw them), then retrain."""
-        ids = sorted(set(ids))
-        if not ids:
-            raise DatawardError("no sample IDs given to forget")
-        rows = self.ledger.sample_rows(ids)
-        unknown = [i for i in ids if i not in rows]
-        if unknown:
-            raise DatawardError(f"unknown sample ID(s), nothing was forgotten: {', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
-        already = [i for i in ids if rows[i][2] is not None]
-        new = [i for i in ids if rows[i][2] is None]
-        result = {"ids": new, "already_forgotten": already}
+    def accept_forget(self, ids: list[str]) -> ForgetResult:
+        """Forget IDs, step 1: in effect at once (one ledger transaction: every model that saw them quarantined, its files
+        deleted). Needs no lock and never waits on erasure, which a reader of an old snapshot may delay (:class:`Eraser`)."""
+        new, already = split_forget_ids(self.ledger, ids)
         if not new:
-            return result | {"request": None, "state": "noop", "message": f"all {len(already)} ID(s) were already forgotten"}
+            return ForgetResult(new, already, None, "noop", message=f"all {len(already)} ID(s) were already forgotten")
         request = uuid.uuid4().hex[:12]
         quarantined = self.ledger.accept_forget(request, new)
+        erased = self.eraser.erase(request)
         delete_quarantined(self.path, self.ledger, self.cache)
-        result |= {"request": request, "quarantined_models": len(quarantined), "serving_during_retraining": self.serving_state()}
-        if retrain:
-            started = time.time()
-            try:
-                self.train(device=device, progress=progress)
-                result["retrain_seconds"] = time.time() - started
-            except WriterBusy as busy:  # the process training now retrains this too: the forget is in effect regardless
-                result["retraining_elsewhere"] = str(busy)
-        result["state"] = self.ledger.forget_request(request)["state"]
-        return result
+        return ForgetResult(new, already, request, "accepted", quarantined_models=len(quarantined), serving_during_retraining=self.serving_state(),
+                            erased=erased, stale_exports=tuple(e["folder"] for e in export_states(self.ledger) if e["stale"]))
+
+    def finish_forget(self, accepted: ForgetResult, device: str = "cpu", progress=None) -> ForgetResult:
+        """Forget, step 2: retrain what is missing under the writer lock (this finishes every pending forget); while
+        another process holds the lock, that process retrains this too (``retraining_elsewhere``)."""
+        if accepted.request is None:
+            return accepted
+        try:
+            done = {"retrain_seconds": self.train(device=device, progress=progress)["seconds"]}
+        except WriterBusy as busy:  # the forget is in effect regardless
+            done = {"retraining_elsewhere": str(busy)}
+        record = self.ledger.forget_request(accepted.request)
+        return replace(accepted, state=record["state"], erased=record["erased"], **done)
+
+    def forget(self, ids: list[str], device: str = "cpu", progress=None) -> ForgetResult:
+        """Forget sample IDs: :meth:`accept_forget`, then :meth:`finish_forget`."""
+        return self.finish_forget(self.accept_forget(ids), device, progress)
 
     def verify(self, device: str = "cpu", progress=None, compartments: list[int] | None = None) -> dict:
         """Forgetting certificate: retrain served models from scratch on the live IDs and compare weight hashes.

@@ -118,14 +118,13 @@ def _access_rights_and_guards(run: _Run, ward: Ward) -> None:
 def _forget(run: _Run, ward: Ward) -> tuple[list[str], dict]:
     run.step("5. forget 5 sample IDs")
     victims = sorted(random.Random(0).sample(list(ward.training_data().ids), 5))
-    accepted = ward.forget(victims, retrain=False)
-    run.console.print(f"request {accepted['request']} in effect at once; {accepted['quarantined_models']} model(s) quarantined and deleted")
-    for c, state in accepted["serving_during_retraining"].items():
+    accepted = ward.accept_forget(victims)
+    run.console.print(f"request {accepted.request} in effect at once; {accepted.quarantined_models} model(s) quarantined and deleted")
+    for c, state in accepted.serving_during_retraining.items():
         run.console.print(f"  compartment {c}: {state}")
-    t0 = time.time()
     with progress_bar() as progress:
-        ward.train(progress=progress)
-    run.figures["forget_retrain_seconds"] = round(time.time() - t0, 1)
+        finished = ward.finish_forget(accepted, progress=progress)
+    run.figures["forget_retrain_seconds"] = round(finished.retrain_seconds, 1)
     affected = sorted({ward.ledger.sample_rows(victims)[v][0] for v in victims})
     with progress_bar() as progress:
         certificate = ward.verify(progress=progress, compartments=affected)

@@ -6,7 +6,8 @@ once, in SQL both engines accept, with ``?`` placeholders.
 
 - **SQLite** (``WARD/ledger.sqlite``): WAL journal with ``synchronous=FULL``; a write transaction is ``BEGIN IMMEDIATE``
   (one writer at a time, readers never wait), so a crash (even ``kill -9``) leaves the whole change or none of it.
-  ``secure_delete`` zeroes freed pages and a forget folds the write-ahead log back, so an erased image leaves no copy.
+  ``secure_delete`` zeroes freed pages and folding the write-ahead log back after a forget (:meth:`erase_old_pages`,
+  never waiting on a reader) leaves no copy of an erased image.
 - **PostgreSQL** (``WARD/ledger.url`` names it, see docs/scale-out.md): every write transaction first takes one
   transaction-level advisory lock, so writers are serialised exactly as SQLite's are, and a forget can never interleave
   with a model's registration. The URL never holds a password: libpq reads it from ``PGPASSWORD`` or ``~/.pgpass``.
@@ -29,6 +30,7 @@ WRITER_LOCK_KEY = 0x64617461  # the advisory lock that serialises the ledger's w
 COPY_BATCH = 1000
 MIN_SQLITE = (3, 24, 0)  # INSERT ... ON CONFLICT
 CONNECT_TIMEOUT_S = 5  # a replica whose ledger is down answers 503 after this long, not after libpq's default
+BUSY_TIMEOUT_S = 60.0  # how long an SQLite write waits for another writer (never for a reader: erasure does not wait)
 
 
 class Database(Protocol):
@@ -54,7 +56,7 @@ class SqliteDatabase:
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise DatawardError(f"the ledger needs SQLite >= {'.'.join(map(str, MIN_SQLITE))} (upserts); this Python has {sqlite3.sqlite_version}")
         self.where = str(path)
-        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=60.0, check_same_thread=False)
+        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
@@ -96,9 +98,16 @@ class SqliteDatabase:
 
     def erase_old_pages(self) -> bool:
         """Copy the write-ahead log into the database (whose freed space secure_delete zeroed) and truncate it, so no old
-        page image of a forgotten sample stays in ``ledger.sqlite-wal``. Returns False when a reader of an older snapshot
-        kept the log from being truncated now (it is truncated at a later forget or close)."""
-        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        page image of a forgotten sample stays in ``ledger.sqlite-wal``. Never waits: returns False at once when a reader
+        of an older snapshot (or another writer) keeps the log from being truncated now (:mod:`dataward.store.erasure`
+        tries again)."""
+        self.db.execute("PRAGMA busy_timeout=0")
+        try:
+            busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError:  # another connection is checkpointing: try again later
+            busy = 1
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         return not busy
 
     def close(self) -> None:

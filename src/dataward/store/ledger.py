@@ -25,6 +25,8 @@ from dataward.errors import DatawardError
 from dataward.store.database import Database, connect, copy_tables
 from dataward.store.schema import SCHEMA_VERSION
 
+UNERASED = "unerased-forget:"  # meta key prefix: a forget request whose images may still be in the ledger's files
+
 
 @dataclass(frozen=True)
 class ModelRecord:
@@ -254,32 +256,37 @@ class Ledger:
 
     # forgetting ---------------------------------------------------------------------------------------------------
     def accept_forget(self, request_id: str, ids: list[str]) -> list[int]:
-        """Take a forget into effect in ONE transaction: record it, erase the images, quarantine every model that saw them.
-
-        Returns the quarantined model IDs.
-        """
+        """Take a forget into effect in ONE transaction: record it, erase the images (NULL; physically once
+        :meth:`erase_forgotten` succeeds), quarantine every model that saw them. Returns the quarantined model IDs."""
         now = time.time()
         with self.transaction() as db:
             db.execute("INSERT INTO forget_requests VALUES (?, ?, 'accepted', ?, NULL)", (request_id, json.dumps(ids), now))
+            db.execute("INSERT INTO meta VALUES (?, '')", (UNERASED + request_id,))
             db.executemany("UPDATE samples SET forgotten_at=?, image=NULL WHERE id=?", [(now, i) for i in ids])
             marks = ",".join("?" * len(ids))
-            tainted = [r[0] for r in db.execute(
-                f"SELECT DISTINCT m.id FROM models m JOIN model_samples s ON s.model_id=m.id WHERE s.sample_id IN ({marks}) AND m.status IN ('ready', 'retired')",
-                ids,
-            )]
+            tainted = [r[0] for r in db.execute(f"SELECT DISTINCT m.id FROM models m JOIN model_samples s ON s.model_id=m.id "
+                                                 f"WHERE s.sample_id IN ({marks}) AND m.status IN ('ready', 'retired')", ids)]
             db.executemany("UPDATE models SET status='quarantined' WHERE id=?", [(m,) for m in tainted])
             self.log(db, "forget-accepted", request=request_id, count=len(ids), quarantined=tainted)
-        self.erase_old_pages()
         return tainted
 
-    def erase_old_pages(self) -> bool:
-        """Make erasure physical (:meth:`dataward.store.database.SqliteDatabase.erase_old_pages`); if a reader of an older
-        snapshot delays it, an ``erasure-delayed`` event says so. Returns whether the old pages were erased now."""
-        if self.db.erase_old_pages():
+    def unerased_forgets(self) -> list[str]:
+        """Forget requests whose images may still be in the ledger's files (a reader of an older snapshot delays it)."""
+        return [r[0][len(UNERASED):] for r in self.db.execute("SELECT key FROM meta WHERE key LIKE ? ORDER BY key", (UNERASED + "%",))]
+
+    def erase_forgotten(self) -> bool:
+        """One attempt, never waiting, to make the erasure of every accepted forget physical
+        (:meth:`dataward.store.database.SqliteDatabase.erase_old_pages`); on success the requests are marked erased (a
+        ``forget-erased`` event). Returns whether nothing is left to erase."""
+        pending = self.unerased_forgets()
+        if not pending:
             return True
+        if not self.db.erase_old_pages():
+            return False
         with self.transaction() as db:
-            self.log(db, "erasure-delayed", reason="another connection holds an old snapshot of the ledger")
-        return False
+            db.executemany("DELETE FROM meta WHERE key=?", [(UNERASED + r,) for r in pending])
+            self.log(db, "forget-erased", requests=pending)
+        return True
 
     def pending_forgets(self) -> list[tuple[str, list[str]]]:
         """Forget requests in effect whose retraining has not finished."""
@@ -292,11 +299,12 @@ class Ledger:
             self.log(db, "forget-done", requests=request_ids)
 
     def forget_request(self, request_id: str) -> dict | None:
-        """One forget request's state, or None if unknown."""
+        """One forget request's state (``erased``: no copy of its images is left in the ledger's files), or None if unknown."""
         r = self.db.execute("SELECT id, ids, state, created_at, finished_at FROM forget_requests WHERE id=?", (request_id,)).fetchone()
         if r is None:
             return None
-        return {"id": r[0], "ids": json.loads(r[1]), "state": r[2], "created_at": r[3], "finished_at": r[4]}
+        erased = self.db.execute("SELECT 1 FROM meta WHERE key=?", (UNERASED + request_id,)).fetchone() is None
+        return {"id": r[0], "ids": json.loads(r[1]), "state": r[2], "created_at": r[3], "finished_at": r[4], "erased": erased}
 
     def forgotten_ids(self) -> list[str]:
         """Every forgotten sample ID, sorted."""

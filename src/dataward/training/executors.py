@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from dataward.errors import DatawardError
+from dataward.errors import DataChanged, DatawardError
 from dataward.store.checkpoints import MODELS_DIR, folder_prefix
 from dataward.training.planner import TrainJob
 
@@ -163,6 +163,18 @@ def _submit(ray, jobs: list[TrainJob], work: JobWork, device: str, resources: di
     return pending
 
 
+def run_here(jobs: Iterable[TrainJob], work: JobWork, *, device: str = "cpu", progress=None) -> Iterator[tuple[TrainJob, list[dict]]]:
+    """Run ``work`` on each job in this process, in order; yield ``(job, results)`` for the driver to register. A job
+    that a forget interrupted (:class:`DataChanged`) yields the stages it finished, then the error is raised."""
+    for job in jobs:
+        try:
+            results = work(job, device, progress)
+        except DataChanged as changed:
+            yield job, changed.results
+            raise
+        yield job, results
+
+
 def run_on_ray(
     jobs: Iterable[TrainJob],
     work: JobWork,
@@ -180,10 +192,9 @@ def run_on_ray(
     ``gpus_per_job``/``cpus_per_job`` are the Ray resources each task asks for (fractions share a GPU);
     ``max_retries`` restarts a job whose worker died or that raised a :data:`TRANSIENT_ERRORS` error.
     ``runtime_env`` is passed to the tasks (e.g. ``{"env_vars": {...}}``). Raises :class:`DatawardError` naming every job
-    that failed for good, after the others have finished and been yielded.
+    that failed for good, after the others have finished and been yielded (:class:`DataChanged` if a forget stopped one).
     """
-    ray = _import_ray()
-    jobs = list(jobs)
+    ray, jobs = _import_ray(), list(jobs)
     if cpus_per_job <= 0 or gpus_per_job < 0 or max_retries < 0:
         raise DatawardError(f"need --cpus-per-job > 0, --gpus-per-job >= 0 and max_retries >= 0, got {cpus_per_job}, {gpus_per_job}, {max_retries}")
     if torch.device(device).type == "cuda" and gpus_per_job <= 0:
@@ -196,7 +207,7 @@ def run_on_ray(
     shown = None if progress is None else progress.add_task(f"ray: {len(jobs)} job(s)", total=len(jobs))
     before = {id(job): _job_folders(job) for job in jobs}
     pending = _submit(ray, jobs, work, device, resources)
-    failures = []
+    failures, changed = [], []
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -208,6 +219,9 @@ def run_on_ray(
                     results = ray.get(ref)
                 except Exception as error:  # noqa: BLE001 - every failure is reported, with its job
                     _remove_new_folders(job, before[id(job)])
+                    if isinstance(getattr(error, "cause", error), DataChanged):  # a forget: the driver plans this job again
+                        changed.append(str(getattr(error, "cause", error)))
+                        continue
                     failures.append(f"{job_name(job)} (stages {job.start}..{len(job.lineage.stage_ids) - 1}): {_describe(ray, error)}")
                     continue
                 _remove_new_folders(job, before[id(job)], keep=[r["folder"] for r in results])  # earlier attempts' leftovers
@@ -216,7 +230,8 @@ def run_on_ray(
         for ref in pending:  # interrupted (Ctrl-C, or registering failed): stop the rest; the next open removes orphans
             ray.cancel(ref, force=True)
     if failures:
-        raise DatawardError(
-            f"{len(failures)} of {len(jobs)} training job(s) failed on Ray after up to {max_retries} retries: " + "; ".join(failures)
-            + ". Finished jobs are registered and the failed jobs' partial checkpoints removed; run `dataward train` again to resume."
-        )
+        raise DatawardError(f"{len(failures)} of {len(jobs)} training job(s) failed on Ray after up to {max_retries} retries: "
+                            + "; ".join(failures) + ". Finished jobs are registered and the failed jobs' partial checkpoints "
+                            "removed; run `dataward train` again to resume.")
+    if changed:  # after the others were yielded: the driver registers them and plans again
+        raise DataChanged("; ".join(changed))

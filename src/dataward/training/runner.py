@@ -21,7 +21,7 @@ from dataward import numerics
 from dataward.config import WardConfig
 from dataward.data import Dataset, ids_hash
 from dataward.diffusion.latent import LatentCodec
-from dataward.errors import DatawardError
+from dataward.errors import DataChanged, DatawardError
 from dataward.models.adapters import AdapterCheckpoint, add_lora
 from dataward.models.nets import derive_seed
 from dataward.progress import progress_task
@@ -82,7 +82,7 @@ class JobRunner:
             return self.model_data(self.data.public_data())
         data = self.data.dataset(self.data.ledger.samples(lineage.compartment, max_slice=stage if len(lineage.stage_ids) > 1 else None))
         if data.ids != lineage.stage_ids[stage]:
-            raise DatawardError(f"the ward's data changed while training {lineage.kind} {lineage.compartment} stage {stage}: run `dataward train` again")
+            raise DataChanged(f"a forget changed the data of {lineage.kind} {lineage.compartment} stage {stage} before it trained")
         return self.model_data(data)
 
     def run(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None) -> list[dict]:
@@ -99,6 +99,8 @@ class JobRunner:
         kind = KINDS[lineage.kind]
         state = TrainState.fresh(self._build(lineage).to(device), lineage.config)
         if job.resume_from is not None:
+            if not state_file(self.planner.path / job.resume_from).is_file():  # quarantined by a forget since the plan
+                raise DataChanged(f"a forget removed the checkpoint {job.resume_from} that {lineage.kind} {lineage.compartment} resumes from")
             state.load(state_file(self.planner.path / job.resume_from))
         stages = len(lineage.stage_ids)
         name = lineage.kind + ("" if lineage.compartment is None else f" {lineage.compartment}")
@@ -106,7 +108,10 @@ class JobRunner:
         results = []
         for stage in range(job.start, stages):
             ids = lineage.stage_ids[stage]
-            data = self.stage_data(lineage, stage)
+            try:
+                data = self.stage_data(lineage, stage)
+            except DataChanged as changed:  # the stages trained so far are still exact for the IDs they saw
+                raise DataChanged(str(changed), results) from None
             loss, targets = kind.objective(self.context, ids)
             generator = torch.Generator().manual_seed(derive_seed(self.config.seed, lineage.kind, lineage.compartment, "stage", stage))
             run_steps(state, data, loss, lineage.stage_steps(stage), lineage.config, generator, targets, device,

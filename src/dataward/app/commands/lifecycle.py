@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -177,54 +177,62 @@ def guard(
 def forget(
     ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
     ids: Optional[list[str]] = typer.Argument(None, metavar="IDS", help="Sample IDs to forget."),
-    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A file with one sample ID per line."),
+    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A UTF-8 file with one sample ID per line, exactly as "
+                                            "written (spaces included; only the line break is removed); empty lines are skipped."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Forget samples: in effect at once, then retrain what saw them from the slice before."""
-    all_ids = list(ids or [])
-    if ids_file:
-        if not ids_file.is_file():
-            raise DatawardError(f"--ids-file {ids_file} does not exist")
-        all_ids += [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+    all_ids = list(ids or []) + (read_ids_file(ids_file) if ids_file else [])
     w = open_ward(ward, resume=False)  # accept first: nothing pending or broken may delay a forget
-    result = w.forget(all_ids, retrain=False)
-    if result["state"] == "noop":
+    accepted = w.accept_forget(all_ids)
+    if accepted.request is None:
         if as_json:
-            print(json.dumps(result))
+            print(json.dumps(asdict(accepted)))
         else:
-            out.print(f"[yellow]nothing to do:[/yellow] {result['message']}")
+            out.print(f"[yellow]nothing to do:[/yellow] {accepted.message}")
         return
     if not as_json:
-        out.print(f"forget request {result['request']}: {len(result['ids'])} ID(s) forgotten; in effect now "
-                  f"({result['quarantined_models']} model(s) that saw them quarantined and deleted)")
-        for c, state in result["serving_during_retraining"].items():
-            out.print(f"  while retraining, compartment {c}: {state}")
-        if result["already_forgotten"]:
-            out.print(f"  already forgotten before: {escape(', '.join(result['already_forgotten']))}")
-    if not as_json:
-        _say_router_retrains(w, "it saw the forgotten IDs")
-    from dataward.export import export_states
-
-    result["stale_exports"] = [e["folder"] for e in export_states(w.ledger) if e["stale"]]
-    if result["stale_exports"] and not as_json:
-        out.print(f"[red]exports now stale (copies outside the ward: delete them or re-export):[/red] {escape(', '.join(result['stale_exports']))}")
-    from dataward.store.lock import WriterBusy
-
-    started = time.time()
-    try:
-        with progress_bar(not as_json) as progress:
-            w.train(device=device, progress=progress)  # also finishes earlier pending forgets; if it fails, the forget stays in effect
-        result["retrain_seconds"] = time.time() - started
-    except WriterBusy as busy:  # another process is training: it retrains this too (the forget is in effect already)
-        result["retraining_elsewhere"] = str(busy)
-    result["state"] = w.ledger.forget_request(result["request"])["state"]
+        _say_accepted(w, accepted)
+    with progress_bar(not as_json) as progress:
+        result = w.finish_forget(accepted, device=device, progress=progress)  # also finishes earlier pending forgets
     if as_json:
-        print(json.dumps(result))
-    elif "retraining_elsewhere" in result:
-        out.print(f"retraining is left to the process training this ward now: {escape(result['retraining_elsewhere'])}")
+        print(json.dumps(asdict(result)))
+        return
+    if result.retraining_elsewhere is not None:
+        out.print(f"retraining is left to the process training this ward now: {escape(result.retraining_elsewhere)}")
     else:
-        out.print(f"retrained in {result['retrain_seconds']:.1f} s; state: {result['state']}. Certificate: dataward verify {escape(str(ward))}")
+        out.print(f"retrained in {result.retrain_seconds:.1f} s; state: {result.state}. Certificate: dataward verify {escape(str(ward))}")
+    if not result.erased:
+        out.print("[yellow]in effect, but old pages of the images stay in the ledger's files while another connection reads an older "
+                  "snapshot of it: they are erased once it lets go (by the next dataward command on this ward or its running server; "
+                  "`dataward status` lists the forgets not yet erased)[/yellow]")
+
+
+def read_ids_file(path: Path) -> list[str]:
+    """The sample IDs of an ``--ids-file``: one per line, exactly as written (only the line break, \\n or \\r\\n, is
+    removed: no other stripping, no other line separators); empty lines are skipped."""
+    if not path.is_file():
+        raise DatawardError(f"--ids-file {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DatawardError(f"--ids-file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    return [line for line in lines if line]
+
+
+def _say_accepted(w, accepted) -> None:
+    """What an accepted forget did, before retraining starts."""
+    out.print(f"forget request {accepted.request}: {len(accepted.ids)} ID(s) forgotten; in effect now "
+              f"({accepted.quarantined_models} model(s) that saw them quarantined and deleted)")
+    for c, state in accepted.serving_during_retraining.items():
+        out.print(f"  while retraining, compartment {c}: {state}")
+    if accepted.already_forgotten:
+        out.print(f"  already forgotten before: {escape(', '.join(accepted.already_forgotten))}")
+    _say_router_retrains(w, "it saw the forgotten IDs")
+    if accepted.stale_exports:
+        out.print(f"[red]exports now stale (copies outside the ward: delete them or re-export):[/red] {escape(', '.join(accepted.stale_exports))}")
 
 
 def verify(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."), device: str = typer.Option("cpu", help="cpu or cuda."),

@@ -103,6 +103,9 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
         out.print(f"export {escape(e['folder'])}: compartments {e['compartments']}, class {e['label']}; {state}")
     if s["pending_forgets"]:
         out.print(f"[yellow]forget requests in effect, retraining pending: {', '.join(s['pending_forgets'])}[/yellow] (run any command to finish)")
+    if s["unerased_forgets"]:
+        out.print(f"[yellow]forget requests in effect, not yet erased from the ledger's files (another connection reads an older snapshot): "
+                  f"{', '.join(s['unerased_forgets'])}[/yellow]")
     if s.get("privacy"):
         p = s["privacy"]
         per = "; ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"{epsilon_delta(v['epsilon'], v['delta'])}, σ = {v['sigma']:.3f}, "

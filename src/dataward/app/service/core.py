@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from dataward.app.service.generation import GenerationPool, WorkerKind
 from dataward.app.service.retraining import Retrainer, open_retraining_ward
 from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, shutting_down
+from dataward.forgetting import UnknownSampleIds
 from dataward.ward import Ward
 
 log = logging.getLogger("dataward.app.service")
@@ -77,30 +79,23 @@ class Service:
             raise shutting_down("send the forget again later")
         if len(body.ids) > self.limits.max_forget_ids:
             raise ServiceError(422, f"ids: at most {self.limits.max_forget_ids} IDs per request, got {len(body.ids)}")
-        ids = sorted(set(body.ids))
-        known = self.api.ledger.sample_rows(ids)
-        unknown = [i for i in ids if i not in known]
-        if unknown:
-            raise ServiceError(404, f"unknown sample ID(s), nothing was forgotten: {', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
-        # one ledger transaction on the forget thread; the 202 is returned on the event loop after it committed
-        result = await asyncio.get_running_loop().run_in_executor(self.admin_pool, lambda: self.admin.forget(ids, retrain=False))
-        if result["request"] is None:
-            return JSONResponse({"state": "noop", "message": result["message"], "already_forgotten": result["already_forgotten"]}, status_code=200)
+        try:  # one ledger transaction on the forget thread; the 202 is returned on the event loop after it committed
+            result = await asyncio.get_running_loop().run_in_executor(self.admin_pool, self.admin.accept_forget, body.ids)
+        except UnknownSampleIds as unknown:
+            raise ServiceError(404, str(unknown)) from None
+        if result.request is None:
+            return JSONResponse(asdict(result), status_code=200)
         self.retrainer.request()
-        request = result["request"]
-        content = {
-            "request": request, "state": "accepted", "ids": result["ids"], "already_forgotten": result["already_forgotten"],
-            "quarantined_models": result["quarantined_models"], "serving_during_retraining": result["serving_during_retraining"],
-            "status_url": f"/v1/forget/{request}",
-        }
-        return JSONResponse(content, status_code=202, headers={"Location": f"/v1/forget/{request}"})
+        status_url = f"/v1/forget/{result.request}"
+        return JSONResponse(asdict(result) | {"status_url": status_url}, status_code=202, headers={"Location": status_url})
 
     def forget_state(self, request_id: str) -> dict:
         """A forget request's state, and whether retraining is running."""
         record = self.api.ledger.forget_request(request_id)
         if record is None:
             raise ServiceError(404, f"unknown forget request {request_id!r}")
-        return record | {"retraining": self.retrainer.running and record["state"] == "accepted", "retraining_error": self.retrainer.last_error}
+        return record | {"retraining": self.retrainer.running and record["state"] == "accepted", "retraining_error": self.retrainer.last_error,
+                         "retry_in_seconds": self.retrainer.retry_in_seconds}
 
     # reading --------------------------------------------------------------------------------------------------------
     def compartments(self, key: ApiKey) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dataward.errors import DatawardError, LedgerUnavailable
+from dataward.errors import DataChanged, LedgerUnavailable
 from dataward.store.checkpoints import MODELS_DIR
 from dataward.store.lock import WriterBusy
 from dataward.training.planner import TrainJob
@@ -18,10 +18,12 @@ from dataward.ward import Ward, WardHooks
 
 log = logging.getLogger("dataward.app.service")
 WRITER_BUSY_RETRY_SECONDS = 5.0  # how often the retraining thread looks again while another process trains the ward (or the ledger is down)
+FAILURE_BACKOFF_SECONDS = (1.0, 300.0)  # after a failed training: the first retry's delay, doubling up to the second
 
 
-class StaleTraining(DatawardError):
-    """A training finished on IDs that were forgotten meanwhile; its models were not registered (retrain again)."""
+class StaleTraining(DataChanged):
+    """A training finished on IDs that were forgotten meanwhile; its models were not registered (``Ward.train`` plans
+    again with the live IDs)."""
 
 
 class RefuseForgotten:
@@ -54,13 +56,16 @@ def open_retraining_ward(path: Path, worker: bool = False) -> Ward:
 
 
 class Retrainer:
-    """One thread that runs ``ward.train()`` whenever asked (after a forget), one training at a time, with backoff."""
+    """One thread that runs ``ward.train()`` whenever asked (after a forget), one training at a time. A training that
+    fails is retried after ``backoff`` seconds, doubling up to a cap; ``last_error`` and ``retry_in_seconds`` say so."""
 
-    def __init__(self, ward: Ward, torch_threads: int):
+    def __init__(self, ward: Ward, torch_threads: int, backoff: tuple[float, float] = FAILURE_BACKOFF_SECONDS):
         self.ward = ward
         self.torch_threads = torch_threads
+        self.backoff = backoff
         self.running = False
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # why the last training failed (None once one succeeded)
+        self.retry_in_seconds: float | None = None  # the wait after the last attempt before the next (None: none is due)
         self._wanted = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dataward-retrain", daemon=True)
@@ -86,40 +91,34 @@ class Retrainer:
         return True
 
     def _loop(self) -> None:
-        delay = 0.0
+        failures = 0
         while not self._stop.is_set():
             self._wanted.wait()
             if self._stop.is_set():
                 return
             self._wanted.clear()
+            delay = None
             try:
                 self.running = True
                 self.ward.train()
-                self.last_error, delay = None, 0.0
+                self.last_error, failures = None, 0
                 if self.ward.ledger.pending_forgets() and self.ward.models_missing():
-                    delay = 1.0  # a forget landed during the run: go again
-                    self._wanted.set()
+                    delay = 1.0  # forgets kept landing during the run: go again
             except WriterBusy as busy:  # another process (e.g. `dataward train`) is training: it retrains this too; look again later
                 log.info("retraining waits: %s", busy)
-                self._wanted.set()
                 delay = WRITER_BUSY_RETRY_SECONDS
             except LedgerUnavailable as error:  # the ledger database is down: the forget stays pending there; look again later
                 log.warning("retraining waits for the ledger: %s", error)
-                self.last_error = str(error)
-                self._wanted.set()
-                delay = WRITER_BUSY_RETRY_SECONDS
-            except DatawardError as error:  # data changed under the training (a forget): go again at once
-                log.info("retraining restarts: %s", error)
-                self._wanted.set()
-                delay = 0.05
+                self.last_error, delay = str(error), WRITER_BUSY_RETRY_SECONDS
             except Exception as error:  # noqa: BLE001 - keep serving; the ledger keeps the forget pending
                 log.exception("retraining failed")
+                failures += 1
                 self.last_error = f"{type(error).__name__}: {error}"
-                delay = min(30.0, max(1.0, 2 * delay))
-                self._wanted.set()
+                delay = min(self.backoff[1], self.backoff[0] * 2 ** (failures - 1))  # an error that stays must not spin
             finally:
                 self.running = False
                 torch.set_num_threads(self.torch_threads)  # training sets its own thread count
-            if delay:
+            self.retry_in_seconds = delay
+            if delay is not None:
+                self._wanted.set()
                 self._stop.wait(delay)
-
