@@ -11,6 +11,7 @@ facade alone writes the ledger (registering, forgetting) and ward.json, and owns
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ from dataward.models.adapters import load_merged
 from dataward.models.guard import GuardActivity, GuardConfig, guard_guidance, guarded
 from dataward.models.kinds import KINDS, KindContext
 from dataward.numerics import Numerics
+from dataward.progress import ProgressOption, progress_display
 from dataward.certificate import forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
 from dataward.store.database import LEDGER_FILE, check_ledger_url, ledger_location
@@ -61,12 +63,12 @@ class WardHooks:
     before_register: Callable[[TrainJob, list[dict]], None] | None = None
 
 
-def run_job_in_worker(job: TrainJob, device: str, progress=None) -> list[dict]:
+def run_job_in_worker(job: TrainJob, device: str, progress=None, report_to: str = "csv") -> list[dict]:
     """A training job in a worker process: open the ward at ``job.ward`` without touching its files, run the job, close
     (the ``work`` the Ray executor runs)."""
     ward = Ward.open(job.ward, worker=True)
     try:
-        return ward.run_job(job, device, progress)
+        return ward.run_job(job, device, progress, report_to=report_to)
     finally:
         ward.close()
 
@@ -224,13 +226,13 @@ class Ward(WardChanges):
         """What is missing in a lineage: a job that trains stages ``start``.. from the last matching checkpoint (None if up to date)."""
         return self.planner.plan(lineage, from_scratch)
 
-    def run_job(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None) -> list[dict]:
-        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/).
+    def run_job(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None, report_to: str = "csv") -> list[dict]:
+        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/), with its loss log (``report_to``).
 
         Reads the ledger, never writes it, so it can run in a worker process (see :mod:`dataward.training.runner`).
         Returns one record per stage: ``{"stage", "folder", "ids", "metadata"}``.
         """
-        return self.runner.run(job, device, progress, out_root)
+        return self.runner.run(job, device, progress, out_root, report_to)
 
     def register(self, job: TrainJob, results: list[dict]) -> None:
         """Record a finished job's checkpoints in the ledger (the driver's part; one transaction per stage, in order),
@@ -244,28 +246,30 @@ class Ward(WardChanges):
             self.ledger.register_model(job.lineage.kind, job.lineage.compartment, r["stage"], f"{MODELS_DIR}/{r['folder']}", r["ids"],
                                        r["metadata"]["ids_hash"], r["metadata"], public=KINDS[job.lineage.kind].public)
 
-    def train(self, device: str = "cpu", progress=None, executor: str = "local", only: tuple[str, ...] | None = None, **executor_options) -> dict:
+    def train(self, device: str = "cpu", progress: ProgressOption = True, executor: str = "local", only: tuple[str, ...] | None = None, report_to: str = "csv", **executor_options) -> dict:
         """Train every model that is missing or out of date (after init, add, forget or a crash); finish pending forgets.
 
-        Models train in waves (:attr:`dataward.models.kinds.ModelKind.wave`): the public autoencoder (the others see its
-        latents), the public denoiser (DP starts from it), each compartment's models (independent jobs), the router.
-        ``executor`` is ``local`` (in this process) or ``ray`` (one Ray task per job, see :mod:`dataward.training.executors`).
-        ``only`` limits training to some model kinds (e.g. ``("public-denoiser",)`` for ``dataward pretrain``).
+        Models train in waves (:attr:`dataward.models.kinds.ModelKind.wave`): the public autoencoder (the others see its latents), the
+        public denoiser (DP starts from it), each compartment's models (independent jobs), the router. ``executor`` is ``local`` (in
+        this process) or ``ray`` (one Ray task per job, see :mod:`dataward.training.executors`). ``only`` limits training to some model
+        kinds (e.g. ``("public-denoiser",)`` for ``dataward pretrain``). ``progress``: True shows it on stderr as the CLI does, False none, or a display to use
+        (:mod:`dataward.progress`). ``report_to``: ``csv`` writes each stage's loss log (``loss.csv`` in its checkpoint folder), ``none`` not. SIGINT or SIGTERM stop at the end of a step, the stage saved (:mod:`dataward.training.resume`).
         One process trains a ward at a time: while another holds the writer lock this raises :class:`WriterBusy`.
         """
         if executor not in ("local", "ray"):
             raise DatawardError(f"unknown executor {executor!r}: expected local or ray")
         started = time.time()
-        with self.writer:
+        with self.writer, progress_display(progress) as shown:
             remove_orphans(self.path, self.ledger)
             for _ in range(TRAIN_ROUNDS):  # a forget accepted by another process while a round ran makes more work
                 for wave in self.planner.waves(only):
                     jobs = [job for job in (self.plan(l) for l in wave) if job is not None]
                     if executor == "local":
                         for job in jobs:
-                            self.register(job, self.run_job(job, device, progress))
+                            self.register(job, self.run_job(job, device, shown, report_to=report_to))
                     else:
-                        for job, results in run_on_ray(jobs, run_job_in_worker, device=device, progress=progress, **executor_options):
+                        work = functools.partial(run_job_in_worker, report_to=report_to)  # picklable, for the Ray workers
+                        for job, results in run_on_ray(jobs, work, device=device, progress=shown, **executor_options):
                             self.register(job, results)
                 if only is not None or not self.models_missing():
                     break
@@ -351,7 +355,7 @@ class Ward(WardChanges):
         return reports.serving_state(self.planner)
 
     # forgetting ---------------------------------------------------------------------------------------------------
-    def forget(self, ids: list[str], retrain: bool = True, device: str = "cpu", progress=None) -> dict:
+    def forget(self, ids: list[str], retrain: bool = True, device: str = "cpu", progress=True) -> dict:
         """Forget sample IDs: in effect at once (durable, quarantines every model that saw them), then retrain."""
         ids = sorted(set(ids))
         if not ids:
@@ -379,7 +383,7 @@ class Ward(WardChanges):
         result["state"] = self.ledger.forget_request(request)["state"]
         return result
 
-    def verify(self, device: str = "cpu", progress=None, compartments: list[int] | None = None) -> dict:
+    def verify(self, device: str = "cpu", progress=True, compartments: list[int] | None = None) -> dict:
         """Forgetting certificate: retrain served models from scratch on the live IDs and compare weight hashes.
 
         All models by default; with ``compartments``, those compartments' models and every joint model (the router).

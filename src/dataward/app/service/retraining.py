@@ -94,7 +94,7 @@ class Retrainer:
             self._wanted.clear()
             try:
                 self.running = True
-                self.ward.train()
+                self.ward.train(progress=False)  # a server thread: no progress display
                 self.last_error, delay = None, 0.0
                 if self.ward.ledger.pending_forgets() and self.ward.models_missing():
                     delay = 1.0  # a forget landed during the run: go again
