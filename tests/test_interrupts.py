@@ -150,11 +150,6 @@ def test_cli_exit_code_of_a_command_that_exits_nonzero(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lifecycle, "open_ward", lambda *a, **k: FailedCertificate())
     monkeypatch.setattr(sys, "argv", ["dataward", "verify", str(tmp_path)])
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as done:
-            cli.main()
-    finally:
-        for signum, handler in handlers.items():  # main() installs the CLI's handlers
-            signal.signal(signum, handler)
-    assert done.value.code == 1
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put it back

@@ -77,8 +77,16 @@ def main() -> None:
     if "--debug" in args[:cut]:
         STATE["debug"] = True
         args = [a for a in args[:cut] if a != "--debug"] + args[cut:]
-    for signum in SIGNALS:
-        signal.signal(signum, raise_interrupted)
+    previous = {signum: signal.signal(signum, raise_interrupted) for signum in SIGNALS}
+    try:
+        _run(args)
+    finally:  # a caller in this process (a test) gets its handlers back
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(args: list[str]) -> None:
+    """:func:`main`'s body: the app on ``args``, each way it can end turned into an exit code and at most one line."""
     try:
         code = app(args=args, prog_name="dataward", standalone_mode=False)  # typer.Exit(n) comes back as n here
         if isinstance(code, int) and code:

@@ -161,11 +161,12 @@ def remove_orphans(ward: Path, ledger: Ledger) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def drop_train_states(ward: Path, ledger: Ledger, keep: set[str]) -> None:
-    """Remove the training state of every registered model not in ``keep`` (the ward-relative paths of the stages a
-    forget or a resume can still start from); folders no record owns yet (a job's, before it is registered) are left."""
+def drop_train_states(ward: Path, ledger: Ledger, stages: Callable[[ModelRecord], int]) -> None:
+    """Remove the training state of every registered model no forget or resume can start from: a retired model, or the
+    last of its lineage's ``stages(record)`` stages (a forget retrains from the stage before the forgotten ID's slice).
+    Folders no record owns yet (a job's, before it is registered) are left alone."""
     for record in ledger.models(status=None, any_compartment=True):
-        if record.status in ("ready", "retired") and record.path not in keep:
+        if record.status == "retired" or (record.status == "ready" and record.stage >= stages(record) - 1):
             state_file(ward / record.path).unlink(missing_ok=True)
 
 

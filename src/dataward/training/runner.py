@@ -134,12 +134,12 @@ class JobRunner:
 
     def _tidy(self, work: Path) -> None:
         """Remove what no stage can start from any more: in-progress files of no current stage (e.g. of one that saw an ID
-        forgotten since), and the training state of models a forget or a resume cannot retrain from (a lineage's last
-        stage, DP's one phase, models out of date)."""
+        forgotten since), and the training state of retired models and of each lineage's last stage (public models and
+        DP's one phase have one stage)."""
         lineages = self.planner.lineages()
         sweep(work, {stage_name(l, r): stage_spec(l, r, self.config.seed, self.config.numerics) for l in lineages for r in range(len(l.stage_ids))})
-        keep = {record.path for l in lineages if not l.dp for stage, record in self.planner.ready_stages(l).items() if stage < len(l.stage_ids) - 1}
-        drop_train_states(self.planner.path, self.planner.ledger, keep)
+        drop_train_states(self.planner.path, self.planner.ledger,
+                          lambda record: 1 if KINDS[record.kind].public else self.planner.stage_count(record))
 
     def _train_stage(self, lineage: Lineage, stage: int, state: TrainState, checkpoint: StageCheckpoint, log_path: Path | None,
                      signals: DeferredSignals, device: str, on_step: Callable[..., None]) -> tuple[Dataset, torch.Tensor | None]:
