@@ -218,7 +218,7 @@ def test_progress_in_a_log_file_is_written_as_it_goes():
 
     from rich.console import Console
 
-    from dataward.app.terminal import LineProgress
+    from dataward.progress import LineProgress
 
     log = io.StringIO()
     progress = LineProgress(Console(file=log, force_terminal=False, width=200))

@@ -86,8 +86,8 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
 # docs/architecture.md's module map as layers, bottom first: a module imports its own layer or the layers below it,
 # never one above. A name covers the module and everything under it; every module belongs to exactly one layer.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("dataward.errors", "dataward.numerics", "dataward.openmp", "dataward.progress", "dataward.config",
-                    "dataward.shapes", "dataward.data", "dataward.plots")),
+    ("foundation", ("dataward.errors", "dataward.interrupts", "dataward.numerics", "dataward.openmp", "dataward.progress",
+                    "dataward.config", "dataward.shapes", "dataward.data", "dataward.plots")),
     ("store", ("dataward.store",)),
     ("diffusion", ("dataward.diffusion",)),
     ("models", ("dataward.models",)),

@@ -7,7 +7,7 @@ from dataward.config import TrainConfig
 from dataward.data import load_source
 from dataward.models.nets import build_unet
 from dataward.diffusion.sampling import make_training_scheduler
-from dataward.training.loop import PlainSteps, TrainState, denoiser_loss, run_steps, shuffled_batches, train_batches
+from dataward.training.loop import PlainSteps, ShuffledBatches, TrainState, denoiser_loss, run_steps, train_batches
 
 DATA = load_source("digits:subset=40")
 SCHED = make_training_scheduler()
@@ -63,11 +63,11 @@ def test_the_loop_counts_only_the_steps_its_stepper_takes():
 
     state = TrainState.fresh(build_unet("tiny", 8, 1, 10, 0), CFG)
     generator, losses = torch.Generator().manual_seed(0), []
-    train_batches(state, shuffled_batches(DATA, 16, 6, generator), denoiser_loss(SCHED), generator, stepper=EveryOther(state), on_step=losses.append)
+    train_batches(state, ShuffledBatches(DATA, 16, 6, generator), denoiser_loss(SCHED), generator, stepper=EveryOther(state), on_step=losses.append)
     assert state.step == state.ema.optimization_step == len(losses) == 3
     plain = TrainState.fresh(build_unet("tiny", 8, 1, 10, 0), CFG)
     generator = torch.Generator().manual_seed(0)
-    train_batches(plain, shuffled_batches(DATA, 16, 6, generator), denoiser_loss(SCHED), generator)
+    train_batches(plain, ShuffledBatches(DATA, 16, 6, generator), denoiser_loss(SCHED), generator)
     assert plain.step == 6 and not torch.equal(flat(plain), flat(state))
 
 

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from dataward import numerics
+from dataward.progress import ProgressOption, progress_display
 from dataward.store.checkpoints import checkpoint_hash
 from dataward.training.planner import Planner
 from dataward.training.runner import JobRunner
@@ -31,13 +32,13 @@ def _check(planner: Planner, runner: JobRunner, lineage, forgotten: set[str], sc
     return check
 
 
-def forgetting_certificate(planner: Planner, runner: JobRunner, device: str = "cpu", progress=None, compartments: list[int] | None = None) -> dict:
+def forgetting_certificate(planner: Planner, runner: JobRunner, device: str = "cpu", progress: ProgressOption = None, compartments: list[int] | None = None) -> dict:
     """Every served model (or, with ``compartments``, those compartments' models and every joint model) retrained from
     scratch and compared by weight hash; ``ok`` when all are equal and none saw a forgotten ID. Recorded in the ledger as
-    a ``certificate`` event (the audit reports it while no model changed since)."""
+    a ``certificate`` event (the audit reports it while no model changed since). ``progress``: see :mod:`dataward.progress`."""
     forgotten = set(planner.ledger.forgotten_ids())
-    with tempfile.TemporaryDirectory(prefix="dataward-verify-") as scratch:
-        checks = [_check(planner, runner, lineage, forgotten, Path(scratch), device, progress) for lineage in planner.lineages()
+    with tempfile.TemporaryDirectory(prefix="dataward-verify-") as scratch, progress_display(progress) as shown:
+        checks = [_check(planner, runner, lineage, forgotten, Path(scratch), device, shown) for lineage in planner.lineages()
                   if compartments is None or lineage.compartment is None or lineage.compartment in compartments]
     ok = bool(checks) and all(c["equal"] and not c.get("saw_forgotten_ids") for c in checks)
     planner.ledger.record_event("certificate", ok=ok, forgotten=len(forgotten), models=sorted(c["model"] for c in checks if "model" in c),

@@ -20,7 +20,7 @@ from dataward.training.privacy import check_dp_change, plan_dp
 class WardChanges:
     """The methods of :class:`dataward.ward.Ward` that change what it trains (they use its config, ledger and train)."""
 
-    def pretrain(self, public: str, train: TrainConfig | None = None, device: str = "cpu", progress=None, latent: bool = False,
+    def pretrain(self, public: str, train: TrainConfig | None = None, device: str = "cpu", progress=True, latent: bool = False,
                  autoencoder: AutoencoderConfig | None = None, autoencoder_data: str | None = None, as_base: bool = False) -> dict:
         """Pretrain the public models on public data (``dataward pretrain``): the denoiser that DP fine-tuning starts from,
         in pixel space or (``latent``) in the latent space of a public autoencoder trained first on ``autoencoder_data``
@@ -46,7 +46,7 @@ class WardChanges:
         self.config.save(self.path)
         return self.train(device=device, progress=progress, only=PUBLIC_KINDS)
 
-    def enable_dp(self, dp: DPConfig, compartments: list[int] | None = None, train: bool = True, device: str = "cpu", progress=None,
+    def enable_dp(self, dp: DPConfig, compartments: list[int] | None = None, train: bool = True, device: str = "cpu", progress=True,
                   replace_dp: bool = False) -> dict:
         """Train the compartments' denoisers with DP-SGD (``dataward train --dp``): validated before anything is written.
         A ward has one DP setting: replacing a different one needs ``replace_dp``. In a ward with LoRA adapters DP trains
@@ -66,12 +66,12 @@ class WardChanges:
         self.reconfigure(dp=dp, dp_compartments=None if compartments is None else tuple(chosen))
         return self.train(device=device, progress=progress) if train else {}
 
-    def enable_guards(self, settings: GuardConfig | None = None, train: bool = True, device: str = "cpu", progress=None) -> dict:
+    def enable_guards(self, settings: GuardConfig | None = None, train: bool = True, device: str = "cpu", progress=True) -> dict:
         """Turn on CPSample guards for every compartment (``dataward guard``) and train them."""
         self.reconfigure(guard=True, guard_settings=settings or self.config.guard_settings)
         return self.train(device=device, progress=progress) if train else {}
 
-    def add(self, data: str | Dataset, train: bool = True, device: str = "cpu", progress=None) -> dict:
+    def add(self, data: str | Dataset, train: bool = True, device: str = "cpu", progress=True) -> dict:
         """Add new data as new compartment(s) (continual learning); existing compartments' models are untouched."""
         dataset = load_source(data) if isinstance(data, str) else data
         spec = data if isinstance(data, str) else "dataset"

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from dataward.training.planner import Planner
 from dataward.export import export_states
+from dataward.store.checkpoints import disk_use
 from dataward.training.privacy import ward_delta, ward_epsilon
 
 PRIVACY_FIELDS = ("epsilon", "delta", "sigma", "clip", "sample_rate", "steps", "history", "trainable", "trainable_fraction", "accountant",
@@ -73,6 +74,7 @@ def status(planner: Planner) -> dict:
         "privacy": privacy(planner),
         "exports": export_states(ledger),
         "events": ledger.events(10),
+        "disk_bytes": disk_use(planner.path),
     }
 
 

@@ -1,8 +1,7 @@
 """The ward: a directory holding one protected model family, and the Python API the CLI and the service wrap.
 
-Layout: ``WARD/ward.json`` (:mod:`dataward.config`), ``WARD/ledger.sqlite`` (samples with their images, models, forget
-requests, keys, events: :mod:`dataward.store.ledger`; or ``WARD/ledger.url`` naming a PostgreSQL database that holds them), ``WARD/models/<name>/`` (one checkpoint folder per trained stage:
-:mod:`dataward.store.checkpoints`), ``WARD/writer.lock`` (:mod:`dataward.store.lock`).
+Layout: ``WARD/ward.json`` (:mod:`dataward.config`), ``WARD/ledger.sqlite`` or ``ledger.url`` (:mod:`dataward.store.ledger`),
+``WARD/models/<name>/`` (a folder per trained stage: :mod:`dataward.store.checkpoints`), ``WARD/writer.lock``.
 
 :class:`Ward` is a facade over :mod:`dataward.training.planner`, :mod:`dataward.training.runner` (here or on Ray),
 :mod:`dataward.training.kinds`, :mod:`dataward.generation`, :mod:`dataward.certificate` and :mod:`dataward.reports`. The
@@ -11,6 +10,7 @@ facade alone writes the ledger (registering, forgetting) and ward.json, and owns
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -35,6 +35,7 @@ from dataward.generation import SampleRequest, SampleResult, generate
 from dataward.models.adapters import load_merged
 from dataward.models.guard import GuardActivity, guard_guidance, guarded
 from dataward.numerics import Numerics
+from dataward.progress import ProgressOption, progress_display
 from dataward.certificate import forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
 from dataward.store.database import LEDGER_FILE, check_ledger_url, ledger_location
@@ -62,12 +63,12 @@ class WardHooks:
     before_register: Callable[[TrainJob, list[dict]], None] | None = None
 
 
-def run_job_in_worker(job: TrainJob, device: str, progress=None) -> list[dict]:
+def run_job_in_worker(job: TrainJob, device: str, progress=None, report_to: str = "csv") -> list[dict]:
     """A training job in a worker process: open the ward at ``job.ward`` without touching its files, run the job, close
     (the ``work`` the Ray executor runs)."""
     ward = Ward.open(job.ward, worker=True)
     try:
-        return ward.run_job(job, device, progress)
+        return ward.run_job(job, device, progress, report_to=report_to)
     finally:
         ward.close()
 
@@ -228,10 +229,10 @@ class Ward(WardChanges):
         """What is missing in a lineage: a job that trains stages ``start``.. from the last matching checkpoint (None if up to date)."""
         return self.planner.plan(lineage, from_scratch)
 
-    def run_job(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None) -> list[dict]:
-        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/); one record
-        per stage: ``{"stage", "folder", "ids", "metadata"}``. Reads the ledger, never writes it (:mod:`dataward.training.runner`)."""
-        return self.runner.run(job, device, progress, out_root)
+    def run_job(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None, report_to: str = "csv") -> list[dict]:
+        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/), with its loss log
+        (``report_to``); one record per stage: ``{"stage", "folder", "ids", "metadata"}``. Reads the ledger, never writes it."""
+        return self.runner.run(job, device, progress, out_root, report_to)
 
     def register(self, job: TrainJob, results: list[dict]) -> None:
         """Record a finished job's checkpoints in the ledger (the driver's part; one transaction per stage, in order),
@@ -245,26 +246,27 @@ class Ward(WardChanges):
             self.ledger.register_model(job.lineage.kind, job.lineage.compartment, r["stage"], f"{MODELS_DIR}/{r['folder']}", r["ids"],
                                        r["metadata"]["ids_hash"], r["metadata"], public=KINDS[job.lineage.kind].public)
 
-    def train(self, device: str = "cpu", progress=None, executor: str = "local", only: tuple[str, ...] | None = None, **executor_options) -> dict:
+    def train(self, device: str = "cpu", progress: ProgressOption = True, executor: str = "local", only: tuple[str, ...] | None = None,
+              report_to: str = "csv", **executor_options) -> dict:
         """Train every model that is missing or out of date (after init, add, forget or a crash); finish pending forgets.
 
-        Models train in waves (:attr:`dataward.training.kinds.ModelKind.wave`): the public autoencoder (the others see its
-        latents), the public denoiser (DP starts from it), each compartment's models (independent jobs), the router.
-        ``executor`` is ``local`` (in this process) or ``ray`` (one Ray task per job, see :mod:`dataward.training.executors`).
-        ``only`` limits training to some model kinds (e.g. ``("public-denoiser",)`` for ``dataward pretrain``).
-        One process trains a ward at a time: while another holds the writer lock this raises :class:`WriterBusy`.
+        Models train in waves (:attr:`dataward.training.kinds.ModelKind.wave`). ``executor``: ``local`` or ``ray`` (a Ray
+        task per job); ``only``: some model kinds (``dataward pretrain``); ``progress``: True (stderr), False, or a display;
+        ``report_to``: ``csv`` (each stage's ``loss.csv``) or ``none``. A signal stops training at the end of a step, the
+        stage saved (:mod:`dataward.training.resume`). One writer at a time: else this raises :class:`WriterBusy`.
         """
         if executor not in ("local", "ray"):
             raise DatawardError(f"unknown executor {executor!r}: expected local or ray")
         started = time.time()
-        work, execute = (run_job_in_worker, run_on_ray) if executor == "ray" else (self.run_job, run_here)
-        with self.writer:
+        work = functools.partial(run_job_in_worker if executor == "ray" else self.run_job, report_to=report_to)  # picklable for Ray
+        execute = run_on_ray if executor == "ray" else run_here
+        with self.writer, progress_display(progress) as shown:
             remove_orphans(self.path, self.ledger)
             for _ in range(TRAIN_ROUNDS):  # a forget accepted by another process while a round ran makes more work
                 try:
                     for wave in self.planner.waves(only):
                         jobs = [job for job in (self.plan(l) for l in wave) if job is not None]
-                        for job, results in execute(jobs, work, device=device, progress=progress, **executor_options):
+                        for job, results in execute(jobs, work, device=device, progress=shown, **executor_options):
                             self.register(job, results)
                 except DataChanged:  # a forget landed in data a job was to train on: plan again with the live IDs
                     continue
@@ -365,7 +367,7 @@ class Ward(WardChanges):
         return ForgetResult(new, already, request, "accepted", quarantined_models=len(quarantined), serving_during_retraining=self.serving_state(),
                             erased=erased, stale_exports=tuple(e["folder"] for e in export_states(self.ledger) if e["stale"]))
 
-    def finish_forget(self, accepted: ForgetResult, device: str = "cpu", progress=None) -> ForgetResult:
+    def finish_forget(self, accepted: ForgetResult, device: str = "cpu", progress=True) -> ForgetResult:
         """Forget, step 2: retrain what is missing under the writer lock (this finishes every pending forget); while
         another process holds the lock, that process retrains this too (``retraining_elsewhere``)."""
         if accepted.request is None:
@@ -377,11 +379,11 @@ class Ward(WardChanges):
         record = self.ledger.forget_request(accepted.request)
         return replace(accepted, state=record["state"], erased=record["erased"], **done)
 
-    def forget(self, ids: list[str], device: str = "cpu", progress=None) -> ForgetResult:
+    def forget(self, ids: list[str], device: str = "cpu", progress=True) -> ForgetResult:
         """Forget sample IDs: :meth:`accept_forget`, then :meth:`finish_forget`."""
         return self.finish_forget(self.accept_forget(ids), device, progress)
 
-    def verify(self, device: str = "cpu", progress=None, compartments: list[int] | None = None) -> dict:
+    def verify(self, device: str = "cpu", progress=True, compartments: list[int] | None = None) -> dict:
         """Forgetting certificate: retrain served models from scratch on the live IDs and compare weight hashes.
 
         All models by default; with ``compartments``, those compartments' models and every joint model (the router).

@@ -1,12 +1,15 @@
 """The ``dataward`` command line: a thin layer over :class:`dataward.ward.Ward`.
 
 This module builds the typer app from the commands in :mod:`dataward.app.commands` and runs it. Errors users can fix
-print one line and exit 1 (a traceback only with ``--debug``).
+print one line and exit 1 (a traceback only with ``--debug``); SIGINT (Ctrl-C) and SIGTERM exit 130 and 143 with one
+line saying what was kept and how to resume (:mod:`dataward.interrupts`).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import traceback
 
 import click
 import typer
@@ -15,6 +18,7 @@ from rich.markup import escape
 from dataward.app.commands import lifecycle, reports, serving
 from dataward.app.terminal import console
 from dataward.errors import DatawardError
+from dataward.interrupts import SIGNALS, Interrupted, raise_interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Train and serve diffusion models that protect their training data.")
 STATE = {"debug": False}
@@ -57,16 +61,41 @@ def _usage_error(error: Exception) -> bool:
     return isinstance(error, click.ClickException) or (isinstance(error, vendored) and hasattr(error, "show"))
 
 
+def interrupted_line(stop: Interrupted) -> str:
+    """The one line an interrupted command prints: the signal, what the work kept, how to resume."""
+    kept = "; ".join(reversed(getattr(stop, "__notes__", []))) or "nothing of this command's work was kept"
+    resume = f"; resume with `dataward train {stop.ward}`" if stop.ward else ""
+    return f"interrupted by {signal.Signals(stop.signum).name}: {kept}{resume}"
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 1; usage errors print click's usage line
-    and a "Try --help" hint and exit 2. ``--debug`` is accepted anywhere before ``--``."""
+    and a "Try --help" hint and exit 2; SIGINT and SIGTERM exit 130 and 143 with :func:`interrupted_line`. ``--debug`` is
+    accepted anywhere before ``--``."""
     args = sys.argv[1:]
     cut = args.index("--") if "--" in args else len(args)
     if "--debug" in args[:cut]:
         STATE["debug"] = True
         args = [a for a in args[:cut] if a != "--debug"] + args[cut:]
+    previous = {signum: signal.signal(signum, raise_interrupted) for signum in SIGNALS}
     try:
-        app(args=args, prog_name="dataward", standalone_mode=False)
+        _run(args)
+    finally:  # a caller in this process (a test) gets its handlers back
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(args: list[str]) -> None:
+    """:func:`main`'s body: the app on ``args``, each way it can end turned into an exit code and at most one line."""
+    try:
+        code = app(args=args, prog_name="dataward", standalone_mode=False)  # typer.Exit(n) comes back as n here
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except Interrupted as stop:
+        if STATE["debug"]:
+            traceback.print_exc()
+        console.print(escape(interrupted_line(stop)), soft_wrap=True, highlight=False)
+        sys.exit(stop.exit_code)
     except DatawardError as error:
         if STATE["debug"]:
             raise

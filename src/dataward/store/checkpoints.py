@@ -5,7 +5,9 @@ One folder per trained stage::
     models/<kind>-c<compartment|all>-s<stage>-<8 hex>/
         config.json + diffusion_pytorch_model.safetensors   the EMA weights (diffusers ``save_pretrained``), or
         adapter_config.json + adapter_model.safetensors      a compartment's LoRA adapter on the ward's base
-        train_state.safetensors                              raw weights, EMA, Adam: training resumes exactly
+        train_state.safetensors                              raw weights, EMA, Adam: training resumes exactly (only in a
+                                                             stage a forget can retrain from: not a lineage's last stage)
+        loss.csv                                             the stage's loss by step (``train --report-to csv``)
         dataward.json                                        metadata (also in the ledger)
 
 Only safetensors and JSON are ever read: no pickle is loaded from a ward.
@@ -33,6 +35,7 @@ ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA adapter's tensors (dataward
 STATE_FILE = "train_state.safetensors"
 META_FILE = "dataward.json"
 MODELS_DIR = "models"
+RESUME_DIR = "resume"  # in-stage checkpoints of stages in training (dataward.training.resume)
 
 
 def weights_hash(path: Path) -> str:
@@ -59,13 +62,18 @@ class SavedState(Protocol):
         """Write the state to one file."""
 
 
-def write_checkpoint(out_root: Path, prefix: str, model: torch.nn.Module, state: SavedState, metadata: Callable[[str], dict]) -> tuple[str, dict]:
+def write_checkpoint(out_root: Path, prefix: str, model: torch.nn.Module, state: SavedState | None, metadata: Callable[[str], dict],
+                     files: dict[str, Path] | None = None) -> tuple[str, dict]:
     """Write a checkpoint folder ``<prefix>-<8 hex>`` under ``out_root`` atomically (a temp folder, then a rename):
-    ``model`` (holding the weights to serve), ``state`` and ``metadata(weights_sha256)``. Returns (folder name, metadata)."""
+    ``model`` (holding the weights to serve), ``state`` (None: a stage no training resumes from), ``metadata(weights_sha256)``
+    and ``files`` (copied in: {name in the folder: file}). Returns (folder name, metadata)."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     tmp = out_root / f".tmp-{name}"
     model.save_pretrained(str(tmp), safe_serialization=True)
-    state.save(tmp / STATE_FILE)
+    if state is not None:
+        state.save(tmp / STATE_FILE)
+    for file_name, source in (files or {}).items():
+        shutil.copyfile(source, tmp / file_name)
     meta = metadata(weights_hash(served_file(tmp)))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     os.replace(tmp, out_root / name)
@@ -158,3 +166,30 @@ def remove_orphans(ward: Path, ledger: Ledger) -> None:
         for child in models_dir.iterdir():
             if f"{MODELS_DIR}/{child.name}" not in kept:
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def drop_train_states(ward: Path, ledger: Ledger, stages: Callable[[ModelRecord], int]) -> None:
+    """Remove the training state of every registered model no forget or resume can start from: a retired model, or the
+    last of its lineage's ``stages(record)`` stages (a forget retrains from the stage before the forgotten ID's slice).
+    Folders no record owns yet (a job's, before it is registered) are left alone."""
+    for record in ledger.models(status=None, any_compartment=True):
+        if record.status == "retired" or (record.status == "ready" and record.stage >= stages(record) - 1):
+            state_file(ward / record.path).unlink(missing_ok=True)
+
+
+def disk_use(ward: Path) -> dict[str, int]:
+    """Bytes the ward folder holds on disk: ``total`` (every file: ledger.sqlite, models, in-stage checkpoints, ...),
+    ``models`` (the checkpoint folders), ``train_states`` (the training states in them: only stages a forget can
+    retrain from keep one) and ``resume`` (in-stage checkpoints and loss logs of stages in training)."""
+    sizes = {"total": 0, "models": 0, "train_states": 0, "resume": 0}
+    for file in ward.rglob("*"):
+        if not file.is_file():
+            continue
+        size = file.stat().st_size
+        parts = file.relative_to(ward).parts
+        sizes["total"] += size
+        if parts[0] in (MODELS_DIR, RESUME_DIR):
+            sizes["models" if parts[0] == MODELS_DIR else "resume"] += size
+        if parts[0] == MODELS_DIR and file.name == STATE_FILE:
+            sizes["train_states"] += size
+    return sizes

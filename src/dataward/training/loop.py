@@ -97,9 +97,9 @@ class TrainState:
         model.load_state_dict(self.ema_state_dict())
         return model.eval()
 
-    def save(self, path: Path) -> None:
-        """Write raw weights (all but frozen parameters: those come from the model the training started from), EMA shadow
-        and Adam state to one safetensors file (no pickle)."""
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Raw weights (all but frozen parameters: those come from the model the training started from), EMA shadow and
+        Adam state as named tensors, with the step counters as string metadata (what :meth:`save` writes)."""
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items() if k not in frozen}
         for i, shadow in enumerate(self.ema.shadow_params):
@@ -109,6 +109,11 @@ class TrainState:
             for key, value in state.items():
                 tensors[f"adam.{index}.{key}"] = torch.as_tensor(value).contiguous()
         meta = {"step": str(self.step), "ema_step": str(self.ema.optimization_step), "param_groups": json.dumps(opt["param_groups"])}
+        return tensors, meta
+
+    def save(self, path: Path) -> None:
+        """Write :meth:`tensors` to one safetensors file (no pickle)."""
+        tensors, meta = self.tensors()
         save_file(tensors, str(path), metadata=meta)
 
     def load(self, path: Path) -> None:
@@ -117,11 +122,14 @@ class TrainState:
 
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata()
-        tensors = load_file(str(path))
+        self.restore(load_file(str(path)), meta, path)
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, str], where: object) -> None:
+        """Restore :meth:`tensors` (read from the file ``where``, named in errors) into this (freshly built) state."""
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         if set(weights) | frozen != set(self.model.state_dict()):
-            raise DatawardError(f"{path} does not hold the training state of this model (its tensors do not match the model's)")
+            raise DatawardError(f"{where} does not hold the training state of this model (its tensors do not match the model's)")
         self.model.load_state_dict(weights, strict=False)
         for i, shadow in enumerate(self.ema.shadow_params):
             shadow.copy_(tensors[f"ema.{i}"])
@@ -187,21 +195,42 @@ class PlainSteps:
         return True
 
 
-def shuffled_batches(
-    data: Dataset, batch: int, steps: int, generator: torch.Generator, targets: torch.Tensor | None = None, device: str = "cpu"
-) -> Iterator[Batch]:
+@dataclass
+class StageCursor:
+    """Where a stage stands between two steps: with the :class:`TrainState`, all it needs to continue bitwise."""
+
+    done: int  # optimizer steps of the stage taken
+    rows_left: torch.Tensor  # (M,) long: the rows of the current shuffle not drawn yet
+    generator_state: torch.Tensor  # the stage generator's state (noise, timesteps and the next shuffles come from it)
+
+
+class ShuffledBatches:
     """``steps`` batches of ``batch`` examples of ``data`` in epoch-wise shuffles drawn from ``generator`` (lazily, so the
-    draws interleave with the loss's draws from the same generator)."""
-    n = len(data)
-    order = torch.empty(0, dtype=torch.long)
-    images, labels = data.images.to(device), None if data.labels is None else data.labels.to(device)
-    targets = None if targets is None else targets.to(device)
-    for _ in range(steps):
-        if len(order) < batch:
-            order = torch.cat([order, torch.randperm(n, generator=generator)])
-        rows, order = order[:batch], order[batch:]
-        rows = rows.to(device)
-        yield Batch(images[rows], None if labels is None else labels[rows], None if targets is None else targets[rows])
+    draws interleave with the loss's draws from the same generator). :meth:`cursor` is where the stage stands after the
+    batches given so far; started from a cursor (an in-stage checkpoint) it gives the batches that were still to come."""
+
+    def __init__(self, data: Dataset, batch: int, steps: int, generator: torch.Generator, targets: torch.Tensor | None = None,
+                 device: str = "cpu", start: StageCursor | None = None):
+        self.batch, self.steps, self.generator, self.device = batch, steps, generator, device
+        self.images, self.labels = data.images.to(device), None if data.labels is None else data.labels.to(device)
+        self.targets = None if targets is None else targets.to(device)
+        self.done, self.rows_left = 0, torch.empty(0, dtype=torch.long)
+        if start is not None:
+            self.done, self.rows_left = start.done, start.rows_left.clone()
+            generator.set_state(start.generator_state)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while self.done < self.steps:
+            if len(self.rows_left) < self.batch:
+                self.rows_left = torch.cat([self.rows_left, torch.randperm(len(self.images), generator=self.generator)])
+            rows, self.rows_left = self.rows_left[: self.batch], self.rows_left[self.batch :]
+            self.done += 1
+            rows = rows.to(self.device)
+            yield Batch(self.images[rows], None if self.labels is None else self.labels[rows], None if self.targets is None else self.targets[rows])
+
+    def cursor(self) -> StageCursor:
+        """Where the stage stands now (call it between steps: after a step, before the next batch is drawn)."""
+        return StageCursor(self.done, self.rows_left.clone(), self.generator.get_state())
 
 
 def train_batches(
@@ -241,5 +270,5 @@ def run_steps(
     on_step: Callable[[float], None] | None = None,
 ) -> None:
     """``steps`` Adam steps on ``data`` (epoch-wise shuffles from ``generator``); updates EMA after each step."""
-    batches = shuffled_batches(data, config.batch_for(len(data)), steps, generator, targets, device)
+    batches = ShuffledBatches(data, config.batch_for(len(data)), steps, generator, targets, device)
     train_batches(state, batches, per_sample_loss, generator, on_step=on_step)

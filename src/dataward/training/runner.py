@@ -9,6 +9,7 @@ count and kernels from its config (:func:`configure_torch`).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -22,16 +23,19 @@ from dataward.config import WardConfig
 from dataward.data import Dataset, ids_hash
 from dataward.diffusion.latent import LatentCodec
 from dataward.errors import DataChanged, DatawardError
+from dataward.interrupts import DeferredSignals
 from dataward.models.adapters import AdapterCheckpoint, add_lora
 from dataward.models.nets import derive_seed
 from dataward.progress import progress_task
-from dataward.store.checkpoints import MODELS_DIR, folder_prefix, state_file, write_checkpoint
+from dataward.store.checkpoints import MODELS_DIR, RESUME_DIR, drop_train_states, folder_prefix, state_file, write_checkpoint
 from dataward.store.ledger import ModelRecord
 from dataward.training.dp import dp_finetune
 from dataward.training.kinds import KINDS, KindContext
-from dataward.training.loop import TrainState, run_steps
+from dataward.training.loop import ShuffledBatches, TrainState, train_batches
+from dataward.training.losslog import LOSS_FILE, LossLog, ReportTo, check_report_to
 from dataward.training.planner import Lineage, Planner, TrainJob
 from dataward.training.privacy import other_accountant, plan_dp
+from dataward.training.resume import StageCheckpoint, stage_name, stage_spec, sweep
 from dataward.training.sources import WardData
 
 
@@ -85,18 +89,25 @@ class JobRunner:
             raise DataChanged(f"a forget changed the data of {lineage.kind} {lineage.compartment} stage {stage} before it trained")
         return self.model_data(data)
 
-    def run(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None) -> list[dict]:
-        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/).
+    def run(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None, report_to: ReportTo = "csv") -> list[dict]:
+        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/), with
+        its loss log unless ``report_to`` is ``none``. An interrupted stage continues from its in-stage checkpoint
+        (:mod:`dataward.training.resume`); the job's in-stage files are removed once every stage's folder is written.
 
         Returns one record per stage: ``{"stage", "folder", "ids", "metadata"}``.
         """
+        check_report_to(report_to)
         lineage = job.lineage
-        out_root = Path(out_root or self.planner.path / MODELS_DIR)
+        models = self.planner.path / MODELS_DIR
+        out_root = Path(out_root or models)
+        work = out_root / RESUME_DIR  # in-progress files: a scratch root's own, or the ward's
+        if out_root.resolve() == models.resolve():
+            work = self.planner.path / RESUME_DIR
+            self._tidy(work)
         configure_torch(device, lineage.config.threads)  # thread count (and deterministic CUDA kernels): part of determinism
         numerics.require(self.config.numerics)  # ... and the CPU kernels
         if lineage.dp:
-            return [self._run_dp(lineage, device, progress, out_root)]
-        kind = KINDS[lineage.kind]
+            return [self._run_dp(lineage, device, progress, out_root, work / f"{stage_name(lineage, 0)}.csv" if report_to == "csv" else None)]
         state = TrainState.fresh(self._build(lineage).to(device), lineage.config)
         if job.resume_from is not None:
             if not state_file(self.planner.path / job.resume_from).is_file():  # quarantined by a forget since the plan
@@ -105,19 +116,71 @@ class JobRunner:
         stages = len(lineage.stage_ids)
         name = lineage.kind + ("" if lineage.compartment is None else f" {lineage.compartment}")
         update = progress_task(progress, f"train {name}", sum(lineage.stage_steps(r) for r in range(job.start, stages)))
-        results = []
-        for stage in range(job.start, stages):
-            ids = lineage.stage_ids[stage]
-            try:
-                data = self.stage_data(lineage, stage)
-            except DataChanged as changed:  # the stages trained so far are still exact for the IDs they saw
-                raise DataChanged(str(changed), results) from None
-            loss, targets = kind.objective(self.context, ids)
-            generator = torch.Generator().manual_seed(derive_seed(self.config.seed, lineage.kind, lineage.compartment, "stage", stage))
-            run_steps(state, data, loss, lineage.stage_steps(stage), lineage.config, generator, targets, device,
-                      on_step=lambda value: update(1, description=f"train {name} stage {stage + 1}/{stages} loss {value:.3f}"))
-            results.append(self._save_stage(lineage, stage, ids, state, out_root, kind.describe(self.context, state, data, targets, stage)))
+
+        def advance(steps: int, stage: int, loss: float | None) -> None:
+            update(steps, **({} if loss is None else {"description": f"train {name} stage {stage + 1}/{stages} loss {loss:.3f}"}))
+
+        results, checkpoints = [], []
+        with DeferredSignals() as signals:  # a signal stops training at the end of a step, once the stage is saved
+            for stage in range(job.start, stages):
+                checkpoint = StageCheckpoint(work, lineage, stage, stage_spec(lineage, stage, self.config.seed, self.config.numerics))
+                checkpoints.append(checkpoint)
+                log = checkpoint.path.with_suffix(".csv") if report_to == "csv" else None
+                try:
+                    data, targets = self._train_stage(lineage, stage, state, checkpoint, log, signals, device, functools.partial(advance, stage=stage))
+                except DataChanged as changed:  # the stages trained so far are still exact for the IDs they saw
+                    raise DataChanged(str(changed), results) from None
+                extra = KINDS[lineage.kind].describe(self.context, state, data, targets, stage)
+                results.append(self._save_stage(lineage, stage, lineage.stage_ids[stage], state, out_root, extra, {} if log is None else {LOSS_FILE: log}))
+        for checkpoint in checkpoints:  # kept until here: a job stopped after writing some stages redoes none of them
+            checkpoint.remove()
+            checkpoint.path.with_suffix(".csv").unlink(missing_ok=True)
         return results
+
+    def _tidy(self, work: Path) -> None:
+        """Remove what no stage can start from any more: in-progress files of no current stage (e.g. of one that saw an ID
+        forgotten since), and the training state of retired models and of each lineage's last stage (public models and
+        DP's one phase have one stage)."""
+        lineages = self.planner.lineages()
+        sweep(work, {stage_name(l, r): stage_spec(l, r, self.config.seed, self.config.numerics) for l in lineages for r in range(len(l.stage_ids))})
+        drop_train_states(self.planner.path, self.planner.ledger,
+                          lambda record: 1 if KINDS[record.kind].public else self.planner.stage_count(record))
+
+    def _train_stage(self, lineage: Lineage, stage: int, state: TrainState, checkpoint: StageCheckpoint, log_path: Path | None,
+                     signals: DeferredSignals, device: str, on_step: Callable[..., None]) -> tuple[Dataset, torch.Tensor | None]:
+        """Train one stage from its in-stage checkpoint (if one of its spec is there) or from ``state``; save an in-stage
+        checkpoint every :data:`~dataward.training.resume.CHECKPOINT_SECONDS`, at the stage's end and when a signal
+        stops it (then deliver the signal, noting where the stage stands). ``on_step(steps, loss=)`` sees the progress (loss
+        None for the steps a checkpoint restored). Returns the stage's data and targets."""
+        ids, steps = lineage.stage_ids[stage], lineage.stage_steps(stage)
+        data = self.stage_data(lineage, stage)
+        loss, targets = KINDS[lineage.kind].objective(self.context, ids)
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, lineage.kind, lineage.compartment, "stage", stage))
+        start = checkpoint.load(state)
+        if start is not None and start.done:
+            on_step(start.done, loss=None)
+        batches = ShuffledBatches(data, lineage.config.batch_for(len(data)), steps, generator, targets, device, start)
+        log = LossLog(log_path, 0 if start is None else start.done)
+        where = f"{lineage.kind}{'' if lineage.compartment is None else f' {lineage.compartment}'} stage {stage + 1}/{len(lineage.stage_ids)}"
+
+        def step_done(value: float) -> None:
+            on_step(1, loss=value)
+            log.write(batches.done, state.step, value, lineage.config.lr)
+            if signals.pending is not None or checkpoint.due() or batches.done == steps:
+                checkpoint.save(state, batches.cursor())
+            if signals.pending is not None:
+                log.close()
+                try:
+                    signals.deliver()
+                except BaseException as stop:  # the signal's own exception (KeyboardInterrupt, Interrupted), noted
+                    stop.add_note(f"{where} is checkpointed at step {batches.done} of {steps}")
+                    raise
+
+        try:
+            train_batches(state, batches, loss, generator, on_step=step_done)
+        finally:
+            log.close()
+        return data, targets
 
     def _build(self, lineage: Lineage) -> torch.nn.Module:
         """A lineage's model before its first step: a copy of the model it starts from (the ward's base), or fresh weights."""
@@ -129,25 +192,42 @@ class JobRunner:
             return copy.deepcopy(self.load(start)).train()
         return KINDS[lineage.kind].build(self.context, derive_seed(self.config.seed, lineage.kind, lineage.compartment, "init"))
 
-    def _run_dp(self, lineage: Lineage, device: str, progress, out_root: Path) -> dict:
-        """DP-SGD fine-tuning of one compartment's denoiser from the public model (DP-LDM), or from scratch (DPDM-style)."""
+    def _run_dp(self, lineage: Lineage, device: str, progress, out_root: Path, log_path: Path | None) -> dict:
+        """DP-SGD fine-tuning of one compartment's denoiser from the public model (DP-LDM), or from scratch (DPDM-style),
+        with its loss log at ``log_path`` (none if None)."""
         data = self.stage_data(lineage, 0)
         model = self._build(lineage)
         public = self.planner.start_model(lineage)
         dp = self.config.dp
         plan = plan_dp(dp, len(data), model)
         update = progress_task(progress, f"DP fine-tune {lineage.compartment}", plan.steps)
-        state, record = dp_finetune(
-            model.to(device), data, dp, lineage.config, seed=derive_seed(self.config.seed, "dp", lineage.compartment), scheduler=self.context.scheduler,
-            calibration=None if public is None or self.config.public is None else self.model_data(self.data.public_data()),
-            device=device, on_step=lambda value: update(1, description=f"DP fine-tune {lineage.compartment} (ε={dp.epsilon})"),
-            public=self.config.public,
-        )
-        return self._save_stage(lineage, 0, lineage.stage_ids[0], state, out_root, {"privacy": record.to_dict(check_accountant=other_accountant(dp.accountant))})
+        log, steps = LossLog(log_path), [0]
 
-    def _save_stage(self, lineage: Lineage, stage: int, ids: tuple[str, ...], state: TrainState, out_root: Path, extra: dict) -> dict:
-        """Write one stage's checkpoint folder (its EMA weights, or its adapter alone: the base is stored once; training
-        state; metadata, with the base's hash and the adapter's rank when the lineage started from the base)."""
+        def step_done(value: float) -> None:
+            steps[0] += 1
+            update(1, description=f"DP fine-tune {lineage.compartment} (ε={dp.epsilon})")
+            log.write(steps[0], steps[0], value, dp.learning_rate())
+
+        try:
+            state, record = dp_finetune(
+                model.to(device), data, dp, lineage.config, seed=derive_seed(self.config.seed, "dp", lineage.compartment), scheduler=self.context.scheduler,
+                calibration=None if public is None or self.config.public is None else self.model_data(self.data.public_data()),
+                device=device, on_step=step_done, public=self.config.public,
+            )
+        finally:
+            log.close()
+        result = self._save_stage(lineage, 0, lineage.stage_ids[0], state, out_root, {"privacy": record.to_dict(check_accountant=other_accountant(dp.accountant))},
+                                  {} if log_path is None else {LOSS_FILE: log_path})
+        if log_path is not None:
+            log_path.unlink()
+        return result
+
+    def _save_stage(self, lineage: Lineage, stage: int, ids: tuple[str, ...], state: TrainState, out_root: Path, extra: dict,
+                    files: dict[str, Path] | None = None) -> dict:
+        """Write one stage's checkpoint folder: its EMA weights, or its adapter alone (the base is stored once); the training
+        state only where a forget can retrain from it (not a lineage's last stage, nor DP's one phase: a forget retrains
+        from the stage before the forgotten ID's slice); metadata, with the base's hash and the adapter's rank when the
+        lineage started from the base; ``files`` (the loss log)."""
         model, start, rank = state.ema_model(), self.planner.start_model(lineage), self.config.lora_rank()
         origin = {} if start is None else {"base_sha256": start.metadata["weights_sha256"]} | ({} if rank is None else {"lora_rank": rank})
         if "lora_rank" in origin:
@@ -160,5 +240,7 @@ class JobRunner:
                 "dataward_version": dataward.__version__, "weights_sha256": weights_sha256, "numerics": numerics.fingerprint(),
             } | origin | KINDS[lineage.kind].structure(self.context) | {"variant": lineage.variant} | extra
 
-        folder, meta = write_checkpoint(out_root, folder_prefix(lineage.kind, lineage.compartment) + str(stage), model, state, metadata)
+        resumable = not lineage.dp and stage < len(lineage.stage_ids) - 1
+        folder, meta = write_checkpoint(out_root, folder_prefix(lineage.kind, lineage.compartment) + str(stage), model, state if resumable else None,
+                                        metadata, files)
         return {"stage": stage, "folder": folder, "ids": list(ids), "metadata": meta}

@@ -1,14 +1,17 @@
-"""What several commands share: parsing compartment lists, opening a ward (finishing interrupted work first), and command
-groups on one ward (``dataward keys WARD ...``)."""
+"""What several commands share: parsing compartment lists, opening a ward (finishing interrupted work first), the
+progress of a command that trains (and what an interruption kept), and command groups on one ward (``dataward keys WARD ...``)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import typer
 
 from dataward.app.terminal import console, progress_bar
 from dataward.errors import DatawardError
+from dataward.interrupts import Interrupted
 
 
 def parse_ids(text: str | None) -> list[int] | None:
@@ -28,9 +31,24 @@ def open_ward(path: Path, resume: bool = True, device: str = "cpu"):
     ward = Ward.open(path)
     if resume and ward.ledger.pending_forgets():
         console.print("[yellow]finishing an interrupted forget request first[/yellow]")
-        with progress_bar() as progress:
+        with training(ward) as progress:
             ward.train(device=device, progress=progress)
     return ward
+
+
+@contextmanager
+def training(ward, show: bool = True) -> Iterator[object | None]:
+    """The progress display of a command that trains ``ward`` (none when ``show`` is false); a SIGINT or SIGTERM that
+    stops it notes how many of the ward's stages are trained and kept, and which ward to train again to resume."""
+    try:
+        with progress_bar(show) as progress:
+            yield progress
+    except Interrupted as stop:
+        lineages = ward.lineages()
+        done = sum(len(ward.planner.ready_stages(lineage)) for lineage in lineages)
+        stop.add_note(f"{done} of {sum(len(lineage.stage_ids) for lineage in lineages)} stage(s) of the ward are trained and kept")
+        stop.ward = str(ward.path)
+        raise
 
 
 def ward_group(summary: str) -> typer.Typer:

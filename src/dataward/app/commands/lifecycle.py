@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dataward.app.commands.common import open_ward, parse_ids
+from dataward.app.commands.common import open_ward, parse_ids, training
 from dataward.app.terminal import epsilon_delta, out, progress_bar
 from dataward.errors import DatawardError
 
@@ -72,13 +72,19 @@ def train(
     noise_multiplicity: int = typer.Option(1, "--noise-multiplicity", help="DP: K draws of (t, noise) per example and step, averaged before clipping (DPDM): same ε, better quality, K x compute."),
     dp_compartments: Optional[str] = typer.Option(None, "--dp-compartments", help="DP: only these compartments, e.g. 3 or 0,2 (default: all)."),
     replace_dp: bool = typer.Option(False, "--replace-dp", help="DP: replace the ward's DP setting (it has one; every DP compartment retrains)."),
+    report_to: str = typer.Option("csv", "--report-to", help="Loss logs: csv (each stage's loss.csv by step, in its checkpoint folder; "
+                                  "followable while it trains in WARD/resume/) | none. TensorBoard is not supported."),
 ) -> None:
-    """Train every missing or out-of-date model of the ward (resumes interrupted work); --dp for DP fine-tuning."""
+    """Train every missing or out-of-date model of the ward; Ctrl-C stops at the end of a step, and the next train resumes
+    there (to the same bytes); --dp for DP fine-tuning."""
+    from dataward.training.losslog import check_report_to
+
+    check_report_to(report_to)  # before anything changes
     w = open_ward(ward, resume=False)
     _set_budget(w, "train", steps, "the denoisers' budget", "denoiser")
     _set_budget(w, "router_train", router_steps, "the router's budget", "router")
     options = {} if executor != "ray" else dict(ray_address=ray_address, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job)
-    with progress_bar() as progress:
+    with training(w) as progress:
         if dp:
             from dataward.config import DPConfig
             from dataward.training.privacy import default_trainable
@@ -87,7 +93,7 @@ def train(
                                lr=dp_lr, noise_multiplicity=noise_multiplicity)
             chosen = parse_ids(dp_compartments)
             w.enable_dp(config, chosen, train=False, replace_dp=replace_dp)
-        result = w.train(device=device, progress=progress, executor=executor, **options)
+        result = w.train(device=device, progress=progress, executor=executor, report_to=report_to, **options)
     out.print(f"trained in {result['seconds']:.1f} s; ward is up to date")
     privacy = w.privacy()
     if privacy:
@@ -142,7 +148,7 @@ def pretrain(
     trained_before = {r.metadata.get("variant", "") for r in w.served().values()}
     budget = TrainConfig(steps=steps) if steps is not None else None
     autoencoder = None if autoencoder_steps is None else replace(w.config.autoencoder, steps=autoencoder_steps)
-    with progress_bar() as progress:
+    with training(w) as progress:
         result = w.pretrain(public, budget, device=device, progress=progress, latent=latent, autoencoder=autoencoder, autoencoder_data=autoencoder_data,
                             as_base=as_base)
     models = "the public autoencoder and latent denoiser" if latent else "the public denoiser"
@@ -169,7 +175,7 @@ def guard(
     w = open_ward(ward, device=device)
     changes = {"steps": steps, "nonmember_weight": nonmember_weight}
     settings = replace(w.config.guard_settings, **{k: v for k, v in changes.items() if v is not None})
-    with progress_bar() as progress:
+    with training(w) as progress:
         result = w.enable_guards(settings, device=device, progress=progress)
     out.print(f"guards trained in {result['seconds']:.1f} s; sample with: dataward sample {ward} --guard")
 
@@ -194,7 +200,7 @@ def forget(
         return
     if not as_json:
         _say_accepted(w, accepted)
-    with progress_bar(not as_json) as progress:
+    with training(w, not as_json) as progress:
         result = w.finish_forget(accepted, device=device, progress=progress)  # also finishes earlier pending forgets
     if as_json:
         print(json.dumps(asdict(result)))
@@ -260,7 +266,7 @@ def add(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."
     """Continual learning: new data becomes a new compartment; existing compartments are untouched."""
     w = open_ward(ward, device=device)
     _say_router_retrains(w, "it must learn the new compartment")
-    with progress_bar() as progress:
+    with training(w) as progress:
         result = w.add(data, device=device, progress=progress)
     out.print(f"added {result['samples']} samples as compartment(s) {result['compartments']}")
 

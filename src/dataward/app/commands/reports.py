@@ -60,6 +60,10 @@ def _print_compartments(compartments: list[dict], guards: bool) -> None:
             out.print(Padding(Text(line), (0, 0, 0, indent), expand=False))  # wrapped lines stay indented under their compartment
 
 
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
 def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."), as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show the ward's compartments, models, forget requests and privacy (read-only: safe while training runs)."""
     from dataward.store.database import URL_SCHEMES
@@ -76,6 +80,9 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
         print_path(out, s["ledger"], "ledger ")
     out.print(f"{s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, {cfg['slices']} slice(s), "
               f"weights {cfg['weights']}")
+    disk = s["disk_bytes"]
+    out.print(f"size on disk: {_megabytes(disk['total'])} (training states {_megabytes(disk['train_states'])}, "
+              f"in-stage checkpoints {_megabytes(disk['resume'])})")
     _print_compartments(s["compartments"], bool(cfg["guard"]))
     protections = {c["protection"] for c in s["compartments"]}
     if len(protections) == 1:

@@ -100,7 +100,7 @@ class Retrainer:
             delay = None
             try:
                 self.running = True
-                self.ward.train()
+                self.ward.train(progress=False)  # a server thread: no progress display
                 self.last_error, failures = None, 0
                 if self.ward.ledger.pending_forgets() and self.ward.models_missing():
                     delay = 1.0  # forgets kept landing during the run: go again
