@@ -225,12 +225,13 @@ class Ward(WardChanges):
         return self.planner.plan(lineage, from_scratch)
 
     def run_job(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None) -> list[dict]:
-        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/).
+        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/, where a
+        public model may come from the user's cache instead: :mod:`dataward.training.basecache`).
 
         Reads the ledger, never writes it, so it can run in a worker process (see :mod:`dataward.training.runner`).
         Returns one record per stage: ``{"stage", "folder", "ids", "metadata"}``.
         """
-        return self.runner.run(job, device, progress, out_root)
+        return self.runner.run(job, device, progress, out_root) if out_root else self.runner.run_cached(job, device, progress)
 
     def register(self, job: TrainJob, results: list[dict]) -> None:
         """Record a finished job's checkpoints in the ledger (the driver's part; one transaction per stage, in order),
@@ -379,12 +380,13 @@ class Ward(WardChanges):
         result["state"] = self.ledger.forget_request(request)["state"]
         return result
 
-    def verify(self, device: str = "cpu", progress=None, compartments: list[int] | None = None) -> dict:
+    def verify(self, device: str = "cpu", progress=None, compartments: list[int] | None = None, retrain_base: bool = False) -> dict:
         """Forgetting certificate: retrain served models from scratch on the live IDs and compare weight hashes.
 
-        All models by default; with ``compartments``, those compartments' models and every joint model (the router).
+        All models by default; with ``compartments``, those compartments' models and every joint model (the router). The
+        public models (the base) are hash-checked against their record, or retrained too with ``retrain_base``.
         """
-        return forgetting_certificate(self.planner, self.runner, device, progress, compartments)
+        return forgetting_certificate(self.planner, self.runner, device, progress, compartments, retrain_public=retrain_base)
 
     # reports ------------------------------------------------------------------------------------------------------
     def privacy(self) -> dict | None:
