@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make_ward
 from dataward.store.checkpoints import META_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_hash
 from dataward.training.basecache import CACHE_ENV, CHECKPOINT_DIR, PublicModelCache
+from dataward.training.forecast import forecast_training
 from dataward.training.loop import TrainConfig
 from dataward.training.runner import JobRunner
 
@@ -107,3 +108,32 @@ def test_verify_checks_the_base_by_hash_unless_asked_to_retrain_it(tmp_path, own
     save_file({k: torch.zeros_like(v) for k, v in load_file(str(weights)).items()}, str(weights))
     check = next(m for m in ward.verify()["models"] if m["kind"] == "public-denoiser")
     assert not check["equal"] and "changed or replaced" in check["reason"]
+
+
+def test_the_announcement_lists_the_base_as_cached_after_a_miss_then_a_hit(tmp_path, own_cache):
+    first = _ward(tmp_path / "a")
+    plan = forecast_training(first.runner)
+    assert [(m.kind, m.steps, m.cached) for m in plan.models] == [("public-denoiser", 3, False), ("denoiser", 4, None)]
+    assert plan.describe().startswith("will train: public base (3 steps, cached: no); denoiser: 1 compartment(s) x 1 stage(s) (4 steps)")
+    first.train()
+    assert forecast_training(first.runner).describe() == "nothing to train: the ward is up to date"
+    second = _ward(tmp_path / "b")
+    plan = forecast_training(second.runner)
+    assert [(m.kind, m.cached, m.seconds) for m in plan.models][0] == ("public-denoiser", True, 0.0)
+    assert "public base (3 steps, cached: yes, copied)" in plan.describe()
+    assert plan.to_dict()["models"][0] | {"seconds_per_step": None} == {"kind": "public-denoiser", "compartment": None, "stages": 1, "steps": 3,
+                                                                         "cached": True, "seconds_per_step": None}
+
+
+def test_cli_train_announces_the_base_and_whether_it_is_cached_then_verify_says_how_it_checked(tmp_path, own_cache):
+    from test_cli import run
+
+    for name in ("a", "b"):
+        _ward(tmp_path / name).close()
+    first = run("train", tmp_path / "a").stderr
+    assert "will train: public base (3 steps, cached: no); denoiser: 1 compartment(s) x 1 stage(s) (4 steps)" in first
+    assert "an estimate" in first
+    second = run("train", tmp_path / "b").stderr
+    assert "public base (3 steps, cached: yes, copied)" in second and "copied from the cache of public models" in second
+    verify = run("verify", tmp_path / "b").stdout
+    assert "recorded hash" in verify and "not retrained (--retrain-base retrains them too)" in verify

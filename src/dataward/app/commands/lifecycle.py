@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dataward.app.commands.common import open_ward, parse_ids
-from dataward.app.terminal import epsilon_delta, out, progress_bar
+from dataward.app.terminal import console, epsilon_delta, out, progress_bar
 from dataward.errors import DatawardError
 
 
@@ -87,6 +87,7 @@ def train(
             chosen = parse_ids(dp_compartments)
             _check_dp_change(w, config, chosen, replace_dp)
             w.enable_dp(config, chosen, train=False)
+        _announce_training(w, device)
         result = w.train(device=device, progress=progress, executor=executor, **options)
     out.print(f"trained in {result['seconds']:.1f} s; ward is up to date")
     privacy = w.privacy()
@@ -96,6 +97,13 @@ def train(
                             for c, v in privacy["compartments"].items()))
         for note in privacy["notes"]:
             out.print(f"  note: {note}")
+
+
+def _announce_training(w, device: str) -> None:
+    """Say what ``train`` will train and about how long (steps x seconds per step measured here), before it starts."""
+    from dataward.training.forecast import forecast_training
+
+    console.print(escape(forecast_training(w.runner, device).describe()), soft_wrap=True, highlight=False)
 
 
 def _say_router_retrains(w, why: str) -> None:
@@ -256,11 +264,11 @@ def verify(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
         print(json.dumps(cert))
     else:
         table = Table(title=f"certificate: {'OK' if cert['ok'] else 'FAILED'} ({cert['forgotten']} forgotten IDs)")
-        for col in ("model", "checked by", "served sha256", "from scratch / recorded", "equal", "saw forgotten"):
+        for col in ("model", "check", "served sha256", "expected sha256", "equal", "saw forgotten"):
             table.add_column(col)
         for m in cert["models"]:
             name = m["kind"] + ("" if m["compartment"] is None else f" {m['compartment']}")
-            how = "retraining" if m["method"] == "retrained" else "recorded hash"
+            how = "retrained" if m["method"] == "retrained" else "recorded hash"
             table.add_row(name, how, m.get("served_sha256", "-")[:16], m.get("scratch_sha256", m.get("recorded_sha256", "-"))[:16],
                           "yes" if m["equal"] else "NO", str(m.get("saw_forgotten_ids", "-")))
         out.print(table)
