@@ -21,6 +21,21 @@ TINY = TrainConfig(steps=4, batch_size=16)
 TINY_ROUTER = TrainConfig(steps=2, batch_size=16)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def public_model_cache(tmp_path_factory):
+    """This session's own cache of public models (never the user's): ``DATAWARD_CACHE`` for the session and its
+    subprocesses. A test that asserts a miss points it at a folder of its own."""
+    from dataward.training.basecache import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("dataward-cache"))
+    yield Path(os.environ[CACHE_ENV])
+    if before is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 def make_ward(path, data="digits:subset=60", **kwargs):
     """A small ward with a tiny training budget."""
     options = dict(compartments=2, slices=2, train=TINY, router_train=TINY_ROUTER)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import make_ward
-from dataward.store.checkpoints import STATE_FILE, checkpoint_hash, disk_use
+from dataward.store.checkpoints import STATE_FILE, checkpoint_hash
 from dataward.training import resume
-from dataward.training.loop import StageCursor, TrainConfig, TrainState
+from dataward.config import TrainConfig
+from dataward.training.loop import StageCursor, TrainState
 from dataward.training.losslog import LOSS_FILE
 from dataward.models.nets import build_unet
 from dataward.ward import Ward

@@ -230,9 +230,10 @@ class Ward(WardChanges):
         return self.planner.plan(lineage, from_scratch)
 
     def run_job(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None, report_to: str = "csv") -> list[dict]:
-        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/), with its loss log
-        (``report_to``); one record per stage: ``{"stage", "folder", "ids", "metadata"}``. Reads the ledger, never writes it."""
-        return self.runner.run(job, device, progress, out_root, report_to)
+        """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/, where a public
+        model may come from the user's cache: :mod:`dataward.training.basecache`), with its loss log (``report_to``); one
+        record per stage: ``{"stage", "folder", "ids", "metadata"}``. Reads the ledger, never writes it."""
+        return self.runner.run(job, device, progress, out_root, report_to) if out_root else self.runner.run_cached(job, device, progress, report_to)
 
     def register(self, job: TrainJob, results: list[dict]) -> None:
         """Record a finished job's checkpoints in the ledger (the driver's part; one transaction per stage, in order),
@@ -383,12 +384,10 @@ class Ward(WardChanges):
         """Forget sample IDs: :meth:`accept_forget`, then :meth:`finish_forget`."""
         return self.finish_forget(self.accept_forget(ids), device, progress)
 
-    def verify(self, device: str = "cpu", progress=True, compartments: list[int] | None = None) -> dict:
-        """Forgetting certificate: retrain served models from scratch on the live IDs and compare weight hashes.
-
-        All models by default; with ``compartments``, those compartments' models and every joint model (the router).
-        """
-        return forgetting_certificate(self.planner, self.runner, device, progress, compartments)
+    def verify(self, device: str = "cpu", progress=True, compartments: list[int] | None = None, retrain_base: bool = False) -> dict:
+        """Forgetting certificate: retrain served models (all, or ``compartments``' and every joint model) from scratch on
+        the live IDs and compare weight hashes; the public base is hash-checked against its record unless ``retrain_base``."""
+        return forgetting_certificate(self.planner, self.runner, device, progress, compartments, retrain_public=retrain_base)
 
     # reports ------------------------------------------------------------------------------------------------------
     def privacy(self) -> dict | None:

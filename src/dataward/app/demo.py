@@ -15,6 +15,7 @@ from rich.text import Text
 from dataward.app.terminal import epsilon_delta, print_path, progress_bar
 from dataward.config import DPConfig, GuardConfig, TrainConfig
 from dataward.plots import image_grid
+from dataward.training.forecast import forecast_training
 from dataward.ward import Ward
 
 
@@ -76,6 +77,9 @@ def _create(run: _Run, ward_dir: Path) -> Ward:
 
 def _train(run: _Run, ward: Ward) -> None:
     run.step("2. train the public base, then each compartment (denoiser fine-tuned from the base + guard) in isolation")
+    forecast = forecast_training(ward.runner)
+    run.console.print(forecast.describe(), soft_wrap=True, highlight=False, markup=False)
+    run.figures["train_estimate_seconds"] = forecast.to_dict()["seconds"]
     t0 = time.time()
     with progress_bar() as progress:
         ward.train(progress=progress)

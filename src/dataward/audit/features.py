@@ -4,7 +4,7 @@ A *feature extractor* is any callable ``features(images) -> (N, D)`` on images (
 
 - :func:`digits_feature_net` trains a small CNN on the digits training split (``load_source("digits")``),
   deterministically (seeded generator, weights drawn inside ``torch.random.fork_rng``, fixed thread count), and caches it
-  as safetensors + JSON under ``$DATAWARD_CACHE`` (default ``~/.cache/dataward``) in ``features/<name>-<hash>/``, the
+  as safetensors + JSON under ``$DATAWARD_CACHE`` (default ``$XDG_CACHE_HOME/dataward``, else ``~/.cache/dataward``) in ``features/<name>-<hash>/``, the
   hash being that of its config. Its accuracy on ``digits:heldout`` is stored with it, so the features are known to be good.
 - :func:`module_features` wraps any torch module the user passes (output flattened to (N, D)).
 - :func:`inception_features` loads Inception-v3 weights from a local safetensors file (never downloads anything).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -25,18 +24,13 @@ from safetensors.torch import load_file, save_file
 
 from dataward.data import fit_images, ids_hash, load_source
 from dataward.errors import DatawardError
+from dataward.training.basecache import cache_root
 
 
 class FeatureExtractor(Protocol):
     """``features(images (N, C, H, W) in [-1, 1]) -> (N, D)`` float tensor."""
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-def cache_dir() -> Path:
-    """The user's dataward cache: ``$DATAWARD_CACHE`` if set, else ``~/.cache/dataward``."""
-    root = os.environ.get("DATAWARD_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "dataward"
 
 
 @dataclass(frozen=True)
@@ -185,10 +179,10 @@ def train_feature_net(config: FeatureNetConfig = FeatureNetConfig()) -> FeatureN
 def digits_feature_net(config: FeatureNetConfig = FeatureNetConfig(), *, cache: Path | None = None, retrain: bool = False) -> FeatureNet:
     """The digits feature CNN: loaded from the cache if present (``features/digits-cnn-<key>/``), else trained and cached.
 
-    ``cache`` overrides the cache root (default :func:`cache_dir`). The cached folder holds ``model.safetensors`` and
+    ``cache`` overrides the cache root (default :func:`dataward.training.basecache.cache_root`). The cached folder holds ``model.safetensors`` and
     ``config.json`` (the config, the held-out accuracy and the hash of the training IDs).
     """
-    folder = (cache or cache_dir()) / "features" / f"digits-cnn-{config.key()}"
+    folder = (cache or cache_root()) / "features" / f"digits-cnn-{config.key()}"
     weights, meta_path = folder / "model.safetensors", folder / "config.json"
     if weights.is_file() and meta_path.is_file() and not retrain:
         try:

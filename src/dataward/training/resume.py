@@ -21,13 +21,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import dataward
 from dataward.data import ids_hash
-from dataward.store.checkpoints import RESUME_DIR, folder_prefix
+from dataward.store.checkpoints import folder_prefix
 from dataward.training.loop import StageCursor, TrainState
 from dataward.training.planner import Lineage
 

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dataward.app.commands.common import open_ward, parse_ids, training
-from dataward.app.terminal import epsilon_delta, out, progress_bar
+from dataward.app.terminal import console, epsilon_delta, out, progress_bar
 from dataward.errors import DatawardError
 
 
@@ -93,6 +93,7 @@ def train(
                                lr=dp_lr, noise_multiplicity=noise_multiplicity)
             chosen = parse_ids(dp_compartments)
             w.enable_dp(config, chosen, train=False, replace_dp=replace_dp)
+        _announce_training(w, device)
         result = w.train(device=device, progress=progress, executor=executor, report_to=report_to, **options)
     out.print(f"trained in {result['seconds']:.1f} s; ward is up to date")
     privacy = w.privacy()
@@ -102,6 +103,13 @@ def train(
                             for c, v in privacy["compartments"].items()))
         for note in privacy["notes"]:
             out.print(f"  note: {note}")
+
+
+def _announce_training(w, device: str) -> None:
+    """Say what ``train`` will train and about how long (steps x seconds per step measured here), before it starts."""
+    from dataward.training.forecast import forecast_training
+
+    console.print(escape(forecast_training(w.runner, device).describe()), soft_wrap=True, highlight=False)
 
 
 def _say_router_retrains(w, why: str) -> None:
@@ -242,21 +250,32 @@ def _say_accepted(w, accepted) -> None:
 
 
 def verify(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."), device: str = typer.Option("cpu", help="cpu or cuda."),
+           retrain_base: bool = typer.Option(False, "--retrain-base", help="Retrain the public base (and autoencoder) from scratch too, "
+                                             "instead of checking its weights against the hash recorded when it was trained."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Forgetting certificate: retrain every served model from scratch and compare weight hashes bit for bit."""
+    """Forgetting certificate: retrain every compartment's models from scratch and compare weight hashes bit for bit (the
+    public base saw no private data: its hash is checked against its record, unless --retrain-base)."""
     w = open_ward(ward, device=device)
     with progress_bar(not as_json) as progress:
-        cert = w.verify(device=device, progress=progress)
+        cert = w.verify(device=device, progress=progress, retrain_base=retrain_base)
     if as_json:
         print(json.dumps(cert))
     else:
         table = Table(title=f"certificate: {'OK' if cert['ok'] else 'FAILED'} ({cert['forgotten']} forgotten IDs)")
-        for col in ("model", "served sha256", "from scratch", "equal", "saw forgotten"):
+        for col in ("model", "check", "served sha256", "expected sha256", "equal", "saw forgotten"):
             table.add_column(col)
         for m in cert["models"]:
             name = m["kind"] + ("" if m["compartment"] is None else f" {m['compartment']}")
-            table.add_row(name, m.get("served_sha256", "-")[:16], m.get("scratch_sha256", "-")[:16], "yes" if m["equal"] else "NO", str(m.get("saw_forgotten_ids", "-")))
+            how = "retrained" if m["method"] == "retrained" else "recorded hash"
+            table.add_row(name, how, m.get("served_sha256", "-")[:16], m.get("scratch_sha256", m.get("recorded_sha256", "-"))[:16],
+                          "yes" if m["equal"] else "NO", str(m.get("saw_forgotten_ids", "-")))
         out.print(table)
+        if any(m["method"] == "hash-checked" for m in cert["models"]):
+            out.print("public models (the base) saw no private data: their weights were checked against the hash recorded when they "
+                      "were trained, not retrained (--retrain-base retrains them too)")
+        for m in cert["models"]:
+            if "reason" in m:
+                out.print(f"  {m['kind']}: {escape(m['reason'])}")
     if not cert["ok"]:
         raise typer.Exit(1)
 
