@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from fastapi.responses import JSONResponse, Response
 
-from dataward.app.service.generation import GenerationPool, WorkerKind
+from dataward.app.service.generation import ClientGone, GenerationPool, WorkerKind
 from dataward.app.service.retraining import Retrainer, open_retraining_ward
 from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, shutting_down
 from dataward.ward import Ward
@@ -67,9 +67,9 @@ class Service:
         self.admin.close()
 
     # generating and forgetting ------------------------------------------------------------------------------------
-    async def generate(self, body: GenerateRequest, key: ApiKey) -> Response:
-        """A generation over the key's compartments (see :meth:`GenerationPool.generate`)."""
-        return await self.generations.generate(body, key, self.api)
+    async def generate(self, body: GenerateRequest, key: ApiKey, client_gone: ClientGone | None = None) -> Response:
+        """A generation over the key's compartments, stopped if ``client_gone`` returns (see :meth:`GenerationPool.generate`)."""
+        return await self.generations.generate(body, key, self.api, client_gone)
 
     async def forget(self, body: ForgetBody) -> JSONResponse:
         """Forget IDs: in effect (durable, models quarantined) before the 202; retraining in the background."""

@@ -125,7 +125,13 @@ async def compartments(request: Request, key: ApiKey = Depends(require_key)) -> 
 
 @router.post("/v1/generate", summary="Generate images composed over this key's compartments, with attribution")
 async def generate(request: Request, body: GenerateRequest, key: ApiKey = Depends(require_key)) -> Response:
-    return await _service(request).generate(body, key)
+    return await _service(request).generate(body, key, lambda: _client_gone(request))
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body was read already: the server sends nothing else until then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.post("/v1/forget", status_code=202, summary="Forget sample IDs (admin): in effect before the 202, retraining in the background")
