@@ -4,9 +4,14 @@ processes die with their server, and bad input gets short, clear 4xx answers tha
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -85,3 +90,57 @@ def test_a_client_that_disconnects_stops_its_generation(service_ward, monkeypatc
         with httpx.Client(base_url=base, timeout=60) as http:  # the worker is free for the next client
             r = http.post("/v1/generate", headers={"X-API-Key": keys["c0"]}, json={"n": 1, "steps": STEPS})
             assert r.status_code == 200, r.text
+
+
+def children_of(pid: int) -> set[int]:
+    """The live (not zombie) processes whose parent is ``pid``, from /proc."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (zombies count as ended)."""
+    running = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.add(pid)
+        except OSError:
+            pass
+    return running
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc to find a server's children")
+def test_worker_processes_die_with_a_killed_server(service_ward):
+    """Issue 35 item 12: after kill -9 of `dataward serve`, its worker processes and the resource tracker lived on
+    (~1 GB per crash)."""
+    path, _ = service_ward
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", "from dataward.app.cli import main; main()", "serve", str(path), "--port",
+                               str(port), "--workers", "1", "--queue", "1", "--log-level", "warning"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: set[int] = set()
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return server.poll() is not None  # stop waiting if it died
+        assert wait_until(ready, timeout=240) and server.poll() is None
+        children = children_of(server.pid)
+        assert len(children) >= 2, children  # the generation worker and multiprocessing's resource tracker
+        server.kill()
+        server.wait(30)
+        assert wait_until(lambda: not alive(children), timeout=30), f"still running after the server was killed: {alive(children)}"
+    finally:
+        if server.poll() is None:
+            server.kill()
+        for pid in alive(children):  # only on failure: leave nothing behind
+            os.kill(pid, signal.SIGKILL)

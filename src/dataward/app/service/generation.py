@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import multiprocessing
+import os
 import secrets
 import time
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -98,7 +99,8 @@ class GenerationPool:
     def _new_executor(self) -> Executor:
         processes = self.kind == "processes"
         opened = None if processes else self._thread_wards  # a process worker's ward closes with its process
-        setup = {"initializer": workers.start_worker, "initargs": (self.path, self.torch_threads, self._flags, opened)}
+        server = os.getpid() if processes else None  # a process worker dies with this process (workers.die_with)
+        setup = {"initializer": workers.start_worker, "initargs": (self.path, self.torch_threads, self._flags, opened, server)}
         if processes:
             return ProcessPoolExecutor(self.pool_size, mp_context=self._context, **setup)
         return ThreadPoolExecutor(self.pool_size, thread_name_prefix="dataward-generate", **setup)
