@@ -144,3 +144,38 @@ def test_worker_processes_die_with_a_killed_server(service_ward):
             server.kill()
         for pid in alive(children):  # only on failure: leave nothing behind
             os.kill(pid, signal.SIGKILL)
+
+
+def test_bad_input_gets_a_short_clear_4xx(service_ward):
+    """Issue 35 item 14: a label past int64 was a 500; unknown field names and IDs were echoed whole (~10 KB)."""
+    from fastapi.testclient import TestClient
+
+    path, keys = service_ward
+    with TestClient(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")) as c:
+        h = {"X-API-Key": keys["c0"]}
+        r = c.post("/v1/generate", headers=h, json={"n": 1, "steps": STEPS, "label": 9223372036854775808})
+        assert r.status_code == 422 and "label" in r.json()["detail"], r.text
+        r = c.post("/v1/generate", headers=h, json={"n": 1, "x" * 10_000: 1})
+        assert r.status_code == 422 and "unknown field" in r.json()["detail"] and len(r.content) < 1000, len(r.content)
+        admin = {"X-API-Key": keys["admin"]}
+        r = c.post("/v1/forget", headers=admin, json={"ids": [f"{k}" + "y" * 500 for k in range(10)]})
+        assert r.status_code == 404 and len(r.content) < 2000, len(r.content)
+        r = c.get("/v1/forget/" + "z" * 5000, headers=admin)
+        assert r.status_code == 404 and len(r.content) < 1000, len(r.content)
+
+
+def test_ward_paths_are_printed_as_they_are_not_as_markup(service_ward, tmp_path):
+    """Issue 35 item 14: `dataward serve 'x[/b]'` crashed with rich's MarkupError; a ward `R[red]w` printed as "Rw"."""
+    import shutil
+
+    path, _ = service_ward
+    ward = tmp_path / "R[red]w" / "x[" / "b]"
+    shutil.copytree(path, ward)
+    with socket.socket() as busy:  # uvicorn cannot bind: serve prints its line, then exits
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = subprocess.run([sys.executable, "-c", "from dataward.app.cli import main; main()", "serve", str(ward), "--port",
+                               str(busy.getsockname()[1]), "--worker-kind", "threads", "--workers", "1"],
+                              capture_output=True, text=True, timeout=300, env=dict(os.environ, COLUMNS="400"))
+    assert "MarkupError" not in proc.stderr
+    assert f"serving {ward} on" in proc.stderr, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from dataward.app.service.generation import ClientGone, GenerationPool, WorkerKind
 from dataward.app.service.retraining import Retrainer, open_retraining_ward
-from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, shutting_down
+from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, echo, shutting_down
 from dataward.ward import Ward
 
 log = logging.getLogger("dataward.app.service")
@@ -81,7 +81,7 @@ class Service:
         known = self.api.ledger.sample_rows(ids)
         unknown = [i for i in ids if i not in known]
         if unknown:
-            raise ServiceError(404, f"unknown sample ID(s), nothing was forgotten: {', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
+            raise ServiceError(404, f"unknown sample ID(s), nothing was forgotten: {', '.join(map(echo, unknown[:10]))}{' ...' if len(unknown) > 10 else ''}")
         # one ledger transaction on the forget thread; the 202 is returned on the event loop after it committed
         result = await asyncio.get_running_loop().run_in_executor(self.admin_pool, lambda: self.admin.forget(ids, retrain=False))
         if result["request"] is None:
@@ -99,7 +99,7 @@ class Service:
         """A forget request's state, and whether retraining is running."""
         record = self.api.ledger.forget_request(request_id)
         if record is None:
-            raise ServiceError(404, f"unknown forget request {request_id!r}")
+            raise ServiceError(404, f"unknown forget request {echo(request_id)!r}")
         return record | {"retraining": self.retrainer.running and record["state"] == "accepted", "retraining_error": self.retrainer.last_error}
 
     # reading --------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import dataward
 from dataward.app.service.core import Service
 from dataward.app.service.generation import WorkerKind
-from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, client_message
+from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, client_message, echo
 from dataward.errors import DatawardError, LedgerUnavailable
 from dataward.store.ledger import Ledger
 from dataward.ward import Ward
@@ -166,7 +166,7 @@ async def _ledger_unavailable(request: Request, error: LedgerUnavailable) -> JSO
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     errors = []
     for e in error.errors():
-        where = ".".join(str(part) for part in e.get("loc", ()) if part != "body") or "body"
+        where = echo(".".join(str(part) for part in e.get("loc", ()) if part != "body")) or "body"  # an unknown field's name is input
         message = e.get("msg", "invalid")
         if e.get("type") == "extra_forbidden":
             message = "unknown field (not allowed)"

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from dataward.assignment import MAX_ID_LENGTH
+from dataward.data import MAX_CLASSES
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,14 @@ def client_message(error: Exception, ward: Path) -> str:
     return message
 
 
+MAX_ECHO_CHARS = 80  # characters of a client's input that an error message repeats
+
+
+def echo(text: str) -> str:
+    """A client's input as an error message repeats it: at most ``MAX_ECHO_CHARS`` characters, the rest only counted."""
+    return text if len(text) <= MAX_ECHO_CHARS else f"{text[:MAX_ECHO_CHARS]}... ({len(text) - MAX_ECHO_CHARS} more characters)"
+
+
 def shutting_down(message: str) -> ServiceError:
     """The 503 of a server that is shutting down."""
     return ServiceError(503, f"the server is shutting down: {message}", {"Retry-After": "5"})
@@ -56,7 +65,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     n: int = Field(1, ge=1, description="Number of images (at most the server's max_n).")
-    label: int | None = Field(None, ge=0, description="Class label for every image (random by default).")
+    label: int | None = Field(None, ge=0, lt=MAX_CLASSES, description="Class label for every image (random by default).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Sampling seed (random by default; echoed back).")
     guard: bool = Field(False, description="Steer away from training data with each compartment's CPSample guard.")
     sampler: Literal["ddpm", "ddim"] | None = Field(None, description="ddpm (needed by density weights) or ddim.")
