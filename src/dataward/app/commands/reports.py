@@ -146,7 +146,7 @@ def sample(
         raise DatawardError("nothing would be kept of these samples: add --grid grid.png, --npz samples.npz or --json")
     w = open_ward(ward, resume=False)  # a pending retraining never blocks sampling: models that saw forgotten IDs are never served
     if w.ledger.pending_forgets():
-        console.print(f"[yellow]a forget's retraining is pending: sampling uses clean fallback stages; `dataward train {ward}` finishes it[/yellow]")
+        console.print(f"[yellow]a forget's retraining is pending: sampling uses clean fallback stages; `dataward train {escape(str(ward))}` finishes it[/yellow]")
     with progress_bar(not as_json) as progress:
         r = w.sample(n, label=label, seed=seed, sampler=sampler, steps=steps, allowed=parse_ids(allow), weights=weights, top_k=top_k,
                      guard=guard, guard_scale=guard_scale, guard_alpha=guard_alpha, progress=progress)

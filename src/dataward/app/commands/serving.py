@@ -106,7 +106,7 @@ def serve(
 
     service_app = create_app(ward, pool_size=workers, queue_size=queue, limits=ServiceLimits(max_n=max_n, max_steps=max_steps, generate_timeout_s=timeout),
                              torch_threads=torch_threads, worker_kind=worker_kind)
-    console.print(f"serving {ward} on http://{host}:{port} ({workers} worker {worker_kind}, queue {queue}); API docs at /docs")
+    console.print(f"serving {escape(str(ward))} on http://{host}:{port} ({workers} worker {worker_kind}, queue {queue}); API docs at /docs")
     uvicorn.run(service_app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(ServiceLimits().shutdown_timeout_s))
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from fastapi.responses import JSONResponse, Response
 
-from dataward.app.service.generation import GenerationPool, WorkerKind
+from dataward.app.service.generation import ClientGone, GenerationPool, WorkerKind
 from dataward.app.service.retraining import Retrainer, open_retraining_ward
 from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, shutting_down
+from dataward.errors import echo
 from dataward.forgetting import UnknownSampleIds
 from dataward.ward import Ward
 
@@ -69,9 +70,9 @@ class Service:
         self.admin.close()
 
     # generating and forgetting ------------------------------------------------------------------------------------
-    async def generate(self, body: GenerateRequest, key: ApiKey) -> Response:
-        """A generation over the key's compartments (see :meth:`GenerationPool.generate`)."""
-        return await self.generations.generate(body, key, self.api)
+    async def generate(self, body: GenerateRequest, key: ApiKey, client_gone: ClientGone | None = None) -> Response:
+        """A generation over the key's compartments, stopped if ``client_gone`` returns (see :meth:`GenerationPool.generate`)."""
+        return await self.generations.generate(body, key, self.api, client_gone)
 
     async def forget(self, body: ForgetBody) -> JSONResponse:
         """Forget IDs: in effect (durable, models quarantined) before the 202; retraining in the background."""
@@ -93,7 +94,7 @@ class Service:
         """A forget request's state, and whether retraining is running."""
         record = self.api.ledger.forget_request(request_id)
         if record is None:
-            raise ServiceError(404, f"unknown forget request {request_id!r}")
+            raise ServiceError(404, f"unknown forget request {echo(request_id)!r}")
         return record | {"retraining": self.retrainer.running and record["state"] == "accepted", "retraining_error": self.retrainer.last_error,
                          "retry_in_seconds": self.retrainer.retry_in_seconds}
 

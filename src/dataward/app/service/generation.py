@@ -10,11 +10,12 @@ import asyncio
 import logging
 import math
 import multiprocessing
+import os
 import secrets
 import time
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Awaitable, Callable, Literal
 
 from fastapi.responses import Response
 
@@ -27,6 +28,7 @@ from dataward.ward import Ward
 log = logging.getLogger("dataward.app.service")
 
 WorkerKind = Literal["processes", "threads"]
+ClientGone = Callable[[], Awaitable[None]]  # returns once the client that asked for a generation has disconnected
 
 
 def check_limits(body: GenerateRequest, limits: ServiceLimits) -> None:
@@ -97,7 +99,8 @@ class GenerationPool:
     def _new_executor(self) -> Executor:
         processes = self.kind == "processes"
         opened = None if processes else self._thread_wards  # a process worker's ward closes with its process
-        setup = {"initializer": workers.start_worker, "initargs": (self.path, self.torch_threads, self._flags, opened)}
+        server = os.getpid() if processes else None  # a process worker dies with this process (workers.die_with)
+        setup = {"initializer": workers.start_worker, "initargs": (self.path, self.torch_threads, self._flags, opened, server)}
         if processes:
             return ProcessPoolExecutor(self.pool_size, mp_context=self._context, **setup)
         return ThreadPoolExecutor(self.pool_size, thread_name_prefix="dataward-generate", **setup)
@@ -155,9 +158,10 @@ class GenerationPool:
         self._free_slots.append(slot)
 
     # generation -----------------------------------------------------------------------------------------------------
-    async def generate(self, body: GenerateRequest, key: ApiKey, checker: Ward) -> Response:
+    async def generate(self, body: GenerateRequest, key: ApiKey, checker: Ward, client_gone: ClientGone | None = None) -> Response:
         """Admit, run (re-running when a forget taints the models used), check with ``checker`` (the event loop's ward)
-        and respond. Each run is stopped at its next step once it ran past the timeout or the client went away."""
+        and respond. Each run is stopped at its next step once it ran past the timeout or the client went away (when
+        ``client_gone`` returns, or the request is cancelled)."""
         check_limits(body, self.limits)
         weights = choose_weights(body, key, checker)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
@@ -168,7 +172,7 @@ class GenerationPool:
             for attempt in range(1, self.limits.max_attempts + 1):
                 executor = self._executor
                 future = asyncio.wrap_future(self._submit(executor, body, key, seed, weights, slot))
-                result = await self._wait(future, executor, slot)
+                result = await self._wait(future, executor, slot, client_gone)
                 # From here to the return: no await, so no forget's 202 can be returned in between (see the package doc).
                 tainted = checker.ledger.tainted_models(list(result.used))
                 if tainted or (result.error is not None and checker.ledger.forget_count() != result.epoch):
@@ -204,9 +208,17 @@ class GenerationPool:
         return ServiceError(503, "a generation worker stopped during this generation; new workers were started: retry",
                             {"Retry-After": "5"})
 
-    async def _wait(self, future: asyncio.Future, executor: Executor, slot: int) -> workers.Attempt:
-        """The attempt of ``future``; if this request is cancelled (client gone, shutdown), the run is stopped."""
+    async def _wait(self, future: asyncio.Future, executor: Executor, slot: int, client_gone: ClientGone | None) -> workers.Attempt:
+        """The attempt of ``future``; if the client disconnects or this request is cancelled (shutdown), the run is
+        stopped at its next step (its slot frees when it has stopped: see :meth:`generate`)."""
+        watcher = None if client_gone is None else asyncio.ensure_future(client_gone())
         try:
+            if watcher is not None:
+                await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not future.done():
+                    self._flags[slot] = 1
+                    log.info("a client disconnected during its generation; stopping it at its next step")
+                    raise ServiceError(499, "the client disconnected; the generation was stopped")
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             self._flags[slot] = 1
@@ -216,3 +228,6 @@ class GenerationPool:
             raise
         except BrokenExecutor:
             raise self._replace_broken(executor) from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()

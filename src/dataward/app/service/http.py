@@ -17,7 +17,7 @@ import dataward
 from dataward.app.service.core import Service
 from dataward.app.service.generation import WorkerKind
 from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, client_message
-from dataward.errors import DatawardError, LedgerUnavailable
+from dataward.errors import DatawardError, LedgerUnavailable, echo
 from dataward.store.ledger import Ledger
 from dataward.ward import Ward
 
@@ -125,7 +125,13 @@ async def compartments(request: Request, key: ApiKey = Depends(require_key)) -> 
 
 @router.post("/v1/generate", summary="Generate images composed over this key's compartments, with attribution")
 async def generate(request: Request, body: GenerateRequest, key: ApiKey = Depends(require_key)) -> Response:
-    return await _service(request).generate(body, key)
+    return await _service(request).generate(body, key, lambda: _client_gone(request))
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body was read already: the server sends nothing else until then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.post("/v1/forget", status_code=202, summary="Forget sample IDs (admin): in effect before the 202, retraining in the background")
@@ -160,7 +166,7 @@ async def _ledger_unavailable(request: Request, error: LedgerUnavailable) -> JSO
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     errors = []
     for e in error.errors():
-        where = ".".join(str(part) for part in e.get("loc", ()) if part != "body") or "body"
+        where = echo(".".join(str(part) for part in e.get("loc", ()) if part != "body")) or "body"  # an unknown field's name is input
         message = e.get("msg", "invalid")
         if e.get("type") == "extra_forbidden":
             message = "unknown field (not allowed)"

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from dataward.assignment import MAX_ID_LENGTH
+from dataward.data import MAX_CLASSES
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     n: int = Field(1, ge=1, description="Number of images (at most the server's max_n).")
-    label: int | None = Field(None, ge=0, description="Class label for every image (random by default).")
+    label: int | None = Field(None, ge=0, lt=MAX_CLASSES, description="Class label for every image (random by default).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Sampling seed (random by default; echoed back).")
     guard: bool = Field(False, description="Steer away from training data with each compartment's CPSample guard.")
     sampler: Literal["ddpm", "ddim"] | None = Field(None, description="ddpm (needed by density weights) or ddim.")

@@ -13,7 +13,11 @@ flags live in shared memory (one byte per admitted generation), so they reach pr
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from dataward.store.ledger import ModelRecord
 from dataward.ward import Ward, WardHooks
 
 log = logging.getLogger("dataward.app.service")
+PR_SET_PDEATHSIG = 1  # Linux prctl option: the signal a process gets when its parent ends
 
 
 @dataclass
@@ -84,15 +89,36 @@ class UsageRecorder:
 _worker = threading.local()  # per worker thread (one per process for process workers): its ward, recorder and flags
 
 
-def start_worker(path: Path, torch_threads: int, flags, opened: list[Ward] | None) -> None:
+def start_worker(path: Path, torch_threads: int, flags, opened: list[Ward] | None, server: int | None = None) -> None:
     """Pool initializer: the torch thread count (per thread: OpenMP threads do not inherit it) and the worker's ward
-    (added to ``opened`` for thread workers, whose pool closes them)."""
+    (added to ``opened`` for thread workers, whose pool closes them); a process worker dies with its ``server`` process."""
+    if server is not None:
+        die_with(server)
     torch.set_num_threads(torch_threads)
     recorder = UsageRecorder()
     _worker.ward = Ward.open(path, worker=True, hooks=WardHooks(on_load=recorder))
     if opened is not None:
         opened.append(_worker.ward)  # list.append is atomic: threads start concurrently
     _worker.recorder, _worker.flags, _worker.torch_threads = recorder, flags, torch_threads
+
+
+def die_with(server: int) -> None:
+    """End this worker process when the server process ``server`` (its parent) ends, even by SIGKILL, so that no worker,
+    nor the multiprocessing resource tracker whose pipe the workers keep open, outlives a crashed server: Linux's
+    parent-death signal (prctl PR_SET_PDEATHSIG), else a thread that checks the parent every second."""
+    if sys.platform.startswith("linux"):
+        armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+        if os.getppid() != server:  # the server died before the signal was armed
+            os._exit(1)
+        if armed:
+            return
+    threading.Thread(target=_exit_when_orphaned, args=(server,), name="dataward-server-watch", daemon=True).start()
+
+
+def _exit_when_orphaned(server: int) -> None:
+    while os.getppid() == server:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def worker_ready() -> bool:
