@@ -151,7 +151,7 @@ class FailingWard:
     def pending_forgets(self):
         return [("r1", ["digits:0001"])]
 
-    def train(self):
+    def train(self, progress=None):
         self.seen_delays.append(self.retrainer.retry_in_seconds)
         if len(self.seen_delays) >= 5:
             self.called.set()
