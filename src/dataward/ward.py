@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -74,8 +74,10 @@ def run_job_in_worker(job: TrainJob, device: str, progress=None) -> list[dict]:
 class Ward(WardChanges):
     """A protected model family on disk. Open with :meth:`Ward.open`, make with :meth:`Ward.create`."""
 
-    def __init__(self, path: Path, config: WardConfig, ledger: Ledger, worker: bool = False, hooks: WardHooks | None = None):
+    def __init__(self, path: Path, config: WardConfig, ledger: Ledger, worker: bool = False, hooks: WardHooks | None = None,
+                 config_stamp: str | None = None):
         self.path = path
+        self.config_stamp = config_stamp  # ward.json as ``config`` was read from it (WardChanges.refresh_config)
         self.ledger = ledger
         self.hooks = hooks or WardHooks()
         self.scheduler = make_training_scheduler(config.num_train_timesteps, config.beta_schedule)
@@ -92,8 +94,9 @@ class Ward(WardChanges):
 
     @property
     def config(self) -> WardConfig:
-        """The ward's config. Assigning one takes effect at once (the planner and runner follow it); :meth:`reconfigure`
-        also saves it."""
+        """The ward's config, re-read when another process saved ward.json. Assigning one takes effect at once (the planner
+        and runner follow it); :meth:`reconfigure` also saves it."""
+        self.refresh_config()
         return self._config
 
     @config.setter
@@ -101,8 +104,14 @@ class Ward(WardChanges):
         self._config = config
         self.data = WardData(config, self.ledger)
         context = KindContext(config, self.scheduler, config.model_shape(), self.ledger, self._public_inputs)
-        self.planner = Planner(self.path, config, self.ledger, self.data, context)
-        self.runner = JobRunner(config, self.planner, self.data, context, self.model)
+        self._planner = planner = Planner(self.path, config, self.ledger, self.data, context)
+        self.runner = JobRunner(config, planner, self.data, context, self.model)
+
+    @property
+    def planner(self) -> Planner:
+        """The planner of the ward's config as it is now in ward.json (every plan, report and sample starts here)."""
+        self.refresh_config()
+        return self._planner
 
     def _public_inputs(self, spec: str) -> torch.Tensor:
         """A public data source's images as the models see them (latents in a latent ward): guards' non-members."""
@@ -174,17 +183,12 @@ class Ward(WardChanges):
         """Open an existing ward. ``worker=True`` (training jobs in other processes) leaves its files alone; ``hooks``
         are the host's callbacks (see :class:`WardHooks`)."""
         path = Path(path)
-        config = WardConfig.load(path)
-        return cls(path, config, Ledger(ledger_location(path)), worker, hooks)
+        stamp = WardConfig.stamp(path)  # before reading it: a save in between is re-read at the first use
+        return cls(path, WardConfig.load(path), Ledger(ledger_location(path)), worker, hooks, stamp)
 
     def close(self) -> None:
         """Close the ledger."""
         self.ledger.close()
-
-    def reconfigure(self, **changes) -> None:
-        """Change fields of the ward's config (``dataclasses.replace``) and save ward.json."""
-        self.config = replace(self.config, **changes)
-        self.config.save(self.path)
 
     # data and models as the ward sees them --------------------------------------------------------------------------
     def training_data(self, compartment: int | None = None) -> Dataset:

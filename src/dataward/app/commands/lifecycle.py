@@ -75,10 +75,10 @@ def train(
 ) -> None:
     """Train every missing or out-of-date model of the ward (resumes interrupted work); --dp for DP fine-tuning."""
     w = open_ward(ward, resume=False)
-    _set_budget(w, "train", steps, "the denoisers' budget", "denoiser")
-    _set_budget(w, "router_train", router_steps, "the router's budget", "router")
     options = {} if executor != "ray" else dict(ray_address=ray_address, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job)
-    with progress_bar() as progress:
+    with w.writer, progress_bar() as progress:  # the writer lock first: a refused train changes nothing (issue 35)
+        _set_budget(w, "train", steps, "the denoisers' budget", "denoiser")
+        _set_budget(w, "router_train", router_steps, "the router's budget", "router")
         if dp:
             from dataward.training.privacy import DPConfig
 
