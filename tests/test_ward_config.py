@@ -51,3 +51,19 @@ def test_a_running_process_follows_a_budget_another_process_saved(ward_copy):
     assert not ward_copy.models_missing() and ward_copy.config.train.steps == 5
     assert all(r.metadata["train"]["steps"] == 5 for r in ward_copy.served().values())
     server.close()
+
+
+def test_ledger_move_refuses_while_another_process_has_the_ward_open(ward_copy, tmp_path):
+    """Item 5: `ledger move` beside a running server lost the forgets the server acknowledged afterwards (they went to the
+    old file). The move refuses while any connection to the SQLite ledger is open, and changes nothing."""
+    from dataward.errors import DatawardError
+    from dataward.store.database import LEDGER_FILE, LEDGER_URL_FILE
+    from dataward.store.move import move_ledger
+
+    path = ward_copy.path  # ward_copy is open: a running server
+    with pytest.raises(DatawardError, match="is open in another process .*stop every process that uses the ward"):
+        move_ledger(path, "postgresql://dataward@127.0.0.1:9/nowhere")
+    assert (path / LEDGER_FILE).exists() and not (path / LEDGER_URL_FILE).exists()
+    victim = ward_copy.training_data(0).ids[0]
+    ward_copy.forget([victim], retrain=False)  # the server goes on working, on the ledger it has
+    assert Ward.open(path).ledger.forgotten_ids() == [victim]
