@@ -66,13 +66,13 @@ def files_hashes(folder: Path) -> dict[str, str]:
             if p.suffix in (".json", ".safetensors") and p.name != META_FILE and p != served_file(folder)}
 
 
-def check_files(folder: Path, metadata: dict, names: list[str]) -> None:
-    """Raise, naming the file, when one of ``names`` differs from the hash ``metadata["files_sha256"]`` recorded (a
-    checkpoint written before these hashes were recorded has none: not checked)."""
+def check_files(folder: Path, metadata: dict, names: list[str], missing_ok: bool = False) -> None:
+    """Raise, naming the file, when one of ``names`` differs from the hash ``metadata["files_sha256"]`` recorded, or is
+    missing unless ``missing_ok`` (a checkpoint written before these hashes were recorded has none: not checked)."""
     recorded = metadata.get("files_sha256", {})
     for name in names:
         path = folder / name
-        if name in recorded and (not path.is_file() or file_sha256(path) != recorded[name]):
+        if name in recorded and (not path.is_file() and not missing_ok or path.is_file() and file_sha256(path) != recorded[name]):
             raise DatawardError(f"{path} is not the file written when this model was trained (its SHA-256 is not the one the "
                                 f"ledger recorded: changed, replaced or missing); restore it from a backup, or retrain the ward into a new folder")
 
@@ -128,7 +128,8 @@ class ModelCache:
         """The model of ``record``, loaded on first use after checking its weights against the hash the ledger recorded."""
         if record.id not in self.models:
             folder = self.ward / record.path
-            check_files(folder, record.metadata, [name for name in record.metadata.get("files_sha256", {}) if name != STATE_FILE])
+            read = [name for name in record.metadata.get("files_sha256", {}) if name != STATE_FILE]
+            check_files(folder, record.metadata, read, missing_ok=True)  # a missing file: the load below names it
             try:
                 found = checkpoint_hash(folder)
                 model = self.load(record, folder)
