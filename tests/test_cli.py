@@ -102,11 +102,12 @@ def test_a_forget_is_accepted_while_an_earlier_retraining_is_pending_and_broken(
     first, second = late[0], next(i for i in late if rows[i][0] != rows[late[0]][0])
     ward.accept_forget([first])  # accepted, retraining pending (as after a crash or a Ctrl-C)
     for state in (tmp_path / "w" / "models").glob("*/train_state.safetensors"):
-        state.write_bytes(b"not a safetensors file")  # the pending retraining cannot resume
+        state.write_bytes(b"not a safetensors file")  # the pending retraining cannot resume from them
     ward.close()
     proc = run("forget", tmp_path / "w", second, check=False)
-    assert proc.returncode == 1  # the retraining failed, and says so ...
-    assert f"1 ID(s) forgotten; in effect now" in proc.stdout  # ... after the new forget was accepted
+    # issue 35: a damaged training state is refused by its hash and that stage retrains from the start, with a warning
+    assert proc.returncode == 0 and "not resuming from stage 0" in " ".join(proc.stderr.split())
+    assert f"1 ID(s) forgotten; in effect now" in proc.stdout  # the new forget was accepted first
     from dataward.ward import Ward
 
     reopened = Ward.open(tmp_path / "w")
@@ -114,7 +115,7 @@ def test_a_forget_is_accepted_while_an_earlier_retraining_is_pending_and_broken(
     served = [r for kind in ("denoiser", "router") for r in reopened.served(kind).values()]
     assert all(second not in reopened.ledger.model_sample_ids(r.id) for r in served)  # nothing that saw it is served
     sampled = run("sample", tmp_path / "w", "-n", "2", "--steps", "3", "--json")  # sampling is not blocked by the broken retraining
-    assert len(json.loads(sampled.stdout)["attribution"]) == 2 and "retraining is pending" in sampled.stderr
+    assert len(json.loads(sampled.stdout)["attribution"]) == 2
 
 
 @pytest.mark.slow

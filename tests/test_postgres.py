@@ -93,8 +93,10 @@ def test_a_ward_moved_into_postgres_samples_the_same_bytes_forgets_and_retrains(
     shutil.copytree(trained_ward_dir, path)
     before = Ward.open(path)
     expected, status = before.sample(4, seed=3), before.status()
-    before.close()
     url = postgres()
+    refused = CliRunner().invoke(app, ["ledger", str(path), "move", url])  # a process (a server) has the ward open
+    assert refused.exit_code == 1 and "is open in another process" in str(refused.exception) and (path / LEDGER_FILE).exists()
+    before.close()
     result = CliRunner().invoke(app, ["ledger", str(path), "move", url])
     assert result.exit_code == 0, result.output
     assert "now lives in" in result.output and not (path / LEDGER_FILE).exists()

@@ -24,7 +24,7 @@ from diffusers import UNet2DModel
 from dataward.config import WardConfig
 from dataward.data import load_source
 from dataward.errors import DatawardError
-from dataward.store.checkpoints import META_FILE, MODELS_DIR, WEIGHTS_FILE, folder_prefix, weights_hash
+from dataward.store.checkpoints import META_FILE, MODELS_DIR, WEIGHTS_FILE, files_hashes, folder_prefix, weights_hash
 from dataward.store.ledger import Ledger
 
 AUTO = "auto"
@@ -101,7 +101,7 @@ def import_base(ward: Path, config: WardConfig, ledger: Ledger, folder: Path) ->
     unet.save_pretrained(str(tmp), safe_serialization=True)
     metadata = {"kind": "public-denoiser", "compartment": None, "stage": 0, "imported_from": str(folder.resolve()),
                 "weights_sha256": weights_hash(tmp / WEIGHTS_FILE), "config": json.loads(unet.to_json_string()),
-                "parameters": sum(p.numel() for p in unet.parameters()), "variant": ""}
+                "parameters": sum(p.numel() for p in unet.parameters()), "variant": "", "files_sha256": files_hashes(tmp)}
     (tmp / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     os.replace(tmp, ward / MODELS_DIR / name)
     return ledger.register_model("public-denoiser", None, 0, f"{MODELS_DIR}/{name}", [], "", metadata, public=True)

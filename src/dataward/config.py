@@ -6,6 +6,7 @@ other module imports them from here."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -258,10 +259,19 @@ class WardConfig:
             raise DatawardError(f"{path} is not a valid ward config: {error}") from None
 
     def save(self, ward: Path) -> None:
-        """Write ward.json atomically into a ward folder."""
+        """Write ward.json atomically into a ward folder (a ward's writer does it holding the writer lock)."""
         tmp = Path(ward) / (CONFIG_FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
         os.replace(tmp, Path(ward) / CONFIG_FILE)
+
+    @staticmethod
+    def stamp(ward: Path) -> str | None:
+        """The SHA-256 of ward.json's bytes (None while there is none): a process that has the ward open compares it at
+        each use to re-read a config another process saved (a few KB; a file's times cannot tell two quick saves apart)."""
+        try:
+            return hashlib.sha256((Path(ward) / CONFIG_FILE).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
 
     def model_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of what the denoisers, router and guards see: the images, or the autoencoder's latents."""

@@ -2,9 +2,11 @@
 ``DDPMPipeline`` folder (safetensors only, loadable with stock diffusers) holding the *soup* of the allowed compartments
 (their data-share-weighted weight average, :meth:`dataward.ward.Ward.soup`), with ``dataward-manifest.json``.
 
-An export is a copy outside the ward's control: a later forget cannot reach it. The ledger records each export (an
-``export`` event with its manifest), and :func:`export_states` says which are *stale*: a compartment's live IDs no
-longer hash to what the export was made from (a forget or an add changed them). Delete or re-export a stale export.
+An export is a copy outside the ward's control (never inside the ward folder): a later forget cannot reach it. The
+ledger records each export (an ``export`` event with its manifest, which records what each exported model saw: its
+stage, the number and hash of its IDs, a fallback stage's too), and :func:`export_states` says which are *stale*: a
+compartment's live IDs no longer hash to what its exported model saw (a forget or an add changed them, or the model was
+an earlier stage while its compartment retrained). Delete or re-export a stale export.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None =
     _check(ward, allowed, label)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatawardError(f"{out} already exists and is not an empty folder: choose a new export folder")
+    if out.resolve().is_relative_to(ward.path.resolve()):
+        raise DatawardError(f"{out} is inside the ward folder, whose files the ward manages (and deletes): export outside it")
     served, counts = ward.served(), ward.ledger.counts()
     records = [served[c] for c in allowed]
     shares = [float(counts[c]["samples"]) for c in allowed]
@@ -82,8 +86,9 @@ def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None =
     manifest = {
         "dataward_version": dataward.__version__, "created_at": time.time(), "ward": str(ward.path.resolve()), "weights": "soup",
         "label": label, "base": {"kind": ward.config.base, "weights_sha256": public.metadata.get("weights_sha256") if public else None},
-        "compartments": [{"id": c, "model": r.id, "stage": r.stage, "share": s / sum(shares), "samples": counts[c]["samples"],
-                          "weights_sha256": r.metadata.get("weights_sha256"), "ids_sha256": live_ids_hash(ward.ledger, c)}
+        "compartments": [{"id": c, "model": r.id, "stage": r.stage, "fallback": ward.is_fallback(r), "share": s / sum(shares),
+                          "samples": r.metadata.get("num_ids", counts[c]["samples"]), "weights_sha256": r.metadata.get("weights_sha256"),
+                          "ids_sha256": r.ids_hash}  # what the exported model saw, not what the compartment holds now
                          for c, r, s in zip(allowed, records, shares)],
         "privacy": privacy or None,
         "note": "a copy outside the ward: a later forget cannot reach it; `dataward status` says when it is stale",
@@ -93,6 +98,9 @@ def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None =
         DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(ward.scheduler.config)).save_pretrained(staging, safe_serialization=True)
         manifest["unet_sha256"] = weights_hash(staging / UNET_FILE)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if len(ward.ledger.ready_models([r.id for r in records])) < len(records):  # a forget committed meanwhile
+            raise DatawardError("the exported models stopped being served while exporting (a forget of an ID they saw, or a "
+                                "retraining): nothing was exported; export again")
     ward.ledger.record_event("export", **manifest)
     return manifest
 
@@ -104,7 +112,7 @@ def live_ids_hash(ledger: Ledger, compartment: int) -> str:
 
 def export_states(ledger: Ledger) -> list[dict]:
     """Every export recorded in the ledger: folder, compartments, when, and whether it is stale (with the compartments
-    whose live IDs changed since)."""
+    whose live IDs are not the ones their exported model saw)."""
     out, hashes = [], {}
     for event in ledger.events_of("export"):
         manifest = event["detail"]

@@ -226,6 +226,9 @@ def finish_sampling(ward: SamplingWard, plan: SamplingPlan, x0: torch.Tensor) ->
         attribution[:, cols] = plan.composed.attribution()
         final[:, cols] = plan.composed.final_weights
     served = plan.served
+    if not (x0.isfinite().all() and attribution.isfinite().all() and final.isfinite().all()):
+        raise DatawardError(f"the models of compartment(s) {use} produced non-finite values (NaN or infinity): nothing is "
+                            f"returned; check their files and training (`dataward verify`)")
     stages = {c: {"model": served[c].id, "stage": served[c].stage, "fallback": ward.is_fallback(served[c])} for c in use}
     return SampleResult(((x0.clamp(-1, 1) + 1) / 2), plan.y, attribution, final, use, stages, mode, plan.sampler,
                         time.time() - plan.started, None if plan.activity is None else plan.activity.share)

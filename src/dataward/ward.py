@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
-import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +28,7 @@ from dataward.diffusion.batched import StackedDenoisers
 from dataward.diffusion.latent import LatentCodec
 from dataward.diffusion.sampling import Denoiser, make_training_scheduler, unet_eps
 from dataward.errors import DataChanged, DatawardError
-from dataward.export import export_states
-from dataward.forgetting import ForgetResult, split_forget_ids
+from dataward.forgetting import ForgetResult
 from dataward.generation import SampleRequest, SampleResult, generate
 from dataward.models.adapters import load_merged
 from dataward.models.guard import GuardActivity, guard_guidance, guarded
@@ -76,8 +74,10 @@ def run_job_in_worker(job: TrainJob, device: str, progress=None, report_to: str 
 class Ward(WardChanges):
     """A protected model family on disk. Open with :meth:`Ward.open`, make with :meth:`Ward.create`."""
 
-    def __init__(self, path: Path, config: WardConfig, ledger: Ledger, worker: bool = False, hooks: WardHooks | None = None):
+    def __init__(self, path: Path, config: WardConfig, ledger: Ledger, worker: bool = False, hooks: WardHooks | None = None,
+                 config_stamp: str | None = None):
         self.path = path
+        self.config_stamp = config_stamp  # ward.json as ``config`` was read from it (WardChanges.refresh_config)
         self.ledger = ledger
         self.hooks = hooks or WardHooks()
         self.scheduler = make_training_scheduler(config.num_train_timesteps, config.beta_schedule)
@@ -96,8 +96,9 @@ class Ward(WardChanges):
 
     @property
     def config(self) -> WardConfig:
-        """The ward's config. Assigning one takes effect at once (the planner and runner follow it); :meth:`reconfigure`
-        also saves it."""
+        """The ward's config, re-read when another process saved ward.json. Assigning one takes effect at once (the planner
+        and runner follow it); :meth:`reconfigure` also saves it."""
+        self.refresh_config()
         return self._config
 
     @config.setter
@@ -105,8 +106,14 @@ class Ward(WardChanges):
         self._config = config
         self.data = WardData(config, self.ledger)
         context = KindContext(config, self.scheduler, config.model_shape(), self.ledger, self._public_inputs)
-        self.planner = Planner(self.path, config, self.ledger, self.data, context)
-        self.runner = JobRunner(config, self.planner, self.data, context, self.model)
+        self._planner = planner = Planner(self.path, config, self.ledger, self.data, context)
+        self.runner = JobRunner(config, planner, self.data, context, self.model)
+
+    @property
+    def planner(self) -> Planner:
+        """The planner of the ward's config as it is now in ward.json (every plan, report and sample starts here)."""
+        self.refresh_config()
+        return self._planner
 
     def _public_inputs(self, spec: str) -> torch.Tensor:
         """A public data source's images as the models see them (latents in a latent ward): guards' non-members."""
@@ -178,18 +185,13 @@ class Ward(WardChanges):
         """Open an existing ward. ``worker=True`` (training jobs in other processes) leaves its files alone; ``hooks``
         are the host's callbacks (see :class:`WardHooks`)."""
         path = Path(path)
-        config = WardConfig.load(path)
-        return cls(path, config, Ledger(ledger_location(path)), worker, hooks)
+        stamp = WardConfig.stamp(path)  # before reading it: a save in between is re-read at the first use
+        return cls(path, WardConfig.load(path), Ledger(ledger_location(path)), worker, hooks, stamp)
 
     def close(self) -> None:
         """Stop background erasure (the next process that opens the ward resumes it) and close the ledger."""
         self.eraser.close()
         self.ledger.close()
-
-    def reconfigure(self, **changes) -> None:
-        """Change fields of the ward's config (``dataclasses.replace``) and save ward.json."""
-        self.config = replace(self.config, **changes)
-        self.config.save(self.path)
 
     # data and models as the ward sees them --------------------------------------------------------------------------
     def training_data(self, compartment: int | None = None) -> Dataset:
@@ -353,36 +355,6 @@ class Ward(WardChanges):
     def serving_state(self) -> dict[str, str]:
         """Per compartment: what sampling uses right now (complete, a fallback stage, or left out)."""
         return reports.serving_state(self.planner)
-
-    # forgetting ---------------------------------------------------------------------------------------------------
-    def accept_forget(self, ids: list[str]) -> ForgetResult:
-        """Forget IDs, step 1: in effect at once (one ledger transaction: every model that saw them quarantined, its files
-        deleted). Needs no lock and never waits on erasure, which a reader of an old snapshot may delay (:class:`Eraser`)."""
-        new, already = split_forget_ids(self.ledger, ids)
-        if not new:
-            return ForgetResult(new, already, None, "noop", message=f"all {len(already)} ID(s) were already forgotten")
-        request = uuid.uuid4().hex[:12]
-        quarantined = self.ledger.accept_forget(request, new)
-        erased = self.eraser.erase(request)
-        delete_quarantined(self.path, self.ledger, self.cache)
-        return ForgetResult(new, already, request, "accepted", quarantined_models=len(quarantined), serving_during_retraining=self.serving_state(),
-                            erased=erased, stale_exports=tuple(e["folder"] for e in export_states(self.ledger) if e["stale"]))
-
-    def finish_forget(self, accepted: ForgetResult, device: str = "cpu", progress=True) -> ForgetResult:
-        """Forget, step 2: retrain what is missing under the writer lock (this finishes every pending forget); while
-        another process holds the lock, that process retrains this too (``retraining_elsewhere``)."""
-        if accepted.request is None:
-            return accepted
-        try:
-            done = {"retrain_seconds": self.train(device=device, progress=progress)["seconds"]}
-        except WriterBusy as busy:  # the forget is in effect regardless
-            done = {"retraining_elsewhere": str(busy)}
-        record = self.ledger.forget_request(accepted.request)
-        return replace(accepted, state=record["state"], erased=record["erased"], **done)
-
-    def forget(self, ids: list[str], device: str = "cpu", progress=True) -> ForgetResult:
-        """Forget sample IDs: :meth:`accept_forget`, then :meth:`finish_forget`."""
-        return self.finish_forget(self.accept_forget(ids), device, progress)
 
     def verify(self, device: str = "cpu", progress=True, compartments: list[int] | None = None, retrain_base: bool = False) -> dict:
         """Forgetting certificate: retrain served models (all, or ``compartments``' and every joint model) from scratch on

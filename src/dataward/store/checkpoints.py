@@ -10,6 +10,9 @@ One folder per trained stage::
         loss.csv                                             the stage's loss by step (``train --report-to csv``)
         dataward.json                                        metadata (also in the ledger)
 
+The ledger records the hash of the weights (``weights_sha256``) and of every other file a load or a resume reads
+(``files_sha256``: config.json or adapter_config.json, train_state.safetensors); a file that differs is refused by name.
+
 Only safetensors and JSON are ever read: no pickle is loaded from a ward.
 """
 
@@ -49,6 +52,33 @@ def weights_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_hashes(folder: Path) -> dict[str, str]:
+    """``files_sha256`` of a checkpoint folder: the SHA-256 of each file that loading or resuming reads besides the
+    served weights (``weights_sha256`` covers them) and the metadata."""
+    return {p.name: file_sha256(p) for p in sorted(folder.iterdir())
+            if p.suffix in (".json", ".safetensors") and p.name != META_FILE and p != served_file(folder)}
+
+
+def check_files(folder: Path, metadata: dict, names: list[str], missing_ok: bool = False) -> None:
+    """Raise, naming the file, when one of ``names`` differs from the hash ``metadata["files_sha256"]`` recorded, or is
+    missing unless ``missing_ok`` (a checkpoint written before these hashes were recorded has none: not checked)."""
+    recorded = metadata.get("files_sha256", {})
+    for name in names:
+        path = folder / name
+        if name in recorded and (not path.is_file() and not missing_ok or path.is_file() and file_sha256(path) != recorded[name]):
+            raise DatawardError(f"{path} is not the file written when this model was trained (its SHA-256 is not the one the "
+                                f"ledger recorded: changed, replaced or missing); restore it from a backup, or retrain the ward into a new folder")
+
+
 def folder_prefix(kind: str, compartment: int | None) -> str:
     """The start of every checkpoint folder name of one lineage (the stage number follows)."""
     return f"{kind}-c{'all' if compartment is None else compartment}-s"
@@ -74,7 +104,7 @@ def write_checkpoint(out_root: Path, prefix: str, model: torch.nn.Module, state:
         state.save(tmp / STATE_FILE)
     for file_name, source in (files or {}).items():
         shutil.copyfile(source, tmp / file_name)
-    meta = metadata(weights_hash(served_file(tmp)))
+    meta = metadata(weights_hash(served_file(tmp))) | {"files_sha256": files_hashes(tmp)}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     os.replace(tmp, out_root / name)
     return name, meta
@@ -113,6 +143,8 @@ class ModelCache:
         """The model of ``record``, loaded on first use after checking its weights against the hash the ledger recorded."""
         if record.id not in self.models:
             folder = self.ward / record.path
+            read = [name for name in record.metadata.get("files_sha256", {}) if name != STATE_FILE]
+            check_files(folder, record.metadata, read, missing_ok=True)  # a missing file: the load below names it
             try:
                 found = checkpoint_hash(folder)
                 model = self.load(record, folder)

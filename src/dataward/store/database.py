@@ -8,6 +8,9 @@ once, in SQL both engines accept, with ``?`` placeholders.
   (one writer at a time, readers never wait), so a crash (even ``kill -9``) leaves the whole change or none of it.
   ``secure_delete`` zeroes freed pages and folding the write-ahead log back after a forget (:meth:`erase_old_pages`,
   never waiting on a reader) leaves no copy of an erased image.
+  Every connection holds a shared ``flock`` on ``WARD/ledger.sqlite-open`` while it is open (the kernel drops it when
+  its process dies): ``dataward ledger move`` takes it exclusively, so it refuses while any process has the ledger open,
+  and no process opens it while the move runs.
 - **PostgreSQL** (``WARD/ledger.url`` names it, see docs/scale-out.md): every write transaction first takes one
   transaction-level advisory lock, so writers are serialised exactly as SQLite's are, and a forget can never interleave
   with a model's registration. The URL never holds a password: libpq reads it from ``PGPASSWORD`` or ``~/.pgpass``.
@@ -15,6 +18,8 @@ once, in SQL both engines accept, with ``?`` placeholders.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +29,7 @@ from dataward.errors import DatawardError, LedgerUnavailable
 from dataward.store.schema import COUNTED_TABLES, POSTGRES_SCHEMA, SQLITE_SCHEMA, TABLES
 
 LEDGER_FILE = "ledger.sqlite"
+OPEN_MARK_FILE = LEDGER_FILE + "-open"  # shared flock of every process that has the SQLite ledger open (see above)
 LEDGER_URL_FILE = "ledger.url"  # present when the ward's ledger is a PostgreSQL database
 URL_SCHEMES = ("postgresql://", "postgres://")
 WRITER_LOCK_KEY = 0x64617461  # the advisory lock that serialises the ledger's writers in PostgreSQL ("data")
@@ -56,6 +62,13 @@ class SqliteDatabase:
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise DatawardError(f"the ledger needs SQLite >= {'.'.join(map(str, MIN_SQLITE))} (upserts); this Python has {sqlite3.sqlite_version}")
         self.where = str(path)
+        self.open_mark = os.open(path.with_name(OPEN_MARK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.open_mark, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.open_mark)
+            raise DatawardError(f"the ledger {path} is being moved into PostgreSQL (`dataward ledger move`): open the ward "
+                                "again when the move has finished") from None
         self.db = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -63,9 +76,18 @@ class SqliteDatabase:
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.execute("PRAGMA secure_delete=ON")  # freed content (a forgotten image) is overwritten with zeros
         except sqlite3.DatabaseError as error:
-            self.db.close()
+            self.close()
             raise DatawardError(f"{path} is not a readable dataward ledger ({error}): the file is damaged or not a ledger; "
                                 "restore the ward folder from a backup") from None
+
+    def hold_exclusively(self) -> None:
+        """Make this connection the only one (``dataward ledger move``): raise while another one, in any process, is open."""
+        try:
+            fcntl.flock(self.open_mark, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatawardError(f"the ledger {self.where} is open in another process (a server, a training, a shell): stop "
+                                "every process that uses the ward, then move its ledger (a server that went on writing to "
+                                "the old file would lose what it records, acknowledged forgets included)") from None
 
     def execute(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
         """Run one statement."""
@@ -110,9 +132,13 @@ class SqliteDatabase:
             self.db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         return not busy
 
-    def close(self) -> None:
-        """Close the connection (the last one to close folds the write-ahead log into the database)."""
+    def close(self, keep_open_mark: bool = False) -> None:
+        """Close the connection (the last one to close folds the write-ahead log into the database) and its open mark
+        (``keep_open_mark``: a move deletes the file before it lets other processes in)."""
         self.db.close()
+        if self.open_mark >= 0 and not keep_open_mark:
+            os.close(self.open_mark)
+            self.open_mark = -1
 
 
 def check_ledger_url(url: str) -> str:

@@ -13,18 +13,19 @@ import os
 from pathlib import Path
 
 from dataward.errors import DatawardError
-from dataward.store.database import LEDGER_FILE, LEDGER_URL_FILE, check_ledger_url
+from dataward.store.database import LEDGER_FILE, LEDGER_URL_FILE, OPEN_MARK_FILE, check_ledger_url
 from dataward.store.ledger import Ledger
 from dataward.store.lock import WriterLock
 
-SQLITE_FILES = (LEDGER_FILE, LEDGER_FILE + "-wal", LEDGER_FILE + "-shm")
+SQLITE_FILES = (LEDGER_FILE, LEDGER_FILE + "-wal", LEDGER_FILE + "-shm", OPEN_MARK_FILE)
 
 
 def move_ledger(ward: Path, url: str) -> dict:
     """Move the ledger of the ward folder ``ward`` into the empty PostgreSQL database ``url`` (no password in it).
 
-    Stop every process that uses the ward first (servers, training): the writer lock keeps training away, but a running
-    server would go on writing to the old file. Returns ``{"ledger": url, "rows": copied, "finished": bool}``.
+    Every process that uses the ward must be stopped first (servers, training): the move refuses while any process has
+    the SQLite ledger open (:meth:`~dataward.store.database.SqliteDatabase.hold_exclusively`). Returns
+    ``{"ledger": url, "rows": copied, "finished": bool}``.
     """
     url = check_ledger_url(url.strip())
     url_file = ward / LEDGER_URL_FILE
@@ -48,9 +49,17 @@ def switch_to_database(ward: Path, url: str) -> int:
     ``Ward.create --ledger`` builds it). Returns the number of rows copied."""
     source = Ledger(ward / LEDGER_FILE)
     try:
+        source.db.hold_exclusively()  # no other process has it open, and none opens it until it is gone
         rows = source.copy_into(url)
+        source.db.close(keep_open_mark=True)  # the file is closed before it is deleted, and no one opens it meanwhile
+        _switch(ward, url)
     finally:
         source.close()
+    return rows
+
+
+def _switch(ward: Path, url: str) -> None:
+    """Steps (2) and (3): name the database in ``ledger.url``, then delete the SQLite files."""
     url_file = ward / LEDGER_URL_FILE
     tmp = url_file.with_suffix(".tmp")
     tmp.write_text(url + "\n")
@@ -58,7 +67,6 @@ def switch_to_database(ward: Path, url: str) -> int:
         os.fsync(handle.fileno())
     os.replace(tmp, url_file)
     _remove_sqlite(ward)
-    return rows
 
 
 def _remove_sqlite(ward: Path) -> None:

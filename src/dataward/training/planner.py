@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 from dataward.config import TrainConfig, WardConfig
 from dataward.data import ids_hash
+from dataward.errors import DatawardError
+from dataward.store.checkpoints import STATE_FILE, check_files
 from dataward.store.ledger import Ledger, ModelRecord
 from dataward.training.kinds import KINDS, KindContext
 from dataward.training.sources import WardData
@@ -175,8 +178,20 @@ class Planner:
             start += 1
         if start == len(lineage.stage_ids):
             return None
+        while start > 0 and not self._resumable(ready[start - 1]):
+            start -= 1  # that stage retrains too, from the verified stage before it (or from the start)
         resume = None if start == 0 else ready[start - 1].path
         return TrainJob(str(self.path), lineage, start, resume)
+
+    def _resumable(self, record: ModelRecord) -> bool:
+        """Whether a stage's training state is the one written when it trained (a warning names it when not)."""
+        try:
+            check_files(self.path / record.path, record.metadata, [STATE_FILE])
+        except DatawardError as error:
+            where = "" if record.compartment is None else f" of compartment {record.compartment}"
+            warnings.warn(f"not resuming from stage {record.stage} of the {record.kind}{where}: {error}; that stage retrains from the one before", stacklevel=3)
+            return False
+        return True
 
     def waves(self, only: tuple[str, ...] | None = None) -> Iterator[list[Lineage]]:
         """The lineages wave by wave in training order (:attr:`ModelKind.wave`), of the kinds in ``only``. Each wave is

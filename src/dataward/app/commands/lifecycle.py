@@ -81,10 +81,10 @@ def train(
 
     check_report_to(report_to)  # before anything changes
     w = open_ward(ward, resume=False)
-    _set_budget(w, "train", steps, "the denoisers' budget", "denoiser")
-    _set_budget(w, "router_train", router_steps, "the router's budget", "router")
     options = {} if executor != "ray" else dict(ray_address=ray_address, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job)
-    with training(w) as progress:
+    with w.writer, training(w) as progress:  # the writer lock first: a refused train changes nothing (issue 35)
+        _set_budget(w, "train", steps, "the denoisers' budget", "denoiser")
+        _set_budget(w, "router_train", router_steps, "the router's budget", "router")
         if dp:
             from dataward.config import DPConfig
             from dataward.training.privacy import default_trainable

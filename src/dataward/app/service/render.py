@@ -52,7 +52,7 @@ def render_result(result: SampleResult, body: GenerateRequest, key: ApiKey, seed
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         out["npz"] = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return json.dumps(out).encode()
+    return json.dumps(out, allow_nan=False).encode()  # never invalid JSON (NaN): a ValueError is the service's 500
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
