@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dataward import numerics
 from dataward.store.checkpoints import checkpoint_hash
+from dataward.store.ledger import Ledger
 from dataward.training.planner import Planner
 from dataward.training.runner import JobRunner
 
@@ -43,3 +44,17 @@ def forgetting_certificate(planner: Planner, runner: JobRunner, device: str = "c
     planner.ledger.record_event("certificate", ok=ok, forgotten=len(forgotten), models=sorted(c["model"] for c in checks if "model" in c),
                                 complete=compartments is None, latest_model=planner.ledger.latest_model_id())
     return {"ok": ok, "forgotten": len(forgotten), "models": checks}
+
+
+def no_certificate_reason(ledger: Ledger) -> str:
+    """Why no certificate covers the models served now, and what the latest ``dataward verify`` checked (one of some
+    compartments only, or one followed by new models, speaks of other models than the ones served now)."""
+    reason = "not run by this audit (--verify retrains every model and compares weight hashes)"
+    events = [e["detail"] for e in ledger.events_of("certificate")]
+    if not events:
+        return reason
+    latest = events[-1]
+    scope = "every model served then" if latest.get("complete") else f"{len(latest['models'])} model(s) of some compartments only"
+    changed = latest["latest_model"] != ledger.latest_model_id() or latest["forgotten"] != len(ledger.forgotten_ids())
+    return (f"{reason}; the latest dataward verify checked {scope}: {'OK' if latest['ok'] else 'FAILED'}"
+            + (", and models were trained or IDs forgotten after it" if changed else ""))

@@ -110,7 +110,7 @@ class JobRunner:
             loss, targets = kind.objective(self.context, ids)
             generator = torch.Generator().manual_seed(derive_seed(self.config.seed, lineage.kind, lineage.compartment, "stage", stage))
             run_steps(state, data, loss, lineage.stage_steps(stage), lineage.config, generator, targets, device,
-                      on_step=lambda value: update(1, description=f"train {name} stage {stage + 1}/{stages} loss {value:.3f}"))
+                      on_step=lambda value: update(1, description=f"train {name} stage {stage} (0..{stages - 1}) loss {value:.3f}"))
             results.append(self._save_stage(lineage, stage, ids, state, out_root, kind.describe(self.context, state, data, targets, stage)))
         return results
 
