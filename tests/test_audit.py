@@ -268,7 +268,11 @@ def test_the_report_says_what_protects_each_compartment(audited):
     assert "What protects each compartment" in page and "DP (ε = 5.000, δ = 1.00e-05)" in page and "copies unguarded" in page
     from dataward.reports import describe_protection
 
-    assert describe_protection(None, True, 0.0) == "guard (steered 0.0% of its checks)"
+    # issue 36: a guard that never steers protects nothing, measured by the audit or (unaudited) by its own training
+    nothing = "a guard that {}, so it protects nothing (train it longer: dataward guard WARD --steps N)"
+    assert describe_protection(None, True, 0.0) == nothing.format("steered on none of the audit's checks")
+    assert describe_protection(None, True, sure_on_members=0.0) == nothing.format("never sure on its members at any t")
+    assert describe_protection(None, True, sure_on_members=0.3) == "guard (when sampled with --guard)"
     assert describe_protection({"epsilon": 1.0, "delta": 1e-4}, True) == "DP (ε = 1.000, δ = 1.00e-04) + guard (when sampled with --guard)"
     assert describe_protection(None, True, 0.25, 0.125) == "guard (steered 25.0% of its checks); MEMORISES: 12.5% of its unguarded samples are copies"
 
@@ -289,6 +293,17 @@ def test_audit_numbers_on_the_stand_in(audited):
     assert check["epsilon"] == 5.0
     assert check["check_accountant"] == "rdp" and check["epsilon_check"] == pytest.approx(M.recompute_epsilon([(1.0, 0.05, 1000)], 1e-5, "rdp"))
     assert report["sampling"]["attribution_mean"] == pytest.approx([0.5, 0.5])
+
+
+def test_the_privacy_table_says_which_epsilon_is_the_guarantee_and_why_the_check_differs(audited):
+    """Issue 36: ε 9.996 (PRV) stood beside "ε (check)" 11.527 (RDP) with no word on which holds."""
+    from dataward.audit.report import ACCOUNTANTS_NOTE, summary_rows
+
+    report, html = audited
+    page = html.read_text(encoding="utf-8")
+    assert "ε (the guarantee)" in page and "RDP&#x27;s is looser" in page and "ε is the guarantee" in ACCOUNTANTS_NOTE
+    row = dict(summary_rows(report))["privacy"]
+    assert "(the guarantee); check by the other accountant (RDP is a looser upper bound, so higher): c1 ε 5.00" in row
 
 
 def test_audit_numbers_are_those_of_the_one_function_audit(audited):
@@ -374,6 +389,25 @@ def test_a_certificate_run_before_the_audit_is_reported_until_the_models_change(
     assert "every served model equals its from-scratch retrain" in page and "`" not in page[page.index("Bitwise"):]
     ward_copy.forget([ward_copy.training_data(0).ids[0]])  # new models: the old certificate no longer speaks for them
     assert earlier_certificate(ward_copy) is None
+
+
+def test_without_a_covering_certificate_the_audit_says_what_the_latest_verify_checked(ward_copy):
+    """Issue 36: the demo said "certificate OK" (a verify of the forget's compartments, before DP fine-tuning trained new
+    models) while its audit said "certificate not run": both now say what was checked."""
+    from dataward.audit.report import summary_rows
+    from dataward.certificate import no_certificate_reason
+
+    reason = no_certificate_reason(ward_copy.ledger)
+    assert reason.startswith("not run by this audit") and "latest" not in reason
+    assert ward_copy.verify(compartments=[0])["ok"]
+    reason = no_certificate_reason(ward_copy.ledger)
+    assert "some compartments only: OK" in reason and "after it" not in reason
+    ward_copy.forget([ward_copy.training_data(0).ids[0]])
+    reason = no_certificate_reason(ward_copy.ledger)
+    assert "some compartments only: OK, and models were trained or IDs forgotten after it" in reason
+    forgetting = {"status": "ok", "attacks": [], "auc": 0.5, "forgotten": 1, "null_sd": 0.1, "z": 0.0, "certificate": None,
+                  "certificate_reason": reason}
+    assert dict(summary_rows({"forgetting": forgetting}))["forgetting"].endswith("certificate " + reason)
 
 
 def test_membership_across_different_sources_is_not_counted_as_memorisation():

@@ -53,7 +53,7 @@ def test_interrupted_stage_resumes_to_the_same_bytes(tmp_path):
     stopped = make_ward(tmp_path / "stopped", train=LONG)
     with pytest.raises(KeyboardInterrupt) as stop:  # plain Python: the signal's own exception, after the state is saved
         stopped.train(progress=SignalAt("train denoiser 1", 17))  # stage 2 of 2 (12 steps each) at its 5th step
-    assert "denoiser 1 stage 2/2 is checkpointed at step 5 of 12" in stop.value.__notes__
+    assert "denoiser 1 stage 1 (0..1) is checkpointed at step 5 of 12" in stop.value.__notes__
     saved = tmp_path / "stopped" / "resume" / "denoiser-c1-s1.safetensors"
     assert saved.is_file() and not stopped.served().get(1)
     stopped.train(progress=False)
@@ -132,7 +132,7 @@ def test_cli_train_interrupted_exits_with_the_signal_code(tmp_path, signum, code
     assert proc.returncode == code, err
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"interrupted by {signal.Signals(signum).name}: 0 of 2 stage(s) of the ward are trained and kept; "
-                           "denoiser 0 stage 1/2 is checkpointed at step "), line
+                           "denoiser 0 stage 0 (0..1) is checkpointed at step "), line
     assert line.endswith(f"; resume with `dataward train {ward}`") and "Traceback" not in err
     assert (ward / "resume" / "denoiser-c0-s0.safetensors").is_file()
 

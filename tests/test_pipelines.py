@@ -39,6 +39,75 @@ def test_the_pipeline_takes_per_sample_labels_and_other_schedulers(base_ward):
         pipe(batch_size=3, class_labels=[1, 2], num_inference_steps=2)
 
 
+# the schedulers the README names (any ε-prediction scheduler of diffusers should do; these are the ones tested)
+README_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                     "DEISMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                     "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler")
+
+
+def _scheduler(name, config, **changes):
+    import diffusers
+
+    return getattr(diffusers, name).from_config(config, **changes)
+
+
+def _gaussian_eps_with_an_error(m, v, alphas_cumprod, error):
+    """The exact ε of data N(m, v I) plus a fixed ``error``, as a trained model has one: the error is what the schedule's
+    last step (ᾱ ≈ 2.4e-9 at t = T − 1) turns into an x_0 error of ~20,000 x."""
+    from dataward.pipelines import alpha_bar_at
+
+    def eps(x_t, t, y):
+        a = alpha_bar_at(alphas_cumprod, t)
+        return (1 - a) ** 0.5 * (x_t - a ** 0.5 * m) / (a * v + 1 - a) + error
+
+    return eps
+
+
+@pytest.mark.parametrize("name", README_SCHEDULERS)
+def test_every_scheduler_the_readme_names_samples_the_data_with_a_slightly_wrong_eps(name):
+    """Issue 36: `DPMSolverMultistepScheduler.from_config(ward.scheduler.config)` gave saturated noise. With a closed-form
+    ε that is off by 0.02 (a model's error), each scheduler, run the way WardPipeline runs it, ends at the data N(m, 0.1²)."""
+    from dataward.diffusion.sampling import make_training_scheduler
+    from dataward.pipelines import ClippedEps, clips_x0, scheduler_loop
+
+    config = make_training_scheduler().config
+    alphas_cumprod = make_training_scheduler().alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    m = torch.linspace(-0.9, 0.9, 16).reshape(1, 1, 4, 4)
+    eps = _gaussian_eps_with_an_error(m, 0.01, alphas_cumprod, 0.02 * torch.randn(1, 1, 4, 4, generator=g))
+    x_T = torch.randn(256, 1, 4, 4, generator=g)
+    scheduler = _scheduler(name, config)
+    wrapped = eps if clips_x0(scheduler) else ClippedEps(eps, alphas_cumprod)
+    for steps in (20, 50):
+        x = scheduler_loop(wrapped, x_T, scheduler, steps, generator=torch.Generator().manual_seed(1))
+        assert (x.mean(0) - m[0]).abs().max() < 0.05 and 0.05 < x.std(0).mean() < 0.2, (steps, x.mean(0) - m[0], x.std(0).mean())
+    if name == "DPMSolverMultistepScheduler":  # the cause: its own linspace spacing, and no x_0 clipping
+        broken = scheduler_loop(eps, x_T, _scheduler(name, config, timestep_spacing="linspace"), 20)
+        assert (broken.mean(0) - m[0]).abs().max() > 1
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDPMScheduler"])
+def test_a_scheduler_swap_on_a_ward_samples_like_the_wards_own_scheduler(base_ward, name):
+    """Issue 36: `pipe.scheduler` shows the ward's own sampler (it was None), and the README's swap draws images as the
+    default does: on this briefly trained ward the default's samples are rarely saturated (< 0.1%), the broken swap's
+    were all (100% of pixels at 0 or 1)."""
+    from diffusers import DDIMScheduler
+
+    pipe = WardPipeline(base_ward, weights="soup")
+    assert isinstance(pipe.scheduler, DDIMScheduler) and isinstance(WardPipeline(base_ward).scheduler, DDPMScheduler)
+    seed = torch.Generator().manual_seed
+    default = pipe(batch_size=32, num_inference_steps=20, generator=seed(0), output_type="pt").images
+    assert torch.equal(default, base_ward.sample(32, seed=0, steps=20, weights="soup").images)  # the ward's own, untouched
+    pipe.scheduler = _scheduler(name, pipe.scheduler.config)
+    swapped = pipe(batch_size=32, num_inference_steps=20, generator=seed(0), output_type="pt").images
+
+    def saturated(images):
+        return ((images < 0.01) | (images > 0.99)).float().mean().item()
+
+    assert saturated(default) < 0.001 and saturated(swapped) < 0.5
+    assert (swapped.mean() - default.mean()).abs() < 0.15
+
+
 def test_a_pipeline_made_before_a_forget_never_uses_the_forgotten_ids_model(base_ward):
     pipe = WardPipeline.from_ward(base_ward.path, allowed=[0])
     before = pipe(batch_size=1, num_inference_steps=2, output_type="pt").models[0]["model"]
@@ -62,6 +131,13 @@ def test_an_export_is_a_stock_ddpm_pipeline_holding_the_soup(base_ward, tmp_path
     with torch.no_grad():
         assert torch.allclose(stock.unet(x, t).sample, soup(x, t, class_labels=torch.tensor([4, 4])).sample, atol=1e-5)
     on_disk = json.loads((tmp_path / "acme" / MANIFEST).read_text())
+    # issue 36: nothing about the server's file system leaves in an export; the ledger keeps where it went
+    for file in (tmp_path / "acme").rglob("*.json"):
+        text = file.read_text()
+        assert str(base_ward.path.resolve()) not in text and str(tmp_path) not in text and str(base_ward.path) not in text, file
+    assert "ward" not in on_disk and "folder" not in on_disk
+    [event] = base_ward.ledger.events_of("export")
+    assert event["detail"]["folder"] == str((tmp_path / "acme").resolve()) and event["detail"]["ward"] == str(base_ward.path.resolve())
     assert on_disk["unet_sha256"] == weights_hash(tmp_path / "acme" / UNET_FILE) == manifest["unet_sha256"]
     assert [c["weights_sha256"] for c in on_disk["compartments"]] == [served[0].metadata["weights_sha256"], served[2].metadata["weights_sha256"]]
     assert sum(c["share"] for c in on_disk["compartments"]) == pytest.approx(1.0)

@@ -160,6 +160,8 @@ def test_a_key_never_reaches_outside_its_grant(client, body, name, grant):
         assert arrays["compartments"].tolist() == grant
     if body.get("grid"):
         assert "grid_png" in out and all("png" not in s for s in out["samples"])
+        # issue 36: 2 samples of 8x8 as a grid were a raw 21x11 image; each is now upscaled 8x (2x1 grid, 2 px padding)
+        assert Image.open(io.BytesIO(base64.b64decode(out["grid_png"]))).size == (2 * (64 + 2) + 2, 64 + 4)
 
 
 def test_a_key_gets_bit_for_bit_the_samples_of_its_compartment_alone(client, service_ward):

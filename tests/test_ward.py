@@ -82,7 +82,7 @@ def test_forget_takes_effect_immediately_with_fallback(ward_copy):
     victim = id_in(ward, 1, 1)  # slice 1: the stage-0 checkpoint never saw it
     result = ward.accept_forget([victim])
     assert result.state == "accepted"
-    assert result.serving_during_retraining["1"].startswith("fallback: stage 1/2")
+    assert result.serving_during_retraining["1"].startswith("fallback: stage 0 checkpoint (stages 0..1)")
     served = ward.served()
     for record in list(served.values()) + list(ward.served("router").values()):
         saw = ward.ledger.model_sample_ids(record.id)

@@ -15,6 +15,7 @@ from dataward.data import ids_hash
 from dataward.progress import ProgressOption, progress_display
 from dataward.training.kinds import KINDS
 from dataward.store.checkpoints import checkpoint_hash
+from dataward.store.ledger import Ledger
 from dataward.training.planner import Lineage, Planner
 from dataward.training.runner import JobRunner
 
@@ -77,3 +78,17 @@ def forgetting_certificate(planner: Planner, runner: JobRunner, device: str = "c
     planner.ledger.record_event("certificate", ok=ok, forgotten=len(forgotten), models=sorted(c["model"] for c in checks if "model" in c),
                                 complete=compartments is None, latest_model=planner.ledger.latest_model_id(), public_models=public)
     return {"ok": ok, "forgotten": len(forgotten), "public_models": public, "models": checks}
+
+
+def no_certificate_reason(ledger: Ledger) -> str:
+    """Why no certificate covers the models served now, and what the latest ``dataward verify`` checked (one of some
+    compartments only, or one followed by new models, speaks of other models than the ones served now)."""
+    reason = "not run by this audit (--verify retrains every model and compares weight hashes)"
+    events = [e["detail"] for e in ledger.events_of("certificate")]
+    if not events:
+        return reason
+    latest = events[-1]
+    scope = "every model served then" if latest.get("complete") else f"{len(latest['models'])} model(s) of some compartments only"
+    changed = latest["latest_model"] != ledger.latest_model_id() or latest["forgotten"] != len(ledger.forgotten_ids())
+    return (f"{reason}; the latest dataward verify checked {scope}: {'OK' if latest['ok'] else 'FAILED'}"
+            + (", and models were trained or IDs forgotten after it" if changed else ""))

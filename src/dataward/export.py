@@ -68,7 +68,7 @@ def _check(ward: SamplingWard, allowed: list[int], label: int | None) -> None:
 
 def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None = None, label: int | None = None) -> dict:
     """Write the soup of ``allowed`` (all by default) as a stock ``DDPMPipeline`` folder ``out`` (new or empty) and record
-    it in the ledger; returns the manifest."""
+    it in the ledger (with the ward's and the export's paths, which the manifest in ``out`` leaves out); returns the manifest."""
     out = Path(out)
     allowed = sorted(set(ward.compartments() if allowed is None else allowed))
     _check(ward, allowed, label)
@@ -81,10 +81,11 @@ def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None =
     shares = [float(counts[c]["samples"]) for c in allowed]
     model = ward.soup(records, shares) if len(records) > 1 else ward.model(records[0])
     unet = fold_class(model, label) if label is not None else copy.deepcopy(model)
+    unet.register_to_config(_name_or_path="dataward-export")  # not the server folder it was loaded from
     public = ward.served("public-denoiser").get(None)
     privacy = {str(r.compartment): {k: r.metadata["privacy"].get(k) for k in ("epsilon", "delta")} for r in records if r.metadata.get("privacy")}
     manifest = {
-        "dataward_version": dataward.__version__, "created_at": time.time(), "ward": str(ward.path.resolve()), "weights": "soup",
+        "dataward_version": dataward.__version__, "created_at": time.time(), "weights": "soup",
         "label": label, "base": {"kind": ward.config.base, "weights_sha256": public.metadata.get("weights_sha256") if public else None},
         "compartments": [{"id": c, "model": r.id, "stage": r.stage, "fallback": ward.is_fallback(r), "share": s / sum(shares),
                           "samples": r.metadata.get("num_ids", counts[c]["samples"]), "weights_sha256": r.metadata.get("weights_sha256"),
@@ -93,7 +94,6 @@ def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None =
         "privacy": privacy or None,
         "note": "a copy outside the ward: a later forget cannot reach it; `dataward status` says when it is stale",
     }
-    manifest["folder"] = str(out.resolve())
     with staged(out, keep_lock_file=False) as staging:  # nothing is left behind on error
         DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(ward.scheduler.config)).save_pretrained(staging, safe_serialization=True)
         manifest["unet_sha256"] = weights_hash(staging / UNET_FILE)
@@ -101,7 +101,8 @@ def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None =
         if len(ward.ledger.ready_models([r.id for r in records])) < len(records):  # a forget committed meanwhile
             raise DatawardError("the exported models stopped being served while exporting (a forget of an ID they saw, or a "
                                 "retraining): nothing was exported; export again")
-    ward.ledger.record_event("export", **manifest)
+    # the customer's folder says nothing about the server's file system; the ledger, server-side, records where it went
+    ward.ledger.record_event("export", **manifest, ward=str(ward.path.resolve()), folder=str(out.resolve()))
     return manifest
 
 

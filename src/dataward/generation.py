@@ -95,11 +95,8 @@ def _check(ward: SamplingWard, request: SampleRequest) -> tuple[WeightsName, lis
         raise DatawardError(f"n must be at least 1, got {request.n}")
     if request.steps < 1 or request.steps > ward.config.num_train_timesteps:
         raise DatawardError(f"steps must be between 1 and {ward.config.num_train_timesteps}, got {request.steps}")
-    weights = request.weights or ward.config.weights
-    if weights not in ("router", "density", "soup"):
-        raise DatawardError(f"weights must be router, density or soup, got {weights!r}")
-    if weights == "soup" and request.guard:
-        raise DatawardError("guards steer each compartment's own model: sample with --weights density or router to use --guard")
+    if request.weights is not None and request.weights not in ("router", "density", "soup"):
+        raise DatawardError(f"weights must be router, density or soup, got {request.weights!r}")
     if request.top_k is not None and request.top_k < 1:
         raise DatawardError(f"top-k must be at least 1, got {request.top_k}")
     known = ward.compartments()
@@ -107,7 +104,23 @@ def _check(ward: SamplingWard, request: SampleRequest) -> tuple[WeightsName, lis
     unknown = [c for c in allowed if c not in known]
     if unknown:
         raise DatawardError(f"unknown compartment(s) {unknown}: this ward has {known}")
+    weights = sampling_weights(request.weights, ward.config.weights, allowed, known)
+    if weights == "soup" and request.guard:
+        raise DatawardError("guards steer each compartment's own model: sample with --weights density or router to use --guard")
     return weights, allowed
+
+
+def sampling_weights(asked: WeightsName | None, default: WeightsName, allowed: list[int], known: list[int]) -> WeightsName:
+    """The weights a request over ``allowed`` of the ward's ``known`` compartments samples with. The router was trained on
+    every compartment's data, so it serves only requests that may use every compartment: asked for with fewer, it is
+    refused; as the ward's default, such a request gets density weights instead. The CLI, the Python API, the pipeline
+    and the service all apply this rule."""
+    if asked is None:
+        return "density" if default == "router" and not set(allowed) >= set(known) else default
+    if asked == "router" and not set(allowed) >= set(known):
+        raise DatawardError(f"router weights need every compartment ({known}): the router was trained on all of them, so sampling "
+                            f"compartments {allowed} with it would use the others' data; use density or soup weights")
+    return asked
 
 
 def _labels(ward: SamplingWard, request: SampleRequest, use: list[int], counts: dict, generator: torch.Generator) -> torch.Tensor | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import textwrap
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 LABEL_BAND = 12  # pixels under each image for its label
 CAPTION_LINE = 14  # pixels per caption line above the grid
+CAPTION_SIZE = 11  # caption and label font size in pixels
 BACKGROUND = 40
 
 
@@ -31,6 +32,11 @@ def grid_array(images: torch.Tensor, columns: int | None = None, scale: int = 4,
     return canvas
 
 
+def grid_scale(image_size: int) -> int:
+    """How much a grid upscales ``image_size``-pixel images so each is seen at 64 px or more (8x for 8x8 digits)."""
+    return max(1, -(-64 // image_size))
+
+
 def image_grid(images: torch.Tensor, path: Path, labels: torch.Tensor | None = None, columns: int | None = None, scale: int = 6,
                caption: str | None = None) -> Path:
     """Write a PNG grid of (N, C, H, W) images in [0, 1]: ``caption`` above it (wrapped to the grid's width) and each
@@ -39,8 +45,8 @@ def image_grid(images: torch.Tensor, path: Path, labels: torch.Tensor | None = N
     columns = columns or int(np.ceil(np.sqrt(n)))
     band = LABEL_BAND if labels is not None else 0
     grid = grid_array(images, columns, scale, band=band)
-    font = ImageFont.load_default()
-    lines = textwrap.wrap(caption, max(10, grid.shape[1] // 6)) if caption else []  # the default font is ~6 px a character
+    font = caption_font()
+    lines = wrap_to_width(caption, font, grid.shape[1] - 8) if caption else []
     top = len(lines) * CAPTION_LINE + (4 if lines else 0)
     img = Image.new("RGB", (grid.shape[1], grid.shape[0] + top), (BACKGROUND,) * 3)
     img.paste(Image.fromarray(grid), (0, top))
@@ -51,8 +57,27 @@ def image_grid(images: torch.Tensor, path: Path, labels: torch.Tensor | None = N
         cell_h, cell_w = h * scale + band + 2, w * scale + 2
         for i, label in enumerate(labels.tolist()):
             r, col = divmod(i, columns)
-            draw.text((2 + col * cell_w + 1, top + 2 + r * cell_h + h * scale), str(label), fill=(255, 200, 0), font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+            draw.text((2 + col * cell_w + 1, top + 1 + r * cell_h + h * scale), str(label), fill=(255, 200, 0), font=font)
     img.save(path)
-    return path
+    return Path(path)
+
+
+@functools.lru_cache(maxsize=1)
+def caption_font() -> ImageFont.FreeTypeFont:
+    """DejaVu Sans (shipped with matplotlib), which has ε, δ, σ and proper spaces; Pillow's default bitmap font has
+    neither the Greek letters (drawn as boxes) nor word spaces wide enough to read."""
+    from matplotlib import font_manager
+
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), CAPTION_SIZE)
+
+
+def wrap_to_width(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """``text`` as lines of whole words, each at most ``width`` pixels wide in ``font`` (a longer word gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        joined = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(joined) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(word)
+    return lines

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 
-from dataward.training.planner import Planner
+from dataward.errors import DatawardError
 from dataward.export import export_states
 from dataward.store.checkpoints import disk_use
+from dataward.store.ledger import Ledger
+from dataward.training.planner import Planner
 from dataward.training.privacy import ward_delta, ward_epsilon
 
 PRIVACY_FIELDS = ("epsilon", "delta", "sigma", "clip", "sample_rate", "steps", "history", "trainable", "trainable_fraction", "accountant",
@@ -22,10 +24,20 @@ def serving_state(planner: Planner) -> dict[str, str]:
         if c not in served:
             out[str(c)] = "left out (no model that never saw a forgotten ID; retraining)" if planner.ledger.pending_forgets() else "untrained"
         elif planner.is_fallback(served[c]):
-            out[str(c)] = f"fallback: stage {served[c].stage + 1}/{planner.stage_count(served[c])} checkpoint"
+            out[str(c)] = f"fallback: stage {served[c].stage} checkpoint (stages 0..{planner.stage_count(served[c]) - 1})"
         else:
             out[str(c)] = "complete"
     return out
+
+
+def sample_index(ledger: Ledger, compartment: int | None = None, search: str | None = None) -> list[dict]:
+    """The live sample IDs (a forgotten ID is never listed), sorted, each with its compartment, slice and label;
+    ``compartment``: one compartment's only; ``search``: IDs containing this text (case-insensitive)."""
+    if compartment is not None and compartment not in ledger.compartments():
+        raise DatawardError(f"unknown compartment {compartment}: this ward has {ledger.compartments()}")
+    needle = None if search is None else search.lower()
+    return [{"id": sample_id, "compartment": c, "slice": r, "label": label}
+            for sample_id, label, c, r in ledger.samples(compartment, images=False) if needle is None or needle in sample_id.lower()]
 
 
 def privacy(planner: Planner) -> dict | None:
@@ -94,8 +106,10 @@ def _compartments(planner: Planner, counts: dict) -> list[dict]:
                 key: guards[c].metadata.get(key) for key in GUARD_FIGURES}
         measured = audited.get(str(c), {})
         entry["audited"] = measured or None  # the newest audit's replication and steering figures, while they are current
+        sure = (guards[c].metadata.get("confident_members_by_t") or None) if c in guards else None
         entry["protection"] = describe_protection(served[c].metadata.get("privacy") if c in served else None, c in guards,
-                                                  measured.get("guard_steered_share"), measured.get("unguarded_replication"))
+                                                  measured.get("guard_steered_share"), measured.get("unguarded_replication"),
+                                                  None if sure is None else max(sure.values()))
         out.append(entry)
     return out
 
@@ -109,15 +123,23 @@ MEMORISES = 0.05  # unguarded replication at or above this: the compartment memo
 PROTECTION_EVENT = "protection"  # the ledger event in which the audit records its protection rows (status shows the newest)
 
 
-def describe_protection(dp: dict | None, guarded: bool, steered: float | None = None, unguarded_replication: float | None = None) -> str:
+def describe_protection(dp: dict | None, guarded: bool, steered: float | None = None, unguarded_replication: float | None = None,
+                        sure_on_members: float | None = None) -> str:
     """One phrase for what protects a compartment's data: DP with its (ε, δ), a trained guard (with the share of its
     checks that steered, when measured), both, or neither; and, when measured, whether the compartment memorises (its
-    unguarded replication rate). Used by ``status`` and the audit."""
+    unguarded replication rate). A guard that never steers protects nothing, and the phrase says so: one that steered
+    on none of the audit's checks (``steered`` 0), or, unaudited, one never sure on its own members at any t
+    (``sure_on_members``: the largest share, over t, of members it is sure enough on to steer). Used by ``status`` and
+    the audit."""
     parts = []
     if dp:
         parts.append(f"DP (ε = {dp['epsilon']:.3f}, δ = {dp['delta']:.2e})")
     if guarded:
-        parts.append("guard (when sampled with --guard)" if steered is None else f"guard (steered {100 * steered:.1f}% of its checks)")
+        if steered == 0 or (steered is None and sure_on_members == 0):
+            seen = "steered on none of the audit's checks" if steered == 0 else "never sure on its members at any t"
+            parts.append(f"a guard that {seen}, so it protects nothing (train it longer: dataward guard WARD --steps N)")
+        else:
+            parts.append("guard (when sampled with --guard)" if steered is None else f"guard (steered {100 * steered:.1f}% of its checks)")
     text = " + ".join(parts) or "neither DP nor a guard: exact forgetting and access rights only"
     if unguarded_replication is None:
         return text

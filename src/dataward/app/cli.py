@@ -41,7 +41,7 @@ def _options(
 
 
 # the order of `dataward --help`
-for _command in (lifecycle.init, lifecycle.train, lifecycle.pretrain, lifecycle.guard, reports.audit, reports.sample, reports.status,
+for _command in (lifecycle.init, lifecycle.train, lifecycle.pretrain, lifecycle.guard, reports.audit, reports.sample, reports.samples, reports.status,
                  lifecycle.forget, lifecycle.verify, lifecycle.add, reports.demo):
     app.command()(_command)
 app.add_typer(serving.keys_app, name="keys")

@@ -133,8 +133,9 @@ def _forget(run: _Run, ward: Ward) -> tuple[list[str], dict]:
     with progress_bar() as progress:
         certificate = ward.verify(progress=progress, compartments=affected)
     run.figures["certificate_ok"] = certificate["ok"]
-    run.console.print(f"certificate (retrained from scratch, compared bit for bit): {'OK' if certificate['ok'] else 'FAILED'}")
-    run.done("forget", f"5 IDs; retrain {run.figures['forget_retrain_seconds']} s vs train {run.figures['train_seconds']} s; certificate {'OK' if certificate['ok'] else 'FAILED'}",
+    verdict = f"certificate of compartments {', '.join(map(str, affected))} (retrained from scratch, compared bit for bit): {'OK' if certificate['ok'] else 'FAILED'}"
+    run.console.print(verdict + " (it covers the models served now; step 6 then trains new ones, which the audit says it does not cover)")
+    run.done("forget", f"5 IDs; retrain {run.figures['forget_retrain_seconds']} s vs train {run.figures['train_seconds']} s; {verdict}",
              "dataward verify")
     return victims, certificate
 

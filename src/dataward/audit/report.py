@@ -119,10 +119,18 @@ def _section(title: str, body: str) -> str:
     return f"<section><h2>{title}</h2>{body}</section>"
 
 
+def report_title(report: dict) -> str:
+    """What was done, in one line: which ward, the sections that were measured, on how many generated images."""
+    name = Path(str(report.get("ward", {}).get("path", ""))).name or "a ward"
+    done = [section for section in SECTION_KEYS if _ok(report.get(section) or {})]
+    measured = f"{', '.join(done)} measured" if done else "nothing measured"
+    return f"dataward audit of ward {name}: {measured} on {report.get('settings', {}).get('n')} generated images"
+
+
 def _header(report: dict) -> str:
-    """The title line: ward, data, sizes, time and schema."""
+    """The title line (what was done), then ward, data, sizes, time and schema."""
     ward = report.get("ward", {})
-    return (f"<h1>dataward audit</h1><div class='sub'>ward <b>{html.escape(str(ward.get('path', '')))}</b> · data {html.escape(str(ward.get('data', '')))} · "
+    return (f"<h1>{html.escape(report_title(report))}</h1><div class='sub'>ward <b>{html.escape(str(ward.get('path', '')))}</b> · data {html.escape(str(ward.get('data', '')))} · "
             f"{len(ward.get('compartments', []))} compartment(s) · {ward.get('training_samples')} training samples · "
             f"{ward.get('forgotten_samples', 0)} forgotten · {_exports(ward.get('exports') or [])}{report.get('settings', {}).get('n')} generated · "
             f"{_fmt(report.get('timings', {}).get('total'), 1)} s · schema {html.escape(report.get('schema', ''))}</div>")
@@ -262,13 +270,23 @@ def _forgetting_html(forget: dict) -> str:
     return body + _table(["kind", "compartment", "equal", "served sha256"], [[m.get("kind"), m.get("compartment"), m.get("equal"), str(m.get("served_sha256", ""))[:16]] for m in cert["models"]])
 
 
+# why the report shows two ε per DP compartment, and which one holds
+ACCOUNTANTS_NOTE = ("ε is the guarantee: the bound computed by the accountant the compartment was trained with (PRV by default, "
+                    "numerically tight, reported at the upper end of its error bar). ε (check) recomputes ε from the same recorded "
+                    "(σ, sample rate, steps) with the other accountant, as a check that the record is consistent. Both are upper "
+                    "bounds that hold, and the smaller one is what is claimed: RDP's is looser (converting Rényi DP to (ε, δ) "
+                    "loses slack), so with PRV training the check is expected to be higher (the demo's ε = 10: 11.5 by RDP); "
+                    "a check below the guarantee, or far above it, would point to a wrong record.")
+
+
 def _privacy_html(priv: dict) -> str:
     """(ε, δ) per compartment with the second accountant's check, and the notes."""
     if not _ok(priv):
         return _skipped(priv)
     rows = [[m.get("compartment"), m.get("epsilon"), m.get("delta"), m.get("accountant"), m.get("epsilon_check"), m.get("check_accountant"), m.get("noise_multiplier"), m.get("sample_rate"), m.get("steps")] for m in priv["models"]]
-    body = _table(["compartment", "ε", "δ", "accountant", "ε (check)", "check accountant", "σ", "sample rate", "steps"], rows, {1, 2, 4, 6, 7, 8})
+    body = _table(["compartment", "ε (the guarantee)", "δ", "accountant", "ε (check)", "check accountant", "σ", "sample rate", "steps"], rows, {1, 2, 4, 6, 7, 8})
     body += f"<p class='note'>Ward ε = {_fmt(priv.get('epsilon'))} at δ = {_fmt(priv.get('delta'), 6)} (max over disjoint compartments: parallel composition).</p>"
+    body += f"<p class='note'>{html.escape(ACCOUNTANTS_NOTE)}</p>"
     return body + "".join(f"<p class='note'>{html.escape(note)}</p>" for note in priv.get("notes", []))
 
 
@@ -305,7 +323,7 @@ def render_html(report: dict, artifacts: dict[str, Any]) -> str:
         _section("What protects each compartment", _protection_html(report.get("protection", {}))),
         _section("Timings", _table(["step", "seconds"], [[k, float(v)] for k, v in timings.items()], {1})),
     ]
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>dataward audit</title><style>{CSS}</style></head><body><main>{''.join(parts)}</main></body></html>"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report_title(report))}</title><style>{CSS}</style></head><body><main>{''.join(parts)}</main></body></html>"
 
 
 def write_html(path: str | Path, report: dict, artifacts: dict[str, Any]) -> None:
@@ -336,11 +354,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if g.get("status") == "ok":
         cert = g.get("certificate")
         rows.append(("forgetting", f"{g['forgotten']} forgotten: loss AUC vs held-out {f(g['auc'])} (never seen: 0.5 ± {1.96 * g['null_sd']:.2f}); certificate "
-                     + ("not run (--verify)" if cert is None else "OK" if cert["ok"] else "FAILED")))
+                     + (g.get("certificate_reason", "not run") if cert is None else "OK" if cert["ok"] else "FAILED")))
     else:
         rows.append(("forgetting", f"{g.get('status')}: {g.get('reason')}"))
     p = report.get("privacy", {})
-    rows.append(("privacy", f"ε = {f(p.get('epsilon'), 2)} at δ = {f(p.get('delta'), 6)}; check: "
+    rows.append(("privacy", f"ε = {f(p.get('epsilon'), 2)} at δ = {f(p.get('delta'), 6)} (the guarantee); check by the other accountant "
+                 "(RDP is a looser upper bound, so higher): "
                  + ", ".join(f"c{x['compartment']} ε {f(x['epsilon'], 2)}, {f(x['epsilon_check'], 2)} by {x['check_accountant']}" for x in p.get("models", []) if x["dp"])
                  if p.get("status") == "ok" else f"{p.get('status')}: {p.get('reason')}"))
     pr = report.get("protection", {})

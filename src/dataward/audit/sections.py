@@ -21,6 +21,7 @@ from dataward.audit.attacks import FORGETTING_T, forgetting_attack, loss_attack,
 from dataward.audit.features import FeatureExtractor, FeatureNet, ModuleFeatures, digits_feature_net, inception_features, module_features
 from dataward.audit.metrics import downstream_accuracy, frechet_distance, recompute_epsilon, replication
 from dataward.audit.protocol import AuditedWard
+from dataward.certificate import no_certificate_reason
 from dataward.data import Dataset, load_source
 from dataward.diffusion.sampling import Denoiser
 from dataward.errors import DatawardError
@@ -348,8 +349,7 @@ def certificate(audit: Audit) -> dict[str, Any]:
         earlier = earlier_certificate(audit.ward)
         if earlier is not None:
             return {"certificate": earlier}
-        return {"certificate": None,
-                "certificate_reason": "not run: pass verify=True (on the command line: --verify) to retrain every model and compare weight hashes"}
+        return {"certificate": None, "certificate_reason": no_certificate_reason(audit.ward.ledger)}
     audit.say("forgetting: bitwise certificate (retraining every model)")
     result = audit.ward.verify(progress=False)  # the audit reports its own progress
     return {"certificate": {"ok": bool(result.get("ok")), "models": result.get("models", [])}}

@@ -119,7 +119,7 @@ class JobRunner:
         update = progress_task(progress, f"train {name}", sum(lineage.stage_steps(r) for r in range(job.start, stages)))
 
         def advance(steps: int, stage: int, loss: float | None) -> None:
-            update(steps, **({} if loss is None else {"description": f"train {name} stage {stage + 1}/{stages} loss {loss:.3f}"}))
+            update(steps, **({} if loss is None else {"description": f"train {name} stage {stage} (0..{stages - 1}) loss {loss:.3f}"}))
 
         results, checkpoints = [], []
         with DeferredSignals() as signals:  # a signal stops training at the end of a step, once the stage is saved
@@ -162,7 +162,7 @@ class JobRunner:
             on_step(start.done, loss=None)
         batches = ShuffledBatches(data, lineage.config.batch_for(len(data)), steps, generator, targets, device, start)
         log = LossLog(log_path, 0 if start is None else start.done)
-        where = f"{lineage.kind}{'' if lineage.compartment is None else f' {lineage.compartment}'} stage {stage + 1}/{len(lineage.stage_ids)}"
+        where = f"{lineage.kind}{'' if lineage.compartment is None else f' {lineage.compartment}'} stage {stage} (0..{len(lineage.stage_ids) - 1})"
 
         def step_done(value: float) -> None:
             on_step(1, loss=value)

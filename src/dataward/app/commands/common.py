@@ -60,3 +60,10 @@ def ward_group(summary: str) -> typer.Typer:
         ctx.ensure_object(dict)["ward"] = ward
 
     return group
+
+
+def check_writable(*paths: Path | None) -> None:
+    """Refuse, before any work, an output file whose folder does not exist (never created behind the user's back)."""
+    for path in filter(None, paths):
+        if not Path(path).parent.is_dir():
+            raise DatawardError(f"cannot write {path}: the folder {Path(path).parent} does not exist (create it first, or choose another path)")

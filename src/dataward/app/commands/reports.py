@@ -13,7 +13,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from dataward.app.commands.common import open_ward, parse_ids
+from dataward.app.commands.common import check_writable, open_ward, parse_ids
 from dataward.app.terminal import console, epsilon_delta, out, print_path, progress_bar
 from dataward.errors import DatawardError
 
@@ -23,7 +23,7 @@ def _megabytes(size: int | None) -> str:
 
 
 def _model_summary(model: dict | None) -> str:
-    return "-" if model is None else f"#{model['id']} stage {model['stage'] + 1}, {model['steps']} steps, {_megabytes(model['bytes'])}"
+    return "-" if model is None else f"#{model['id']} stage {model['stage']}, {model['steps']} steps, {_megabytes(model['bytes'])}"
 
 
 def _guard_lines(guard: dict | None) -> list[str]:
@@ -104,7 +104,7 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
         out.print(f"latent space: {shape} latents of " + ("[yellow]no trained autoencoder yet[/yellow]" if ae is None else
                   f"autoencoder #{ae['id']} trained on {ae['data']} (public data only; reconstruction MSE {ae['public_reconstruction_mse']:.4f} on it)"))
     if s["router"]:
-        out.print(f"router: model #{s['router']['id']} stage {s['router']['stage'] + 1} (joint: saw every compartment; retrained on forget)")
+        out.print(f"router: model #{s['router']['id']} stage {s['router']['stage']} (joint: saw every compartment; retrained on forget)")
     for e in s["exports"]:
         state = f"[red]stale: compartment(s) {e['changed_compartments']} changed since (delete or re-export it)[/red]" if e["stale"] else "current"
         out.print(f"export {escape(e['folder'])}: compartments {e['compartments']}, class {e['label']}; {state}")
@@ -122,6 +122,28 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
         out.print(f"privacy: ward {epsilon_delta(p['ward_epsilon'], p['ward_delta'])} (max over compartments); {per}")
         for note in p["notes"]:
             out.print(f"  note: {note}")
+
+
+def samples(
+    ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
+    compartment: Optional[int] = typer.Option(None, "--compartment", help="List only this compartment's samples."),
+    search: Optional[str] = typer.Option(None, "--search", metavar="TEXT", help="List only IDs that contain TEXT (case-insensitive)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the ward's live sample IDs (the IDs `forget` takes), with compartment, slice and class; forgotten IDs are never listed."""
+    from dataward.reports import sample_index
+    from dataward.ward import Ward
+
+    rows = sample_index(Ward.open(ward, worker=True).ledger, compartment, search)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        out.print(Text(f"{row['id']}  compartment {row['compartment']}  slice {row['slice']}"
+                       + ("" if row["label"] is None else f"  class {row['label']}")), soft_wrap=True)
+    where = "" if compartment is None else f" in compartment {compartment}"
+    match = "" if search is None else f" containing {search!r}"
+    out.print(Text(f"{len(rows)} live sample ID(s){where}{match} (forgotten IDs are never listed)"))
 
 
 def sample(
@@ -144,6 +166,7 @@ def sample(
     """Generate samples composed over the allowed compartments (keep them with --grid, --npz or --json)."""
     if not (grid or npz or as_json):
         raise DatawardError("nothing would be kept of these samples: add --grid grid.png, --npz samples.npz or --json")
+    check_writable(grid, npz)
     w = open_ward(ward, resume=False)  # a pending retraining never blocks sampling: models that saw forgotten IDs are never served
     if w.ledger.pending_forgets():
         console.print(f"[yellow]a forget's retraining is pending: sampling uses clean fallback stages; `dataward train {escape(str(ward))}` finishes it[/yellow]")
@@ -176,7 +199,7 @@ def sample(
     table.add_column("model")
     for c in r.compartments:
         info = r.models[c]
-        table.add_row(str(c), f"{mean[w.compartments().index(c)]:.3f}", f"stage {info['stage'] + 1}" + (" (fallback)" if info["fallback"] else ""))
+        table.add_row(str(c), f"{mean[w.compartments().index(c)]:.3f}", f"stage {info['stage']}" + (" (fallback)" if info["fallback"] else ""))
     out.print(table)
     if r.guard_guided is not None:
         out.print(f"guards guided {100 * r.guard_guided:.1f}% of their checks (sample x step x compartment, t below the guard's max timestep)")

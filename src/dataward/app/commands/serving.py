@@ -21,7 +21,8 @@ keys_app = ward_group("API keys for `dataward serve`: each key reaches only its 
 @keys_app.command("create")
 def keys_create(
     ctx: typer.Context,
-    allow: Optional[str] = typer.Option(None, "--allow", help="Compartments the key may use, e.g. 0,2 (or all)."),
+    allow: Optional[str] = typer.Option(None, "--allow", help="Required (optional with --admin): compartments the key may use, e.g. "
+                                        "0,2, or all (those that exist now: a compartment added later needs a new key)."),
     admin: bool = typer.Option(False, "--admin", help="The key may also forget samples (POST /v1/forget)."),
     name: Optional[str] = typer.Option(None, "--name", help="A unique name for the key (default: a random one)."),
 ) -> None:
@@ -33,7 +34,8 @@ def keys_create(
         raise DatawardError("--allow is required: the compartments the key may use, e.g. --allow 0,2 (or --allow all)")
     ids = w.compartments() if (allow or "").strip() == "all" else (parse_ids(allow) or [])
     key_id, raw = w.ledger.create_key(name or f"key-{secrets.token_hex(3)}", ids, admin)
-    console.print(f"created key #{key_id} for compartments {sorted(set(ids))}{' (admin)' if admin else ''}. "
+    later = " (--allow all: the compartments that exist now; one added later is not included, so make a new key then)" if allow and allow.strip() == "all" else ""
+    console.print(f"created key #{key_id} for compartments {sorted(set(ids))}{' (admin)' if admin else ''}{later}. "
                   "Store it now: it is shown only this once.")
     print(raw)
 
@@ -106,7 +108,7 @@ def serve(
 
     service_app = create_app(ward, pool_size=workers, queue_size=queue, limits=ServiceLimits(max_n=max_n, max_steps=max_steps, generate_timeout_s=timeout),
                              torch_threads=torch_threads, worker_kind=worker_kind)
-    console.print(f"serving {escape(str(ward))} on http://{host}:{port} ({workers} worker {worker_kind}, queue {queue}); API docs at /docs")
+    console.print(f"serving {escape(str(ward))} on http://{host}:{port} ({workers} worker {worker_kind if workers != 1 else {'processes': 'process', 'threads': 'thread'}.get(worker_kind, worker_kind)}, queue {queue}); API docs at /docs")
     uvicorn.run(service_app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(ServiceLimits().shutdown_timeout_s))
 
 
@@ -128,6 +130,6 @@ def export(
         print(json.dumps(manifest))
         return
     out.print(escape(f"exported compartments {[c['id'] for c in manifest['compartments']]} (soup of their weights"
-                     f"{f', class {label}' if label is not None else ''}) to {manifest['folder']}; load it with "
+                     f"{f', class {label}' if label is not None else ''}) to {out_dir.resolve()}; load it with "
                      f"DDPMPipeline.from_pretrained({str(out_dir)!r}). A later forget cannot reach this copy: "
                      "`dataward status` says when it is stale."))

@@ -17,6 +17,7 @@ from dataward.app.service.retraining import Retrainer, open_retraining_ward
 from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, shutting_down
 from dataward.errors import echo
 from dataward.forgetting import UnknownSampleIds
+from dataward.generation import sampling_weights
 from dataward.ward import Ward
 
 log = logging.getLogger("dataward.app.service")
@@ -117,7 +118,7 @@ class Service:
         config = ward.config
         return {
             "key": key.name, "admin": key.admin, "compartments": out,
-            "weights": {"default": config.weights if everything or config.weights != "router" else "density",
+            "weights": {"default": sampling_weights(None, config.weights, key.allow, ward.compartments()),
                         "router_allowed": everything},
             "guard": config.guard, "image": {"size": config.image_size, "channels": config.channels}, "latent": config.latent,
             "num_classes": config.num_classes,

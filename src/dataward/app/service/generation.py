@@ -23,6 +23,7 @@ from dataward.app.service import workers
 from dataward.app.service.admission import RunTimes, Work, request_work
 from dataward.app.service.schema import ApiKey, GenerateRequest, ServiceError, ServiceLimits, shutting_down
 from dataward.errors import DatawardError
+from dataward.generation import sampling_weights
 from dataward.ward import Ward
 
 log = logging.getLogger("dataward.app.service")
@@ -42,18 +43,15 @@ def check_limits(body: GenerateRequest, limits: ServiceLimits) -> None:
 
 
 def choose_weights(body: GenerateRequest, key: ApiKey, ward: Ward) -> str:
-    """Density weights unless the key reaches every compartment (the router saw them all); 403 for a key with none."""
+    """The library's rule (:func:`dataward.generation.sampling_weights`: router weights only for a key that reaches every
+    compartment, the router having seen them all; density when the ward's default is router) as 403s; 403 for a key with none."""
     if not key.allow:
         raise ServiceError(403, "this key may use no compartment, so it cannot generate (an admin key made with an empty "
                                 "--allow may only forget); create a key with `--allow`")
-    everything = set(key.allow) >= set(ward.compartments())
-    weights = body.weights or ward.config.weights
-    if weights == "router" and not everything:
-        if body.weights == "router":
-            raise ServiceError(403, "weights=router is only for keys that reach every compartment: the router was trained on every "
-                                    f"compartment's data, and your key reaches {list(key.allow)}; use weights=density")
-        return "density"
-    return weights
+    try:
+        return sampling_weights(body.weights, ward.config.weights, sorted(key.allow), ward.compartments())
+    except DatawardError as error:
+        raise ServiceError(403, f"{error} (your key reaches {sorted(key.allow)})") from None
 
 
 class GenerationPool:

@@ -41,9 +41,9 @@ def render_result(result: SampleResult, body: GenerateRequest, key: ApiKey, seed
         "format": body.format, "seconds": round(result.seconds, 4), "guard_guided": result.guard_guided, "samples": samples,
     }
     if body.format == "png" and body.grid:
-        from dataward.plots import grid_array
+        from dataward.plots import grid_array, grid_scale
 
-        out["grid_png"] = _png(grid_array(result.images, scale=1, pad=1))
+        out["grid_png"] = _png(grid_array(result.images, scale=grid_scale(result.images.shape[-1]), pad=2))
     if body.format == "npz":
         arrays = {"images": result.images.numpy().astype(np.float32), "attribution": attribution[:, cols].numpy(),
                   "final_weights": result.final_weights[:, cols].numpy(), "compartments": np.array(list(key.allow), dtype=np.int64)}
