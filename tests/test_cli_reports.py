@@ -20,7 +20,7 @@ def test_samples_lists_live_ids_with_compartment_and_slice_and_never_a_forgotten
     victim = listed[0]["id"]
     found = json.loads(_main(monkeypatch, capsys, "samples", path, "--search", victim.upper(), "--json")[1])
     assert [row["id"] for row in found] == [victim]
-    ward_copy.forget([victim], retrain=False)
+    ward_copy.accept_forget([victim])
     assert victim not in [row["id"] for row in json.loads(_main(monkeypatch, capsys, "samples", path, "--json")[1])]
     code, out, _ = _main(monkeypatch, capsys, "samples", path, "--search", victim)
     assert code == 0 and "0 live sample ID(s) containing" in out

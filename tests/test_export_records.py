@@ -13,7 +13,7 @@ def _slice_one_id(ward, compartment):
 
 
 def test_an_export_during_a_fallback_records_the_stage_it_holds_and_is_stale_after_retraining(base_ward, tmp_path):
-    base_ward.forget([_slice_one_id(base_ward, 0)], retrain=False)  # compartment 0 falls back to stage 0
+    base_ward.accept_forget([_slice_one_id(base_ward, 0)])  # compartment 0 falls back to stage 0
     stage0 = base_ward.served()[0]
     assert stage0.stage == 0
     manifest = export_ward(base_ward, tmp_path / "acme", allowed=[0], label=1)
@@ -30,7 +30,7 @@ def test_a_forget_committing_during_an_export_leaves_no_export_recorded_as_curre
     base_ward.model(served)  # loaded already, as in a server
     other = Ward.open(base_ward.path)
     victim = base_ward.training_data(0).ids[0]
-    base_ward.hooks = WardHooks(on_load=lambda record: other.ledger.forgotten_ids() or other.forget([victim], retrain=False))
+    base_ward.hooks = WardHooks(on_load=lambda record: other.ledger.forgotten_ids() or other.accept_forget([victim]))
     with pytest.raises(DatawardError, match="stopped being served while exporting"):
         export_ward(base_ward, tmp_path / "acme", allowed=[0], label=1)
     assert not (tmp_path / "acme").exists() and export_states(base_ward.ledger) == []

@@ -230,7 +230,7 @@ def test_a_forget_landing_mid_call_discards_the_calls_images(base_ward):
     def forget_after_the_first_step(timesteps):
         for i, t in enumerate(steps(timesteps)):
             if i == 1:
-                base_ward.forget([victim], retrain=False)
+                base_ward.accept_forget([victim])
             yield t
 
     pipe.progress_bar = forget_after_the_first_step

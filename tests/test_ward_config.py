@@ -65,5 +65,5 @@ def test_ledger_move_refuses_while_another_process_has_the_ward_open(ward_copy, 
         move_ledger(path, "postgresql://dataward@127.0.0.1:9/nowhere")
     assert (path / LEDGER_FILE).exists() and not (path / LEDGER_URL_FILE).exists()
     victim = ward_copy.training_data(0).ids[0]
-    ward_copy.forget([victim], retrain=False)  # the server goes on working, on the ledger it has
+    ward_copy.accept_forget([victim])  # the server goes on working, on the ledger it has
     assert Ward.open(path).ledger.forgotten_ids() == [victim]
