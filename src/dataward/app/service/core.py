@@ -101,7 +101,8 @@ class Service:
 
     # reading --------------------------------------------------------------------------------------------------------
     def compartments(self, key: ApiKey) -> dict:
-        """What this key may use: its compartments, their sizes and what serves them now."""
+        """What this key may use: its compartments; for admin keys also their live sizes and what serves them now (a
+        customer's key sees whether each is served, nothing that changes when someone is forgotten)."""
         ward = self.api
         counts = ward.ledger.counts()
         sources = ward.ledger.compartment_sources()
@@ -109,8 +110,11 @@ class Service:
         served = ward.served()
         out = []
         for c in key.allow:
-            entry = {"id": c, "source": sources.get(c), "samples": counts.get(c, {}).get("samples", 0),
-                     "labels": sorted(counts.get(c, {}).get("labels", {})), "serving": serving.get(str(c), "unknown")}
+            entry = {"id": c, "source": sources.get(c), "labels": sorted(counts.get(c, {}).get("labels", {}))}
+            if not key.admin:  # live counts and fallbacks would tell a customer that someone asked to be forgotten
+                out.append(entry | {"serving": "served" if c in served else "not served now"})
+                continue
+            entry |= {"samples": counts.get(c, {}).get("samples", 0), "serving": serving.get(str(c), "unknown")}
             if c in served:
                 entry["model"] = {"stage": served[c].stage, "fallback": ward.is_fallback(served[c])}
             out.append(entry)
