@@ -1,6 +1,6 @@
 """Forget acceptance with and without an outside reader holding a snapshot (issue 35 item 1).
 
-Figures: BENCHMARKS.md, section "Reliability".
+Figures: BENCHMARKS.md, section "Reliability: the second probe (issue 35)".
 
     python benchmarks/forget_reader.py [--forgets 10] [--workdir DIR]
 
