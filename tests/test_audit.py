@@ -271,7 +271,7 @@ def test_the_report_says_what_protects_each_compartment(audited):
     # issue 36: a guard that never steers protects nothing, measured by the audit or (unaudited) by its own training
     nothing = "a guard that {}, so it protects nothing (train it longer: dataward guard WARD --steps N)"
     assert describe_protection(None, True, 0.0) == nothing.format("steered on none of the audit's checks")
-    assert describe_protection(None, True, sure_on_members=0.0) == nothing.format("never sure on its members at any t")
+    assert describe_protection(None, True, sure_on_members=0.0) == nothing.format("is never sure on its members at any t")
     assert describe_protection(None, True, sure_on_members=0.3) == "guard (when sampled with --guard)"
     assert describe_protection({"epsilon": 1.0, "delta": 1e-4}, True) == "DP (ε = 1.000, δ = 1.00e-04) + guard (when sampled with --guard)"
     assert describe_protection(None, True, 0.25, 0.125) == "guard (steered 25.0% of its checks); MEMORISES: 12.5% of its unguarded samples are copies"

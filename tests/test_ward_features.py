@@ -29,7 +29,8 @@ def test_guards_per_compartment_are_forgotten_and_certified(tmp_path):
     off = ward.sample(4, seed=3, steps=8, guard=False)
     assert torch.equal(plain.images, off.images)
     guard = ward.status()["compartments"][0]["guard"]
-    assert ward.status()["compartments"][0]["protection"] == "guard (when sampled with --guard)"  # no audit yet
+    protection = ward.status()["compartments"][0]["protection"]  # no audit yet; a 4-step guard is sure on no member
+    assert protection.startswith("a guard that is never sure on its members at any t, so it protects nothing"), protection
     for figure in ("accuracy_by_t", "confident_members_by_t", "confident_public_by_t"):  # issue 17: false positives on public images
         assert list(guard[figure]) == ["0", "100", "200", "300", "400", "500"] and all(0.0 <= a <= 1.0 for a in guard[figure].values())
     assert guard["alpha"] == TINY_GUARD.alpha and guard["public_probe"] == f"{TINY_GUARD.nonmembers} (last 200)"

@@ -136,7 +136,7 @@ def describe_protection(dp: dict | None, guarded: bool, steered: float | None = 
         parts.append(f"DP (ε = {dp['epsilon']:.3f}, δ = {dp['delta']:.2e})")
     if guarded:
         if steered == 0 or (steered is None and sure_on_members == 0):
-            seen = "steered on none of the audit's checks" if steered == 0 else "never sure on its members at any t"
+            seen = "steered on none of the audit's checks" if steered == 0 else "is never sure on its members at any t"
             parts.append(f"a guard that {seen}, so it protects nothing (train it longer: dataward guard WARD --steps N)")
         else:
             parts.append("guard (when sampled with --guard)" if steered is None else f"guard (steered {100 * steered:.1f}% of its checks)")
