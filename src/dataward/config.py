@@ -30,6 +30,16 @@ ACCOUNTANT_CHOICES: tuple[AccountantName, ...] = get_args(AccountantName)
 GRAD_SAMPLE_CHOICES: tuple[GradSampleMode, ...] = get_args(GradSampleMode)
 
 
+CACHE_ENV = "DATAWARD_CACHE"  # the user's cache folder (default: $XDG_CACHE_HOME/dataward, else ~/.cache/dataward)
+
+
+def cache_root() -> Path:
+    """The user's dataward cache folder (public bases, data sets, feature networks): ``$DATAWARD_CACHE``, else
+    ``$XDG_CACHE_HOME/dataward``, else ``~/.cache/dataward``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "dataward"
+
 @dataclass(frozen=True)
 class Adapter:
     """What a compartment trains on top of the ward's base, parsed from its text form in ward.json: ``full`` (every

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from dataward.data import fit_images, ids_hash, load_source
 from dataward.errors import DatawardError
-from dataward.training.basecache import cache_root
+from dataward.config import cache_root
 
 
 class FeatureExtractor(Protocol):
@@ -179,7 +179,7 @@ def train_feature_net(config: FeatureNetConfig = FeatureNetConfig()) -> FeatureN
 def digits_feature_net(config: FeatureNetConfig = FeatureNetConfig(), *, cache: Path | None = None, retrain: bool = False) -> FeatureNet:
     """The digits feature CNN: loaded from the cache if present (``features/digits-cnn-<key>/``), else trained and cached.
 
-    ``cache`` overrides the cache root (default :func:`dataward.training.basecache.cache_root`). The cached folder holds ``model.safetensors`` and
+    ``cache`` overrides the cache root (default :func:`dataward.config.cache_root`). The cached folder holds ``model.safetensors`` and
     ``config.json`` (the config, the held-out accuracy and the hash of the training IDs).
     """
     folder = (cache or cache_root()) / "features" / f"digits-cnn-{config.key()}"

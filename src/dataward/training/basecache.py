@@ -33,21 +33,13 @@ import torch
 
 import dataward
 from dataward import numerics
-from dataward.config import WardConfig
+from dataward.config import CACHE_ENV, WardConfig, cache_root
 from dataward.data import Dataset, ids_hash
-from dataward.store.checkpoints import META_FILE, checkpoint_hash
+from dataward.store.checkpoints import META_FILE, checkpoint_hash, file_sha256
 from dataward.training.planner import Lineage
 
-CACHE_ENV = "DATAWARD_CACHE"  # the cache folder (default: $XDG_CACHE_HOME/dataward, else ~/.cache/dataward)
 ENTRY_FILE = "entry.json"
 CHECKPOINT_DIR = "checkpoint"
-
-
-def cache_root() -> Path:
-    """The user's dataward cache folder: ``$DATAWARD_CACHE``, else ``$XDG_CACHE_HOME/dataward``, else ``~/.cache/dataward``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "dataward"
 
 
 @lru_cache(maxsize=1)
@@ -93,7 +85,7 @@ def cache_key(inputs: dict) -> str:
 
 def _file_digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder``, by path relative to it."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _problem(folder: Path, entry: dict) -> str | None:
