@@ -1,5 +1,6 @@
 """Shared fixtures: tiny wards trained once per session (quality is irrelevant; exactness is what is tested)."""
 
+import contextlib
 import glob
 import itertools
 import os
@@ -8,6 +9,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -131,9 +134,7 @@ def postgres():
             pytest.skip("running as root and there is no postgres user to run the server as")
         os.chown(root, user.pw_uid, user.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     data = root / "data"
     try:
         subprocess.run(as_user + [initdb, "-D", str(data), "-A", "trust", "-U", "dataward", "--no-sync", "-E", "UTF8"],
@@ -154,3 +155,31 @@ def postgres():
     yield new_database
     subprocess.run(as_user + [pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no one listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(app, **config):
+    """``app`` served by a real uvicorn on 127.0.0.1 (in a thread; ``config``: more ``uvicorn.Config`` options); yields
+    (base URL, server, thread) once it has started, and stops it on the way out."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **{"log_level": "warning"} | config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        yield f"http://127.0.0.1:{port}", server, thread
+    finally:
+        server.should_exit = True
+        thread.join(60)

@@ -9,7 +9,6 @@ import base64
 import io
 import logging
 import shutil
-import socket
 import sqlite3
 import threading
 import time
@@ -22,6 +21,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import live_server
 from dataward.app.service import ServiceLimits, StaleTraining, create_app, open_retraining_ward
 from dataward.app.service.core import Service
 from dataward.ward import Ward
@@ -493,30 +493,13 @@ class RecordingHandler(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_uvicorn_serves_and_shuts_down_gracefully(ward_copy, monkeypatch):
     """Over a real socket on 127.0.0.1: a generation in flight when shutdown starts still gets its 200; then the port closes."""
-    import uvicorn
-
     path, keys = ward_copy
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads"), host="127.0.0.1", port=port,
-                                           log_level="info", timeout_graceful_shutdown=30))
-    access_log: list[str] = []  # what uvicorn's access log writes (its config has just been applied)
-    logging.getLogger("uvicorn.access").addHandler(RecordingHandler(access_log))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 60
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert server.started
-        base = f"http://127.0.0.1:{port}"
+    app = create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")
+    with live_server(app, log_level="info", timeout_graceful_shutdown=30) as (base, server, thread):
+        access_log: list[str] = []  # what uvicorn's access log writes (its config was applied as the server was made)
+        logging.getLogger("uvicorn.access").addHandler(RecordingHandler(access_log))
         with httpx.Client(base_url=base, timeout=60) as http:
             assert http.get("/healthz").json() == {"status": "ok"}
             assert http.get("/v1/compartments").status_code == 401
@@ -537,6 +520,3 @@ def test_real_uvicorn_serves_and_shuts_down_gracefully(ward_copy, monkeypatch):
         assert not thread.is_alive()
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/healthz", timeout=5)
-    finally:
-        server.should_exit = True
-        thread.join(30)

@@ -3,7 +3,6 @@ processes die with their server, and bad input gets short, clear 4xx answers tha
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -16,36 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_port, live_server
 from dataward.app.service import create_app
 from dataward.app.service.workers import RunClock
 
 STEPS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """``app`` served by a real uvicorn on 127.0.0.1 (in a thread); yields (base URL, the app's service)."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 60
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert server.started
-        yield f"http://127.0.0.1:{port}", app.state.service
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def wait_until(condition, timeout: float = 60.0) -> bool:
@@ -70,7 +44,8 @@ def test_a_client_that_disconnects_stops_its_generation(service_ward, monkeypatc
 
     monkeypatch.setattr(RunClock, "update", update)
     app = create_app(path, pool_size=1, queue_size=1, torch_threads=1, worker_kind="threads")
-    with live_server(app) as (base, service):
+    with live_server(app) as (base, _, _):
+        service = app.state.service
         client_error = []
 
         def impatient_client():

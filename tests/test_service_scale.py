@@ -26,7 +26,8 @@ from fastapi.testclient import TestClient
 from dataward.app.service import ServiceLimits, create_app
 from dataward.store.move import move_ledger
 from dataward.ward import Ward
-from test_service import STEPS, assert_clean_error, auth, forgotten_seen, free_port, id_in, wait_done
+from conftest import free_port
+from test_service import STEPS, assert_clean_error, auth, forgotten_seen, id_in, wait_done
 
 
 def processes_app(path, **options):
