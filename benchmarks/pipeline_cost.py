@@ -35,9 +35,9 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     from dataward.config import TrainConfig
-    from dataward.export import export_ward
+    from dataward.sampling.export import export_ward
     from dataward.models.nets import build_unet
-    from dataward.pipelines import WardPipeline
+    from dataward.sampling.pipeline import WardPipeline
     from dataward.store.checkpoints import WEIGHTS_FILE
     from dataward.ward import Ward
 

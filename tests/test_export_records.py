@@ -3,7 +3,7 @@
 import pytest
 
 from dataward.errors import DatawardError
-from dataward.export import export_states, export_ward
+from dataward.sampling.export import export_states, export_ward
 from dataward.ward import Ward, WardHooks
 
 

@@ -9,8 +9,8 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
 from dataward.errors import DatawardError
-from dataward.export import MANIFEST, UNET_FILE, export_states, export_ward
-from dataward.pipelines import WardPipeline
+from dataward.sampling.export import MANIFEST, UNET_FILE, export_states, export_ward
+from dataward.sampling.pipeline import WardPipeline
 from dataward.store.checkpoints import weights_hash
 from dataward.ward import Ward
 
@@ -54,7 +54,7 @@ def _scheduler(name, config, **changes):
 def _gaussian_eps_with_an_error(m, v, alphas_cumprod, error):
     """The exact ε of data N(m, v I) plus a fixed ``error``, as a trained model has one: the error is what the schedule's
     last step (ᾱ ≈ 2.4e-9 at t = T − 1) turns into an x_0 error of ~20,000 x."""
-    from dataward.pipelines import alpha_bar_at
+    from dataward.sampling.pipeline import alpha_bar_at
 
     def eps(x_t, t, y):
         a = alpha_bar_at(alphas_cumprod, t)
@@ -68,7 +68,7 @@ def test_every_scheduler_the_readme_names_samples_the_data_with_a_slightly_wrong
     """Issue 36: `DPMSolverMultistepScheduler.from_config(ward.scheduler.config)` gave saturated noise. With a closed-form
     ε that is off by 0.02 (a model's error), each scheduler, run the way WardPipeline runs it, ends at the data N(m, 0.1²)."""
     from dataward.diffusion.sampling import make_training_scheduler
-    from dataward.pipelines import ClippedEps, clips_x0, scheduler_loop
+    from dataward.sampling.pipeline import ClippedEps, clips_x0, scheduler_loop
 
     config = make_training_scheduler().config
     alphas_cumprod = make_training_scheduler().alphas_cumprod

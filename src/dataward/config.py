@@ -19,7 +19,7 @@ from dataward.numerics import Numerics
 
 AssignBy = Literal["random", "label", "source"]
 CONFIG_FILE = "ward.json"
-WeightsName = Literal["router", "density", "soup"]  # soup: one averaged model, not a mixture (dataward.base.average_models)
+WeightsName = Literal["router", "density", "soup"]  # soup: one averaged model, not a mixture (dataward.sampling.soups.average_models)
 SamplerName = Literal["ddim", "ddpm"]  # the sampling scheduler: DDIM (deterministic, few steps) or DDPM (ancestral)
 BaseKind = Literal["public", "imported"]  # the kinds of a ward's base (WardConfig.base; None: no base)
 Trainable = Literal["attention", "embedding", "full", "lora"]  # the parameters DP-SGD trains (DPConfig.trainable)

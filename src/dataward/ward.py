@@ -4,7 +4,7 @@ Layout: ``WARD/ward.json`` (:mod:`dataward.config`), ``WARD/ledger.sqlite`` or `
 ``WARD/models/<name>/`` (a folder per trained stage: :mod:`dataward.store.checkpoints`), ``WARD/writer.lock``.
 
 :class:`Ward` is a facade over :mod:`dataward.training.planner`, :mod:`dataward.training.runner` (here or on Ray),
-:mod:`dataward.training.kinds`, :mod:`dataward.generation`, :mod:`dataward.certificate` and :mod:`dataward.reports`. The
+:mod:`dataward.training.kinds`, :mod:`dataward.sampling.plan`, :mod:`dataward.certificate` and :mod:`dataward.reports`. The
 facade alone writes the ledger (registering, forgetting) and ward.json, and owns the cache of loaded models.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from dataward import reports
 from dataward.assignment import check_layout, insert_samples
-from dataward.base import average_models, base_config, import_base
+from dataward.base import base_config, import_base
 from dataward.changes import WardChanges
 from dataward.config import AssignBy, GuardConfig, TrainConfig, WardConfig, WeightsName
 from dataward.data import Dataset, load_source
@@ -29,7 +29,8 @@ from dataward.diffusion.latent import LatentCodec
 from dataward.diffusion.sampling import Denoiser, make_training_scheduler, unet_eps
 from dataward.errors import DataChanged, DatawardError
 from dataward.forgetting import ForgetResult
-from dataward.generation import SampleRequest, SampleResult, generate
+from dataward.sampling.plan import SampleRequest, SampleResult, generate
+from dataward.sampling.soups import average_models
 from dataward.models.adapters import load_merged
 from dataward.models.guard import GuardActivity, guard_guidance, guarded
 from dataward.numerics import Numerics
@@ -343,7 +344,7 @@ class Ward(WardChanges):
     def sample(self, n: int, *, label: int | None = None, seed: int = 0, sampler: str | None = None, steps: int = 50,
                allowed: list[int] | None = None, weights: WeightsName | None = None, top_k: int | None = None, guard: bool = False,
                guard_scale: float | None = None, guard_alpha: float | None = None, progress=None, batched: bool = False) -> SampleResult:
-        """Generate ``n`` images composed over the allowed compartments (all by default); see :mod:`dataward.generation`.
+        """Generate ``n`` images composed over the allowed compartments (all by default); see :mod:`dataward.sampling.plan`.
         ``batched``: a mixture's compartments in one vectorized call (equal within float tolerance; slower on CPU)."""
         request = SampleRequest(n, label, seed, sampler, steps, allowed, weights, top_k, guard, guard_scale, guard_alpha, batched)
         return generate(self, request, progress)

@@ -25,7 +25,7 @@ from dataward.certificate import no_certificate_reason
 from dataward.data import Dataset, load_source
 from dataward.diffusion.sampling import Denoiser
 from dataward.errors import DatawardError
-from dataward.export import export_states
+from dataward.sampling.export import export_states
 from dataward.training.privacy import other_accountant
 
 

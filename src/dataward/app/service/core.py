@@ -17,7 +17,7 @@ from dataward.app.service.retraining import Retrainer, open_retraining_ward
 from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, shutting_down
 from dataward.errors import echo
 from dataward.forgetting import UnknownSampleIds
-from dataward.generation import sampling_weights
+from dataward.sampling.plan import sampling_weights
 from dataward.ward import Ward
 
 log = logging.getLogger("dataward.app.service")

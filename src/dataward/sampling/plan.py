@@ -169,7 +169,7 @@ def _composed(ward: SamplingWard, denoisers: list[Denoiser], use: list[int], wei
 class SamplingPlan:
     """What one sampling run needs (made by :func:`plan_sampling`): the denoiser, the starting noise and labels, the
     generator that continues drawing in the loop, and the sampling scheduler; :func:`finish_sampling` turns x_0 into a
-    :class:`SampleResult`. Loops: :func:`generate` (the one sampling loop) and :class:`dataward.pipelines.WardPipeline`."""
+    :class:`SampleResult`. Loops: :func:`generate` (the one sampling loop) and :class:`dataward.sampling.pipeline.WardPipeline`."""
 
     request: SampleRequest
     eps: Denoiser

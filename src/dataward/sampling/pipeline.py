@@ -1,7 +1,7 @@
 """A ward as a diffusers pipeline: :class:`WardPipeline` samples a composed, access-restricted ward the way diffusers users
 sample any model (``pipe(batch_size=..., generator=...)``), with the ward's guarantees and each sample's attribution.
 
-It plans each call exactly as :meth:`dataward.ward.Ward.sample` does (:func:`dataward.generation.plan_sampling`: the
+It plans each call exactly as :meth:`dataward.ward.Ward.sample` does (:func:`dataward.sampling.plan.plan_sampling`: the
 models served *now*, so a forgotten ID's models and quarantined models are never used, also by a pipeline made before
 the forget; a call during which a forget quarantines a model it used raises instead of returning its images) and runs diffusers' own loop shape (``set_timesteps``, ``scale_model_input``, ``step``) under
 ``self.progress_bar``; with the ward's scheduler and the same seed its images equal ``Ward.sample``'s bit for bit.
@@ -31,7 +31,7 @@ from dataward.config import WeightsName
 from dataward.errors import DatawardError
 from dataward.diffusion.latent import make_latent_scheduler
 from dataward.diffusion.sampling import Denoiser, make_sampler
-from dataward.generation import SampleRequest, SamplingPlan, finish_sampling, plan_sampling, sampling_weights
+from dataward.sampling.plan import SampleRequest, SamplingPlan, finish_sampling, plan_sampling, sampling_weights
 from dataward.ward import Ward
 
 

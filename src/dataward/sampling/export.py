@@ -22,7 +22,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 import dataward
 from dataward.data import ids_hash
 from dataward.errors import DatawardError
-from dataward.generation import SamplingWard
+from dataward.sampling.plan import SamplingWard
 from dataward.store.checkpoints import weights_hash
 from dataward.store.ledger import Ledger
 from dataward.store.lock import staged
@@ -47,10 +47,10 @@ def _check(ward: SamplingWard, allowed: list[int], label: int | None) -> None:
     if ward.config.base is None:
         raise DatawardError("an export is one model, the soup of the allowed compartments, and soup needs compartments fine-tuned "
                             "from one base; this ward has none (its compartments trained from random weights): serve it with "
-                            "`dataward serve` or sample it with dataward.pipelines.WardPipeline instead")
+                            "`dataward serve` or sample it with dataward.sampling.WardPipeline instead")
     if ward.config.latent:
         raise DatawardError("a latent ward's models denoise autoencoder latents, which a DDPMPipeline cannot decode: export is "
-                            "for pixel wards; use dataward.pipelines.WardPipeline")
+                            "for pixel wards; use dataward.sampling.WardPipeline")
     unknown = [c for c in allowed if c not in ward.compartments()]
     if unknown:
         raise DatawardError(f"unknown compartment(s) {unknown}: this ward has {ward.compartments()}")
