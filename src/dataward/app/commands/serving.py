@@ -125,7 +125,7 @@ def export(
     from dataward.sampling.export import export_ward
 
     w = open_ward(ward, resume=False)
-    manifest = export_ward(w, out_dir, None if allow.strip() == "all" else parse_ids(allow), label)
+    manifest = export_ward(w.read(), out_dir, None if allow.strip() == "all" else parse_ids(allow), label)
     if as_json:
         print(json.dumps(manifest))
         return

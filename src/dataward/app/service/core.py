@@ -107,7 +107,8 @@ class Service:
         counts = ward.ledger.counts()
         sources = ward.ledger.compartment_sources()
         serving = ward.serving_state()
-        served = ward.served()
+        models = ward.read()
+        served = models.served()
         out = []
         for c in key.allow:
             entry = {"id": c, "source": sources.get(c), "labels": sorted(counts.get(c, {}).get("labels", {}))}
@@ -116,7 +117,7 @@ class Service:
                 continue
             entry |= {"samples": counts.get(c, {}).get("samples", 0), "serving": serving.get(str(c), "unknown")}
             if c in served:
-                entry["model"] = {"stage": served[c].stage, "fallback": ward.is_fallback(served[c])}
+                entry["model"] = {"stage": served[c].stage, "fallback": models.is_fallback(served[c])}
             out.append(entry)
         everything = set(key.allow) >= set(ward.compartments())
         config = ward.config
