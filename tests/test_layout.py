@@ -93,7 +93,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("diffusion", ("dataward.diffusion",)),
     ("models", ("dataward.models",)),
     ("training", ("dataward.training",)),
-    ("facade", ("dataward.ward", "dataward.changes", "dataward.forgetting", "dataward.base", "dataward.assignment", "dataward.sampling",
+    ("facade", ("dataward.ward", "dataward.changes", "dataward.forgetting", "dataward.public_base", "dataward.assignment", "dataward.sampling",
                 "dataward.certificate", "dataward.reports")),
     ("audit", ("dataward.audit",)),
     ("app", ("dataward.app",)),

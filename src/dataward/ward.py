@@ -21,7 +21,7 @@ import torch
 
 from dataward import reports
 from dataward.assignment import check_layout, insert_samples
-from dataward.base import base_config, import_base
+from dataward.public_base import base_config, import_base
 from dataward.changes import WardChanges
 from dataward.config import AssignBy, GuardConfig, TrainConfig, WardConfig, WeightsName
 from dataward.data import Dataset, load_source
@@ -147,7 +147,7 @@ class Ward(WardChanges):
         ledger_url: str | None = None,
     ) -> "Ward":
         """Make a new ward from a data source (spec string or Dataset); nothing is left behind on error. ``base``
-        (:mod:`dataward.base`): public data to pretrain on (``printed:count=3000``), a ``UNet2DModel`` folder, or None
+        (:mod:`dataward.public_base`): public data to pretrain on (``printed:count=3000``), a ``UNet2DModel`` folder, or None
         (random weights); ``adapter``: ``full`` or ``lora:RANK``; ``public_train``: the public base's budget (40 epochs);
         ``ledger_url``: an empty PostgreSQL database for the ledger (replicas on several machines), else ``ledger.sqlite``."""
         path = Path(path)
