@@ -123,7 +123,7 @@ def measure_quality(ward, name: str, n: int, steps: int, out: dict) -> None:
 
 def base_alone(folder: Path, n: int, steps: int) -> dict:
     """FD and CAS of the base sampled alone (DDIM, labels uniform over the 10 classes, seed 0)."""
-    from dataward.base import load_unet_folder
+    from dataward.public_base import load_unet_folder
     from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop, unet_eps
 
     generator = torch.Generator().manual_seed(0)

@@ -35,9 +35,9 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     from dataward.config import TrainConfig
-    from dataward.export import export_ward
+    from dataward.sampling.export import export_ward
     from dataward.models.nets import build_unet
-    from dataward.pipelines import WardPipeline
+    from dataward.sampling.pipeline import WardPipeline
     from dataward.store.checkpoints import WEIGHTS_FILE
     from dataward.ward import Ward
 
@@ -65,7 +65,7 @@ def main() -> None:
                         times[arm].append(time.perf_counter() - started)
             ward_s, pipe_s = statistics.median(times["ward"]), statistics.median(times["pipeline"])
             report[weights] = {"ward_sample_s": round(ward_s, 4), "pipeline_s": round(pipe_s, 4), "pipeline_over_ward": round(pipe_s / ward_s, 3)}
-        manifest = export_ward(ward, scratch / "export", allowed=[0, 1], label=3)
+        manifest = export_ward(ward.read(), scratch / "export", allowed=[0, 1], label=3)
         one = ward.path / ward.served()[0].path
         report["export_bytes"] = folder_bytes(Path(manifest["folder"]))
         report["one_compartment_checkpoint_bytes"] = folder_bytes(one)

@@ -5,7 +5,7 @@ import torch
 from conftest import TINY, make_ward, save_unet
 from safetensors.torch import load_file, save_file
 
-from dataward.base import choose_base
+from dataward.public_base import choose_base
 from dataward.config import DPConfig, TrainConfig
 from dataward.errors import DatawardError
 from dataward.models.adapters import add_lora, is_adapter_name

@@ -32,7 +32,7 @@ def test_router_weights_over_some_compartments_are_refused_as_the_service_refuse
     code, _, err = _main(monkeypatch, capsys, "sample", ward_copy.path, "--allow", "0,1", "--weights", "router", "--json")
     assert code == 1 and "router weights need every compartment" in err
     from dataward.errors import DatawardError
-    from dataward.pipelines import WardPipeline
+    from dataward.sampling.pipeline import WardPipeline
 
     with pytest.raises(DatawardError, match="router weights need every compartment"):
         ward_copy.sample(2, steps=2, allowed=[0], weights="router")

@@ -93,8 +93,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("diffusion", ("dataward.diffusion",)),
     ("models", ("dataward.models",)),
     ("training", ("dataward.training",)),
-    ("facade", ("dataward.ward", "dataward.changes", "dataward.forgetting", "dataward.base", "dataward.assignment", "dataward.generation",
-                "dataward.pipelines", "dataward.export", "dataward.certificate", "dataward.reports")),
+    ("facade", ("dataward.ward", "dataward.changes", "dataward.forgetting", "dataward.public_base", "dataward.assignment", "dataward.sampling",
+                "dataward.certificate", "dataward.reports")),
     ("audit", ("dataward.audit",)),
     ("app", ("dataward.app",)),
 )

@@ -24,7 +24,7 @@ def test_short_training_gives_recognisable_digits(tmp_path):
     # issue 36: every scheduler the README names draws digits too (DPM-Solver drew saturated noise; measured 0.87-0.97)
     import diffusers
 
-    from dataward.pipelines import WardPipeline
+    from dataward.sampling.pipeline import WardPipeline
     from test_pipelines import README_SCHEDULERS
 
     labels = [i % 10 for i in range(100)]

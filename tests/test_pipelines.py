@@ -9,8 +9,8 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
 from dataward.errors import DatawardError
-from dataward.export import MANIFEST, UNET_FILE, export_states, export_ward
-from dataward.pipelines import WardPipeline
+from dataward.sampling.export import MANIFEST, UNET_FILE, export_states, export_ward
+from dataward.sampling.pipeline import WardPipeline
 from dataward.store.checkpoints import weights_hash
 from dataward.ward import Ward
 
@@ -54,7 +54,7 @@ def _scheduler(name, config, **changes):
 def _gaussian_eps_with_an_error(m, v, alphas_cumprod, error):
     """The exact ε of data N(m, v I) plus a fixed ``error``, as a trained model has one: the error is what the schedule's
     last step (ᾱ ≈ 2.4e-9 at t = T − 1) turns into an x_0 error of ~20,000 x."""
-    from dataward.pipelines import alpha_bar_at
+    from dataward.sampling.pipeline import alpha_bar_at
 
     def eps(x_t, t, y):
         a = alpha_bar_at(alphas_cumprod, t)
@@ -68,7 +68,7 @@ def test_every_scheduler_the_readme_names_samples_the_data_with_a_slightly_wrong
     """Issue 36: `DPMSolverMultistepScheduler.from_config(ward.scheduler.config)` gave saturated noise. With a closed-form
     ε that is off by 0.02 (a model's error), each scheduler, run the way WardPipeline runs it, ends at the data N(m, 0.1²)."""
     from dataward.diffusion.sampling import make_training_scheduler
-    from dataward.pipelines import ClippedEps, clips_x0, scheduler_loop
+    from dataward.sampling.pipeline import ClippedEps, clips_x0, scheduler_loop
 
     config = make_training_scheduler().config
     alphas_cumprod = make_training_scheduler().alphas_cumprod
@@ -119,7 +119,7 @@ def test_a_pipeline_made_before_a_forget_never_uses_the_forgotten_ids_model(base
 
 
 def test_an_export_is_a_stock_ddpm_pipeline_holding_the_soup(base_ward, tmp_path):
-    manifest = export_ward(base_ward, tmp_path / "acme", allowed=[0, 2], label=4)
+    manifest = export_ward(base_ward.read(), tmp_path / "acme", allowed=[0, 2], label=4)
     stock = DDPMPipeline.from_pretrained(tmp_path / "acme", use_safetensors=True)
     images = stock(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
@@ -152,13 +152,13 @@ def test_an_export_is_a_stock_ddpm_pipeline_holding_the_soup(base_ward, tmp_path
 
 def test_exports_that_cannot_hold_their_promise_are_refused(base_ward, ward_copy, tmp_path):
     with pytest.raises(DatawardError, match="class-conditional .*--label"):
-        export_ward(base_ward, tmp_path / "a", allowed=[0])
+        export_ward(base_ward.read(), tmp_path / "a", allowed=[0])
     with pytest.raises(DatawardError, match="soup needs compartments fine-tuned from one base"):
-        export_ward(ward_copy, tmp_path / "b", allowed=[0], label=1)
+        export_ward(ward_copy.read(), tmp_path / "b", allowed=[0], label=1)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
     with pytest.raises(DatawardError, match="not an empty folder"):
-        export_ward(base_ward, tmp_path / "full", allowed=[0], label=1)
+        export_ward(base_ward.read(), tmp_path / "full", allowed=[0], label=1)
     assert (tmp_path / "full" / "x").read_text() == "mine" and not (tmp_path / "a").exists()
 
 
@@ -213,7 +213,7 @@ def test_the_audit_lists_exports_and_which_are_stale(base_ward, tmp_path):
     from dataward.audit.report import render_html
     from dataward.audit.sections import ward_summary
 
-    export_ward(base_ward, tmp_path / "acme", allowed=[1], label=0)
+    export_ward(base_ward.read(), tmp_path / "acme", allowed=[1], label=0)
     base_ward.accept_forget([base_ward.training_data(1).ids[0]])
     summary = ward_summary(base_ward, base_ward.compartments(), base_ward.training_data(), None)
     assert [(e["compartments"], e["stale"]) for e in summary["exports"]] == [([1], True)]

@@ -1,7 +1,8 @@
 """dataward: train and serve diffusion models that protect their training data.
 
-The public API: :class:`Ward` (create/open, train, sample, forget, verify, add, status), :class:`TrainConfig`,
-:class:`DPConfig`, :class:`GuardConfig`, and data sources via :func:`load_source`.
+The public API: :class:`Ward` (create/open, train, sample, forget, verify, add, status), :class:`WardPipeline` (a
+diffusers pipeline over a ward), :class:`TrainConfig`, :class:`DPConfig`, :class:`GuardConfig`, and data sources via
+:func:`load_source`.
 
 Importing the package only chooses the CPU settings torch reads when it loads (:mod:`dataward.numerics`,
 :mod:`dataward.openmp`); the API's names import torch and diffusers when first used, so ``dataward --help`` answers
@@ -23,7 +24,7 @@ openmp.select_from_environment()
 _PUBLIC = {  # name -> the module that defines it
     "Ward": "dataward.ward", "WardConfig": "dataward.ward", "SampleResult": "dataward.ward", "ForgetResult": "dataward.forgetting",
     "TrainConfig": "dataward.config", "DPConfig": "dataward.config", "GuardConfig": "dataward.config",
-    "Dataset": "dataward.data", "load_source": "dataward.data", "DatawardError": "dataward.errors",
+    "WardPipeline": "dataward.sampling.pipeline", "Dataset": "dataward.data", "load_source": "dataward.data", "DatawardError": "dataward.errors",
 }
 __all__ = [*_PUBLIC, "__version__"]
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from dataward.data import Dataset, load_source
     from dataward.errors import DatawardError
     from dataward.forgetting import ForgetResult
+    from dataward.sampling.pipeline import WardPipeline
     from dataward.ward import SampleResult, Ward, WardConfig
 
 

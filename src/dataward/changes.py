@@ -15,7 +15,7 @@ from dataward.assignment import check_new_data, insert_samples
 from dataward.config import AutoencoderConfig, DPConfig, GuardConfig, TrainConfig, WardConfig
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
-from dataward.export import export_states
+from dataward.sampling.export import export_states
 from dataward.forgetting import ForgetResult, split_forget_ids
 from dataward.models.nets import build_autoencoder
 from dataward.store.checkpoints import delete_quarantined

@@ -19,7 +19,7 @@ from dataward.numerics import Numerics
 
 AssignBy = Literal["random", "label", "source"]
 CONFIG_FILE = "ward.json"
-WeightsName = Literal["router", "density", "soup"]  # soup: one averaged model, not a mixture (dataward.base.average_models)
+WeightsName = Literal["router", "density", "soup"]  # soup: one averaged model, not a mixture (dataward.sampling.soups.average_models)
 SamplerName = Literal["ddim", "ddpm"]  # the sampling scheduler: DDIM (deterministic, few steps) or DDPM (ancestral)
 BaseKind = Literal["public", "imported"]  # the kinds of a ward's base (WardConfig.base; None: no base)
 Trainable = Literal["attention", "embedding", "full", "lora"]  # the parameters DP-SGD trains (DPConfig.trainable)
@@ -220,7 +220,7 @@ class WardConfig:
     guard_settings: GuardConfig = field(default_factory=GuardConfig)  # guard classifier, its training and guidance defaults
     train: TrainConfig = field(default_factory=TrainConfig)  # denoiser training
     public: str | None = None  # public data spec of the public pretrained denoiser (dataward pretrain); None: none
-    # where every compartment's denoiser starts (dataward.base): "public" (the public denoiser), "imported" (a diffusers
+    # where every compartment's denoiser starts (dataward.public_base): "public" (the public denoiser), "imported" (a diffusers
     # UNet2DModel folder copied into the ward), None (random weights: the wards made before bases existed)
     base: BaseKind | None = None
     adapter: str = "full"  # what a compartment trains on top of the base, as ward.json writes it (read by Adapter.parse): full | lora:RANK

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict
 
 from dataward.errors import DatawardError
-from dataward.export import export_states
+from dataward.sampling.export import export_states
 from dataward.store.checkpoints import disk_use
 from dataward.store.ledger import Ledger
 from dataward.training.planner import Planner

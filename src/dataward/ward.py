@@ -4,8 +4,9 @@ Layout: ``WARD/ward.json`` (:mod:`dataward.config`), ``WARD/ledger.sqlite`` or `
 ``WARD/models/<name>/`` (a folder per trained stage: :mod:`dataward.store.checkpoints`), ``WARD/writer.lock``.
 
 :class:`Ward` is a facade over :mod:`dataward.training.planner`, :mod:`dataward.training.runner` (here or on Ray),
-:mod:`dataward.training.kinds`, :mod:`dataward.generation`, :mod:`dataward.certificate` and :mod:`dataward.reports`. The
-facade alone writes the ledger (registering, forgetting) and ward.json, and owns the cache of loaded models.
+:mod:`dataward.training.kinds`, :mod:`dataward.sampling`, :mod:`dataward.certificate` and :mod:`dataward.reports`. The
+facade alone writes the ledger (registering, forgetting) and ward.json, and owns the cache of loaded models, which its
+read side (:class:`dataward.sampling.served.ServedModels`, one per request) loads through.
 """
 
 from __future__ import annotations
@@ -20,18 +21,16 @@ import torch
 
 from dataward import reports
 from dataward.assignment import check_layout, insert_samples
-from dataward.base import average_models, base_config, import_base
+from dataward.public_base import base_config, import_base
 from dataward.changes import WardChanges
 from dataward.config import AssignBy, GuardConfig, TrainConfig, WardConfig, WeightsName
 from dataward.data import Dataset, load_source
-from dataward.diffusion.batched import StackedDenoisers
 from dataward.diffusion.latent import LatentCodec
-from dataward.diffusion.sampling import Denoiser, make_training_scheduler, unet_eps
+from dataward.diffusion.sampling import make_training_scheduler
 from dataward.errors import DataChanged, DatawardError
 from dataward.forgetting import ForgetResult
-from dataward.generation import SampleRequest, SampleResult, generate
-from dataward.models.adapters import load_merged
-from dataward.models.guard import GuardActivity, guard_guidance, guarded
+from dataward.sampling.plan import SampleRequest, SampleResult, generate
+from dataward.sampling.served import ServedModels
 from dataward.numerics import Numerics
 from dataward.progress import ProgressOption, progress_display
 from dataward.certificate import forgetting_certificate
@@ -81,7 +80,7 @@ class Ward(WardChanges):
         self.ledger = ledger
         self.hooks = hooks or WardHooks()
         self.scheduler = make_training_scheduler(config.num_train_timesteps, config.beta_schedule)
-        self.cache = ModelCache(path, self._load)
+        self.cache = ModelCache(path)  # loaded models, kept across requests (the read side loads through it)
         self.writer = WriterLock(path)  # one writing process at a time (store/lock.py): train, forget's retraining, cleanup
         self.eraser = Eraser(ledger)  # physical erasure after a forget, in the background while a reader delays it
         self.config = config
@@ -104,20 +103,22 @@ class Ward(WardChanges):
     @config.setter
     def config(self, config: WardConfig) -> None:
         self._config = config
-        self.data = WardData(config, self.ledger)
-        context = KindContext(config, self.scheduler, config.model_shape(), self.ledger, self._public_inputs)
-        self._planner = planner = Planner(self.path, config, self.ledger, self.data, context)
-        self.runner = JobRunner(config, planner, self.data, context, self.model)
+        self.data = data = WardData(config, self.ledger)
+
+        def served_models() -> ServedModels:  # the read side of this config's planner, as the ledger is at each call
+            return ServedModels(planner, self.cache, self.hooks.on_load)
+
+        # guards' non-members: a public data source's images as the models see them (latents in a latent ward)
+        context = KindContext(config, self.scheduler, config.model_shape(), self.ledger,
+                              lambda spec: served_models().model_data(data.public_source(spec)).images)
+        self._planner = planner = Planner(self.path, config, self.ledger, data, context)
+        self.runner = JobRunner(config, planner, data, context, served_models)
 
     @property
     def planner(self) -> Planner:
         """The planner of the ward's config as it is now in ward.json (every plan, report and sample starts here)."""
         self.refresh_config()
         return self._planner
-
-    def _public_inputs(self, spec: str) -> torch.Tensor:
-        """A public data source's images as the models see them (latents in a latent ward): guards' non-members."""
-        return self.runner.model_data(self.data.public_source(spec)).images
 
     # creation -----------------------------------------------------------------------------------------------------
     @classmethod
@@ -146,7 +147,7 @@ class Ward(WardChanges):
         ledger_url: str | None = None,
     ) -> "Ward":
         """Make a new ward from a data source (spec string or Dataset); nothing is left behind on error. ``base``
-        (:mod:`dataward.base`): public data to pretrain on (``printed:count=3000``), a ``UNet2DModel`` folder, or None
+        (:mod:`dataward.public_base`): public data to pretrain on (``printed:count=3000``), a ``UNet2DModel`` folder, or None
         (random weights); ``adapter``: ``full`` or ``lora:RANK``; ``public_train``: the public base's budget (40 epochs);
         ``ledger_url``: an empty PostgreSQL database for the ledger (replicas on several machines), else ``ledger.sqlite``."""
         path = Path(path)
@@ -212,11 +213,11 @@ class Ward(WardChanges):
 
     def codec(self) -> LatentCodec:
         """The served public autoencoder of a latent ward, with its scaling factor."""
-        return self.runner.codec()
+        return self.read().codec()
 
     def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1] as the models see them: unchanged, or encoded to scaled latents."""
-        return self.codec().encode(images) if self.config.latent else images
+        return self.read().model_inputs(images)
 
     def _denoiser_probe(self) -> torch.nn.Module:
         """A denoiser of the ward's preset and model shape (raises early when the preset cannot take that shape)."""
@@ -286,6 +287,11 @@ class Ward(WardChanges):
         return self.planner.missing()
 
     # serving ------------------------------------------------------------------------------------------------------
+    def read(self) -> ServedModels:
+        """The models the ward serves now, for one request (:mod:`dataward.sampling.served`): the served record of each
+        compartment per kind (read once), their models (``hooks.on_load`` sees every use), soups, denoisers, the codec."""
+        return ServedModels(self.planner, self.cache, self.hooks.on_load)
+
     def served(self, kind: str = "denoiser") -> dict[int | None, ModelRecord]:
         """Per compartment (None for a ward-wide model such as the router), the newest ready stage that saw no forgotten ID."""
         return self.planner.served(kind)
@@ -293,64 +299,23 @@ class Ward(WardChanges):
     def model(self, record: ModelRecord) -> torch.nn.Module:
         """The model of a ledger record, in eval mode, loaded once and then taken from the cache (``hooks.on_load`` sees
         every call)."""
-        if self.hooks.on_load is not None:
-            self.hooks.on_load(record)
-        return self.cache.get(record)
-
-    def _load(self, record: ModelRecord, folder: Path) -> torch.nn.Module:
-        """A checkpoint folder's model: its kind's diffusers class, or (a LoRA compartment) the base with its adapter merged."""
-        if "lora_rank" not in record.metadata:
-            return KINDS[record.kind].model_class.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False)
-        base = self.planner.base()
-        if base is None or base.metadata["weights_sha256"] != record.metadata["base_sha256"]:
-            raise DatawardError(f"the adapter in {folder} was trained on another base than this ward's: run `dataward train {self.path}`")
-        return load_merged(self.model(base), folder, record.metadata["lora_rank"])
+        return self.read().model(record)
 
     def soup(self, records: list[ModelRecord], shares: list[float]) -> torch.nn.Module:
         """One model averaging the given served models' weights by ``shares`` (``--weights soup``), made once per set."""
-        if self.config.base is None:
-            raise DatawardError("soup averages compartments fine-tuned from one base, and this ward has none (its compartments "
-                                "trained from random weights, so their average is noise): sample with --weights density or router")
-        models = [self.model(r) for r in records]  # every use passes through model(): the service's hook sees each
-        return self.cache.derived("soup", tuple(r.id for r in records), lambda: average_models(models, shares))
-
-    def stacked(self, records: list[ModelRecord]) -> StackedDenoisers:
-        """The given served denoisers evaluated in one vectorized call (a mixture's batched path), made once per set."""
-        models = [self.model(r) for r in records]
-        return self.cache.derived("stack", tuple(r.id for r in records), lambda: StackedDenoisers(models))
+        return self.read().soup(records, shares)
 
     def drop_unready_models(self) -> None:
         """Drop cached models that are no longer ready in the ledger (quarantined, deleted or retired)."""
         self.cache.drop_unready(self.ledger)
 
-    def denoiser(self, compartment: int, guard: bool = False, guard_scale: float | None = None, guard_alpha: float | None = None,
-                 guard_activity: GuardActivity | None = None) -> Denoiser:
-        """The served ε callable of one compartment (optionally guided by its guard, counting its checks in ``guard_activity``)."""
-        served = self.served()
-        if compartment not in served:
-            raise DatawardError(f"compartment {compartment} has no servable model (known: {sorted(served)})")
-        eps = unet_eps(self.model(served[compartment]))
-        if not guard:
-            return eps
-        guards = self.served("guard")
-        if compartment not in guards:
-            raise DatawardError(f"compartment {compartment} has no trained guard: run `dataward guard {self.path}`")
-        settings = self.config.guard_settings
-        guidance = guard_guidance(self.model(guards[compartment]), settings.scale if guard_scale is None else guard_scale,
-                                  settings.alpha if guard_alpha is None else guard_alpha, settings.max_timestep, guard_activity)
-        return guarded(eps, guidance, self.scheduler.alphas_cumprod)
-
     def sample(self, n: int, *, label: int | None = None, seed: int = 0, sampler: str | None = None, steps: int = 50,
                allowed: list[int] | None = None, weights: WeightsName | None = None, top_k: int | None = None, guard: bool = False,
                guard_scale: float | None = None, guard_alpha: float | None = None, progress=None, batched: bool = False) -> SampleResult:
-        """Generate ``n`` images composed over the allowed compartments (all by default); see :mod:`dataward.generation`.
+        """Generate ``n`` images composed over the allowed compartments (all by default); see :mod:`dataward.sampling.plan`.
         ``batched``: a mixture's compartments in one vectorized call (equal within float tolerance; slower on CPU)."""
         request = SampleRequest(n, label, seed, sampler, steps, allowed, weights, top_k, guard, guard_scale, guard_alpha, batched)
-        return generate(self, request, progress)
-
-    def is_fallback(self, record: ModelRecord) -> bool:
-        """Whether a served model is an earlier stage's checkpoint (its lineage is retraining after a forget)."""
-        return self.planner.is_fallback(record)
+        return generate(self.read(), request, progress)
 
     def serving_state(self) -> dict[str, str]:
         """Per compartment: what sampling uses right now (complete, a fallback stage, or left out)."""

@@ -1,7 +1,8 @@
 """What the audit needs from a ward, as :class:`typing.Protocol` classes.
 
-:class:`dataward.ward.Ward` satisfies :class:`AuditedWard`, and so does the closed-form
-:class:`dataward.audit.standin.StandInWard`; the audit uses nothing else of a ward.
+:class:`dataward.ward.Ward` satisfies :class:`AuditedWard` (its :meth:`~dataward.ward.Ward.read` gives the
+:class:`ServedDenoisers`), and so does the closed-form :class:`dataward.audit.standin.StandInWard` (its own served
+denoisers); the audit uses nothing else of a ward.
 """
 
 from __future__ import annotations
@@ -70,6 +71,16 @@ class Samples(Protocol):
     guard_guided: float | None  # with guard=True: the share of guard checks that steered
 
 
+class ServedDenoisers(Protocol):
+    """The models a ward serves, as one audit section reads them (:class:`dataward.sampling.served.ServedModels` is one)."""
+
+    def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as the denoisers see them (their latents in a latent ward)."""
+
+    def denoiser(self, compartment: int, guard: bool = False) -> Denoiser:
+        """One compartment's served ε-prediction (guard-guided if ``guard``); raises DatawardError when there is none."""
+
+
 @runtime_checkable
 class AuditedWard(Protocol):
     """A ward as the audit sees it: data, samples, denoisers, forgotten IDs and privacy records."""
@@ -88,15 +99,12 @@ class AuditedWard(Protocol):
     def heldout_data(self) -> Dataset | None:
         """Real samples no model saw, or None when the data source has none."""
 
-    def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """Images as the denoisers see them (their latents in a latent ward)."""
+    def read(self) -> ServedDenoisers:
+        """The models it serves now (a section that attacks several compartments reads them once)."""
 
     def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int = 50, allowed: list[int] | None = None,
                guard: bool = False) -> Samples:
         """``n`` images composed over the ``allowed`` compartments (all by default); ``sampler=None``: the ward's default."""
-
-    def denoiser(self, compartment: int, guard: bool = False) -> Denoiser:
-        """One compartment's served ε-prediction (guard-guided if ``guard``); raises DatawardError when there is none."""
 
     def privacy(self) -> dict | None:
         """The ward's (ε, δ) records per compartment (:meth:`dataward.ward.Ward.privacy`), None without DP."""

@@ -20,12 +20,12 @@ import torch
 from dataward.audit.attacks import FORGETTING_T, forgetting_attack, loss_attack, mismatched_sources, pia, pooled_rank_auc
 from dataward.audit.features import FeatureExtractor, FeatureNet, ModuleFeatures, digits_feature_net, inception_features, module_features
 from dataward.audit.metrics import downstream_accuracy, frechet_distance, recompute_epsilon, replication
-from dataward.audit.protocol import AuditedWard
+from dataward.audit.protocol import AuditedWard, ServedDenoisers
 from dataward.certificate import no_certificate_reason
 from dataward.data import Dataset, load_source
 from dataward.diffusion.sampling import Denoiser
 from dataward.errors import DatawardError
-from dataward.export import export_states
+from dataward.sampling.export import export_states
 from dataward.training.privacy import other_accountant
 
 
@@ -252,14 +252,15 @@ def membership(audit: Audit) -> Measured:
     heldout = audit.require_heldout("no held-out non-members (digits wards have one; pass heldout=)")
     variants = [("raw", False)] + ([("guarded", True)] if audit.guard else [])
     labels_known = heldout.labels is not None and audit.train.labels is not None
-    heldout_inputs = audit.ward.model_inputs(heldout.images)
+    served = audit.ward.read()
+    heldout_inputs = served.model_inputs(heldout.images)
     attacks, skipped = [], []
     for c in audit.compartments:
         member_set = subset(audit.ward.training_data(c), audit.members, audit.seed + 1 + c)
-        member_inputs = audit.ward.model_inputs(member_set.images)
+        member_inputs = served.model_inputs(member_set.images)
         for name, guarded in variants:
             try:
-                eps = audit.ward.denoiser(c, guard=guarded)
+                eps = served.denoiser(c, guard=guarded)
             except DatawardError as error:
                 skipped.append({"compartment": c, "denoiser": name, "reason": str(error)})
                 continue
@@ -314,16 +315,16 @@ def forgetting(audit: Audit, membership_entry: dict[str, Any]) -> Measured:
     data, where = found
     audit.say(f"forgetting: {len(data)} forgotten samples")
     chosen_t = {a["compartment"]: a["loss"]["best_t"] for a in membership_entry.get("attacks", []) if a["denoiser"] == "raw"}
-    attacks, pairs = [], []
+    attacks, pairs, served = [], [], audit.ward.read()
     for c in sorted(set(where.values())):
         forgotten = data.select([i for i in data.ids if where.get(i) == c])
         try:
-            eps = audit.ward.denoiser(c)
+            eps = served.denoiser(c)
         except DatawardError as error:
             attacks.append({"compartment": c, "forgotten": len(forgotten), "reason": str(error)})
             continue
         t = chosen_t.get(c, FORGETTING_T)
-        attack = _forgetting_attack(audit, eps, forgotten, heldout, t)
+        attack = _forgetting_attack(audit, served, eps, forgotten, heldout, t)
         pairs.append((attack.member_scores, attack.nonmember_scores))
         attacks.append({"compartment": c, "forgotten": len(forgotten), "timestep": t,
                         "timestep_from": "membership" if c in chosen_t else "default", "loss": attack.summary()})
@@ -335,10 +336,10 @@ def forgetting(audit: Audit, membership_entry: dict[str, Any]) -> Measured:
     return Measured(out | certificate(audit))
 
 
-def _forgetting_attack(audit: Audit, eps: Denoiser, forgotten: Dataset, heldout: Dataset, t: int):
+def _forgetting_attack(audit: Audit, served: ServedDenoisers, eps: Denoiser, forgotten: Dataset, heldout: Dataset, t: int):
     """The loss attack at timestep ``t`` of ``forgotten`` (as members) vs ``heldout``, on the images the models see."""
     labelled = forgotten.labels is not None and heldout.labels is not None
-    return forgetting_attack(eps, audit.ward.scheduler, audit.ward.model_inputs(forgotten.images), audit.ward.model_inputs(heldout.images),
+    return forgetting_attack(eps, audit.ward.scheduler, served.model_inputs(forgotten.images), served.model_inputs(heldout.images),
                              forgotten_labels=forgotten.labels if labelled else None,
                              heldout_labels=heldout.labels if labelled else None, timesteps=(t,), seed=audit.seed)
 

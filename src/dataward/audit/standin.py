@@ -118,6 +118,10 @@ class StandInWard:
     def heldout_data(self) -> Dataset:
         return load_source("digits:heldout")
 
+    def read(self) -> "StandInWard":
+        """Its served denoisers: the closed-form ones (:class:`~dataward.audit.protocol.ServedDenoisers`)."""
+        return self
+
     def model_inputs(self, images: torch.Tensor) -> torch.Tensor:
         return images  # a pixel-space ward
 

@@ -40,7 +40,7 @@ def make_training_scheduler(num_train_timesteps: int = 1000, beta_schedule: str 
     """The forward process shared by the denoiser, the router and the guards (``add_noise``). ``timestep_spacing`` is
     DDPM's and DDIM's default, named so that ``from_config`` hands it to every other scheduler: the squaredcos schedule's
     ᾱ at t = T − 1 is ~2.4e-9, and schedulers that default to linspace or trailing spacing start there, where the model's
-    small ε error becomes a huge x_0 error (:mod:`dataward.pipelines`)."""
+    small ε error becomes a huge x_0 error (:mod:`dataward.sampling.pipeline`)."""
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type="epsilon", clip_sample=True,
                          timestep_spacing="leading")
 

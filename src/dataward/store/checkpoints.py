@@ -128,23 +128,24 @@ def state_file(folder: Path) -> Path:
 
 
 class ModelCache:
-    """The models of a ward's ledger records, each loaded once (eval mode) by ``load(record, folder)``."""
+    """The models of a ward's ledger records, each loaded once (eval mode), kept across requests."""
 
-    def __init__(self, ward: Path, load: Callable[[ModelRecord, Path], torch.nn.Module]):
+    def __init__(self, ward: Path):
         self.ward = ward
-        self.load = load  # (record, its folder) -> the model (diffusers from_pretrained with safetensors, or base + adapter)
         self.models: dict[int, torch.nn.Module] = {}
         self.derived_models: dict[tuple[str, tuple[int, ...]], object] = {}  # made from loaded models (soups, stacks): (what, their IDs)
 
-    def get(self, record: ModelRecord) -> torch.nn.Module:
-        """The model of ``record``, loaded on first use after checking its weights against the hash the ledger recorded."""
+    def get(self, record: ModelRecord, load: Callable[[ModelRecord, Path], torch.nn.Module]) -> torch.nn.Module:
+        """The model of ``record``, loaded on first use by ``load(record, folder)`` (diffusers ``from_pretrained`` with
+        safetensors, or base + adapter: :meth:`dataward.sampling.served.ServedModels.load`) after checking its weights
+        against the hash the ledger recorded."""
         if record.id not in self.models:
             folder = self.ward / record.path
             read = [name for name in record.metadata.get("files_sha256", {}) if name != STATE_FILE]
             check_files(folder, record.metadata, read, missing_ok=True)  # a missing file: the load below names it
             try:
                 found = checkpoint_hash(folder)
-                model = self.load(record, folder)
+                model = load(record, folder)
             except (OSError, ValueError, RuntimeError, SafetensorError) as error:
                 raise DatawardError(f"cannot load model {record.kind} from {folder}: {error}") from None
             recorded = record.metadata.get("weights_sha256")

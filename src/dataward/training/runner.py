@@ -13,7 +13,7 @@ import functools
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -21,8 +21,7 @@ import dataward
 from dataward import numerics
 from dataward.config import WardConfig
 from dataward.data import Dataset, ids_hash
-from dataward.diffusion.latent import LatentCodec
-from dataward.errors import DataChanged, DatawardError
+from dataward.errors import DataChanged
 from dataward.interrupts import DeferredSignals
 from dataward.models.adapters import AdapterCheckpoint, add_lora
 from dataward.models.nets import derive_seed
@@ -51,32 +50,26 @@ def configure_torch(device: str, threads: int) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-class JobRunner:
-    """Trains jobs of one ward. ``load`` gives the model of a ledger record (the public models DP and latents start from)."""
+class LoadedModels(Protocol):
+    """How a runner loads the models it starts from (the read side, :class:`dataward.sampling.served.ServedModels`)."""
 
-    def __init__(self, config: WardConfig, planner: Planner, data: WardData, context: KindContext, load: Callable[[ModelRecord], torch.nn.Module]):
+    def model(self, record: ModelRecord) -> torch.nn.Module:
+        """The model of a ledger record (the base a compartment fine-tunes from, the public model DP starts from)."""
+
+    def model_data(self, data: Dataset) -> Dataset:
+        """A dataset as the models see it (latents of the served autoencoder in a latent ward)."""
+
+
+class JobRunner:
+    """Trains jobs of one ward. ``models()`` gives the ward's served models as they are at each call (the public models
+    DP and LoRA start from, the autoencoder whose latents the models see)."""
+
+    def __init__(self, config: WardConfig, planner: Planner, data: WardData, context: KindContext, models: Callable[[], LoadedModels]):
         self.config = config
         self.planner = planner
         self.data = data
         self.context = context
-        self.load = load
-        self.latent_codec: tuple[int, LatentCodec] | None = None  # (autoencoder model id, codec), loaded once
-
-    def codec(self) -> LatentCodec:
-        """The served public autoencoder of a latent ward, with its scaling factor."""
-        path = self.planner.path
-        if not self.config.latent:
-            raise DatawardError("this ward works in pixel space: it has no autoencoder (pretrain with --latent for one)")
-        record = self.planner.served("autoencoder").get(None)
-        if record is None:
-            raise DatawardError(f"this latent ward has no trained autoencoder: run `dataward pretrain {path} --latent`")
-        if self.latent_codec is None or self.latent_codec[0] != record.id:
-            self.latent_codec = (record.id, LatentCodec(self.load(record), float(record.metadata["scaling_factor"]), self.config.autoencoder))
-        return self.latent_codec[1]
-
-    def model_data(self, data: Dataset) -> Dataset:
-        """A dataset as the models see it (the same IDs and labels; latents in a latent ward)."""
-        return self.codec().encode_dataset(data) if self.config.latent else data
+        self.models = models
 
     def stage_data(self, lineage: Lineage, stage: int) -> Dataset:
         """The examples one stage trains on, checked against the plan (sorted by ID), as the model sees them."""
@@ -84,11 +77,11 @@ class JobRunner:
         if source == "autoencoder":
             return self.data.autoencoder_data()
         if source == "public":
-            return self.model_data(self.data.public_data())
+            return self.models().model_data(self.data.public_data())
         data = self.data.dataset(self.data.ledger.samples(lineage.compartment, max_slice=stage if len(lineage.stage_ids) > 1 else None))
         if data.ids != lineage.stage_ids[stage]:
             raise DataChanged(f"a forget changed the data of {lineage.kind} {lineage.compartment} stage {stage} before it trained")
-        return self.model_data(data)
+        return self.models().model_data(data)
 
     def run(self, job: TrainJob, device: str = "cpu", progress=None, out_root: Path | None = None, report_to: ReportTo = "csv") -> list[dict]:
         """Train a job's stages and write each checkpoint folder under ``out_root`` (default: the ward's models/), with
@@ -211,9 +204,9 @@ class JobRunner:
         start = self.planner.start_model(lineage)
         rank = self.config.lora_rank()
         if start is not None and rank is not None:
-            return add_lora(self.load(start), rank, derive_seed(self.config.seed, lineage.kind, lineage.compartment, "lora")).train()
+            return add_lora(self.models().model(start), rank, derive_seed(self.config.seed, lineage.kind, lineage.compartment, "lora")).train()
         if start is not None:
-            return copy.deepcopy(self.load(start)).train()
+            return copy.deepcopy(self.models().model(start)).train()
         return KINDS[lineage.kind].build(self.context, derive_seed(self.config.seed, lineage.kind, lineage.compartment, "init"))
 
     def _run_dp(self, lineage: Lineage, device: str, progress, out_root: Path, log_path: Path | None) -> dict:
@@ -235,7 +228,7 @@ class JobRunner:
         try:
             state, record = dp_finetune(
                 model.to(device), data, dp, lineage.config, seed=derive_seed(self.config.seed, "dp", lineage.compartment), scheduler=self.context.scheduler,
-                calibration=None if public is None or self.config.public is None else self.model_data(self.data.public_data()),
+                calibration=None if public is None or self.config.public is None else self.models().model_data(self.data.public_data()),
                 device=device, on_step=step_done, public=self.config.public,
             )
         finally:

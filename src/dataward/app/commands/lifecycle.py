@@ -39,7 +39,7 @@ def init(
                                          "servers on several machines can share the ward."),
 ) -> None:
     """Create a ward from a data source."""
-    from dataward.base import base_summary, choose_base
+    from dataward.public_base import base_summary, choose_base
     from dataward.config import TrainConfig
     from dataward.ward import Ward
 

@@ -122,10 +122,10 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Export the soup of some compartments as a stock diffusers DDPMPipeline folder, with a manifest."""
-    from dataward.export import export_ward
+    from dataward.sampling.export import export_ward
 
     w = open_ward(ward, resume=False)
-    manifest = export_ward(w, out_dir, None if allow.strip() == "all" else parse_ids(allow), label)
+    manifest = export_ward(w.read(), out_dir, None if allow.strip() == "all" else parse_ids(allow), label)
     if as_json:
         print(json.dumps(manifest))
         return

@@ -17,7 +17,7 @@ from dataward.app.service.retraining import Retrainer, open_retraining_ward
 from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, shutting_down
 from dataward.errors import echo
 from dataward.forgetting import UnknownSampleIds
-from dataward.generation import sampling_weights
+from dataward.sampling.plan import sampling_weights
 from dataward.ward import Ward
 
 log = logging.getLogger("dataward.app.service")
@@ -107,7 +107,8 @@ class Service:
         counts = ward.ledger.counts()
         sources = ward.ledger.compartment_sources()
         serving = ward.serving_state()
-        served = ward.served()
+        models = ward.read()
+        served = models.served()
         out = []
         for c in key.allow:
             entry = {"id": c, "source": sources.get(c), "labels": sorted(counts.get(c, {}).get("labels", {}))}
@@ -116,7 +117,7 @@ class Service:
                 continue
             entry |= {"samples": counts.get(c, {}).get("samples", 0), "serving": serving.get(str(c), "unknown")}
             if c in served:
-                entry["model"] = {"stage": served[c].stage, "fallback": ward.is_fallback(served[c])}
+                entry["model"] = {"stage": served[c].stage, "fallback": models.is_fallback(served[c])}
             out.append(entry)
         everything = set(key.allow) >= set(ward.compartments())
         config = ward.config

@@ -23,7 +23,7 @@ from dataward.app.service import workers
 from dataward.app.service.admission import RunTimes, Work, request_work
 from dataward.app.service.schema import ApiKey, GenerateRequest, ServiceError, ServiceLimits, shutting_down
 from dataward.errors import DatawardError
-from dataward.generation import sampling_weights
+from dataward.sampling.plan import sampling_weights
 from dataward.ward import Ward
 
 log = logging.getLogger("dataward.app.service")
@@ -43,7 +43,7 @@ def check_limits(body: GenerateRequest, limits: ServiceLimits) -> None:
 
 
 def choose_weights(body: GenerateRequest, key: ApiKey, ward: Ward) -> str:
-    """The library's rule (:func:`dataward.generation.sampling_weights`: router weights only for a key that reaches every
+    """The library's rule (:func:`dataward.sampling.plan.sampling_weights`: router weights only for a key that reaches every
     compartment, the router having seen them all; density when the ward's default is router) as 403s; 403 for a key with none."""
     if not key.allow:
         raise ServiceError(403, "this key may use no compartment, so it cannot generate (an admin key made with an empty "

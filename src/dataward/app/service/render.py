@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dataward.app.service.schema import ApiKey, GenerateRequest
-from dataward.generation import SampleResult
+from dataward.sampling.plan import SampleResult
 
 
 def render_result(result: SampleResult, body: GenerateRequest, key: ApiKey, seed: int, known: list[int]) -> bytes:

@@ -1,6 +1,6 @@
 """Exports: one ordinary diffusers model per customer. ``dataward export WARD --allow 0,2 --out DIR`` writes a
 ``DDPMPipeline`` folder (safetensors only, loadable with stock diffusers) holding the *soup* of the allowed compartments
-(their data-share-weighted weight average, :meth:`dataward.ward.Ward.soup`), with ``dataward-manifest.json``.
+(their data-share-weighted weight average, :meth:`dataward.sampling.served.ServedModels.soup`), with ``dataward-manifest.json``.
 
 An export is a copy outside the ward's control (never inside the ward folder): a later forget cannot reach it. The
 ledger records each export (an ``export`` event with its manifest, which records what each exported model saw: its
@@ -22,7 +22,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 import dataward
 from dataward.data import ids_hash
 from dataward.errors import DatawardError
-from dataward.generation import SamplingWard
+from dataward.sampling.served import ServedModels
 from dataward.store.checkpoints import weights_hash
 from dataward.store.ledger import Ledger
 from dataward.store.lock import staged
@@ -43,22 +43,22 @@ def fold_class(unet: UNet2DModel, label: int) -> UNet2DModel:
     return folded
 
 
-def _check(ward: SamplingWard, allowed: list[int], label: int | None) -> None:
-    if ward.config.base is None:
+def _check(models: ServedModels, allowed: list[int], label: int | None) -> None:
+    if models.config.base is None:
         raise DatawardError("an export is one model, the soup of the allowed compartments, and soup needs compartments fine-tuned "
                             "from one base; this ward has none (its compartments trained from random weights): serve it with "
-                            "`dataward serve` or sample it with dataward.pipelines.WardPipeline instead")
-    if ward.config.latent:
+                            "`dataward serve` or sample it with dataward.sampling.WardPipeline instead")
+    if models.config.latent:
         raise DatawardError("a latent ward's models denoise autoencoder latents, which a DDPMPipeline cannot decode: export is "
-                            "for pixel wards; use dataward.pipelines.WardPipeline")
-    unknown = [c for c in allowed if c not in ward.compartments()]
+                            "for pixel wards; use dataward.sampling.WardPipeline")
+    unknown = [c for c in allowed if c not in models.compartments()]
     if unknown:
-        raise DatawardError(f"unknown compartment(s) {unknown}: this ward has {ward.compartments()}")
-    missing = [c for c in allowed if c not in ward.served()]
+        raise DatawardError(f"unknown compartment(s) {unknown}: this ward has {models.compartments()}")
+    missing = [c for c in allowed if c not in models.served()]
     if missing:
         raise DatawardError(f"compartment(s) {missing} have no served model now (not trained, or retraining after a forget): "
-                            f"run `dataward train {ward.path}` first")
-    classes = ward.config.num_classes
+                            f"run `dataward train {models.path}` first")
+    classes = models.config.num_classes
     if classes is not None and label is None:
         raise DatawardError(f"this ward's models are class-conditional and a stock DDPMPipeline cannot pass a class: export one "
                             f"class with --label 0..{classes - 1} (folded into the model), or sample with WardPipeline")
@@ -66,28 +66,28 @@ def _check(ward: SamplingWard, allowed: list[int], label: int | None) -> None:
         raise DatawardError(f"--label must be between 0 and {classes - 1}" if classes else "this ward is unconditional: drop --label")
 
 
-def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None = None, label: int | None = None) -> dict:
+def export_ward(models: ServedModels, out: str | Path, allowed: list[int] | None = None, label: int | None = None) -> dict:
     """Write the soup of ``allowed`` (all by default) as a stock ``DDPMPipeline`` folder ``out`` (new or empty) and record
     it in the ledger (with the ward's and the export's paths, which the manifest in ``out`` leaves out); returns the manifest."""
     out = Path(out)
-    allowed = sorted(set(ward.compartments() if allowed is None else allowed))
-    _check(ward, allowed, label)
+    allowed = sorted(set(models.compartments() if allowed is None else allowed))
+    _check(models, allowed, label)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatawardError(f"{out} already exists and is not an empty folder: choose a new export folder")
-    if out.resolve().is_relative_to(ward.path.resolve()):
+    if out.resolve().is_relative_to(models.path.resolve()):
         raise DatawardError(f"{out} is inside the ward folder, whose files the ward manages (and deletes): export outside it")
-    served, counts = ward.served(), ward.ledger.counts()
+    served, counts = models.served(), models.ledger.counts()
     records = [served[c] for c in allowed]
     shares = [float(counts[c]["samples"]) for c in allowed]
-    model = ward.soup(records, shares) if len(records) > 1 else ward.model(records[0])
+    model = models.soup(records, shares) if len(records) > 1 else models.model(records[0])
     unet = fold_class(model, label) if label is not None else copy.deepcopy(model)
     unet.register_to_config(_name_or_path="dataward-export")  # not the server folder it was loaded from
-    public = ward.served("public-denoiser").get(None)
+    public = models.served("public-denoiser").get(None)
     privacy = {str(r.compartment): {k: r.metadata["privacy"].get(k) for k in ("epsilon", "delta")} for r in records if r.metadata.get("privacy")}
     manifest = {
         "dataward_version": dataward.__version__, "created_at": time.time(), "weights": "soup",
-        "label": label, "base": {"kind": ward.config.base, "weights_sha256": public.metadata.get("weights_sha256") if public else None},
-        "compartments": [{"id": c, "model": r.id, "stage": r.stage, "fallback": ward.is_fallback(r), "share": s / sum(shares),
+        "label": label, "base": {"kind": models.config.base, "weights_sha256": public.metadata.get("weights_sha256") if public else None},
+        "compartments": [{"id": c, "model": r.id, "stage": r.stage, "fallback": models.is_fallback(r), "share": s / sum(shares),
                           "samples": r.metadata.get("num_ids", counts[c]["samples"]), "weights_sha256": r.metadata.get("weights_sha256"),
                           "ids_sha256": r.ids_hash}  # what the exported model saw, not what the compartment holds now
                          for c, r, s in zip(allowed, records, shares)],
@@ -95,14 +95,14 @@ def export_ward(ward: SamplingWard, out: str | Path, allowed: list[int] | None =
         "note": "a copy outside the ward: a later forget cannot reach it; `dataward status` says when it is stale",
     }
     with staged(out, keep_lock_file=False) as staging:  # nothing is left behind on error
-        DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(ward.scheduler.config)).save_pretrained(staging, safe_serialization=True)
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(models.scheduler.config)).save_pretrained(staging, safe_serialization=True)
         manifest["unet_sha256"] = weights_hash(staging / UNET_FILE)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if len(ward.ledger.ready_models([r.id for r in records])) < len(records):  # a forget committed meanwhile
+        if len(models.ledger.ready_models([r.id for r in records])) < len(records):  # a forget committed meanwhile
             raise DatawardError("the exported models stopped being served while exporting (a forget of an ID they saw, or a "
                                 "retraining): nothing was exported; export again")
     # the customer's folder says nothing about the server's file system; the ledger, server-side, records where it went
-    ward.ledger.record_event("export", **manifest, ward=str(ward.path.resolve()), folder=str(out.resolve()))
+    models.ledger.record_event("export", **manifest, ward=str(models.path.resolve()), folder=str(out.resolve()))
     return manifest
 
 

@@ -12,13 +12,11 @@ Compartments then train a delta on it: every weight (``adapter="full"``) or a lo
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import uuid
 from pathlib import Path
 
-import torch
 from diffusers import UNet2DModel
 
 from dataward.config import WardConfig
@@ -105,24 +103,6 @@ def import_base(ward: Path, config: WardConfig, ledger: Ledger, folder: Path) ->
     (tmp / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     os.replace(tmp, ward / MODELS_DIR / name)
     return ledger.register_model("public-denoiser", None, 0, f"{MODELS_DIR}/{name}", [], "", metadata, public=True)
-
-
-def average_models(models: list[torch.nn.Module], shares: list[float]) -> torch.nn.Module:
-    """A *soup*: one model holding Σ_i share_i θ_i (shares normalized) of models of one architecture, fine-tuned from one base."""
-    states = [m.state_dict() for m in models]
-    keys = list(states[0])
-    if any(list(s) != keys or any(s[k].shape != states[0][k].shape for k in keys) for s in states[1:]):
-        raise DatawardError("soup needs compartments of one architecture (fine-tuned from the ward's base)")
-    total = float(sum(shares))
-    out = {}
-    for key in keys:
-        if states[0][key].is_floating_point():
-            out[key] = sum(s[key] * (share / total) for s, share in zip(states, shares))
-        else:
-            out[key] = states[0][key].clone()
-    soup = copy.deepcopy(models[0])
-    soup.load_state_dict(out)
-    return soup.eval()
 
 
 def base_summary(config: WardConfig) -> str:

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from dataward.config import WardConfig, WeightsName
+from dataward.config import WeightsName
 from dataward.diffusion.batched import StackedDenoisers
 from dataward.diffusion.compose import ComposedDenoiser
-from dataward.diffusion.latent import LatentCodec, LatentDenoiser, make_latent_scheduler
+from dataward.diffusion.latent import LatentDenoiser, make_latent_scheduler
 from dataward.diffusion.sampling import Denoiser, make_sampler, sample_loop, unet_eps
 from dataward.errors import DatawardError
 from dataward.models.guard import GuardActivity
 from dataward.progress import progress_task
-from dataward.store.ledger import Ledger, ModelRecord
+from dataward.sampling.served import ServedModels
 
 
 @dataclass
@@ -69,42 +67,22 @@ class SampleRequest:
     # float tolerance); off by default: on CPU it measured 3.8x slower than the loop at top-1 (BENCHMARKS.md, "Compartments from a base")
 
 
-class SamplingWard(Protocol):
-    """What sampling needs from a ward (:class:`dataward.ward.Ward` is one)."""
-
-    path: Path
-    config: WardConfig
-    ledger: Ledger
-    scheduler: DDPMScheduler
-
-    def compartments(self) -> list[int]: ...
-    def served(self, kind: str = "denoiser") -> dict[int | None, ModelRecord]: ...
-    def model(self, record: ModelRecord) -> torch.nn.Module: ...
-    def soup(self, records: list[ModelRecord], shares: list[float]) -> torch.nn.Module: ...
-    def stacked(self, records: list[ModelRecord]) -> StackedDenoisers: ...
-    def denoiser(self, compartment: int, guard: bool = False, guard_scale: float | None = None, guard_alpha: float | None = None,
-                 guard_activity: GuardActivity | None = None) -> Denoiser: ...
-    def codec(self) -> LatentCodec: ...
-    def model_shape(self) -> tuple[int, int, int]: ...
-    def is_fallback(self, record: ModelRecord) -> bool: ...
-
-
-def _check(ward: SamplingWard, request: SampleRequest) -> tuple[WeightsName, list[int]]:
+def _check(models: ServedModels, request: SampleRequest) -> tuple[WeightsName, list[int]]:
     """The request's weights and the compartments it may use (checked against the ward); errors name the bad field."""
     if request.n < 1:
         raise DatawardError(f"n must be at least 1, got {request.n}")
-    if request.steps < 1 or request.steps > ward.config.num_train_timesteps:
-        raise DatawardError(f"steps must be between 1 and {ward.config.num_train_timesteps}, got {request.steps}")
+    if request.steps < 1 or request.steps > models.config.num_train_timesteps:
+        raise DatawardError(f"steps must be between 1 and {models.config.num_train_timesteps}, got {request.steps}")
     if request.weights is not None and request.weights not in ("router", "density", "soup"):
         raise DatawardError(f"weights must be router, density or soup, got {request.weights!r}")
     if request.top_k is not None and request.top_k < 1:
         raise DatawardError(f"top-k must be at least 1, got {request.top_k}")
-    known = ward.compartments()
+    known = models.compartments()
     allowed = sorted(set(known if request.allowed is None else request.allowed))
     unknown = [c for c in allowed if c not in known]
     if unknown:
         raise DatawardError(f"unknown compartment(s) {unknown}: this ward has {known}")
-    weights = sampling_weights(request.weights, ward.config.weights, allowed, known)
+    weights = sampling_weights(request.weights, models.config.weights, allowed, known)
     if weights == "soup" and request.guard:
         raise DatawardError("guards steer each compartment's own model: sample with --weights density or router to use --guard")
     return weights, allowed
@@ -123,9 +101,9 @@ def sampling_weights(asked: WeightsName | None, default: WeightsName, allowed: l
     return asked
 
 
-def _labels(ward: SamplingWard, request: SampleRequest, use: list[int], counts: dict, generator: torch.Generator) -> torch.Tensor | None:
+def _labels(models: ServedModels, request: SampleRequest, use: list[int], counts: dict, generator: torch.Generator) -> torch.Tensor | None:
     """The class of each sample: the requested one, or drawn from the classes the used compartments hold."""
-    num_classes, label = ward.config.num_classes, request.label
+    num_classes, label = models.config.num_classes, request.label
     if num_classes is None:
         if label is not None:
             raise DatawardError("this ward is unconditional: --label is not available")
@@ -150,26 +128,26 @@ def log_prior(use: list[int], y: torch.Tensor | None, counts: dict, n: int, num_
     return table[y].clamp_min(1e-12).log()
 
 
-def _composed(ward: SamplingWard, denoisers: list[Denoiser], use: list[int], weights: WeightsName, top_k: int | None,
+def _composed(models: ServedModels, denoisers: list[Denoiser], use: list[int], weights: WeightsName, top_k: int | None,
               prior: torch.Tensor, batched: StackedDenoisers | None) -> ComposedDenoiser:
     """The mixture ε = Σ_i w_i ε_i over the used compartments, with router or density weights."""
     router, columns = None, None
     if weights == "router":
-        routers = ward.served("router")
+        routers = models.served("router")
         if None not in routers:
             raise DatawardError("this ward has no trained router: sample with --weights density, or create the ward with the router on")
-        router_model = ward.model(routers[None])
+        router_model = models.model(routers[None])
         router = lambda x_t, t: router_model(x_t, t)
-        known = ward.compartments()
+        known = models.compartments()
         columns = [known.index(c) for c in use]
-    return ComposedDenoiser(denoisers, prior, ward.scheduler.alphas_cumprod, weights, router, columns, top_k, batched)
+    return ComposedDenoiser(denoisers, prior, models.scheduler.alphas_cumprod, weights, router, columns, top_k, batched)
 
 
 @dataclass
 class SamplingPlan:
     """What one sampling run needs (made by :func:`plan_sampling`): the denoiser, the starting noise and labels, the
     generator that continues drawing in the loop, and the sampling scheduler; :func:`finish_sampling` turns x_0 into a
-    :class:`SampleResult`. Loops: :func:`generate` (the one sampling loop) and :class:`dataward.pipelines.WardPipeline`."""
+    :class:`SampleResult`. Loops: :func:`generate` (the one sampling loop) and :class:`dataward.sampling.pipeline.WardPipeline`."""
 
     request: SampleRequest
     eps: Denoiser
@@ -187,48 +165,48 @@ class SamplingPlan:
     started: float
 
 
-def plan_sampling(ward: SamplingWard, request: SampleRequest, generator: torch.Generator | None = None) -> SamplingPlan:
+def plan_sampling(models: ServedModels, request: SampleRequest, generator: torch.Generator | None = None) -> SamplingPlan:
     """Check ``request`` against the ward and build its denoiser, noise and labels (on the models served now), drawing
     from ``generator`` (default: a CPU generator seeded with ``request.seed``; the two are the same draws)."""
     started = time.time()
-    weights, allowed = _check(ward, request)
-    served = ward.served()
+    weights, allowed = _check(models, request)
+    served = models.served()
     use = [c for c in allowed if c in served]
     if not use:
-        raise DatawardError(f"no trained model for compartments {allowed}: run `dataward train {ward.path}`")
-    counts = ward.ledger.counts()
+        raise DatawardError(f"no trained model for compartments {allowed}: run `dataward train {models.path}`")
+    counts = models.ledger.counts()
     generator = torch.Generator().manual_seed(request.seed) if generator is None else generator
-    y = _labels(ward, request, use, counts, generator)
-    x_T = torch.randn((request.n, *ward.model_shape()), generator=generator)  # images, or latents in a latent ward
+    y = _labels(models, request, use, counts, generator)
+    x_T = torch.randn((request.n, *models.model_shape()), generator=generator)  # images, or latents in a latent ward
     activity = GuardActivity() if request.guard else None
-    prior = log_prior(use, y, counts, request.n, ward.config.num_classes)
+    prior = log_prior(use, y, counts, request.n, models.config.num_classes)
     composed = None
     if len(use) == 1:
-        eps, mode = ward.denoiser(use[0], request.guard, request.guard_scale, request.guard_alpha, activity), "single"
+        eps, mode = models.denoiser(use[0], request.guard, request.guard_scale, request.guard_alpha, activity), "single"
     elif weights == "soup":  # one model: the data-share-weighted average of the compartments' weights
-        eps, mode = unet_eps(ward.soup([served[c] for c in use], [float(counts[c]["samples"]) for c in use])), "soup"
+        eps, mode = unet_eps(models.soup([served[c] for c in use], [float(counts[c]["samples"]) for c in use])), "soup"
     else:
-        denoisers = [ward.denoiser(c, request.guard, request.guard_scale, request.guard_alpha, activity) for c in use]
-        batched = ward.stacked([served[c] for c in use]) if request.batched and not request.guard else None  # guards steer each ε_i
-        composed = _composed(ward, denoisers, use, weights, request.top_k, prior, batched)
+        denoisers = [models.denoiser(c, request.guard, request.guard_scale, request.guard_alpha, activity) for c in use]
+        batched = models.stacked([served[c] for c in use]) if request.batched and not request.guard else None  # guards steer each ε_i
+        composed = _composed(models, denoisers, use, weights, request.top_k, prior, batched)
         eps, mode = composed, weights
     sampler = request.sampler or ("ddpm" if mode == "density" else "ddim")
     if mode == "density" and sampler != "ddpm":
         raise DatawardError("density weights need the stochastic sampler: use --sampler ddpm (or --weights router)")
-    if ward.config.latent:  # the same loop over latents (no x_0 clipping), then the public autoencoder decodes
-        eps = LatentDenoiser(eps, ward.codec())
-        scheduler = make_latent_scheduler(ward.scheduler, sampler)
+    if models.config.latent:  # the same loop over latents (no x_0 clipping), then the public autoencoder decodes
+        eps = LatentDenoiser(eps, models.codec())
+        scheduler = make_latent_scheduler(models.scheduler, sampler)
     else:
-        scheduler = make_sampler(ward.scheduler, sampler)
+        scheduler = make_sampler(models.scheduler, sampler)
     return SamplingPlan(request, eps, x_T, y, generator, scheduler, sampler, mode, use, served, prior, composed, activity, started)
 
 
-def finish_sampling(ward: SamplingWard, plan: SamplingPlan, x0: torch.Tensor) -> SampleResult:
+def finish_sampling(models: ServedModels, plan: SamplingPlan, x0: torch.Tensor) -> SampleResult:
     """The images in [0, 1] (decoded in a latent ward), each sample's attribution, and the models used."""
-    if ward.config.latent:
+    if models.config.latent:
         x0 = plan.eps.decode(x0)
     n, use, mode = plan.request.n, plan.use, plan.mode
-    known = ward.compartments()
+    known = models.compartments()
     attribution, final = torch.zeros(n, len(known)), torch.zeros(n, len(known))
     cols = [known.index(c) for c in use]
     if mode == "soup":  # a soup sample's attribution is the data share of its class in each compartment (no density pass)
@@ -242,15 +220,15 @@ def finish_sampling(ward: SamplingWard, plan: SamplingPlan, x0: torch.Tensor) ->
     if not (x0.isfinite().all() and attribution.isfinite().all() and final.isfinite().all()):
         raise DatawardError(f"the models of compartment(s) {use} produced non-finite values (NaN or infinity): nothing is "
                             f"returned; check their files and training (`dataward verify`)")
-    stages = {c: {"model": served[c].id, "stage": served[c].stage, "fallback": ward.is_fallback(served[c])} for c in use}
+    stages = {c: {"model": served[c].id, "stage": served[c].stage, "fallback": models.is_fallback(served[c])} for c in use}
     return SampleResult(((x0.clamp(-1, 1) + 1) / 2), plan.y, attribution, final, use, stages, mode, plan.sampler,
                         time.time() - plan.started, None if plan.activity is None else plan.activity.share)
 
 
-def generate(ward: SamplingWard, request: SampleRequest, progress=None) -> SampleResult:
+def generate(models: ServedModels, request: SampleRequest, progress=None) -> SampleResult:
     """Generate ``request.n`` images composed over the allowed compartments (all by default)."""
-    plan = plan_sampling(ward, request)
+    plan = plan_sampling(models, request)
     update = progress_task(progress, f"sample {request.n}", request.steps)
     x0 = sample_loop(plan.eps, plan.x_T, plan.scheduler, steps=request.steps, y=plan.y, generator=plan.generator,
                      progress=lambda i: update(1))
-    return finish_sampling(ward, plan, x0)
+    return finish_sampling(models, plan, x0)

@@ -1,7 +1,7 @@
 """A ward as a diffusers pipeline: :class:`WardPipeline` samples a composed, access-restricted ward the way diffusers users
 sample any model (``pipe(batch_size=..., generator=...)``), with the ward's guarantees and each sample's attribution.
 
-It plans each call exactly as :meth:`dataward.ward.Ward.sample` does (:func:`dataward.generation.plan_sampling`: the
+It plans each call exactly as :meth:`dataward.ward.Ward.sample` does (:func:`dataward.sampling.plan.plan_sampling`: the
 models served *now*, so a forgotten ID's models and quarantined models are never used, also by a pipeline made before
 the forget; a call during which a forget quarantines a model it used raises instead of returning its images) and runs diffusers' own loop shape (``set_timesteps``, ``scale_model_input``, ``step``) under
 ``self.progress_bar``; with the ward's scheduler and the same seed its images equal ``Ward.sample``'s bit for bit.
@@ -31,7 +31,8 @@ from dataward.config import WeightsName
 from dataward.errors import DatawardError
 from dataward.diffusion.latent import make_latent_scheduler
 from dataward.diffusion.sampling import Denoiser, make_sampler
-from dataward.generation import SampleRequest, SamplingPlan, finish_sampling, plan_sampling, sampling_weights
+from dataward.sampling.plan import SampleRequest, SamplingPlan, finish_sampling, plan_sampling, sampling_weights
+from dataward.store.ledger import ModelRecord
 from dataward.ward import Ward
 
 
@@ -107,9 +108,10 @@ class WardPipeline(DiffusionPipeline):
         self.allowed = None if allowed is None else list(allowed)
         self.weights = weights
         self.top_k = top_k
-        known = ward.compartments()
+        models = ward.read()
+        known = models.compartments()
         use = known if allowed is None else sorted(set(allowed))
-        several = len([c for c in use if c in ward.served()]) > 1  # one compartment samples alone, without a mixture
+        several = len([c for c in use if c in models.served()]) > 1  # one compartment samples alone, without a mixture
         sampler = "ddpm" if sampling_weights(weights, ward.config.weights, use, known) == "density" and several else "ddim"
         self.wards_own = (make_latent_scheduler if ward.config.latent else make_sampler)(ward.scheduler, sampler)
         self.register_modules(scheduler=self.wards_own if scheduler is None else scheduler)
@@ -120,7 +122,7 @@ class WardPipeline(DiffusionPipeline):
             raise DatawardError(f"{type(scheduler).__name__} has another noise schedule than this ward's: make it with "
                                 "`.from_config(pipe.scheduler.config)`")
 
-    def _check_not_forgotten(self, plan: SamplingPlan, routers: dict) -> None:
+    def _check_not_forgotten(self, plan: SamplingPlan, routers: dict[int | None, ModelRecord]) -> None:
         """Refuse the images of a call during which a forget quarantined a model it used (its compartments' served
         denoisers, and the router for router weights), as the service re-checks every generation after it ran."""
         used = [plan.served[c] for c in plan.use] + ([routers[None]] if plan.mode == "router" and None in routers else [])
@@ -146,8 +148,9 @@ class WardPipeline(DiffusionPipeline):
             raise DatawardError(f"output_type must be pil, np or pt, got {output_type!r}")
         label = tuple(int(c) for c in class_labels) if isinstance(class_labels, Sequence) else class_labels
         request = SampleRequest(batch_size, label, 0, None, num_inference_steps, self.allowed, self.weights, self.top_k)
-        routers = self.ward.served("router")  # read before planning: a forget landing in between is caught, never missed
-        plan = plan_sampling(self.ward, request, generator)
+        models = self.ward.read()  # the models served now: every part of this call uses the same records
+        routers = models.served("router")
+        plan = plan_sampling(models, request, generator)
         own = self.scheduler is self.wards_own or self.scheduler is None
         scheduler = plan.scheduler if own else self.scheduler
         if not own:
@@ -158,7 +161,7 @@ class WardPipeline(DiffusionPipeline):
         eps = plan.eps if own or self.ward.config.latent or clips_x0(scheduler) else ClippedEps(plan.eps, self.ward.scheduler.alphas_cumprod)
         x = scheduler_loop(eps, plan.x_T, scheduler, num_inference_steps, plan.y, plan.generator, self.progress_bar)
         self._check_not_forgotten(plan, routers)
-        result = finish_sampling(self.ward, plan, x)
+        result = finish_sampling(models, plan, x)
         images = result.images
         if output_type != "pt":
             images = images.permute(0, 2, 3, 1).numpy()

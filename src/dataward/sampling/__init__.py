@@ -1,0 +1,34 @@
+"""Sampling from a ward, the main user path: :mod:`~dataward.sampling.served` (the read side: the models a request is
+served by), :mod:`~dataward.sampling.plan` (a request checked and composed into one denoiser, the one sampling loop,
+attribution), :mod:`~dataward.sampling.soups` (weight averages), :mod:`~dataward.sampling.pipeline` (``WardPipeline``,
+a diffusers pipeline over a ward) and :mod:`~dataward.sampling.export` (a soup as a stock ``DDPMPipeline`` folder).
+
+The names below import torch and diffusers when first used (PEP 562), as the package's top level does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_PUBLIC = {  # name -> the module that defines it
+    "WardPipeline": "dataward.sampling.pipeline", "SampleRequest": "dataward.sampling.plan",
+    "SampleResult": "dataward.sampling.plan", "ServedModels": "dataward.sampling.served",
+    "export_ward": "dataward.sampling.export",
+}
+__all__ = list(_PUBLIC)
+
+if TYPE_CHECKING:
+    from dataward.sampling.export import export_ward
+    from dataward.sampling.pipeline import WardPipeline
+    from dataward.sampling.plan import SampleRequest, SampleResult
+    from dataward.sampling.served import ServedModels
+
+
+def __getattr__(name: str):
+    """The sampling API's names, imported on first use (PEP 562)."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dataward.sampling' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
