@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -68,6 +69,11 @@ def main() -> None:
     print("sections (s):", json.dumps(report["timings"]))
     q, r, m = report["quality"], report["replication"], report["membership"]
     print(f"FD {q.get('fd')}, CAS {q.get('cas')}, replication {r.get('replication_rate')}, worst MIA AUC {m.get('worst_auc')}")
+    timings = report["timings"]
+    section_seconds = {name: f"{timings.get(name, float('nan')):.1f} s" for name in ("sampling", "quality", "replication", "membership", "total")}
+    print("\n| run | machine state | N | sampling | quality (FD, CAS) | replication | membership | total |\n|---|---|---|---|---|---|---|---|")
+    print(f"| {time.strftime('%Y-%m-%d')}, {kind} | load average {os.getloadavg()[0]:.2f} after | {args.n} | {section_seconds['sampling']} "
+          f"| {section_seconds['quality']} | {section_seconds['replication']} | {section_seconds['membership']} | **{section_seconds['total']}** |")
     scratch.cleanup()
 
 

@@ -1,6 +1,8 @@
 """Compartments fine-tuned from a public base (issue 16): quality, sampling cost and forgetting of K = 8 vs the K = 1 paragon.
 
 Figures: BENCHMARKS.md, section "Compartments fine-tuned from a public base (issue 16)".
+Figures: BENCHMARKS.md, section "Forgetting from a public base (issue 16)".
+Figures: BENCHMARKS.md, section "Sampling from a public base (issue 16)".
 
     python benchmarks/base_quality.py --workdir DIR [--epochs E] [--adapters full,lora:8] [--n 250] [--forgets 8] [--quick]
 
@@ -179,6 +181,37 @@ def measure_forgetting(ward, paragon_seconds: float, forgets: int, n: int, steps
     return {"ids": ids, "walls": walls, "mean_seconds": mean, "ratio": mean / paragon_seconds, "fd_after_first": fd_after}
 
 
+def print_tables(out: dict, tags: list[str]) -> None:
+    """The rows of this run's tables in BENCHMARKS.md (quality, forgetting, sampling), one column per adapter."""
+    q, forgetting, sampling = out["quality"], out["forgetting"], out["sampling"]
+
+    def table(first: str, rows: list[tuple[str, list[str], str]]) -> None:
+        print(f"\n| {first} | " + " | ".join(tags) + " | goal |\n" + "|---" * (len(tags) + 2) + "|")
+        for label, cells, goal in rows:
+            print(f"| {label} | " + " | ".join(cells) + f" | {goal} |")
+
+    def fd(key: str) -> float:
+        return q[key]["fd"]
+
+    if q:
+        rows = [(f"FD(K = 8 {w}) / FD(K = 1 paragon)", [f"{fd(f'{t}-k8/{w}') / fd(f'{t}-k1/{s}'):.4f}" for t in tags], "<= 1.05")
+                for w, s in (("density", "ddpm"), ("router", "ddim"), ("soup", "ddim"))]
+        gain = [f"{fd(f'{t}-k8/density') / fd('scratch-k1/ddpm'):.4f}" for t in tags]
+        table(f"ratio (E = {out['epochs']:g})", rows + [("FD(K = 8 density) / FD(K = 1 from scratch)", gain, "")])
+    if forgetting:
+        paragon = {t: out["train"][f"{t}-k1"]["train_seconds"] for t in tags}
+        walls = [f"{forgetting[t]['ratio']:.4f} ({forgetting[t]['mean_seconds']:.1f} s / {paragon[t]:.1f} s)" for t in tags]
+        after = [f"{100 * (forgetting[t]['fd_after_first'] / fd(f'{t}-k8/density') - 1):+.2f}%" if q else "not measured"
+                 for t in tags]
+        count = len(forgetting[tags[0]]["walls"])
+        table("ratio", [(f"forget one ID (mean of {count}) / paragon training", walls, "<= 0.1"),
+                        ("FD density after the first forget", after, "within 1%")])
+    if sampling:
+        names = [name for name in sampling[tags[0]] if name != "single_seconds"]
+        goal = {name: "<= 1.1" if name == "soup" else "<= 1.5" if "top-1" in name else "" for name in names}
+        table("configuration (K = 8 time / single)", [(name, [f"{sampling[t][name]:.3f}" for t in tags], goal[name]) for name in names])
+
+
 def main() -> None:  # long: one run of every arm, printing each figure as it is measured
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
@@ -234,6 +267,7 @@ def main() -> None:  # long: one run of every arm, printing each figure as it is
             print(f"{tag} forgetting: mean {forgetting['mean_seconds']:.1f} s over {args.forgets} IDs / paragon training {info1['train_seconds']:.1f} s = "
                   f"{forgetting['ratio']:.4f} (goal <= 0.1); FD density before {before:.4f} -> after {forgetting['fd_after_first']:.4f} "
                   f"({100 * (forgetting['fd_after_first'] / before - 1):+.2f}%)", flush=True)
+    print_tables(out, [adapter.replace(":", "") for adapter in args.adapters.split(",")])
     print(f"load average after: {load_avg()}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str))

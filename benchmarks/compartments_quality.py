@@ -137,6 +137,10 @@ def main() -> None:
     for k, (_, info) in wards.items():
         print(f"K={k}: denoiser steps {sum(info['denoiser_steps'].values())} total, router steps {info['router_steps']}, "
               f"training {info['train_seconds']:.1f} s wall")
+    fd, arms = {key: value["fd"] for key, value in out["fd"].items()}, [(k, w) for k in ks for w in ("router", "density")]
+    print("\n| E | paragon FD DDIM / DDPM | " + " | ".join(f"K = {k} {w} / paragon" for k, w in arms) + " |\n" + "|---" * (len(arms) + 2) + "|")
+    print(f"| {args.epochs:g} | {fd['k1/ddim']:.4f} / {fd['k1/ddpm']:.4f} | "
+          + " | ".join(f"{fd[f'k{k}/{w}']:.4f} -> **{out['ratio'][f'k{k}/{w}']:.4f}**" for k, w in arms) + " |")
     print(f"load average after: {load_avg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))

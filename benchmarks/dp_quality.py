@@ -4,6 +4,7 @@ and DP from scratch (step time and memory:
 ``benchmarks/dp_step_time.py``).
 
 Figures: BENCHMARKS.md, section "DP quality (issue 6)".
+Figures: BENCHMARKS.md, section "DP of a LoRA compartment (issue 16)".
 
     python benchmarks/dp_quality.py [--quick] [--threads 2] [--json out.json] [--spaces pixel,latent] [--all-cells]
                                     [--dp-batch 250] [--dp-epochs 15] [--noise-multiplicity K] [--methods full,...]
@@ -90,6 +91,19 @@ def nonprivate_finetune(model, data, trainable: str, steps: int, batch: int, lr:
     state = TrainState.fresh(model, train, trainable_filter(trainable))
     run_steps(state, data, denoiser_loss(make_training_scheduler()), steps, train, torch.Generator().manual_seed(derive_seed(seed, "np")))
     return state
+
+
+def print_tables(results: list[dict]) -> None:
+    """The rows of BENCHMARKS.md's CAS / FD tables, one table per space; a cell per ε, one "CAS / FD" per DP seed
+    (a model without private data, ε None, in the first column)."""
+    for space in dict.fromkeys(row["space"] for row in results):
+        rows = [row for row in results if row["space"] == space]
+        print(f"\nCAS / FD, {space} space:\n\n| method | ε = 1 | ε = 10 | ε = ∞ (same recipe, no noise) |\n|---|---|---|---|")
+        for method in dict.fromkeys(row["method"] for row in rows):
+            cells = [", ".join(f"{row['cas']:.4f} / {row['fd']:.2f}" for row in rows
+                               if row["method"] == method and (row["epsilon"] == eps or (row["epsilon"] is None and eps == 1.0)))
+                     for eps in (1.0, 10.0, float("inf"))]
+            print(f"| {method} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -226,6 +240,7 @@ def main() -> None:
                      "all_cells": args.all_cells},
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}), flush=True)
+    print_tables(results)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(summary, handle, indent=2, default=str)

@@ -120,6 +120,13 @@ def main() -> None:
         }
     summary["peak_rss_mib"] = {"baseline": peak_rss_mib(None, args)} | {v: peak_rss_mib(v, args) for v in VARIANTS}
     print(json.dumps(summary, indent=2), flush=True)
+    print(f"\n| trainable set | ratio, {args.threads} thread(s) | DP s / step | non-private s / step | peak RSS DP / non-private (MiB) |"
+          "\n|---|---|---|---|---|")
+    rss = summary["peak_rss_mib"]
+    for trainable in TRAINABLE_SETS:
+        s = summary[trainable]
+        print(f"| `{trainable}` | **{s['ratio_median']:.3f}** ({s['ratio_min']:.3f}-{s['ratio_max']:.3f}) | {s['dp_s']:.3f} | {s['plain_s']:.3f} "
+              f"| {rss[f'{trainable}-dp']:.0f} / {rss[f'{trainable}-plain']:.0f} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(summary, handle, indent=2)

@@ -93,6 +93,11 @@ def main() -> None:
         if busy:
             report["during_over_idle"] = round(statistics.median(busy) / statistics.median(idle), 2)
         print(json.dumps(report, indent=2))
+        if busy:
+            print("\n| figure | value | goal | command | commit |\n|---|---|---|---|---|")
+            print(f"| `POST /v1/forget` to its 202, retraining in flight / idle (median of {args.rounds}) | **{report['during_over_idle']}x** "
+                  f"({report['median_during_retraining_ms']} ms, {min(busy) * 1000:.1f}-{max(busy) * 1000:.1f}, vs {report['median_idle_ms']} ms, "
+                  f"{min(idle) * 1000:.1f}-{max(idle) * 1000:.1f}) | the same | `python benchmarks/forget_acceptance.py --rounds {args.rounds}` | |")
     finally:
         if proc is not None:
             stop_server(proc)

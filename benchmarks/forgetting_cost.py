@@ -139,9 +139,12 @@ def main() -> None:
             out["cases"][name] = case
     print()
     print(f"paragon training: {paragon_s:.1f} s ({'measured in this run' if not args.reuse_paragon_time else 'from cache'})")
+    print(f"\n| forgetting case | ID(s) (c, s) | forget wall | / paragon ({paragon_s:.1f} s) | FD before -> after |\n|---|---|---|---|---|")
     for name, case in out["cases"].items():
         goal = f" (goal <= 0.1: {'met' if case['ratio'] <= 0.1 else 'NOT met'})" if name.startswith("K=8") and "IDs" not in name else ""
-        print(f"{name}: forget / paragon = {case['seconds']:.1f} / {paragon_s:.1f} = {case['ratio']:.4f}{goal}")
+        ids = ", ".join(f"{w['id']} (c{w['compartment']}, s{w['slice']})" for w in case["ids"])
+        fd_change = f"{case['fd_before']:.4f} -> {case['fd_after']:.4f} ({100 * case['fd_change']:+.2f}%)" if "fd_change" in case else ""
+        print(f"| {name} | {ids} | {case['seconds']:.1f} s | {case['ratio']:.4f}{goal} | {fd_change} |")
     print(f"load average after: {load_avg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))

@@ -158,21 +158,29 @@ def oracle_filter(images: list[torch.Tensor], replicated, net, f_heldout: torch.
 
 
 def print_ward(name: str, result: dict) -> None:
+    """The ward's rows of the tables in BENCHMARKS.md: the arms, the oracle filter, and how often each guard is sure."""
     rows = result["rows"]
     base = rows["unguarded"]
-    print(f"\n## {name} ({result['seconds']:.0f} s)")
-    print(f"{'arm':<16}{'weight':>7}{'s':>6}{'alpha':>7}{'replic.':>9}{'cosine':>8}{'FD':>8}{'FD/ung':>8}{'time/ung':>9}{'AUC':>7}{'steered':>9}")
+    print(f"\n## {name} ({result['seconds']:.0f} s)\n")
+    print("| arm | weight | s | α | replicas | cosine share | FD | FD / unguarded | time / unguarded | loss-attack AUC | steered |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for arm, r in rows.items():
-        steered = "-" if r["steered"] is None else f"{r['steered']:.4f}"
+        steered = "-" if r["steered"] is None else f"{100 * r['steered']:.1f}%"
         weight = "-" if r["weight"] is None else f"{r['weight']:g}"
-        print(f"{arm:<16}{weight:>7}{r['s']:>6g}{r['alpha']:>7g}{r['replication']:>9.4f}{r['cosine share']:>8.4f}{r['FD']:>8.2f}"
-              f"{r['FD'] / base['FD']:>8.3f}{r['seconds'] / base['seconds']:>9.3f}{r['loss-attack AUC']:>7.3f}{steered:>9}")
+        s, alpha = ("-", "-") if r["weight"] is None else (f"{r['s']:g}", f"{r['alpha']:g}")
+        print(f"| {arm} | {weight} | {s} | {alpha} | {100 * r['replication']:.2f}% | {100 * r['cosine share']:.2f}% | {r['FD']:.2f} "
+              f"| {r['FD'] / base['FD']:.3f} | {r['seconds'] / base['seconds']:.3f} | {r['loss-attack AUC']:.3f} | {steered} |")
     oracle = result["oracle"]
-    print(f"oracle filter (unguarded samples minus exactly their replicas; kept {oracle['kept']}): FD {oracle['FD']:.2f} vs "
-          f"{oracle['FD same size']:.2f} for random subsets of the same size: ratio {oracle['FD ratio']:.3f}")
-    for arm, by_what in result["confidence"].items():
-        for what, by_t in by_what.items():
-            print(f"  {arm} confident on {what}: " + ", ".join(f"t={t}: {v:.3f}" for t, v in by_t.items()))
+    print("\n| | kept (seeds) | FD | FD / same-size random subsets |\n|---|---|---|---|")
+    print(f"| unguarded samples minus their replicas | {', '.join(map(str, oracle['kept']))} | {oracle['FD']:.2f} "
+          f"| **{oracle['FD ratio']:.3f}** (vs {oracle['FD same size']:.2f}) |")
+    confidence = result["confidence"]
+    if confidence:
+        first = next(iter(confidence.values()))
+        steps = " / ".join(str(t) for t in next(iter(first.values())))
+        print(f"\n| guard (share sure enough to steer at t = {steps}) | " + " | ".join(first) + " |\n" + "|---" * (len(first) + 1) + "|")
+        for arm, by_what in confidence.items():
+            print(f"| {arm} | " + " | ".join(" / ".join(f"{v:.3f}" for v in by_t.values()) for by_t in by_what.values()) + " |")
 
 
 def main() -> None:

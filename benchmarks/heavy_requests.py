@@ -82,6 +82,10 @@ def main() -> None:
         statuses = [s for s, _ in report["phase1_four_heavy_workers2_queue2"]]
         report["goals"] = {"phase1_no_5xx": all(s < 500 for s in statuses), "phase2_heavy_stopped_503": report["phase2"]["heavy"][0] == 503}
         print(json.dumps(report, indent=2))
+        phase2 = report["phase2"]
+        print("\n| figure | value | goal | command | commit |\n|---|---|---|---|---|")
+        print(f"| a small request after a heavy one stopped at the timeout / on the idle server | **{phase2['after_over_idle']}x** "
+              f"({phase2['small_right_after'][1]} s vs {phase2['small_idle_median_s']} s) | the same | `python benchmarks/heavy_requests.py` | |")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -107,6 +107,10 @@ def main() -> None:
           f"feature net {acc_net:.4f} (goal >= 0.80 within <= 4 min training: "
           f"{'met' if min(acc_judge, acc_net) >= 0.8 and train_s <= 240 else 'NOT met'} on both judges)")
     print(f"load average after: {out['load_after']}")
+    goal = "met" if min(acc_judge, acc_net) >= 0.8 and train_s <= 240 else "NOT met"
+    print(f"\n| run | S | training wall (CPU) | sampling {args.n} | held-out-trained classifier | audit feature net | goal |\n|---|---|---|---|---|---|---|")
+    print(f"| load {load_before} -> {out['load_after']} | {steps} | {train_s:.1f} s ({train_cpu:.1f} s CPU) | {sample_s:.1f} s | {acc_judge:.4f} "
+          f"| {acc_net:.4f} | {goal} |")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

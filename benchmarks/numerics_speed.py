@@ -93,6 +93,14 @@ def main() -> None:
         print(f"{a:10s} train {s['steps_per_s']:6.2f} steps/s{ratio}  sample 200x50 steps {s['sample_s']:5.2f} s{sample}  "
               f"ATen {s['capability']}  weights {','.join(s['hashes'])}")
     print(f"load average: {load}")
+    print("\n| kernels (arm) | weights |\n|---|---|")
+    for a, s in summary.items():
+        print(f"| `{a}` | {', '.join(h[:16] for h in s['hashes'])} |")
+    if "portable" in summary and "native" in summary:
+        portable = summary["portable"]
+        print("\n| run (load average) | portable / native: training steps/s | portable / native: sampling speed (200 images, 50 steps) |"
+              f"\n|---|---|---|\n| {args.rounds} rounds x {args.steps} steps ({load.split()[0]}) | {portable['ratio_to_native']:.3f} "
+              f"| {portable['sample_speed_to_native']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arms": summary, "runs": runs, "load": load, "steps": args.steps}, f, indent=2)

@@ -74,6 +74,12 @@ def main() -> None:
         report["export_over_one_compartment_weights"] = round(report["export_bytes"] / report["one_compartment_weights_bytes"], 3)
         ward.close()
         print(json.dumps(report, indent=2))
+        cells = [f"{report[w]['ward_sample_s']} s vs {report[w]['pipeline_s']} s: **{report[w]['pipeline_over_ward']}**" for w in ("density", "soup")]
+        print(f"\n| run | load at start | density | soup |\n|---|---|---|---|\n| `--reps {args.reps}` | {report['load_avg_1m_at_start']} | "
+              + " | ".join(cells) + " |")
+        print(f"\nExport size: {report['export_bytes']:,} bytes = **{report['export_over_one_compartment_weights']}x one compartment's weights "
+              f"file** ({report['one_compartment_weights_bytes']:,} bytes) and {report['export_over_one_compartment_checkpoint']}x one "
+              f"compartment's checkpoint folder ({report['one_compartment_checkpoint_bytes']:,} bytes)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -103,6 +103,11 @@ def main() -> None:
             line += (f"; FD / full = {fd_ratio:.4f} (goals: time <= 1.5 {'met' if out['time_ratio'][name] <= 1.5 else 'NOT met'}, "
                      f"FD within 2% {'met' if abs(fd_ratio - 1) <= 0.02 else 'NOT met'})")
         print(line)
+    print(f"\n| K = {k} sampling (n = {args.time_n} x {args.time_steps} steps, {args.rounds} rounds) | time / single (same sampler) "
+          f"| FD (n = {args.n}) | FD / full |\n|---|---|---|---|")
+    for name in out["time_ratio"]:
+        fd_ratio = f"{out['fd_ratio'][name]:.4f}" if name in out["fd_ratio"] else "1"
+        print(f"| {name} | {out['time_ratio'][name]:.4f} | {out['fd'][name]['fd']:.4f} | {fd_ratio} |")
     print(f"load average after: {load_avg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))

@@ -1,6 +1,7 @@
 """Bounded load test of `dataward serve` on loopback: throughput, p50/p99 latency, 429s, 5xx at 1x and 4x capacity.
 
 Figures: BENCHMARKS.md, section "Service: process workers (issue 18)".
+Figures: BENCHMARKS.md, section "Service with the ledger in PostgreSQL (issue 18)".
 
 Starts the server itself (a subprocess on 127.0.0.1 and a free port, never any other address) on a tiny ward it trains
 in a temporary folder (or on --ward), measures, stops the server and exits. Each phase is bounded by a request count and
@@ -173,6 +174,37 @@ def measure(ward: Path, key: str, kind: str, workers: int, queue: int, args: arg
         stop_server(proc)
 
 
+def print_tables(reports: list[dict], ledgers: list[str]) -> None:
+    """The rows of BENCHMARKS.md's tables: one per config and phase; with a PostgreSQL ledger, one per config and ledger."""
+    first = reports[0]["1x"]["throughput_rps"]
+    for i, r in enumerate(reports):
+        same = reports[i - ledgers.index(r["config"]["ledger"])]  # the SQLite run just before it, same config
+        r["throughput_over_first"] = round(r["1x"]["throughput_rps"] / first, 3)
+        r["throughput_over_sqlite"] = round(r["1x"]["throughput_rps"] / same["1x"]["throughput_rps"], 3)
+    print("\n| config | single (p50) | phase | clients | 200 | 429 (all with Retry-After) | 5xx / other | throughput | p99 | p99 / single |"
+          "\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in reports:
+        c = r["config"]
+        label = f"{c['kind']}, workers {c['workers']}, queue {c['queue']}" + (f", {c['ledger']}" if len(ledgers) > 1 else "")
+        for phase in ("1x", "4x"):
+            p = r[phase]
+            refused = f"{p['429']}" + ("" if p["429"] == p["429_with_retry_after"] else f" ({p['429_with_retry_after']} with Retry-After)")
+            head = f"| {label} | {r['single']['p50_s']} s" if phase == "1x" else "| |"
+            print(f"{head} | {phase} | {p['clients']} | {p['ok']} | {refused} | {p['5xx']} / {p['other']} | {p['throughput_rps']} req/s "
+                  f"| {p['p99_s']} s | {p['p99_over_single']}x |")
+    print("\n1x throughput / the first config's: " + ", ".join(f"{r['throughput_over_first']}" for r in reports))
+    if len(ledgers) > 1:
+        print("\n| config (in run order) | ledger | single (p50) | 1x throughput | PostgreSQL / SQLite (1x) | p99 / single: 1x, 4x "
+              "| 429 at 4x | 5xx / other |\n|---|---|---|---|---|---|---|---|")
+        for r in reports:
+            c = r["config"]
+            label = f"{c['kind']}, workers {c['workers']}, queue {c['queue']}" if c["ledger"] == ledgers[0] else ""
+            ratio = f"**{r['throughput_over_sqlite']}**" if c["ledger"] != ledgers[0] else ""
+            print(f"| {label} | {c['ledger']} | {r['single']['p50_s']} s | {r['1x']['throughput_rps']} req/s | {ratio} "
+                  f"| {r['1x']['p99_over_single']}, {r['4x']['p99_over_single']} | {r['4x']['429']} "
+                  f"| {r['1x']['5xx'] + r['4x']['5xx']} / {r['1x']['other'] + r['4x']['other']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ward", type=Path, help="A trained ward (default: train a tiny one in a temporary folder).")
@@ -213,17 +245,8 @@ def main() -> None:
                 reports.append(measure(folder, key, kind, int(workers), int(queue), args, scratch / f"server-{len(reports)}.log"))
                 reports[-1]["config"]["ledger"] = ledger
                 print(json.dumps(reports[-1], indent=2), flush=True)
-        first = reports[0]["1x"]["throughput_rps"]
         print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        print("config                  ledger     throughput 1x   / first config   / sqlite   p99/single 1x   p99/single 4x   5xx   other")
-        for i, r in enumerate(reports):
-            c = r["config"]
-            same = reports[i - list(ledgers).index(c["ledger"])]  # the SQLite run just before it, same config
-            r["throughput_over_first"] = round(r["1x"]["throughput_rps"] / first, 3)
-            r["throughput_over_sqlite"] = round(r["1x"]["throughput_rps"] / same["1x"]["throughput_rps"], 3)
-            print(f"{c['kind']:9s} w{c['workers']} q{c['queue']:<9d} {c['ledger']:8s} {r['1x']['throughput_rps']:10.2f} rps   "
-                  f"{r['throughput_over_first']:12.3f}   {r['throughput_over_sqlite']:8.3f}   {r['1x']['p99_over_single']:13.2f}"
-                  f"   {r['4x']['p99_over_single']:13.2f}   {r['1x']['5xx'] + r['4x']['5xx']:3d}   {r['1x']['other'] + r['4x']['other']:5d}")
+        print_tables(reports, list(ledgers))
         if args.json:
             args.json.write_text(json.dumps(reports, indent=2))
     finally:

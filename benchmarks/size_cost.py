@@ -54,6 +54,10 @@ def main() -> None:
             ward.close()
         print(json.dumps({"cpus": os.cpu_count(), "threads": args.threads, "load_avg_1m": round(os.getloadavg()[0], 2),
                           "cuda_available": torch.cuda.is_available(), "rows": rows}, indent=2))
+        print(f"\n| preset | size | channels | parameters | s / training step (batch 32) | s / sample ({args.steps} steps) |\n|---|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['preset']} | {row['size']} | {row['channels']} | {row['parameters']:,} | {row['seconds_per_train_step_batch32']} "
+                  f"| {row['seconds_per_sample_50_steps']} |")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

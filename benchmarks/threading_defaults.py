@@ -144,6 +144,15 @@ def main() -> None:
                 summary[arm]["alone_speed_over_old"] = speed
                 print(f"alone, speed {arm} / old: train {speed['train_s']:.3f}, sample {speed['sample_s']:.3f}")
     print(f"load average after: {load_avg()}")
+    print("\n| neighbours | arm | alone: train / sample s | busy: train / sample s | busy / alone: train, sample "
+          "| alone, speed / old: train, sample |\n|---|---|---|---|---|---|")
+    for i, arm in enumerate(arms):
+        row, speed = summary[arm], summary[arm].get("alone_speed_over_old")
+        speed_text = "" if speed is None else f"{speed['train_s']:.3f}, {speed['sample_s']:.3f}"
+        print(f"| {f'{args.busy} x {args.busy_kind}' if i == 0 else ''} | {arm} | {row['alone']['train_s']:.3f} / {row['alone']['sample_s']:.3f} "
+              f"| {row['busy']['train_s']:.3f} / {row['busy']['sample_s']:.3f} "
+              f"| {row['busy_over_alone']['train_s']:.2f}, {row['busy_over_alone']['sample_s']:.2f} "
+              f"| {speed_text} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rounds": args.rounds, "steps": args.steps, "busy": args.busy, "busy_kind": args.busy_kind, "arms": summary}, f, indent=2)

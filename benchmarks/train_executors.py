@@ -68,6 +68,10 @@ def executors(args) -> None:
     print(f"  local: {local_s:7.1f} s")
     print(f"  ray:   {ray_s:7.1f} s  (speed-up {local_s / ray_s:.2f}x; plus Ray start {ray_start:.1f} s and worker warm-up {warm:.1f} s, once per driver)")
     print(f"  weights bitwise equal: {local_h == ray_h} ({len(local_h)} denoisers)")
+    print(f"\n| K={args.k} compartments x {args.steps} steps, batch 64, `{args.data}`, tiny UNet | wall time |\n|---|---|")
+    print(f"| `--executor local` | {local_s:.1f} s |\n| `--executor ray --cpus-per-job {args.cpus_per_job:g}` | {ray_s:.1f} s "
+          f"({local_s / ray_s:.2f}x) + Ray start {ray_start:.1f} s + worker warm-up {warm:.1f} s |")
+    print(f"| weights bitwise equal (local vs ray) | {'yes' if local_h == ray_h else 'NO'}, all {len(local_h)} denoisers |")
 
 
 def samples_per_second(device: str, steps: int, batch: int = 64) -> float:

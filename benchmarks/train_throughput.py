@@ -145,6 +145,11 @@ def main() -> None:
             print(f"throughput {n} / {base}: {ratio:.4f} (median of rounds {med:.4f}, range {min(per_round):.4f}-{max(per_round):.4f}; "
                   f"by CPU time {cpu_ratio:.4f})")
     print(f"load average after: {result['load_after']}")
+    print("\n| ratio | total steps/s | median of per-round ratios (range) | by CPU time |\n|---|---|---|---|")
+    for key, r in result["ratios"].items():
+        n, base = key.split("/", 1)
+        print(f"| {n} / {base} | {r['total']:.4f} ({total[n]:.3f} / {total[base]:.3f} steps/s) "
+              f"| {r['median_per_round']:.4f} ({r['min']:.4f}-{r['max']:.4f}) | {r['cpu']:.4f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

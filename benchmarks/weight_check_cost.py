@@ -47,6 +47,9 @@ def main() -> None:
     check, sample = statistics.median(checks), statistics.median(samples)
     print(f"hash check {check * 1000:.1f} ms; sample call (open + load + {args.n} x {args.steps} steps) {sample * 1000:.0f} ms; "
           f"ratio {check / sample:.4f}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("\n| figure | value | goal | command | commit |\n|---|---|---|---|---|")
+    print(f"| weight check on load / a sample call of {args.n} samples x {args.steps} steps (median of {args.rounds}) | **{100 * check / sample:.1f}%** "
+          f"({check * 1000:.1f} ms / {sample * 1000:.0f} ms) | < 5% | `python benchmarks/weight_check_cost.py` | |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""BENCHMARKS.md is navigable: every benchmark script names the section its figures go to, and every row of the
-"Current figures" index points at a section that exists."""
+"""BENCHMARKS.md is navigable: every benchmark script names the section its figures go to and prints the rows of a
+Markdown table to paste there, every row of the "Current figures" index points at a section that exists, and every link
+into BENCHMARKS.md (from the README or within the file) names one of its headings."""
 
 from __future__ import annotations
 
@@ -31,3 +32,24 @@ def test_every_current_figure_points_at_a_section():
     for row in rows:
         section = row.rstrip(" |").rsplit("|", 1)[1].strip()
         assert section in SECTIONS, f"the index row {row[:60]!r} points at {section!r}, which is no section"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_each_benchmark_script_prints_the_rows_of_a_markdown_table(script: Path):
+    source = script.read_text()
+    assert "|---" in source, f"{script.name} prints no table rows to paste into its BENCHMARKS.md section"
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("document", ["README.md", "BENCHMARKS.md"])
+def test_links_into_benchmarks_name_a_heading(document: str):
+    text = (ROOT / document).read_text()
+    prefix = r"(?:BENCHMARKS\.md)" if document == "README.md" else r"(?:BENCHMARKS\.md)?"
+    anchors = re.findall(r"\(" + prefix + r"#([^)\s]+)\)", text)
+    assert document == "BENCHMARKS.md" or anchors, "the README links no BENCHMARKS.md section"
+    existing = {github_anchor(name) for name in SECTIONS}
+    assert not [a for a in anchors if a not in existing], f"{document} links sections that do not exist"
