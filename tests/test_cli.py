@@ -313,7 +313,7 @@ def test_status_is_readable_at_80_columns(monkeypatch, capsys, base_ward_dir):
     from dataward.ward import Ward
 
     ward = Ward.open(base_ward_dir, worker=True)
-    compartments = ward.status()["compartments"]
+    compartments = ward.status().compartments
     ward.close()
     for columns in (80, 200):
         monkeypatch.setenv("COLUMNS", str(columns))

@@ -70,7 +70,7 @@ def test_a_new_budget_on_a_trained_ward_retrains_and_verify_holds(ward_copy):
     served = ward_copy.served()
     assert set(served) == set(old) and all(served[c].id != old[c] and served[c].metadata["train"]["steps"] == 6 for c in old)
     assert {r.id for r in ward_copy.ledger.models("denoiser", 0, status="retired")} >= {old[0]}
-    assert ward_copy.verify()["ok"]
+    assert ward_copy.verify().ok
 
 
 _HOLD_LOCK = """

@@ -34,7 +34,7 @@ from dataward.models.adapters import load_merged
 from dataward.models.guard import GuardActivity, guard_guidance, guarded
 from dataward.numerics import Numerics
 from dataward.progress import ProgressOption, progress_display
-from dataward.certificate import forgetting_certificate
+from dataward.certificate import Certificate, forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
 from dataward.store.database import LEDGER_FILE, check_ledger_url, ledger_location
 from dataward.store.erasure import Eraser
@@ -49,7 +49,15 @@ from dataward.training.sources import WardData
 
 TRAIN_ROUNDS = 3  # train() plans again while models are missing (forgets that landed meanwhile), at most this often
 
-__all__ = ["Ward", "WardConfig", "WardHooks", "SampleResult", "ForgetResult", "Lineage", "TrainJob", "AssignBy", "run_job_in_worker"]
+__all__ = ["Ward", "WardConfig", "WardHooks", "SampleResult", "ForgetResult", "TrainResult", "Lineage", "TrainJob", "AssignBy", "run_job_in_worker"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one :meth:`Ward.train` did (also what ``pretrain``, ``enable_dp`` and ``enable_guards`` return when they train)."""
+
+    seconds: float  # wall-clock time of the call
+    finished_forgets: list[str]  # forget requests this training finished (their retraining done: state ``done``)
 
 
 @dataclass(frozen=True)
@@ -250,7 +258,7 @@ class Ward(WardChanges):
                                        r["metadata"]["ids_hash"], r["metadata"], public=KINDS[job.lineage.kind].public)
 
     def train(self, device: str = "cpu", progress: ProgressOption = True, executor: str = "local", only: tuple[str, ...] | None = None,
-              report_to: str = "csv", **executor_options) -> dict:
+              report_to: str = "csv", **executor_options) -> TrainResult:
         """Train every model that is missing or out of date (after init, add, forget or a crash); finish pending forgets.
 
         Models train in waves (:attr:`dataward.training.kinds.ModelKind.wave`). ``executor``: ``local`` or ``ray`` (a Ray
@@ -279,7 +287,7 @@ class Ward(WardChanges):
         pending = [r for r, _ in self.ledger.pending_forgets()]
         if pending and not self.models_missing():
             self.ledger.finish_forgets(pending)
-        return {"seconds": time.time() - started, "finished_forgets": pending}
+        return TrainResult(seconds=time.time() - started, finished_forgets=pending)
 
     def models_missing(self) -> bool:
         """Whether any model the ward should hold is missing or out of date."""
@@ -356,7 +364,7 @@ class Ward(WardChanges):
         """Per compartment: what sampling uses right now (complete, a fallback stage, or left out)."""
         return reports.serving_state(self.planner)
 
-    def verify(self, device: str = "cpu", progress=True, compartments: list[int] | None = None, retrain_base: bool = False) -> dict:
+    def verify(self, device: str = "cpu", progress=True, compartments: list[int] | None = None, retrain_base: bool = False) -> Certificate:
         """Forgetting certificate: retrain served models (all, or ``compartments``' and every joint model) from scratch on
         the live IDs and compare weight hashes; the public base is hash-checked against its record unless ``retrain_base``."""
         return forgetting_certificate(self.planner, self.runner, device, progress, compartments, retrain_public=retrain_base)
@@ -366,6 +374,6 @@ class Ward(WardChanges):
         """(ε, δ) per DP compartment and for the ward (parallel composition: the max over disjoint compartments)."""
         return reports.privacy(self.planner)
 
-    def status(self) -> dict:
-        """Everything a user wants to know about the ward, JSON-ready."""
+    def status(self) -> reports.WardStatus:
+        """Everything a user wants to know about the ward (``dataclasses.asdict`` of it is JSON-ready)."""
         return reports.status(self.planner)

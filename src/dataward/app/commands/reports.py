@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -72,49 +73,49 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
     w = Ward.open(ward, worker=True)
     s = w.status()
     if as_json:
-        print(json.dumps(s, default=str))
+        print(json.dumps(asdict(s), default=str))
         return
-    cfg = s["config"]
-    print_path(out, s["path"], "ward ")
-    if s["ledger"].startswith(URL_SCHEMES):  # a PostgreSQL ledger; the SQLite one is in the ward folder
-        print_path(out, s["ledger"], "ledger ")
-    out.print(f"{s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, {cfg['slices']} slice(s), "
-              f"weights {cfg['weights']}")
-    disk = s["disk_bytes"]
+    cfg = s.config
+    print_path(out, s.path, "ward ")
+    if s.ledger.startswith(URL_SCHEMES):  # a PostgreSQL ledger; the SQLite one is in the ward folder
+        print_path(out, s.ledger, "ledger ")
+    out.print(f"{s.samples} samples ({s.forgotten} forgotten), model {cfg.model} {cfg.image_size}px, {cfg.slices} slice(s), "
+              f"weights {cfg.weights}")
+    disk = s.disk_bytes
     out.print(f"size on disk: {_megabytes(disk['total'])} (training states {_megabytes(disk['train_states'])}, "
               f"in-stage checkpoints {_megabytes(disk['resume'])})")
-    _print_compartments(s["compartments"], bool(cfg["guard"]))
-    protections = {c["protection"] for c in s["compartments"]}
+    _print_compartments(s.compartments, bool(cfg.guard))
+    protections = {c["protection"] for c in s.compartments}
     if len(protections) == 1:
         out.print(f"protection of every compartment: {next(iter(protections))}")
     else:
-        for c in s["compartments"]:
+        for c in s.compartments:
             out.print(f"protection of compartment {c['id']}: {c['protection']}")
-    if s["base"]:
-        base = s["base"]
+    if s.base:
+        base = s.base
         source = f"imported from {base['imported_from']}" if base["kind"] == "imported" else f"trained on {base['data']} (public data only)"
         model = "not trained yet" if base["model"] is None else f"model #{base['model']}"
         delta = "its fine-tuned weights" if base["adapter"] == "full" else f"a {base['adapter']} adapter"
         out.print(escape(f"base: {model}, {source}; each compartment stores {delta} (its size is shown with each compartment's model)"))
-    elif s["public_model"]:
-        out.print(f"public denoiser: model #{s['public_model']['id']} trained on {escape(s['public_model']['data'])} (public data only)")
-    if s["latent"]:
-        ae = s["latent"]["autoencoder"]
-        shape = "x".join(map(str, s["latent"]["latent_shape"]))
+    elif s.public_model:
+        out.print(f"public denoiser: model #{s.public_model['id']} trained on {escape(s.public_model['data'])} (public data only)")
+    if s.latent:
+        ae = s.latent["autoencoder"]
+        shape = "x".join(map(str, s.latent["latent_shape"]))
         out.print(f"latent space: {shape} latents of " + ("[yellow]no trained autoencoder yet[/yellow]" if ae is None else
                   f"autoencoder #{ae['id']} trained on {ae['data']} (public data only; reconstruction MSE {ae['public_reconstruction_mse']:.4f} on it)"))
-    if s["router"]:
-        out.print(f"router: model #{s['router']['id']} stage {s['router']['stage']} (joint: saw every compartment; retrained on forget)")
-    for e in s["exports"]:
+    if s.router:
+        out.print(f"router: model #{s.router['id']} stage {s.router['stage']} (joint: saw every compartment; retrained on forget)")
+    for e in s.exports:
         state = f"[red]stale: compartment(s) {e['changed_compartments']} changed since (delete or re-export it)[/red]" if e["stale"] else "current"
         out.print(f"export {escape(e['folder'])}: compartments {e['compartments']}, class {e['label']}; {state}")
-    if s["pending_forgets"]:
-        out.print(f"[yellow]forget requests in effect, retraining pending: {', '.join(s['pending_forgets'])}[/yellow] (run any command to finish)")
-    if s["unerased_forgets"]:
+    if s.pending_forgets:
+        out.print(f"[yellow]forget requests in effect, retraining pending: {', '.join(s.pending_forgets)}[/yellow] (run any command to finish)")
+    if s.unerased_forgets:
         out.print(f"[yellow]forget requests in effect, not yet erased from the ledger's files (another connection reads an older snapshot): "
-                  f"{', '.join(s['unerased_forgets'])}[/yellow]")
-    if s.get("privacy"):
-        p = s["privacy"]
+                  f"{', '.join(s.unerased_forgets)}[/yellow]")
+    if s.privacy:
+        p = s.privacy
         per = "; ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"{epsilon_delta(v['epsilon'], v['delta'])}, σ = {v['sigma']:.3f}, "
                                                    f"{v['steps']} steps, {100 * v['trainable_fraction']:.1f}% of parameters ({v['trainable']})"
                                                    + (f", {v['noise_multiplicity']} noise draws per example" if (v.get("noise_multiplicity") or 1) > 1 else ""))
