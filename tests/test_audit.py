@@ -266,7 +266,7 @@ def test_the_report_says_what_protects_each_compartment(audited):
     assert report["protection"]["probe"] == 32 and report["protection"]["memorises_at"] == 0.05
     page = html.read_text(encoding="utf-8")
     assert "What protects each compartment" in page and "DP (ε = 5.000, δ = 1.00e-05)" in page and "copies unguarded" in page
-    from dataward.reports import describe_protection
+    from dataward.ward_status import describe_protection
 
     # issue 36: a guard that never steers protects nothing, measured by the audit or (unaudited) by its own training
     nothing = "a guard that {}, so it protects nothing (train it longer: dataward guard WARD --steps N)"

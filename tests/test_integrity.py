@@ -114,7 +114,7 @@ def test_one_rule_for_sample_ids_at_init_and_over_http(tmp_path):
 
     import numpy as np
 
-    from dataward.app.service.schema import ServiceLimits
+    from dataward.app.service.api import ServiceLimits
     from dataward.assignment import MAX_ID_LENGTH
 
     images = np.zeros((3, 1, 8, 8), dtype=np.float32)

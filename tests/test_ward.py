@@ -295,3 +295,18 @@ def test_every_model_kind_builds_the_class_its_checkpoints_load_with(tmp_path):
     assert router.fits({"num_outputs": 3}, ward.planner.context) and not router.fits({"num_outputs": 2}, ward.planner.context)
     assert {l.kind for l in ward.lineages()} == {"denoiser", "router"} and not any(l.dp for l in ward.lineages())
     ward.close()
+
+
+def test_a_certificate_check_prints_only_the_fields_that_apply_to_it():
+    """Issue 30: verify's checks are typed; `verify --json` prints each as before, without the fields that do not apply."""
+    from dataward.certificate import Certificate, ModelCheck
+
+    missing = ModelCheck(kind="router", compartment=None, method="retrained", equal=False, reason="no served model")
+    checked = ModelCheck(kind="denoiser", compartment=0, stage=1, model=4, method="retrained", served_sha256="a", scratch_sha256="a",
+                         equal=True, saw_forgotten_ids=0)
+    assert missing.to_json() == {"kind": "router", "compartment": None, "method": "retrained", "equal": False, "reason": "no served model"}
+    assert list(checked.to_json()) == ["kind", "compartment", "stage", "model", "method", "served_sha256", "scratch_sha256", "equal",
+                                       "saw_forgotten_ids"]
+    assert checked.passed and not missing.passed and not ModelCheck(**{**checked.__dict__, "saw_forgotten_ids": 1}).passed
+    assert Certificate(False, 2, "hash-checked", (missing, checked)).to_json() == {
+        "ok": False, "forgotten": 2, "public_models": "hash-checked", "models": [missing.to_json(), checked.to_json()]}

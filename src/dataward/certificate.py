@@ -8,7 +8,7 @@ against the ward's spec (the public IDs, recipe and budget it names now). ``retr
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dataward import numerics
@@ -46,15 +46,23 @@ class ModelCheck:
         """Equal and trained on no forgotten ID."""
         return self.equal and not self.saw_forgotten_ids
 
+    def to_json(self) -> dict:
+        """The check as JSON: its fields less those that do not apply to it (None), ``compartment`` always."""
+        return {key: value for key, value in asdict(self).items() if value is not None or key == "compartment"}
+
 
 @dataclass(frozen=True)
 class Certificate:
-    """What ``dataward verify`` found; ``dataclasses.asdict`` of it is the JSON that ``dataward verify --json`` prints."""
+    """What ``dataward verify`` found; :meth:`to_json` is what ``dataward verify --json`` prints (and the demo's summary)."""
 
     ok: bool  # every checked model passed (equal, no forgotten ID), and there was at least one
     forgotten: int  # how many IDs the ward had forgotten when it was checked
     public_models: str  # how public models were checked: hash-checked (the default) or retrained (``retrain_base``)
     models: tuple[ModelCheck, ...]  # one check per served model, in the planner's lineage order
+
+    def to_json(self) -> dict:
+        """The certificate as JSON: ``asdict`` with each check's :meth:`ModelCheck.to_json`."""
+        return asdict(self) | {"models": [check.to_json() for check in self.models]}
 
 
 def _check(planner: Planner, runner: JobRunner, lineage, forgotten: set[str], scratch: Path, device: str, progress) -> ModelCheck:

@@ -4,9 +4,6 @@
 another process writes it raises :class:`~dataward.store.lock.WriterBusy` and nothing changed), is validated before
 anything is written, saved in ward.json, then (by default) trained under the same lock. ward.json is the one source of
 truth of the config: every process re-reads it when another one saved it (:meth:`WardChanges.refresh_config`).
-
-``TrainResult`` in the annotations is :class:`dataward.ward.TrainResult` (what ``Ward.train`` returns), named without an
-import: :mod:`dataward.ward` imports this module.
 """
 
 from __future__ import annotations
@@ -25,6 +22,15 @@ from dataward.store.checkpoints import delete_quarantined
 from dataward.store.lock import WriterBusy
 from dataward.training.kinds import PUBLIC_KINDS
 from dataward.training.privacy import check_dp_change, plan_dp
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one :meth:`dataward.ward.Ward.train` did (also what ``pretrain``, ``enable_dp`` and ``enable_guards`` return
+    when they train). Defined here, beside the changes that return it: :mod:`dataward.ward` imports this module."""
+
+    seconds: float  # wall-clock time of the call
+    finished_forgets: list[str]  # forget requests this training finished (their retraining done: state ``done``)
 
 
 @dataclass(frozen=True)

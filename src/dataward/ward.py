@@ -4,7 +4,7 @@ Layout: ``WARD/ward.json`` (:mod:`dataward.config`), ``WARD/ledger.sqlite`` or `
 ``WARD/models/<name>/`` (a folder per trained stage: :mod:`dataward.store.checkpoints`), ``WARD/writer.lock``.
 
 :class:`Ward` is a facade over :mod:`dataward.training.planner`, :mod:`dataward.training.runner` (here or on Ray),
-:mod:`dataward.training.kinds`, :mod:`dataward.generation`, :mod:`dataward.certificate` and :mod:`dataward.reports`. The
+:mod:`dataward.training.kinds`, :mod:`dataward.generation`, :mod:`dataward.certificate` and :mod:`dataward.ward_status`. The
 facade alone writes the ledger (registering, forgetting) and ward.json, and owns the cache of loaded models.
 """
 
@@ -18,10 +18,10 @@ from typing import Callable
 
 import torch
 
-from dataward import reports
+from dataward import ward_status
 from dataward.assignment import check_layout, insert_samples
 from dataward.base import average_models, base_config, import_base
-from dataward.changes import WardChanges
+from dataward.changes import TrainResult, WardChanges
 from dataward.config import AssignBy, GuardConfig, TrainConfig, WardConfig, WeightsName
 from dataward.data import Dataset, load_source
 from dataward.diffusion.batched import StackedDenoisers
@@ -50,14 +50,6 @@ from dataward.training.sources import WardData
 TRAIN_ROUNDS = 3  # train() plans again while models are missing (forgets that landed meanwhile), at most this often
 
 __all__ = ["Ward", "WardConfig", "WardHooks", "SampleResult", "ForgetResult", "TrainResult", "Lineage", "TrainJob", "AssignBy", "run_job_in_worker"]
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What one :meth:`Ward.train` did (also what ``pretrain``, ``enable_dp`` and ``enable_guards`` return when they train)."""
-
-    seconds: float  # wall-clock time of the call
-    finished_forgets: list[str]  # forget requests this training finished (their retraining done: state ``done``)
 
 
 @dataclass(frozen=True)
@@ -362,7 +354,7 @@ class Ward(WardChanges):
 
     def serving_state(self) -> dict[str, str]:
         """Per compartment: what sampling uses right now (complete, a fallback stage, or left out)."""
-        return reports.serving_state(self.planner)
+        return ward_status.serving_state(self.planner)
 
     def verify(self, device: str = "cpu", progress=True, compartments: list[int] | None = None, retrain_base: bool = False) -> Certificate:
         """Forgetting certificate: retrain served models (all, or ``compartments``' and every joint model) from scratch on
@@ -372,8 +364,8 @@ class Ward(WardChanges):
     # reports ------------------------------------------------------------------------------------------------------
     def privacy(self) -> dict | None:
         """(ε, δ) per DP compartment and for the ward (parallel composition: the max over disjoint compartments)."""
-        return reports.privacy(self.planner)
+        return ward_status.privacy(self.planner)
 
-    def status(self) -> reports.WardStatus:
+    def status(self) -> ward_status.WardStatus:
         """Everything a user wants to know about the ward (``dataclasses.asdict`` of it is JSON-ready)."""
-        return reports.status(self.planner)
+        return ward_status.status(self.planner)

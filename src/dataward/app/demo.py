@@ -6,7 +6,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -177,7 +177,7 @@ def _audit(run: _Run, ward: Ward) -> None:
 def _summary(run: _Run, victims: list[str], certificate: Certificate) -> dict:
     """summary.json and the closing table."""
     run.figures["total_seconds"] = round(time.time() - run.started, 1)
-    (run.out_dir / "summary.json").write_text(json.dumps({"figures": run.figures, "forgotten": victims, "certificate": asdict(certificate)}, indent=2))
+    (run.out_dir / "summary.json").write_text(json.dumps({"figures": run.figures, "forgotten": victims, "certificate": certificate.to_json()}, indent=2))
     print_summary(run.console, f"dataward demo: done in {run.figures['total_seconds']} s", run.rows)
     return run.figures
 

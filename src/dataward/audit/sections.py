@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -352,7 +352,7 @@ def certificate(audit: Audit) -> dict[str, Any]:
         return {"certificate": None, "certificate_reason": no_certificate_reason(audit.ward.ledger)}
     audit.say("forgetting: bitwise certificate (retraining every model)")
     result = audit.ward.verify(progress=False)  # the audit reports its own progress
-    return {"certificate": {"ok": result.ok, "models": [asdict(check) for check in result.models]}}
+    return {"certificate": {"ok": result.ok, "models": [check.to_json() for check in result.models]}}
 
 
 def earlier_certificate(ward: AuditedWard) -> dict[str, Any] | None:

@@ -259,7 +259,7 @@ def verify(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
     with progress_bar(not as_json) as progress:
         cert = w.verify(device=device, progress=progress, retrain_base=retrain_base)
     if as_json:
-        print(json.dumps(asdict(cert)))
+        print(json.dumps(cert.to_json()))
     else:
         table = Table(title=f"certificate: {'OK' if cert.ok else 'FAILED'} ({cert.forgotten} forgotten IDs)")
         for col in ("model", "check", "served sha256", "expected sha256", "equal", "saw forgotten"):

@@ -1,4 +1,5 @@
-"""What a ward tells its users, JSON-ready: what each compartment serves, its privacy guarantee, its status."""
+"""A ward's status (:class:`WardStatus`, ``dataward status``): what each compartment serves, its privacy guarantee and
+what protects it; and the index of its live sample IDs (``dataward samples``)."""
 
 from __future__ import annotations
 
