@@ -6,7 +6,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from dataward.config import DPConfig, GuardConfig, TrainConfig
+from dataward.config import AutoencoderConfig, DPConfig, GuardConfig, TrainConfig
 from dataward.errors import DatawardError
 
 from conftest import make_ward
@@ -147,4 +147,17 @@ def test_latent_pretraining_refuses_a_preset_too_deep_for_the_latents(tmp_path):
     before = (ward.path / "ward.json").read_text()
     with pytest.raises(DatawardError, match="4x4x4 latents are too small for the 'base' preset"):
         ward.pretrain("printed:count=20", latent=True)
+    assert (ward.path / "ward.json").read_text() == before and ward.ledger.models(any_compartment=True) == []
+
+
+def test_a_library_caller_gets_the_autoencoder_refusals_the_command_line_gave(tmp_path):
+    """Issue 30: `dataward pretrain` refused an autoencoder's settings without --latent and fewer than 1 autoencoder step,
+    but Ward.pretrain took them (a pixel ward saved an autoencoder it never trains; 0 steps trained nothing)."""
+    ward = make_ward(tmp_path / "w", data="digits:subset=40")
+    before = (ward.path / "ward.json").read_text()
+    for settings in (dict(autoencoder=AutoencoderConfig(steps=3)), dict(autoencoder_data="printed:count=20")):
+        with pytest.raises(DatawardError, match="need --latent"):
+            ward.pretrain("printed:count=20", **settings)
+    with pytest.raises(DatawardError, match="steps .* must be at least 1, got 0"):
+        AutoencoderConfig(steps=0)
     assert (ward.path / "ward.json").read_text() == before and ward.ledger.models(any_compartment=True) == []

@@ -72,6 +72,9 @@ class WardChanges:
         (DP-LDM). In a ward with a public base, or with ``as_base``, it is the base every compartment fine-tunes from.
         A new base, or switching between pixel and latent space, makes every compartment model out of date: ``train``
         retrains them."""
+        if not latent and (autoencoder is not None or autoencoder_data is not None):
+            raise DatawardError("the autoencoder's settings (--autoencoder-steps / autoencoder, --autoencoder-data / autoencoder_data) "
+                                "need --latent (latent=True): pixel wards have no autoencoder")
         with self.writer:  # nothing changes while another process writes (it raises WriterBusy first)
             if self.config.base == "imported" and not as_base:
                 raise DatawardError("this ward's base is an imported UNet: pretrain --as-base replaces it with one trained on public data")

@@ -148,10 +148,6 @@ def pretrain(
 
     from dataward.config import TrainConfig
 
-    if (autoencoder_steps is not None or autoencoder_data is not None) and not latent:
-        raise DatawardError("--autoencoder-steps and --autoencoder-data need --latent (pixel wards have no autoencoder)")
-    if autoencoder_steps is not None and autoencoder_steps < 1:
-        raise DatawardError(f"--autoencoder-steps must be at least 1, got {autoencoder_steps}")
     w = open_ward(ward, device=device)
     trained_before = {r.metadata.get("variant", "") for r in w.served().values()}
     budget = TrainConfig(steps=steps) if steps is not None else None
