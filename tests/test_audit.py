@@ -266,7 +266,7 @@ def test_the_report_says_what_protects_each_compartment(audited):
     assert report["protection"]["probe"] == 32 and report["protection"]["memorises_at"] == 0.05
     page = html.read_text(encoding="utf-8")
     assert "What protects each compartment" in page and "DP (ε = 5.000, δ = 1.00e-05)" in page and "copies unguarded" in page
-    from dataward.reports import describe_protection
+    from dataward.ward_status import describe_protection
 
     # issue 36: a guard that never steers protects nothing, measured by the audit or (unaudited) by its own training
     nothing = "a guard that {}, so it protects nothing (train it longer: dataward guard WARD --steps N)"
@@ -381,7 +381,7 @@ def test_a_certificate_run_before_the_audit_is_reported_until_the_models_change(
     from dataward.audit.sections import earlier_certificate
 
     assert earlier_certificate(ward_copy) is None
-    assert ward_copy.verify()["ok"]
+    assert ward_copy.verify().ok
     earlier = earlier_certificate(ward_copy)
     assert earlier["ok"] and earlier["models"] == sorted(r.id for k in ("denoiser", "router") for r in ward_copy.served(k).values())
     page = render_html({"forgetting": {"status": "ok", "attacks": [], "auc": 0.5, "forgotten": 1, "null_sd": 0.1, "z": 0.0,
@@ -399,7 +399,7 @@ def test_without_a_covering_certificate_the_audit_says_what_the_latest_verify_ch
 
     reason = no_certificate_reason(ward_copy.ledger)
     assert reason.startswith("not run by this audit") and "latest" not in reason
-    assert ward_copy.verify(compartments=[0])["ok"]
+    assert ward_copy.verify(compartments=[0]).ok
     reason = no_certificate_reason(ward_copy.ledger)
     assert "some compartments only: OK" in reason and "after it" not in reason
     ward_copy.forget([ward_copy.training_data(0).ids[0]])

@@ -71,7 +71,7 @@ def test_forgetting_from_a_base_is_exact_and_never_touches_the_base(base_ward_di
     assert ward.served("public-denoiser")[None].id == base.id
     assert checkpoint_hash(ward.path / base.path) == base_bytes == base.metadata["weights_sha256"]
     certificate = ward.verify()
-    assert certificate["ok"] and {c["kind"] for c in certificate["models"]} == {"denoiser"}  # the base is not retrained
+    assert certificate.ok and {c.kind for c in certificate.models} == {"denoiser"}  # the base is not retrained
 
 
 @pytest.mark.parametrize("weights", ["density", "soup"])
@@ -133,7 +133,7 @@ def test_lora_compartments_train_and_store_only_their_adapter(tmp_path):
         assert moved and all(n.endswith(".weight") for n in moved)
         assert not any("norm" in n for n in moved)
     assert ward.sample(4, seed=0, steps=3).images.isfinite().all()
-    assert ward.verify()["ok"]
+    assert ward.verify().ok
 
 
 def test_lora_ward_size_is_a_fraction_of_full(tmp_path):
@@ -143,7 +143,7 @@ def test_lora_ward_size_is_a_fraction_of_full(tmp_path):
         ward = make_ward(tmp_path / adapter.replace(":", ""), compartments=1, slices=1, router=False,
                          base=str(save_unet(tmp_path / f"unet-{adapter.replace(':', '')}")), adapter=adapter, train=TINY)
         ward.train()
-        sizes[adapter] = ward.status()["compartments"][0]["model"]["bytes"]
+        sizes[adapter] = ward.status().compartments[0]["model"]["bytes"]
     assert sizes["lora:4"] < 0.3 * sizes["full"]
 
 

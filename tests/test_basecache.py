@@ -99,18 +99,18 @@ def test_verify_checks_the_base_by_hash_unless_asked_to_retrain_it(tmp_path, own
     ward.train()
     trained_kinds.clear()
     certificate = ward.verify()
-    assert certificate["ok"] and trained_kinds == ["denoiser"]
-    methods = {m["kind"]: m["method"] for m in certificate["models"]}
+    assert certificate.ok and trained_kinds == ["denoiser"]
+    methods = {m.kind: m.method for m in certificate.models}
     assert methods == {"public-denoiser": "hash-checked", "denoiser": "retrained"}
     trained_kinds.clear()
     certificate = ward.verify(retrain_base=True)
-    assert certificate["ok"] and trained_kinds == ["public-denoiser", "denoiser"]
-    assert {m["kind"]: m["method"] for m in certificate["models"]} == {"public-denoiser": "retrained", "denoiser": "retrained"}
+    assert certificate.ok and trained_kinds == ["public-denoiser", "denoiser"]
+    assert {m.kind: m.method for m in certificate.models} == {"public-denoiser": "retrained", "denoiser": "retrained"}
     base = ward.served("public-denoiser")[None]
     weights = ward.path / base.path / WEIGHTS_FILE
     save_file({k: torch.zeros_like(v) for k, v in load_file(str(weights)).items()}, str(weights))
-    check = next(m for m in ward.verify()["models"] if m["kind"] == "public-denoiser")
-    assert not check["equal"] and "changed or replaced" in check["reason"]
+    check = next(m for m in ward.verify().models if m.kind == "public-denoiser")
+    assert not check.equal and "changed or replaced" in check.reason
 
 
 def test_the_announcement_lists_the_base_as_cached_after_a_miss_then_a_hit(tmp_path, own_cache):

@@ -213,7 +213,7 @@ def test_a_ward_trains_and_samples_at_28_pixels(registry, monkeypatch, tmp_path)
     ward = Ward.create(tmp_path / "w", "fashion-mnist:subset=20", image_size=28, train=TrainConfig(steps=2, batch_size=8))
     ward.train()
     result = ward.sample(n=2, steps=2, seed=0)
-    assert tuple(result.images.shape) == (2, 1, 28, 28) and ward.status()["samples"] == 20
+    assert tuple(result.images.shape) == (2, 1, 28, 28) and ward.status().samples == 20
     ward.close()
 
 

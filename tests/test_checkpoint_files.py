@@ -25,8 +25,8 @@ def test_a_training_state_copied_from_another_compartment_is_not_resumed_from(wa
         ward_copy.forget([victim])
     assert not ward_copy.models_missing()
     certificate = ward_copy.verify(compartments=[0])
-    denoiser = [m for m in certificate["models"] if m["kind"] == "denoiser" and m["compartment"] == 0]
-    assert denoiser and all(m["equal"] for m in denoiser)
+    denoiser = [m for m in certificate.models if m.kind == "denoiser" and m.compartment == 0]
+    assert denoiser and all(m.equal for m in denoiser)
 
 
 def test_an_edited_config_json_is_refused_by_name(ward_copy):

@@ -309,15 +309,15 @@ def test_status_is_readable_at_80_columns(monkeypatch, capsys, base_ward_dir):
     whole lines there, and the table stays where it fits."""
     from rich.console import Console
 
-    from dataward.app.commands import reports
+    from dataward.app.commands import inspection
     from dataward.ward import Ward
 
     ward = Ward.open(base_ward_dir, worker=True)
-    compartments = ward.status()["compartments"]
+    compartments = ward.status().compartments
     ward.close()
     for columns in (80, 200):
         monkeypatch.setenv("COLUMNS", str(columns))
-        monkeypatch.setattr(reports, "out", Console())  # what the CLI's console reads from the environment when it starts
+        monkeypatch.setattr(inspection, "out", Console())  # what the CLI's console reads from the environment when it starts
         code, out, _ = _main(monkeypatch, capsys, "status", base_ward_dir)
         lines = out.splitlines()
         assert code == 0 and max(map(len, lines)) <= columns and f"ward {base_ward_dir}" in lines
@@ -330,7 +330,7 @@ def test_status_is_readable_at_80_columns(monkeypatch, capsys, base_ward_dir):
 
 def test_status_shows_how_often_each_guard_would_steer_on_members_and_on_public_images():
     """Issue 17: status says how often a guard is sure enough to steer, on its members and on public images it never saw."""
-    from dataward.app.commands.reports import _guard_lines
+    from dataward.app.commands.inspection import _guard_lines
 
     def by_t(*values: float) -> dict[str, float]:
         return {str(t): v for t, v in zip((0, 100, 200, 300, 400, 500), values)}
@@ -384,3 +384,13 @@ def test_guard_command_trains_the_papers_guard_on_request_and_refuses_a_bad_weig
     assert sorted({g.compartment for g in guards}) == ward.compartments()
     assert not any(lineage.variant.startswith("calibrated-") for lineage in ward.lineages() if lineage.kind == "guard")  # the paper's recipe
     ward.close()
+
+
+def test_status_names_a_model_whose_folder_size_is_unknown():
+    """The status table's model cell said nothing of a served model whose folder is gone (``bytes`` None): a second
+    ``_megabytes`` (without the None case) replaced the first, and the cell raised TypeError."""
+    from dataward.app.commands.inspection import _model_summary
+
+    assert _model_summary({"id": 7, "stage": 1, "steps": 12, "bytes": None}) == "#7 stage 1, 12 steps, ?"
+    assert _model_summary({"id": 7, "stage": 1, "steps": 12, "bytes": 2_500_000}) == "#7 stage 1, 12 steps, 2.5 MB"
+    assert _model_summary(None) == "-"

@@ -66,13 +66,13 @@ def test_a_reader_holding_a_snapshot_delays_neither_forget_and_erasure_follows_w
     # ... and they say that erasure is still to come, as the ledger and status do
     assert (a.state, a.erased, b.state, b.erased) == ("accepted", False, "accepted", False)
     assert ward.ledger.forget_request(a.request)["erased"] is False
-    assert ward.status()["unerased_forgets"] == sorted([a.request, b.request])
+    assert ward.status().unerased_forgets == sorted([a.request, b.request])
     assert holders(ward, needle) != []  # what the reader keeps alive
     reader.execute("COMMIT")
     reader.close()
     assert ward.eraser.wait(timeout=60), "erasure did not follow the reader's release"
     assert ward.ledger.forget_request(a.request)["erased"] and ward.ledger.forget_request(b.request)["erased"]
-    assert holders(ward, needle) == [] and ward.status()["unerased_forgets"] == []
+    assert holders(ward, needle) == [] and ward.status().unerased_forgets == []
     assert [e["kind"] for e in ward.ledger.events(20)].count("forget-erased") == 1
     ward.close()
 
@@ -114,10 +114,10 @@ def test_a_forget_between_two_stages_of_a_first_training_replans_and_stays_exact
     hooks, forgot = forget_on_first_registration(tmp_path / "w", [victim])
     ward = Ward.open(tmp_path / "w", hooks=hooks)
     result = ward.train()  # used to die: "the ward's data changed while training denoiser 1 stage 1"
-    assert forgot and result["finished_forgets"] == [forgot[0].request]
+    assert forgot and result.finished_forgets == [forgot[0].request]
     assert not ward.models_missing() and ward.ledger.pending_forgets() == []
     assert all(victim not in ward.ledger.model_sample_ids(r.id) for r in ward.served().values())
-    assert ward.verify()["ok"]
+    assert ward.verify().ok
     ward.close()
 
 
@@ -134,7 +134,7 @@ def test_a_forget_that_removes_the_checkpoint_a_retraining_resumes_from_replans(
     ward = Ward.open(tmp_path / "w", hooks=hooks)
     ward.train()
     assert forgot and not (tmp_path / "w" / resume_from[0]).exists()
-    assert not ward.models_missing() and ward.ledger.pending_forgets() == [] and ward.verify()["ok"]
+    assert not ward.models_missing() and ward.ledger.pending_forgets() == [] and ward.verify().ok
     ward.close()
 
 

@@ -70,7 +70,7 @@ def test_a_new_budget_on_a_trained_ward_retrains_and_verify_holds(ward_copy):
     served = ward_copy.served()
     assert set(served) == set(old) and all(served[c].id != old[c] and served[c].metadata["train"]["steps"] == 6 for c in old)
     assert {r.id for r in ward_copy.ledger.models("denoiser", 0, status="retired")} >= {old[0]}
-    assert ward_copy.verify()["ok"]
+    assert ward_copy.verify().ok
 
 
 _HOLD_LOCK = """
@@ -114,7 +114,7 @@ def test_one_rule_for_sample_ids_at_init_and_over_http(tmp_path):
 
     import numpy as np
 
-    from dataward.app.service.schema import ServiceLimits
+    from dataward.app.service.api import ServiceLimits
     from dataward.assignment import MAX_ID_LENGTH
 
     images = np.zeros((3, 1, 8, 8), dtype=np.float32)

@@ -86,11 +86,11 @@ def test_train_state_only_where_a_forget_can_start_and_loss_logs(tmp_path):
         rows = list(csv.DictReader((folder / LOSS_FILE).open()))
         assert len(rows) == (2 if record.kind == "denoiser" else 1)  # TINY (4 steps) and TINY_ROUTER (2) over 2 stages
         assert all(math.isfinite(float(r["loss"])) and float(r["lr"]) > 0 for r in rows)
-    sizes = ward.status()["disk_bytes"]
+    sizes = ward.status().disk_bytes
     assert 0 < sizes["train_states"] < sizes["models"] < sizes["total"] and sizes["resume"] == 0
     rows = ward.ledger.sample_rows(list(ward.training_data().ids))
     ward.forget([next(i for i, (c, s, _) in rows.items() if s == 1)], progress=False)
-    assert ward.verify(progress=False)["ok"]
+    assert ward.verify(progress=False).ok
 
 
 def test_report_to_none_writes_no_loss_log(tmp_path):
@@ -141,13 +141,14 @@ def test_cli_exit_code_of_a_command_that_exits_nonzero(tmp_path, monkeypatch):
     """`typer.Exit(n)` in a command (verify's failed certificate) exits n; it exited 0."""
     from dataward.app import cli
     from dataward.app.commands import lifecycle
+    from dataward.certificate import Certificate
 
     class FailedCertificate:
         def __init__(self, *a, **k):
             pass
 
         def verify(self, **kwargs):
-            return {"ok": False, "forgotten": 0, "models": []}
+            return Certificate(ok=False, forgotten=0, public_models="hash-checked", models=())
 
     monkeypatch.setattr(lifecycle, "open_ward", lambda *a, **k: FailedCertificate())
     monkeypatch.setattr(sys, "argv", ["dataward", "verify", str(tmp_path)])

@@ -175,7 +175,7 @@ def test_export_and_a_forget_that_makes_it_stale_from_the_command_line(base_ward
     assert "exports now stale" in forgot and str((tmp_path / "acme").resolve()) in forgot.replace("\n", "")
     ward = Ward.open(path, worker=True)
     try:
-        [export] = ward.status()["exports"]
+        [export] = ward.status().exports
         assert export["stale"] and export["changed_compartments"] == [1]
     finally:
         ward.close()
@@ -199,7 +199,7 @@ def test_a_folder_of_32px_rgb_images_goes_through_the_whole_life(tmp_path):
         victim = ward.training_data(1).ids[0]
         assert victim.startswith("square/") or victim.startswith("circle/") or victim.startswith("triangle/")
         ward.forget([victim])
-        assert victim not in ward.training_data(1).ids and ward.verify()["ok"]
+        assert victim not in ward.training_data(1).ids and ward.verify().ok
         torch.manual_seed(0)
         features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
         report = audit_ward(ward, n=4, steps=2, grid=4, members=4, timesteps=(10,), features=features,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -103,14 +104,14 @@ def test_a_ward_moved_into_postgres_samples_the_same_bytes_forgets_and_retrains(
     assert (path / LEDGER_URL_FILE).read_text().strip() == url
     ward = Ward.open(path)
     moved = ward.status()
-    assert moved["ledger"] == url and {**moved, "ledger": status["ledger"], "disk_bytes": status["disk_bytes"]} == status  # no ledger.sqlite now
+    assert moved.ledger == url and replace(moved, ledger=status.ledger, disk_bytes=status.disk_bytes) == status  # no ledger.sqlite now
     assert np.array_equal(ward.sample(4, seed=3).images, expected.images)  # the same models, found through the new ledger
     target = ward.ledger.samples(1, images=False)[0][0]
     result = ward.forget([target])
     assert result.state == "done" and result.erased and ward.ledger.unerased_forgets() == []  # VACUUM, after the commit
     assert ward.ledger.forgotten_ids() == [target]
     assert all(target not in ward.ledger.model_sample_ids(m.id) for m in ward.ledger.models("denoiser", 1))
-    assert ward.status()["forgotten"] == 1
+    assert ward.status().forgotten == 1
     ward.close()
     listed = CliRunner().invoke(app, ["status", str(path), "--json"])
     assert json.loads(listed.output)["ledger"] == url
@@ -132,7 +133,7 @@ def test_an_interrupted_move_refuses_to_open_until_it_is_finished(trained_ward_d
     assert move_ledger(path, url) == {"ledger": url, "rows": 0, "finished": True}
     assert not (path / LEDGER_FILE).exists()
     ward = Ward.open(path)
-    assert ward.status()["ledger"] == url and ward.status()["samples"] == 60
+    assert ward.status().ledger == url and ward.status().samples == 60
     ward.close()
     with pytest.raises(DatawardError, match="nothing to move"):
         move_ledger(path, url)
@@ -209,7 +210,7 @@ def test_init_can_put_a_new_wards_ledger_in_postgres_and_leaves_nothing_on_a_bad
     assert made.exit_code == 0, made.output
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [LEDGER_URL_FILE, "models", "ward.json", "writer.lock"]
     ward = Ward.open(tmp_path / "w")
-    assert ward.status()["ledger"] == url and ward.status()["samples"] == 40 and ward.compartments() == [0, 1]
+    assert ward.status().ledger == url and ward.status().samples == 40 and ward.compartments() == [0, 1]
     ward.close()
 
 

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -66,8 +67,8 @@ def test_forget_is_bitwise_equal_to_training_from_scratch(ward_copy, tmp_path):
     assert after[1] != before[1]
     assert files_bytes(ward, 0) == untouched
     cert = ward.verify()
-    assert cert["ok"], cert
-    assert {(m["kind"], m["compartment"]) for m in cert["models"]} == {("denoiser", 0), ("denoiser", 1), ("denoiser", 2), ("router", None)}
+    assert cert.ok, cert
+    assert {(m.kind, m.compartment) for m in cert.models} == {("denoiser", 0), ("denoiser", 1), ("denoiser", 2), ("router", None)}
     # and equal to a brand-new ward made from the data without the ID
     fresh = make_ward(tmp_path / "fresh", compartments=3)
     fresh.accept_forget([victim])
@@ -88,14 +89,14 @@ def test_forget_takes_effect_immediately_with_fallback(ward_copy):
         saw = ward.ledger.model_sample_ids(record.id)
         assert victim not in saw
     assert served[1].stage == 0
-    assert ward.status()["pending_forgets"] == [result.request]
+    assert ward.status().pending_forgets == [result.request]
     r = ward.sample(4, allowed=[1])  # still serves, from the clean checkpoint
     assert r.models[1]["fallback"] and r.models[1]["stage"] == 0
     # a slice-0 ID leaves the compartment out entirely until retrained
     ward.accept_forget([id_in(ward, 2, 0)])
     assert 2 not in ward.served() and ward.serving_state()["2"].startswith("left out")
     ward.train()
-    assert ward.status()["pending_forgets"] == [] and ward.verify()["ok"]
+    assert ward.status().pending_forgets == [] and ward.verify().ok
 
 
 def test_forget_errors_and_noop(ward_copy):
@@ -141,19 +142,31 @@ def test_crash_during_forget_never_serves_a_leaked_model(trained_ward_dir, tmp_p
     assert json.loads((path / "ward.json").read_text()) == config
     ward.train()  # the next command completes the forget (with the ward's own budget)
     assert not ward.ledger.pending_forgets()
-    assert ward.verify()["ok"]
+    assert ward.verify().ok
 
 
 def test_add_makes_a_new_compartment_and_leaves_others_byte_identical(ward_copy):
     before = {c: files_bytes(ward_copy, c) for c in (0, 1, 2)}
     result = ward_copy.add("printed:count=30")
-    assert result["compartments"] == [3]
+    assert result.compartments == [3] and result.samples == 30 and result.training.seconds > 0
     assert {c: files_bytes(ward_copy, c) for c in (0, 1, 2)} == before
     assert 3 in ward_copy.served()
     router = ward_copy.served("router")[None]
     assert router.metadata["num_outputs"] == 4
     r = ward_copy.sample(6, weights="router")
     assert r.attribution.shape == (6, 4)
+
+
+def test_status_is_typed_and_its_asdict_is_the_json_that_status_prints(ward_copy):
+    """Issue 30: status was a dict read by string keys in the CLI, the demo and the tests; its fields are the JSON's keys,
+    in the order `dataward status --json` printed them."""
+    status = ward_copy.status()
+    assert status.samples == sum(c["samples"] for c in status.compartments) == len(ward_copy.training_data().ids)
+    assert status.config == ward_copy.config and status.pending_forgets == [] and status.router["saw_compartments"] == "all"
+    printed = asdict(status)
+    assert list(printed) == ["path", "ledger", "config", "compartments", "router", "samples", "forgotten", "pending_forgets",
+                             "unerased_forgets", "public_model", "base", "latent", "privacy", "exports", "events", "disk_bytes"]
+    assert printed["config"] == asdict(ward_copy.config) and json.loads(json.dumps(printed, default=str))["samples"] == status.samples
 
 
 def test_access_rights_are_exact_with_density_weights(ward_copy):
@@ -282,3 +295,18 @@ def test_every_model_kind_builds_the_class_its_checkpoints_load_with(tmp_path):
     assert router.fits({"num_outputs": 3}, ward.planner.context) and not router.fits({"num_outputs": 2}, ward.planner.context)
     assert {l.kind for l in ward.lineages()} == {"denoiser", "router"} and not any(l.dp for l in ward.lineages())
     ward.close()
+
+
+def test_a_certificate_check_prints_only_the_fields_that_apply_to_it():
+    """Issue 30: verify's checks are typed; `verify --json` prints each as before, without the fields that do not apply."""
+    from dataward.certificate import Certificate, ModelCheck
+
+    missing = ModelCheck(kind="router", compartment=None, method="retrained", equal=False, reason="no served model")
+    checked = ModelCheck(kind="denoiser", compartment=0, stage=1, model=4, method="retrained", served_sha256="a", scratch_sha256="a",
+                         equal=True, saw_forgotten_ids=0)
+    assert missing.to_json() == {"kind": "router", "compartment": None, "method": "retrained", "equal": False, "reason": "no served model"}
+    assert list(checked.to_json()) == ["kind", "compartment", "stage", "model", "method", "served_sha256", "scratch_sha256", "equal",
+                                       "saw_forgotten_ids"]
+    assert checked.passed and not missing.passed and not ModelCheck(**{**checked.__dict__, "saw_forgotten_ids": 1}).passed
+    assert Certificate(False, 2, "hash-checked", (missing, checked)).to_json() == {
+        "ok": False, "forgotten": 2, "public_models": "hash-checked", "models": [missing.to_json(), checked.to_json()]}

@@ -1,11 +1,12 @@
 """Guards and DP inside a ward: recorded in the ledger, retrained by forget, certified by verify, accounted in status."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from dataward.config import DPConfig, GuardConfig, TrainConfig
+from dataward.config import AutoencoderConfig, DPConfig, GuardConfig, TrainConfig
 from dataward.errors import DatawardError
 
 from conftest import make_ward
@@ -28,8 +29,8 @@ def test_guards_per_compartment_are_forgotten_and_certified(tmp_path):
     assert strict.guard_guided == 0.0 and torch.equal(strict.images, plain.images)
     off = ward.sample(4, seed=3, steps=8, guard=False)
     assert torch.equal(plain.images, off.images)
-    guard = ward.status()["compartments"][0]["guard"]
-    protection = ward.status()["compartments"][0]["protection"]  # no audit yet; a 4-step guard is sure on no member
+    guard = ward.status().compartments[0]["guard"]
+    protection = ward.status().compartments[0]["protection"]  # no audit yet; a 4-step guard is sure on no member
     assert protection.startswith("a guard that is never sure on its members at any t, so it protects nothing"), protection
     for figure in ("accuracy_by_t", "confident_members_by_t", "confident_public_by_t"):  # issue 17: false positives on public images
         assert list(guard[figure]) == ["0", "100", "200", "300", "400", "500"] and all(0.0 <= a <= 1.0 for a in guard[figure].values())
@@ -38,29 +39,29 @@ def test_guards_per_compartment_are_forgotten_and_certified(tmp_path):
     ward.forget([victim])
     assert ward.served("guard")[1].id != guards[1].id and ward.served("guard")[0].id == guards[0].id
     cert = ward.verify()
-    assert cert["ok"] and {(m["kind"], m["compartment"]) for m in cert["models"]} >= {("guard", 0), ("guard", 1)}
+    assert cert.ok and {(m.kind, m.compartment) for m in cert.models} >= {("guard", 0), ("guard", 1)}
 
 
 def test_dp_compartment_after_public_pretraining(tmp_path):
     ward = make_ward(tmp_path / "w", data="digits:subset=80", router=False)
     ward.train()
     ward.pretrain("printed:count=60", TrainConfig(steps=2, batch_size=30))
-    assert ward.status()["public_model"]["public"] is True
+    assert ward.status().public_model["public"] is True
     before = ward.served()[0].id
     ward.enable_dp(DPConfig(epsilon=10.0, batch=20, epochs=1), compartments=[1])
-    privacy = ward.status()["privacy"]
+    privacy = ward.status().privacy
     record = privacy["compartments"]["1"]
     assert record["epsilon"] <= 10.0 + 1e-9 and record["trainable"] == "attention"
     assert 0.05 < record["trainable_fraction"] < 0.15  # DP-LDM: ~90% fewer trainable parameters
     assert privacy["compartments"]["0"] == "not DP" and privacy["ward_epsilon"] == "inf"
-    protection = [c["protection"] for c in ward.status()["compartments"]]  # issue 22: what protects each compartment
+    protection = [c["protection"] for c in ward.status().compartments]  # issue 22: what protects each compartment
     assert protection[0].startswith("neither DP nor a guard") and protection[1] == f"DP (ε = {record['epsilon']:.3f}, δ = {record['delta']:.2e})"
     assert ward.served()[0].id == before  # the non-DP compartment is untouched
     assert ward.serving_state()["1"] == "complete"  # one DP phase: its only stage is not a fallback
     assert ward.sample(2, steps=2, allowed=[1], weights="density", sampler="ddpm").models[1]["fallback"] is False
-    json.dumps(ward.status())  # status is valid JSON (no inf floats)
+    json.dumps(asdict(ward.status()))  # status is valid JSON (no inf floats)
     ward.forget([ward.training_data(1).ids[0]])
-    assert ward.verify()["ok"]
+    assert ward.verify().ok
 
 
 def test_dp_bad_input_is_refused_before_training(tmp_path):
@@ -105,7 +106,7 @@ def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
                   autoencoder_data="strokes:count=40")
     autoencoder = ward.served("autoencoder")[None]
     assert autoencoder.public and autoencoder.metadata["num_ids"] == 40  # trained on the 40 public strokes only
-    assert ward.model_shape() == (4, 4, 4) and ward.status()["latent"]["autoencoder"]["id"] == autoencoder.id
+    assert ward.model_shape() == (4, 4, 4) and ward.status().latent["autoencoder"]["id"] == autoencoder.id
     assert ward.models_missing() and ward.served() == {}  # the pixel models are no longer served: `train` retrains in latent space
     ward.train()
     served = ward.served()
@@ -127,15 +128,15 @@ def test_latent_ward_trains_samples_forgets_and_certifies(tmp_path):
     rows = report["protection"]["compartments"]
     assert len(rows) == 2 and all(0.0 <= row[key] <= 1.0 for row in rows  # each compartment sampled alone, guarded and not
                                   for key in ("guard_steered_share", "unguarded_replication", "guarded_replication"))
-    status = ward.status()["compartments"]  # issue 17: status shows the audit's figures while they describe the served models
+    status = ward.status().compartments  # issue 17: status shows the audit's figures while they describe the served models
     assert [c["audited"]["unguarded_replication"] for c in status] == [row["unguarded_replication"] for row in rows]
     assert all("of its unguarded samples are copies" in c["protection"] for c in status)
     victim = ward.training_data(1).ids[0]
     ward.forget([victim])
-    assert all(c["audited"] is None for c in ward.status()["compartments"])  # a model was retrained: those figures are stale
+    assert all(c["audited"] is None for c in ward.status().compartments)  # a model was retrained: those figures are stale
     assert ward.served("autoencoder")[None].id == autoencoder.id  # public: untouched by forgetting
     cert = ward.verify()
-    assert cert["ok"] and {(m["kind"], m["compartment"]) for m in cert["models"]} >= {("autoencoder", None), ("denoiser", 1), ("guard", 1)}
+    assert cert.ok and {(m.kind, m.compartment) for m in cert.models} >= {("autoencoder", None), ("denoiser", 1), ("guard", 1)}
     ward.enable_dp(DPConfig(epsilon=10.0, batch=20, epochs=1), compartments=[1])  # DP-LDM: DP-SGD on the latents
     assert ward.served()[1].metadata["variant"].startswith("dp-") and ward.privacy()["compartments"]["1"]["epsilon"] <= 10.0 + 1e-9
     assert ward.sample(2, steps=2, allowed=[1], weights="density", sampler="ddpm").images.shape == (2, 1, 8, 8)
@@ -146,4 +147,17 @@ def test_latent_pretraining_refuses_a_preset_too_deep_for_the_latents(tmp_path):
     before = (ward.path / "ward.json").read_text()
     with pytest.raises(DatawardError, match="4x4x4 latents are too small for the 'base' preset"):
         ward.pretrain("printed:count=20", latent=True)
+    assert (ward.path / "ward.json").read_text() == before and ward.ledger.models(any_compartment=True) == []
+
+
+def test_a_library_caller_gets_the_autoencoder_refusals_the_command_line_gave(tmp_path):
+    """Issue 30: `dataward pretrain` refused an autoencoder's settings without --latent and fewer than 1 autoencoder step,
+    but Ward.pretrain took them (a pixel ward saved an autoencoder it never trains; 0 steps trained nothing)."""
+    ward = make_ward(tmp_path / "w", data="digits:subset=40")
+    before = (ward.path / "ward.json").read_text()
+    for settings in (dict(autoencoder=AutoencoderConfig(steps=3)), dict(autoencoder_data="printed:count=20")):
+        with pytest.raises(DatawardError, match="need --latent"):
+            ward.pretrain("printed:count=20", **settings)
+    with pytest.raises(DatawardError, match="steps .* must be at least 1, got 0"):
+        AutoencoderConfig(steps=0)
     assert (ward.path / "ward.json").read_text() == before and ward.ledger.models(any_compartment=True) == []

@@ -8,6 +8,7 @@ against the ward's spec (the public IDs, recipe and budget it names now). ``retr
 from __future__ import annotations
 
 import tempfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dataward import numerics
@@ -23,47 +24,83 @@ RETRAINED = "retrained"  # a check's method: the served model against its lineag
 HASH_CHECKED = "hash-checked"  # a public model's: its weights against the recorded hash, its record against the ward's spec
 
 
-def _check(planner: Planner, runner: JobRunner, lineage, forgotten: set[str], scratch: Path, device: str, progress) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class ModelCheck:
+    """One served model checked by the certificate: retrained from scratch (``method`` ``retrained``) or, a public
+    model, its weights against the hash recorded when it was trained (``hash-checked``). Fields in the order of the JSON."""
+
+    kind: str  # the model kind (denoiser, guard, router, public-denoiser, autoencoder)
+    compartment: int | None  # its compartment; None for a ward-wide model (the router, the public base)
+    stage: int | None = None  # the served stage (None: no served model)
+    model: int | None = None  # the served model's ID in the ledger (None: no served model)
+    method: str  # retrained | hash-checked
+    served_sha256: str | None = None  # the served checkpoint's weight hash
+    scratch_sha256: str | None = None  # retrained: the weight hash of the same stage retrained from scratch
+    recorded_sha256: str | None = None  # hash-checked: the weight hash recorded when the model was trained
+    equal: bool  # the served weights are the expected ones (and a public model's IDs are those the ward's spec names)
+    saw_forgotten_ids: int | None = None  # forgotten IDs the served model's record says it trained on (must be 0)
+    reason: str | None = None  # why it is not equal (None when it is)
+
+    @property
+    def passed(self) -> bool:
+        """Equal and trained on no forgotten ID."""
+        return self.equal and not self.saw_forgotten_ids
+
+    def to_json(self) -> dict:
+        """The check as JSON: its fields less those that do not apply to it (None), ``compartment`` always."""
+        return {key: value for key, value in asdict(self).items() if value is not None or key == "compartment"}
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """What ``dataward verify`` found; :meth:`to_json` is what ``dataward verify --json`` prints (and the demo's summary)."""
+
+    ok: bool  # every checked model passed (equal, no forgotten ID), and there was at least one
+    forgotten: int  # how many IDs the ward had forgotten when it was checked
+    public_models: str  # how public models were checked: hash-checked (the default) or retrained (``retrain_base``)
+    models: tuple[ModelCheck, ...]  # one check per served model, in the planner's lineage order
+
+    def to_json(self) -> dict:
+        """The certificate as JSON: ``asdict`` with each check's :meth:`ModelCheck.to_json`."""
+        return asdict(self) | {"models": [check.to_json() for check in self.models]}
+
+
+def _check(planner: Planner, runner: JobRunner, lineage, forgotten: set[str], scratch: Path, device: str, progress) -> ModelCheck:
     """One lineage's served model against the same lineage retrained from scratch into ``scratch``."""
     served = planner.served(lineage.kind).get(lineage.compartment)
     if served is None:
-        return {"kind": lineage.kind, "compartment": lineage.compartment, "equal": False, "reason": "no served model", "method": RETRAINED}
+        return ModelCheck(kind=lineage.kind, compartment=lineage.compartment, method=RETRAINED, equal=False, reason="no served model")
     results = runner.run(planner.plan(lineage, from_scratch=True), device, progress, out_root=scratch)
     scratch_hash = checkpoint_hash(scratch / results[served.stage]["folder"])
     served_hash = checkpoint_hash(planner.path / served.path)
-    check = {
-        "kind": lineage.kind, "compartment": lineage.compartment, "stage": served.stage, "model": served.id, "method": RETRAINED,
-        "served_sha256": served_hash, "scratch_sha256": scratch_hash,
-        "equal": served_hash == scratch_hash, "saw_forgotten_ids": len(planner.ledger.model_sample_ids(served.id) & forgotten),
-    }
-    if not check["equal"]:  # say whether this machine computes other bytes than the one that trained the model
-        machine = numerics.differences(served.metadata.get("numerics"), numerics.fingerprint())
-        check["reason"] = ("this machine's numerics differ from the training machine's: " + "; ".join(machine)) if machine else \
-            "same numerics as the training machine: the served model is not what its lineage trains"
-    return check
+    check = ModelCheck(kind=lineage.kind, compartment=lineage.compartment, method=RETRAINED, equal=served_hash == scratch_hash,
+                       stage=served.stage, model=served.id, served_sha256=served_hash, scratch_sha256=scratch_hash,
+                       saw_forgotten_ids=len(planner.ledger.model_sample_ids(served.id) & forgotten))
+    if check.equal:
+        return check
+    machine = numerics.differences(served.metadata.get("numerics"), numerics.fingerprint())  # other bytes on this machine?
+    return replace(check, reason=("this machine's numerics differ from the training machine's: " + "; ".join(machine)) if machine else
+                   "same numerics as the training machine: the served model is not what its lineage trains")
 
 
-def _check_public(planner: Planner, lineage: Lineage, forgotten: set[str]) -> dict:
+def _check_public(planner: Planner, lineage: Lineage, forgotten: set[str]) -> ModelCheck:
     """A public model checked without retraining: its weights against the hash recorded when it was trained, and the IDs
     it saw against the public data the ward's spec names now (its recipe and budget: :meth:`Planner.served` serves only
     a current one)."""
     served = planner.served(lineage.kind).get(None)
     if served is None:
-        return {"kind": lineage.kind, "compartment": None, "equal": False, "reason": "no served model", "method": HASH_CHECKED}
+        return ModelCheck(kind=lineage.kind, compartment=None, method=HASH_CHECKED, equal=False, reason="no served model")
     found, recorded = checkpoint_hash(planner.path / served.path), served.metadata.get("weights_sha256")
     same_data = served.ids_hash == ids_hash(lineage.stage_ids[served.stage])
-    check = {"kind": lineage.kind, "compartment": None, "stage": served.stage, "model": served.id, "method": HASH_CHECKED,
-             "served_sha256": found, "recorded_sha256": recorded, "equal": found == recorded and same_data,
-             "saw_forgotten_ids": len(planner.ledger.model_sample_ids(served.id) & forgotten)}
-    if found != recorded:
-        check["reason"] = "its weights are not the ones recorded when it was trained (the file was changed or replaced)"
-    elif not same_data:
-        check["reason"] = "it was trained on other public IDs than the ward's spec names now"
-    return check
+    reason = ("its weights are not the ones recorded when it was trained (the file was changed or replaced)" if found != recorded else
+              "it was trained on other public IDs than the ward's spec names now" if not same_data else None)
+    return ModelCheck(kind=lineage.kind, compartment=None, method=HASH_CHECKED, equal=found == recorded and same_data, stage=served.stage,
+                      model=served.id, served_sha256=found, recorded_sha256=recorded,
+                      saw_forgotten_ids=len(planner.ledger.model_sample_ids(served.id) & forgotten), reason=reason)
 
 
 def forgetting_certificate(planner: Planner, runner: JobRunner, device: str = "cpu", progress: ProgressOption = None,
-                           compartments: list[int] | None = None, retrain_public: bool = False) -> dict:
+                           compartments: list[int] | None = None, retrain_public: bool = False) -> Certificate:
     """Every served model (or, with ``compartments``, those compartments' models and every joint model) retrained from
     scratch and compared by weight hash, public models hash-checked unless ``retrain_public``; ``ok`` when all are equal
     and none saw a forgotten ID. Recorded in the ledger as a ``certificate`` event (the audit reports it while no model
@@ -73,11 +110,11 @@ def forgetting_certificate(planner: Planner, runner: JobRunner, device: str = "c
     with tempfile.TemporaryDirectory(prefix="dataward-verify-") as scratch, progress_display(progress) as shown:
         checks = [_check_public(planner, lineage, forgotten) if KINDS[lineage.kind].public and not retrain_public else
                   _check(planner, runner, lineage, forgotten, Path(scratch), device, shown) for lineage in lineages]
-    ok = bool(checks) and all(c["equal"] and not c.get("saw_forgotten_ids") for c in checks)
+    ok = bool(checks) and all(c.passed for c in checks)
     public = RETRAINED if retrain_public else HASH_CHECKED
-    planner.ledger.record_event("certificate", ok=ok, forgotten=len(forgotten), models=sorted(c["model"] for c in checks if "model" in c),
+    planner.ledger.record_event("certificate", ok=ok, forgotten=len(forgotten), models=sorted(c.model for c in checks if c.model is not None),
                                 complete=compartments is None, latest_model=planner.ledger.latest_model_id(), public_models=public)
-    return {"ok": ok, "forgotten": len(forgotten), "public_models": public, "models": checks}
+    return Certificate(ok, len(forgotten), public, tuple(checks))
 
 
 def no_certificate_reason(ledger: Ledger) -> str:

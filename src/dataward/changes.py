@@ -9,7 +9,7 @@ truth of the config: every process re-reads it when another one saved it (:meth:
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from dataward.assignment import check_new_data, insert_samples
 from dataward.config import AutoencoderConfig, DPConfig, GuardConfig, TrainConfig, WardConfig
@@ -22,6 +22,24 @@ from dataward.store.checkpoints import delete_quarantined
 from dataward.store.lock import WriterBusy
 from dataward.training.kinds import PUBLIC_KINDS
 from dataward.training.privacy import check_dp_change, plan_dp
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one :meth:`dataward.ward.Ward.train` did (also what ``pretrain``, ``enable_dp`` and ``enable_guards`` return
+    when they train). Defined here, beside the changes that return it: :mod:`dataward.ward` imports this module."""
+
+    seconds: float  # wall-clock time of the call
+    finished_forgets: list[str]  # forget requests this training finished (their retraining done: state ``done``)
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What :meth:`WardChanges.add` did: the new compartment(s) and, when it trained, that training."""
+
+    compartments: list[int]  # the new compartments' IDs
+    samples: int  # how many samples they hold
+    training: TrainResult | None  # the training that followed (None with ``train=False``)
 
 
 class WardChanges:
@@ -48,12 +66,15 @@ class WardChanges:
             self.config_stamp = WardConfig.stamp(self.path)
 
     def pretrain(self, public: str, train: TrainConfig | None = None, device: str = "cpu", progress=True, latent: bool = False,
-                 autoencoder: AutoencoderConfig | None = None, autoencoder_data: str | None = None, as_base: bool = False) -> dict:
+                 autoencoder: AutoencoderConfig | None = None, autoencoder_data: str | None = None, as_base: bool = False) -> TrainResult:
         """Pretrain the public models on public data (``dataward pretrain``): the denoiser that DP fine-tuning starts from,
         in pixel space or (``latent``) in the latent space of a public autoencoder trained first on ``autoencoder_data``
         (DP-LDM). In a ward with a public base, or with ``as_base``, it is the base every compartment fine-tunes from.
         A new base, or switching between pixel and latent space, makes every compartment model out of date: ``train``
         retrains them."""
+        if not latent and (autoencoder is not None or autoencoder_data is not None):
+            raise DatawardError("the autoencoder's settings (--autoencoder-steps / autoencoder, --autoencoder-data / autoencoder_data) "
+                                "need --latent (latent=True): pixel wards have no autoencoder")
         with self.writer:  # nothing changes while another process writes (it raises WriterBusy first)
             if self.config.base == "imported" and not as_base:
                 raise DatawardError("this ward's base is an imported UNet: pretrain --as-base replaces it with one trained on public data")
@@ -75,10 +96,11 @@ class WardChanges:
             return self.train(device=device, progress=progress, only=PUBLIC_KINDS)
 
     def enable_dp(self, dp: DPConfig, compartments: list[int] | None = None, train: bool = True, device: str = "cpu", progress=True,
-                  replace_dp: bool = False) -> dict:
+                  replace_dp: bool = False) -> TrainResult | None:
         """Train the compartments' denoisers with DP-SGD (``dataward train --dp``): validated before anything is written.
         A ward has one DP setting: replacing a different one needs ``replace_dp``. In a ward with LoRA adapters DP trains
-        the adapters (``trainable="lora"``; :func:`dataward.training.privacy.default_trainable` names a ward's default)."""
+        the adapters (``trainable="lora"``; :func:`dataward.training.privacy.default_trainable` names a ward's default).
+        Returns the training, or None with ``train=False``."""
         with self.writer:  # nothing changes while another process writes (it raises WriterBusy first)
             check_dp_change(self.config, dp, compartments, replace_dp)
             known = self.compartments()
@@ -93,25 +115,22 @@ class WardChanges:
             for c in chosen:
                 plan_dp(dp, self.ledger.counts()[c]["samples"], probe)  # ε, δ, clip, budget, layers: errors before training
             self.reconfigure(dp=dp, dp_compartments=None if compartments is None else tuple(chosen))
-            return self.train(device=device, progress=progress) if train else {}
+            return self.train(device=device, progress=progress) if train else None
 
-    def enable_guards(self, settings: GuardConfig | None = None, train: bool = True, device: str = "cpu", progress=True) -> dict:
-        """Turn on CPSample guards for every compartment (``dataward guard``) and train them."""
+    def enable_guards(self, settings: GuardConfig | None = None, train: bool = True, device: str = "cpu", progress=True) -> TrainResult | None:
+        """Turn on CPSample guards for every compartment (``dataward guard``) and train them (None with ``train=False``)."""
         with self.writer:  # nothing changes while another process writes (it raises WriterBusy first)
             self.reconfigure(guard=True, guard_settings=settings or self.config.guard_settings)
-            return self.train(device=device, progress=progress) if train else {}
+            return self.train(device=device, progress=progress) if train else None
 
-    def add(self, data: str | Dataset, train: bool = True, device: str = "cpu", progress=True) -> dict:
+    def add(self, data: str | Dataset, train: bool = True, device: str = "cpu", progress=True) -> AddResult:
         """Add new data as new compartment(s) (continual learning); existing compartments' models are untouched."""
         with self.writer:  # nothing changes while another process writes (it raises WriterBusy first)
             dataset = load_source(data) if isinstance(data, str) else data
             spec = data if isinstance(data, str) else "dataset"
             check_new_data(self.config, dataset)
             new = insert_samples(self.ledger, self.config, dataset.resized(self.config.image_size, self.config.channels), spec, new_compartments=1)
-            out = {"compartments": new, "samples": len(dataset)}
-            if train:
-                out |= self.train(device=device, progress=progress)
-            return out
+            return AddResult(new, len(dataset), self.train(device=device, progress=progress) if train else None)
 
     def accept_forget(self, ids: list[str]) -> ForgetResult:
         """Forget IDs, step 1: in effect at once (one ledger transaction: every model that saw them quarantined, its files
@@ -132,7 +151,7 @@ class WardChanges:
         if accepted.request is None:
             return accepted
         try:
-            done = {"retrain_seconds": self.train(device=device, progress=progress)["seconds"]}
+            done = {"retrain_seconds": self.train(device=device, progress=progress).seconds}
         except WriterBusy as busy:  # the forget is in effect regardless
             done = {"retraining_elsewhere": str(busy)}
         record = self.ledger.forget_request(accepted.request)

@@ -145,6 +145,11 @@ class AutoencoderConfig:
     batch_size: int = 64  # examples per step
     lr: float = 6e-3  # Adam learning rate
 
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise DatawardError(f"the autoencoder's steps (--autoencoder-steps) and batch_size must be at least 1, "
+                                f"got {self.steps} and {self.batch_size}")
+
     def latent_shape(self) -> tuple[int, int, int]:
         """(C', h, w) of one latent."""
         side = self.image_size // 2 ** (len(self.block_out_channels) - 1)

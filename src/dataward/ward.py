@@ -4,7 +4,7 @@ Layout: ``WARD/ward.json`` (:mod:`dataward.config`), ``WARD/ledger.sqlite`` or `
 ``WARD/models/<name>/`` (a folder per trained stage: :mod:`dataward.store.checkpoints`), ``WARD/writer.lock``.
 
 :class:`Ward` is a facade over :mod:`dataward.training.planner`, :mod:`dataward.training.runner` (here or on Ray),
-:mod:`dataward.training.kinds`, :mod:`dataward.sampling`, :mod:`dataward.certificate` and :mod:`dataward.reports`. The
+:mod:`dataward.training.kinds`, :mod:`dataward.sampling`, :mod:`dataward.certificate` and :mod:`dataward.ward_status`. The
 facade alone writes the ledger (registering, forgetting) and ward.json, and owns the cache of loaded models, which its
 read side (:class:`dataward.sampling.served.ServedModels`, one per request) loads through.
 """
@@ -19,10 +19,10 @@ from typing import Callable
 
 import torch
 
-from dataward import reports
+from dataward import ward_status
 from dataward.assignment import check_layout, insert_samples
 from dataward.public_base import base_config, import_base
-from dataward.changes import WardChanges
+from dataward.changes import TrainResult, WardChanges
 from dataward.config import AssignBy, GuardConfig, TrainConfig, WardConfig, WeightsName
 from dataward.data import Dataset, load_source
 from dataward.diffusion.latent import LatentCodec
@@ -33,7 +33,7 @@ from dataward.sampling.plan import SampleRequest, SampleResult, generate
 from dataward.sampling.served import ServedModels
 from dataward.numerics import Numerics
 from dataward.progress import ProgressOption, progress_display
-from dataward.certificate import forgetting_certificate
+from dataward.certificate import Certificate, forgetting_certificate
 from dataward.store.checkpoints import MODELS_DIR, ModelCache, delete_quarantined, has_weights, remove_orphans
 from dataward.store.database import LEDGER_FILE, check_ledger_url, ledger_location
 from dataward.store.erasure import Eraser
@@ -48,7 +48,7 @@ from dataward.training.sources import WardData
 
 TRAIN_ROUNDS = 3  # train() plans again while models are missing (forgets that landed meanwhile), at most this often
 
-__all__ = ["Ward", "WardConfig", "WardHooks", "SampleResult", "ForgetResult", "Lineage", "TrainJob", "AssignBy", "run_job_in_worker"]
+__all__ = ["Ward", "WardConfig", "WardHooks", "SampleResult", "ForgetResult", "TrainResult", "Lineage", "TrainJob", "AssignBy", "run_job_in_worker"]
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ class Ward(WardChanges):
                                        r["metadata"]["ids_hash"], r["metadata"], public=KINDS[job.lineage.kind].public)
 
     def train(self, device: str = "cpu", progress: ProgressOption = True, executor: str = "local", only: tuple[str, ...] | None = None,
-              report_to: str = "csv", **executor_options) -> dict:
+              report_to: str = "csv", **executor_options) -> TrainResult:
         """Train every model that is missing or out of date (after init, add, forget or a crash); finish pending forgets.
 
         Models train in waves (:attr:`dataward.training.kinds.ModelKind.wave`). ``executor``: ``local`` or ``ray`` (a Ray
@@ -280,7 +280,7 @@ class Ward(WardChanges):
         pending = [r for r, _ in self.ledger.pending_forgets()]
         if pending and not self.models_missing():
             self.ledger.finish_forgets(pending)
-        return {"seconds": time.time() - started, "finished_forgets": pending}
+        return TrainResult(seconds=time.time() - started, finished_forgets=pending)
 
     def models_missing(self) -> bool:
         """Whether any model the ward should hold is missing or out of date."""
@@ -319,9 +319,9 @@ class Ward(WardChanges):
 
     def serving_state(self) -> dict[str, str]:
         """Per compartment: what sampling uses right now (complete, a fallback stage, or left out)."""
-        return reports.serving_state(self.planner)
+        return ward_status.serving_state(self.planner)
 
-    def verify(self, device: str = "cpu", progress=True, compartments: list[int] | None = None, retrain_base: bool = False) -> dict:
+    def verify(self, device: str = "cpu", progress=True, compartments: list[int] | None = None, retrain_base: bool = False) -> Certificate:
         """Forgetting certificate: retrain served models (all, or ``compartments``' and every joint model) from scratch on
         the live IDs and compare weight hashes; the public base is hash-checked against its record unless ``retrain_base``."""
         return forgetting_certificate(self.planner, self.runner, device, progress, compartments, retrain_public=retrain_base)
@@ -329,8 +329,8 @@ class Ward(WardChanges):
     # reports ------------------------------------------------------------------------------------------------------
     def privacy(self) -> dict | None:
         """(ε, δ) per DP compartment and for the ward (parallel composition: the max over disjoint compartments)."""
-        return reports.privacy(self.planner)
+        return ward_status.privacy(self.planner)
 
-    def status(self) -> dict:
-        """Everything a user wants to know about the ward, JSON-ready."""
-        return reports.status(self.planner)
+    def status(self) -> ward_status.WardStatus:
+        """Everything a user wants to know about the ward (``dataclasses.asdict`` of it is JSON-ready)."""
+        return ward_status.status(self.planner)

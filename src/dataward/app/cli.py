@@ -15,7 +15,7 @@ import click
 import typer
 from rich.markup import escape
 
-from dataward.app.commands import lifecycle, reports, serving
+from dataward.app.commands import images, inspection, lifecycle, serving
 from dataward.app.terminal import console
 from dataward.errors import DatawardError
 from dataward.interrupts import SIGNALS, Interrupted, raise_interrupted
@@ -41,8 +41,8 @@ def _options(
 
 
 # the order of `dataward --help`
-for _command in (lifecycle.init, lifecycle.train, lifecycle.pretrain, lifecycle.guard, reports.audit, reports.sample, reports.samples, reports.status,
-                 lifecycle.forget, lifecycle.verify, lifecycle.add, reports.demo):
+for _command in (lifecycle.init, lifecycle.train, lifecycle.pretrain, lifecycle.guard, inspection.audit, images.sample, inspection.samples,
+                 inspection.status, lifecycle.forget, lifecycle.verify, lifecycle.add, images.demo):
     app.command()(_command)
 app.add_typer(serving.keys_app, name="keys")
 app.add_typer(serving.ledger_app, name="ledger")

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from dataward.app.terminal import epsilon_delta, print_path, progress_bar
+from dataward.certificate import Certificate
 from dataward.config import DPConfig, GuardConfig, TrainConfig
 from dataward.plots import image_grid
 from dataward.training.forecast import forecast_training
@@ -70,8 +71,8 @@ def _create(run: _Run, ward_dir: Path) -> Ward:
     ward = Ward.create(ward_dir, "digits", compartments=4, slices=2, train=budget, router=False, guard=True, guard_settings=guards,
                        base="printed:count=1000" if run.quick else "printed:count=3000", public_train=TrainConfig(epochs=10.0 if run.quick else 40.0))
     status = ward.status()
-    run.console.print(f"{status['samples']} samples: " + ", ".join(f"compartment {c['id']}: {c['samples']}" for c in status["compartments"]))
-    run.done("create", f"{status['samples']} digits in 4 compartments x 2 slices; base: {ward.config.public}", str(ward_dir))
+    run.console.print(f"{status.samples} samples: " + ", ".join(f"compartment {c['id']}: {c['samples']}" for c in status.compartments))
+    run.done("create", f"{status.samples} digits in 4 compartments x 2 slices; base: {ward.config.public}", str(ward_dir))
     return ward
 
 
@@ -84,7 +85,7 @@ def _train(run: _Run, ward: Ward) -> None:
     with progress_bar() as progress:
         ward.train(progress=progress)
     run.figures["train_seconds"] = round(time.time() - t0, 1)
-    accuracy = {c["id"]: c["guard"]["accuracy_by_t"] for c in ward.status()["compartments"]}
+    accuracy = {c["id"]: c["guard"]["accuracy_by_t"] for c in ward.status().compartments}
     for c, by_t in accuracy.items():
         run.console.print(f"guard {c} accuracy on its random bits by t: " + ", ".join(f"t={t}: {a:.2f}" for t, a in by_t.items()))
     run.figures["guard_accuracy_t0"] = round(sum(a["0"] for a in accuracy.values()) / len(accuracy), 3)
@@ -119,7 +120,7 @@ def _access_rights_and_guards(run: _Run, ward: Ward) -> None:
     run.done("guarded sampling", f"32 samples; guards steered {100 * guarded.guard_guided:.1f}% of sample-steps", str(run.out_dir / "guarded.png"))
 
 
-def _forget(run: _Run, ward: Ward) -> tuple[list[str], dict]:
+def _forget(run: _Run, ward: Ward) -> tuple[list[str], Certificate]:
     run.step("5. forget 5 sample IDs")
     victims = sorted(random.Random(0).sample(list(ward.training_data().ids), 5))
     accepted = ward.accept_forget(victims)
@@ -132,8 +133,8 @@ def _forget(run: _Run, ward: Ward) -> tuple[list[str], dict]:
     affected = sorted({ward.ledger.sample_rows(victims)[v][0] for v in victims})
     with progress_bar() as progress:
         certificate = ward.verify(progress=progress, compartments=affected)
-    run.figures["certificate_ok"] = certificate["ok"]
-    verdict = f"certificate of compartments {', '.join(map(str, affected))} (retrained from scratch, compared bit for bit): {'OK' if certificate['ok'] else 'FAILED'}"
+    run.figures["certificate_ok"] = certificate.ok
+    verdict = f"certificate of compartments {', '.join(map(str, affected))} (retrained from scratch, compared bit for bit): {'OK' if certificate.ok else 'FAILED'}"
     run.console.print(verdict + " (it covers the models served now; step 6 then trains new ones, which the audit says it does not cover)")
     run.done("forget", f"5 IDs; retrain {run.figures['forget_retrain_seconds']} s vs train {run.figures['train_seconds']} s; {verdict}",
              "dataward verify")
@@ -173,10 +174,10 @@ def _audit(run: _Run, ward: Ward) -> None:
              str(run.out_dir / "report.html"))
 
 
-def _summary(run: _Run, victims: list[str], certificate: dict) -> dict:
+def _summary(run: _Run, victims: list[str], certificate: Certificate) -> dict:
     """summary.json and the closing table."""
     run.figures["total_seconds"] = round(time.time() - run.started, 1)
-    (run.out_dir / "summary.json").write_text(json.dumps({"figures": run.figures, "forgotten": victims, "certificate": certificate}, indent=2))
+    (run.out_dir / "summary.json").write_text(json.dumps({"figures": run.figures, "forgotten": victims, "certificate": certificate.to_json()}, indent=2))
     print_summary(run.console, f"dataward demo: done in {run.figures['total_seconds']} s", run.rows)
     return run.figures
 

@@ -14,7 +14,7 @@ from typing import Any
 from dataward.audit.metrics import replication
 from dataward.audit.sections import Audit, Measured, to_signed
 from dataward.errors import DatawardError
-from dataward.reports import MEMORISES, PROTECTION_EVENT, describe_protection
+from dataward.ward_status import MEMORISES, PROTECTION_EVENT, describe_protection
 
 PROBE = 32  # images sampled from each compartment alone (unguarded, and guarded with guards)
 

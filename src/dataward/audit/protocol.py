@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
+from dataward.certificate import Certificate
 from dataward.data import Dataset
 from dataward.diffusion.sampling import Denoiser
 
@@ -109,5 +110,5 @@ class AuditedWard(Protocol):
     def privacy(self) -> dict | None:
         """The ward's (ε, δ) records per compartment (:meth:`dataward.ward.Ward.privacy`), None without DP."""
 
-    def verify(self) -> dict:
-        """The bitwise forgetting certificate: ``{"ok": bool, "models": [...]}`` (retrains every model)."""
+    def verify(self) -> Certificate:
+        """The bitwise forgetting certificate (:meth:`dataward.ward.Ward.verify`: retrains every model)."""

@@ -353,7 +353,7 @@ def certificate(audit: Audit) -> dict[str, Any]:
         return {"certificate": None, "certificate_reason": no_certificate_reason(audit.ward.ledger)}
     audit.say("forgetting: bitwise certificate (retraining every model)")
     result = audit.ward.verify(progress=False)  # the audit reports its own progress
-    return {"certificate": {"ok": bool(result.get("ok")), "models": result.get("models", [])}}
+    return {"certificate": {"ok": result.ok, "models": [check.to_json() for check in result.models]}}
 
 
 def earlier_certificate(ward: AuditedWard) -> dict[str, Any] | None:

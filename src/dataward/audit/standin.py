@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dataward.certificate import Certificate
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
 from dataward.diffusion.sampling import make_sampler, make_training_scheduler, sample_loop
@@ -133,7 +134,7 @@ class StandInWard:
     def privacy(self) -> dict | None:
         return self._privacy
 
-    def verify(self) -> dict:
+    def verify(self) -> Certificate:
         raise DatawardError("the stand-in ward has no trained models to retrain: the forgetting certificate needs a real ward")
 
     def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int = 50, allowed: list[int] | None = None,

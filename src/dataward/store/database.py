@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from dataward.errors import DatawardError, LedgerUnavailable
-from dataward.store.schema import COUNTED_TABLES, POSTGRES_SCHEMA, SQLITE_SCHEMA, TABLES
+from dataward.store.tables import COUNTED_TABLES, POSTGRES_SCHEMA, SQLITE_SCHEMA, TABLES
 
 LEDGER_FILE = "ledger.sqlite"
 OPEN_MARK_FILE = LEDGER_FILE + "-open"  # shared flock of every process that has the SQLite ledger open (see above)

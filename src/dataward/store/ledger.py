@@ -23,7 +23,7 @@ import numpy as np
 
 from dataward.errors import DatawardError
 from dataward.store.database import Database, connect, copy_tables
-from dataward.store.schema import SCHEMA_VERSION
+from dataward.store.tables import SCHEMA_VERSION
 
 UNERASED = "unerased-forget:"  # meta key prefix: a forget request whose images may still be in the ledger's files
 

@@ -47,7 +47,7 @@ def init(
                     weights=weights, router=router, guard=guard, train=TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size),
                     numerics=numerics, base=choose_base(base, data), adapter=adapter, ledger_url=ledger)
     status = w.status()
-    out.print(f"created ward [bold]{escape(str(ward))}[/bold]: {status['samples']} samples in {len(status['compartments'])} compartment(s), "
+    out.print(f"created ward [bold]{escape(str(ward))}[/bold]: {status.samples} samples in {len(status.compartments)} compartment(s), "
               f"{slices} slice(s) each; {escape(base_summary(w.config))}. Next: dataward train {escape(str(ward))}")
 
 
@@ -95,7 +95,7 @@ def train(
             w.enable_dp(config, chosen, train=False, replace_dp=replace_dp)
         _announce_training(w, device)
         result = w.train(device=device, progress=progress, executor=executor, report_to=report_to, **options)
-    out.print(f"trained in {result['seconds']:.1f} s; ward is up to date")
+    out.print(f"trained in {result.seconds:.1f} s; ward is up to date")
     privacy = w.privacy()
     if privacy:
         out.print(f"privacy: ward {epsilon_delta(privacy['ward_epsilon'], privacy['ward_delta'])}; " +
@@ -148,10 +148,6 @@ def pretrain(
 
     from dataward.config import TrainConfig
 
-    if (autoencoder_steps is not None or autoencoder_data is not None) and not latent:
-        raise DatawardError("--autoencoder-steps and --autoencoder-data need --latent (pixel wards have no autoencoder)")
-    if autoencoder_steps is not None and autoencoder_steps < 1:
-        raise DatawardError(f"--autoencoder-steps must be at least 1, got {autoencoder_steps}")
     w = open_ward(ward, device=device)
     trained_before = {r.metadata.get("variant", "") for r in w.served().values()}
     budget = TrainConfig(steps=steps) if steps is not None else None
@@ -160,7 +156,7 @@ def pretrain(
         result = w.pretrain(public, budget, device=device, progress=progress, latent=latent, autoencoder=autoencoder, autoencoder_data=autoencoder_data,
                             as_base=as_base)
     models = "the public autoencoder and latent denoiser" if latent else "the public denoiser"
-    out.print(f"pretrained {models} on {public} in {result['seconds']:.1f} s (recorded in the ledger as public)")
+    out.print(f"pretrained {models} on {public} in {result.seconds:.1f} s (recorded in the ledger as public)")
     if latent:
         shape = "x".join(map(str, w.model_shape()))
         mse = w.served("autoencoder")[None].metadata["public_reconstruction_mse"]
@@ -185,7 +181,7 @@ def guard(
     settings = replace(w.config.guard_settings, **{k: v for k, v in changes.items() if v is not None})
     with training(w) as progress:
         result = w.enable_guards(settings, device=device, progress=progress)
-    out.print(f"guards trained in {result['seconds']:.1f} s; sample with: dataward sample {escape(str(ward))} --guard")
+    out.print(f"guards trained in {result.seconds:.1f} s; sample with: dataward sample {escape(str(ward))} --guard")
 
 
 def forget(
@@ -259,24 +255,25 @@ def verify(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
     with progress_bar(not as_json) as progress:
         cert = w.verify(device=device, progress=progress, retrain_base=retrain_base)
     if as_json:
-        print(json.dumps(cert))
+        print(json.dumps(cert.to_json()))
     else:
-        table = Table(title=f"certificate: {'OK' if cert['ok'] else 'FAILED'} ({cert['forgotten']} forgotten IDs)")
+        table = Table(title=f"certificate: {'OK' if cert.ok else 'FAILED'} ({cert.forgotten} forgotten IDs)")
         for col in ("model", "check", "served sha256", "expected sha256", "equal", "saw forgotten"):
             table.add_column(col)
-        for m in cert["models"]:
-            name = m["kind"] + ("" if m["compartment"] is None else f" {m['compartment']}")
-            how = "retrained" if m["method"] == "retrained" else "recorded hash"
-            table.add_row(name, how, m.get("served_sha256", "-")[:16], m.get("scratch_sha256", m.get("recorded_sha256", "-"))[:16],
-                          "yes" if m["equal"] else "NO", str(m.get("saw_forgotten_ids", "-")))
+        for m in cert.models:
+            name = m.kind + ("" if m.compartment is None else f" {m.compartment}")
+            how = "retrained" if m.method == "retrained" else "recorded hash"
+            expected = m.scratch_sha256 or m.recorded_sha256 or "-"
+            table.add_row(name, how, (m.served_sha256 or "-")[:16], expected[:16], "yes" if m.equal else "NO",
+                          "-" if m.saw_forgotten_ids is None else str(m.saw_forgotten_ids))
         out.print(table)
-        if any(m["method"] == "hash-checked" for m in cert["models"]):
+        if any(m.method == "hash-checked" for m in cert.models):
             out.print("public models (the base) saw no private data: their weights were checked against the hash recorded when they "
                       "were trained, not retrained (--retrain-base retrains them too)")
-        for m in cert["models"]:
-            if "reason" in m:
-                out.print(f"  {m['kind']}: {escape(m['reason'])}")
-    if not cert["ok"]:
+        for m in cert.models:
+            if m.reason is not None:
+                out.print(f"  {m.kind}: {escape(m.reason)}")
+    if not cert.ok:
         raise typer.Exit(1)
 
 
@@ -287,6 +284,6 @@ def add(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."
     _say_router_retrains(w, "it must learn the new compartment")
     with training(w) as progress:
         result = w.add(data, device=device, progress=progress)
-    out.print(f"added {result['samples']} samples as compartment(s) {result['compartments']}")
+    out.print(f"added {result.samples} samples as compartment(s) {result.compartments}")
 
 

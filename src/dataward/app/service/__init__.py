@@ -2,8 +2,8 @@
 
 ``create_app(ward_path)`` returns a FastAPI app (``dataward serve`` runs it under uvicorn). See docs/service.md.
 Modules: :mod:`~.http` (the app, auth, routes, errors, body limit), :mod:`~.core` (the wards and threads one app holds,
-forget acceptance, what a key may see), :mod:`~.generation` (the pool, admission, the forget check and re-runs),
-:mod:`~.workers` (what runs in a generation worker, and the clock that stops it), :mod:`~.render` (response bodies), :mod:`~.retraining` (background training after forgets), :mod:`~.schema` (limits,
+forget acceptance, what a key may see), :mod:`~.pool` (the generation pool, admission, the forget check and re-runs),
+:mod:`~.workers` (what runs in a generation worker, and the clock that stops it), :mod:`~.render` (response bodies), :mod:`~.retraining` (background training after forgets), :mod:`~.api` (limits,
 request bodies, errors).
 
 Design, in short:
@@ -32,6 +32,6 @@ Design, in short:
 
 from dataward.app.service.http import create_app
 from dataward.app.service.retraining import StaleTraining, open_retraining_ward
-from dataward.app.service.schema import ServiceLimits
+from dataward.app.service.api import ServiceLimits
 
 __all__ = ["ServiceLimits", "StaleTraining", "create_app", "open_retraining_ward"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataward.app.service.schema import ApiKey, GenerateRequest
+from dataward.app.service.api import ApiKey, GenerateRequest
 
 
 @dataclass(frozen=True)

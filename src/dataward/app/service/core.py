@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from fastapi.responses import JSONResponse, Response
 
-from dataward.app.service.generation import ClientGone, GenerationPool, WorkerKind
+from dataward.app.service.pool import ClientGone, GenerationPool, WorkerKind
 from dataward.app.service.retraining import Retrainer, open_retraining_ward
-from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, shutting_down
+from dataward.app.service.api import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, shutting_down
 from dataward.errors import echo
 from dataward.forgetting import UnknownSampleIds
 from dataward.sampling.plan import sampling_weights

@@ -15,8 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dataward
 from dataward.app.service.core import Service
-from dataward.app.service.generation import WorkerKind
-from dataward.app.service.schema import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, client_message
+from dataward.app.service.pool import WorkerKind
+from dataward.app.service.api import ApiKey, ForgetBody, GenerateRequest, ServiceError, ServiceLimits, client_message
 from dataward.errors import DatawardError, LedgerUnavailable, echo
 from dataward.store.ledger import Ledger
 from dataward.ward import Ward

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataward.app.service.schema import ApiKey, GenerateRequest
+from dataward.app.service.api import ApiKey, GenerateRequest
 from dataward.sampling.plan import SampleResult
 
 

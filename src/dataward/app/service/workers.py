@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from dataward.app.service.render import render_result
-from dataward.app.service.schema import ApiKey, GenerateRequest, ServiceError, client_message, shutting_down
+from dataward.app.service.api import ApiKey, GenerateRequest, ServiceError, client_message, shutting_down
 from dataward.errors import DatawardError
 from dataward.store.ledger import ModelRecord
 from dataward.ward import Ward, WardHooks

@@ -1,20 +1,20 @@
-"""Commands that look at a ward or use it: status, sample, audit, and the end-to-end demo."""
+"""Commands that look at a ward without changing it: status, samples (the live sample IDs), audit."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 from rich.markup import escape
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from dataward.app.commands.common import check_writable, open_ward, parse_ids
-from dataward.app.terminal import console, epsilon_delta, out, print_path, progress_bar
+from dataward.app.commands.common import open_ward
+from dataward.app.terminal import console, epsilon_delta, out, print_path
 from dataward.errors import DatawardError
 
 
@@ -60,10 +60,6 @@ def _print_compartments(compartments: list[dict], guards: bool) -> None:
             out.print(Padding(Text(line), (0, 0, 0, indent), expand=False))  # wrapped lines stay indented under their compartment
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
-
-
 def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."), as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Show the ward's compartments, models, forget requests and privacy (read-only: safe while training runs)."""
     from dataward.store.database import URL_SCHEMES
@@ -72,49 +68,49 @@ def status(ward: Path = typer.Argument(..., metavar="WARD", help="The ward folde
     w = Ward.open(ward, worker=True)
     s = w.status()
     if as_json:
-        print(json.dumps(s, default=str))
+        print(json.dumps(asdict(s), default=str))
         return
-    cfg = s["config"]
-    print_path(out, s["path"], "ward ")
-    if s["ledger"].startswith(URL_SCHEMES):  # a PostgreSQL ledger; the SQLite one is in the ward folder
-        print_path(out, s["ledger"], "ledger ")
-    out.print(f"{s['samples']} samples ({s['forgotten']} forgotten), model {cfg['model']} {cfg['image_size']}px, {cfg['slices']} slice(s), "
-              f"weights {cfg['weights']}")
-    disk = s["disk_bytes"]
+    cfg = s.config
+    print_path(out, s.path, "ward ")
+    if s.ledger.startswith(URL_SCHEMES):  # a PostgreSQL ledger; the SQLite one is in the ward folder
+        print_path(out, s.ledger, "ledger ")
+    out.print(f"{s.samples} samples ({s.forgotten} forgotten), model {cfg.model} {cfg.image_size}px, {cfg.slices} slice(s), "
+              f"weights {cfg.weights}")
+    disk = s.disk_bytes
     out.print(f"size on disk: {_megabytes(disk['total'])} (training states {_megabytes(disk['train_states'])}, "
               f"in-stage checkpoints {_megabytes(disk['resume'])})")
-    _print_compartments(s["compartments"], bool(cfg["guard"]))
-    protections = {c["protection"] for c in s["compartments"]}
+    _print_compartments(s.compartments, bool(cfg.guard))
+    protections = {c["protection"] for c in s.compartments}
     if len(protections) == 1:
         out.print(f"protection of every compartment: {next(iter(protections))}")
     else:
-        for c in s["compartments"]:
+        for c in s.compartments:
             out.print(f"protection of compartment {c['id']}: {c['protection']}")
-    if s["base"]:
-        base = s["base"]
+    if s.base:
+        base = s.base
         source = f"imported from {base['imported_from']}" if base["kind"] == "imported" else f"trained on {base['data']} (public data only)"
         model = "not trained yet" if base["model"] is None else f"model #{base['model']}"
         delta = "its fine-tuned weights" if base["adapter"] == "full" else f"a {base['adapter']} adapter"
         out.print(escape(f"base: {model}, {source}; each compartment stores {delta} (its size is shown with each compartment's model)"))
-    elif s["public_model"]:
-        out.print(f"public denoiser: model #{s['public_model']['id']} trained on {escape(s['public_model']['data'])} (public data only)")
-    if s["latent"]:
-        ae = s["latent"]["autoencoder"]
-        shape = "x".join(map(str, s["latent"]["latent_shape"]))
+    elif s.public_model:
+        out.print(f"public denoiser: model #{s.public_model['id']} trained on {escape(s.public_model['data'])} (public data only)")
+    if s.latent:
+        ae = s.latent["autoencoder"]
+        shape = "x".join(map(str, s.latent["latent_shape"]))
         out.print(f"latent space: {shape} latents of " + ("[yellow]no trained autoencoder yet[/yellow]" if ae is None else
                   f"autoencoder #{ae['id']} trained on {ae['data']} (public data only; reconstruction MSE {ae['public_reconstruction_mse']:.4f} on it)"))
-    if s["router"]:
-        out.print(f"router: model #{s['router']['id']} stage {s['router']['stage']} (joint: saw every compartment; retrained on forget)")
-    for e in s["exports"]:
+    if s.router:
+        out.print(f"router: model #{s.router['id']} stage {s.router['stage']} (joint: saw every compartment; retrained on forget)")
+    for e in s.exports:
         state = f"[red]stale: compartment(s) {e['changed_compartments']} changed since (delete or re-export it)[/red]" if e["stale"] else "current"
         out.print(f"export {escape(e['folder'])}: compartments {e['compartments']}, class {e['label']}; {state}")
-    if s["pending_forgets"]:
-        out.print(f"[yellow]forget requests in effect, retraining pending: {', '.join(s['pending_forgets'])}[/yellow] (run any command to finish)")
-    if s["unerased_forgets"]:
+    if s.pending_forgets:
+        out.print(f"[yellow]forget requests in effect, retraining pending: {', '.join(s.pending_forgets)}[/yellow] (run any command to finish)")
+    if s.unerased_forgets:
         out.print(f"[yellow]forget requests in effect, not yet erased from the ledger's files (another connection reads an older snapshot): "
-                  f"{', '.join(s['unerased_forgets'])}[/yellow]")
-    if s.get("privacy"):
-        p = s["privacy"]
+                  f"{', '.join(s.unerased_forgets)}[/yellow]")
+    if s.privacy:
+        p = s.privacy
         per = "; ".join(f"compartment {c}: " + (v if isinstance(v, str) else f"{epsilon_delta(v['epsilon'], v['delta'])}, σ = {v['sigma']:.3f}, "
                                                    f"{v['steps']} steps, {100 * v['trainable_fraction']:.1f}% of parameters ({v['trainable']})"
                                                    + (f", {v['noise_multiplicity']} noise draws per example" if (v.get("noise_multiplicity") or 1) > 1 else ""))
@@ -131,7 +127,7 @@ def samples(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the ward's live sample IDs (the IDs `forget` takes), with compartment, slice and class; forgotten IDs are never listed."""
-    from dataward.reports import sample_index
+    from dataward.ward_status import sample_index
     from dataward.ward import Ward
 
     rows = sample_index(Ward.open(ward, worker=True).ledger, compartment, search)
@@ -144,68 +140,6 @@ def samples(
     where = "" if compartment is None else f" in compartment {compartment}"
     match = "" if search is None else f" containing {search!r}"
     out.print(Text(f"{len(rows)} live sample ID(s){where}{match} (forgotten IDs are never listed)"))
-
-
-def sample(
-    ward: Path = typer.Argument(..., metavar="WARD", help="The ward folder."),
-    n: int = typer.Option(64, "-n", "--n", help="Number of images."),
-    label: Optional[int] = typer.Option(None, help="Class label for all samples (random by default)."),
-    seed: int = typer.Option(0, help="Sampling seed."),
-    sampler: Optional[str] = typer.Option(None, help="ddim | ddpm (default: ddim; ddpm for density weights)."),
-    steps: int = typer.Option(50, help="Sampling steps."),
-    allow: Optional[str] = typer.Option(None, help="Compartments to compose, e.g. 0,3 (all by default)."),
-    weights: Optional[str] = typer.Option(None, help="density (a mixture, compartment-pure) | router (a mixture) | soup (one averaged model: fastest) (the ward's default otherwise)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Evaluate only the k heaviest compartments per sample and step."),
-    guard: bool = typer.Option(False, "--guard", help="Steer away from training data with each compartment's guard."),
-    guard_scale: Optional[float] = typer.Option(None, "--guard-scale", help="Guard guidance scale s."),
-    guard_alpha: Optional[float] = typer.Option(None, "--guard-alpha", help="Guard confidence threshold α."),
-    grid: Optional[Path] = typer.Option(None, "--grid", metavar="PNG", help="Write the images as one PNG grid to this file."),
-    npz: Optional[Path] = typer.Option(None, "--npz", metavar="FILE", help="Write the samples to this .npz file (images, labels, attribution, final_weights, compartments)."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary with per-sample attribution."),
-) -> None:
-    """Generate samples composed over the allowed compartments (keep them with --grid, --npz or --json)."""
-    if not (grid or npz or as_json):
-        raise DatawardError("nothing would be kept of these samples: add --grid grid.png, --npz samples.npz or --json")
-    check_writable(grid, npz)
-    w = open_ward(ward, resume=False)  # a pending retraining never blocks sampling: models that saw forgotten IDs are never served
-    if w.ledger.pending_forgets():
-        console.print(f"[yellow]a forget's retraining is pending: sampling uses clean fallback stages; `dataward train {escape(str(ward))}` finishes it[/yellow]")
-    with progress_bar(not as_json) as progress:
-        r = w.sample(n, label=label, seed=seed, sampler=sampler, steps=steps, allowed=parse_ids(allow), weights=weights, top_k=top_k,
-                     guard=guard, guard_scale=guard_scale, guard_alpha=guard_alpha, progress=progress)
-    if grid:
-        from dataward.plots import image_grid
-
-        image_grid(r.images, grid, r.labels, caption=r.caption(seed=seed))
-    if npz:
-        arrays = {"images": r.images.numpy().astype(np.float32), "attribution": r.attribution.numpy(), "final_weights": r.final_weights.numpy(),
-                  "compartments": np.array(r.compartments)}
-        if r.labels is not None:
-            arrays["labels"] = r.labels.numpy()
-        np.savez(npz, **arrays)
-    summary = {
-        "n": n, "compartments": r.compartments, "weights": r.weights, "sampler": r.sampler, "seconds": round(r.seconds, 3),
-        "models": {str(k): v for k, v in r.models.items()}, "grid": str(grid) if grid else None, "npz": str(npz) if npz else None,
-        "labels": None if r.labels is None else r.labels.tolist(),
-        "attribution": r.attribution.tolist(), "final_weights": r.final_weights.tolist(), "guard_guided": r.guard_guided,
-    }
-    if as_json:
-        print(json.dumps(summary))
-        return
-    mean = r.attribution.mean(0).tolist()
-    table = Table(title=f"{n} samples in {r.seconds:.1f} s ({r.weights} weights, {r.sampler})")
-    table.add_column("compartment")
-    table.add_column("mean attribution", justify="right")
-    table.add_column("model")
-    for c in r.compartments:
-        info = r.models[c]
-        table.add_row(str(c), f"{mean[w.compartments().index(c)]:.3f}", f"stage {info['stage']}" + (" (fallback)" if info["fallback"] else ""))
-    out.print(table)
-    if r.guard_guided is not None:
-        out.print(f"guards guided {100 * r.guard_guided:.1f}% of their checks (sample x step x compartment, t below the guard's max timestep)")
-    for name, path in (("grid", grid), ("npz", npz)):
-        if path:
-            print_path(out, path, f"{name}: ")
 
 
 def audit(
@@ -250,13 +184,3 @@ def audit(
     out.print(table)
     if html:
         print_path(out, html, "report: ")
-
-
-def demo(out_dir: Path = typer.Option(Path("demo-out"), "--out", metavar="DIR", help="Folder the demo writes into: its ward (replaced if there), pictures, summary.json and report.html."),
-         quick: bool = typer.Option(False, "--quick", help="A shorter run (smaller training budget).")) -> None:
-    """Show the whole product end to end on the bundled digits."""
-    from dataward.app.demo import run_demo
-
-    run_demo(out_dir, quick=quick, console=out)
-
-

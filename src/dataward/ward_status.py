@@ -1,10 +1,12 @@
-"""What a ward tells its users, JSON-ready: what each compartment serves, its privacy guarantee, its status."""
+"""A ward's status (:class:`WardStatus`, ``dataward status``): what each compartment serves, its privacy guarantee and
+what protects it; and the index of its live sample IDs (``dataward samples``)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import dataclass
 
+from dataward.config import WardConfig
 from dataward.errors import DatawardError
 from dataward.sampling.export import export_states
 from dataward.store.checkpoints import disk_use
@@ -63,31 +65,54 @@ def privacy(planner: Planner) -> dict | None:
     return {"ward_epsilon": eps if math.isfinite(eps) else "inf", "ward_delta": ward_delta(records), "compartments": per, "notes": notes}
 
 
-def status(planner: Planner) -> dict:
+@dataclass(frozen=True)
+class WardStatus:
+    """Everything a user wants to know about a ward (:meth:`dataward.ward.Ward.status`); ``dataclasses.asdict`` of it is
+    the JSON that ``dataward status --json`` prints. The nested parts are JSON-ready dicts."""
+
+    path: str  # the ward folder
+    ledger: str  # where the ledger lives: the SQLite file, or the PostgreSQL URL (no password)
+    config: WardConfig  # the ward's config (ward.json)
+    compartments: list[dict]  # per compartment: id, source, samples, forgotten, serving, model, guard, audited, protection
+    router: dict | None  # the served router (id, stage, saw_compartments), None without one
+    samples: int  # live samples over all compartments
+    forgotten: int  # forgotten samples over all compartments
+    pending_forgets: list[str]  # forget requests in effect whose retraining is not finished
+    unerased_forgets: list[str]  # forget requests in effect whose physical erasure a reader of an older snapshot delays
+    public_model: dict | None  # the served public denoiser (id, data, public), None without one
+    base: dict | None  # what every compartment starts from (kind, adapter, model, data, imported_from), None without one
+    latent: dict | None  # a latent ward's latent shape and served autoencoder, None in pixel space
+    privacy: dict | None  # :func:`privacy`: (ε, δ) per DP compartment and for the ward, None without DP
+    exports: list[dict]  # exported pipelines and whether each is stale
+    events: list[dict]  # the ledger's latest 10 events
+    disk_bytes: dict  # the ward's size on disk: total, training states, in-stage checkpoints
+
+
+def status(planner: Planner) -> WardStatus:
     """Everything a user wants to know about the ward."""
     ledger, config = planner.ledger, planner.config
     counts = ledger.counts()
     router = planner.served("router").get(None)
     public = planner.served("public-denoiser").get(None)
-    return {
-        "path": str(planner.path),
-        "ledger": ledger.db.where,
-        "config": asdict(config),
-        "compartments": _compartments(planner, counts),
-        "router": None if router is None else {"id": router.id, "stage": router.stage, "saw_compartments": "all"},
-        "samples": sum(c["samples"] for c in counts.values()),
-        "forgotten": sum(c["forgotten"] for c in counts.values()),
-        "pending_forgets": [r for r, _ in ledger.pending_forgets()],
-        "unerased_forgets": ledger.unerased_forgets(),  # in effect, but a reader of an older snapshot delays their physical erasure
-        "public_model": None if public is None else {"id": public.id, "data": config.public, "public": True},
-        "base": None if config.base is None else {"kind": config.base, "adapter": config.adapter, "model": None if public is None else public.id,
-                                                  "data": config.public, "imported_from": None if public is None else public.metadata.get("imported_from")},
-        "latent": _latent(planner),
-        "privacy": privacy(planner),
-        "exports": export_states(ledger),
-        "events": ledger.events(10),
-        "disk_bytes": disk_use(planner.path),
-    }
+    return WardStatus(
+        path=str(planner.path),
+        ledger=ledger.db.where,
+        config=config,
+        compartments=_compartments(planner, counts),
+        router=None if router is None else {"id": router.id, "stage": router.stage, "saw_compartments": "all"},
+        samples=sum(c["samples"] for c in counts.values()),
+        forgotten=sum(c["forgotten"] for c in counts.values()),
+        pending_forgets=[r for r, _ in ledger.pending_forgets()],
+        unerased_forgets=ledger.unerased_forgets(),
+        public_model=None if public is None else {"id": public.id, "data": config.public, "public": True},
+        base=None if config.base is None else {"kind": config.base, "adapter": config.adapter, "model": None if public is None else public.id,
+                                               "data": config.public, "imported_from": None if public is None else public.metadata.get("imported_from")},
+        latent=_latent(planner),
+        privacy=privacy(planner),
+        exports=export_states(ledger),
+        events=ledger.events(10),
+        disk_bytes=disk_use(planner.path),
+    )
 
 
 def _compartments(planner: Planner, counts: dict) -> list[dict]:

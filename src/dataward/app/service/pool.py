@@ -1,4 +1,4 @@
-"""Generation: a bounded pool of workers (threads, or processes that each own their models; :mod:`~.workers`), admission
+"""The generation pool: a bounded pool of workers (threads, or processes that each own their models; :mod:`~.workers`), admission
 by count and by work (429 when the pool is full or the work ahead would keep a request waiting longer than the timeout),
 and the loop that runs a generation, checks on the event loop that no model it used was tainted by a forget, and re-runs
 it if one was.
@@ -21,7 +21,7 @@ from fastapi.responses import Response
 
 from dataward.app.service import workers
 from dataward.app.service.admission import RunTimes, Work, request_work
-from dataward.app.service.schema import ApiKey, GenerateRequest, ServiceError, ServiceLimits, shutting_down
+from dataward.app.service.api import ApiKey, GenerateRequest, ServiceError, ServiceLimits, shutting_down
 from dataward.errors import DatawardError
 from dataward.sampling.plan import sampling_weights
 from dataward.ward import Ward
