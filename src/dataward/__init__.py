@@ -2,8 +2,8 @@
 
 The public API: :class:`Ward` (create/open, train, sample, forget, verify, add, status) and its typed results
 (:class:`TrainResult`, :class:`AddResult`, :class:`ForgetResult`, :class:`Certificate`, :class:`WardStatus`,
-:class:`SampleResult`), :class:`WardPipeline` (a diffusers pipeline over a ward), :class:`TrainConfig`, :class:`DPConfig`, :class:`GuardConfig`, and data sources via
-:func:`load_source`.
+:class:`SampleResult`), :class:`WardPipeline` (a diffusers pipeline over a ward), :class:`TrainConfig`,
+:class:`DPConfig`, :class:`GuardConfig`, and data sources via :func:`load_source`.
 
 Importing the package only chooses the CPU settings torch reads when it loads (:mod:`dataward.numerics`,
 :mod:`dataward.openmp`); the API's names import torch and diffusers when first used, so ``dataward --help`` answers
