@@ -94,7 +94,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("models", ("dataward.models",)),
     ("training", ("dataward.training",)),
     ("facade", ("dataward.ward", "dataward.changes", "dataward.forgetting", "dataward.base", "dataward.assignment", "dataward.generation",
-                "dataward.pipelines", "dataward.export", "dataward.certificate", "dataward.reports")),
+                "dataward.pipelines", "dataward.export", "dataward.certificate", "dataward.reports", "dataward.pictures")),
     ("audit", ("dataward.audit",)),
     ("app", ("dataward.app",)),
 )
