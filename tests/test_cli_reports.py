@@ -57,4 +57,20 @@ def test_a_grid_in_a_missing_folder_is_refused_before_sampling(monkeypatch, caps
 def test_keys_create_help_says_allow_is_required_and_what_all_means(monkeypatch, capsys):
     code, out, _ = _main(monkeypatch, capsys, "keys", "W", "create", "--help")
     text = " ".join(out.split())
-    assert code == 0 and "Required (optional with --admin)" in text and "a compartment added later needs a new key" in text
+    assert code == 0 and "Required (optional with --admin)" in text and "every compartment, those added later included" in text
+
+
+def test_a_key_for_all_compartments_reaches_one_added_later(monkeypatch, capsys, tmp_path):
+    """Issue 36: `keys create --allow all` was stored as the compartments of that day; one added later was not reachable."""
+    from conftest import make_ward
+
+    ward = make_ward(tmp_path / "w")  # 2 compartments, untrained
+    code, out, err = _main(monkeypatch, capsys, "keys", tmp_path / "w", "create", "--allow", "all", "--name", "everyone")
+    assert code == 0 and "every compartment (those added later too)" in " ".join(err.split() + out.split())
+    raw = out.strip().splitlines()[-1]
+    assert ward.ledger.key_for_hash(ward.ledger.hash_key(raw))["allow"] == [0, 1]
+    ward.add("printed:count=20", train=False)
+    assert ward.ledger.key_for_hash(ward.ledger.hash_key(raw))["allow"] == [0, 1, 2]
+    assert [k["allow"] for k in ward.ledger.list_keys()] == ["all"]
+    code, out, _ = _main(monkeypatch, capsys, "keys", tmp_path / "w", "list")
+    assert code == 0 and "everyone" in out and " all " in out

@@ -99,6 +99,34 @@ def test_report_to_none_writes_no_loss_log(tmp_path):
     assert not list((tmp_path / "w" / "models").glob(f"*/{LOSS_FILE}"))
 
 
+@pytest.mark.parametrize("at", [3, 4])  # between the two epochs' passes, and inside the second
+def test_interrupted_dp_stage_resumes_to_the_same_bytes_and_epsilon(tmp_path, at):
+    """A DP stage had no in-stage checkpoint: a SIGINT lost it all. Now it resumes from its checkpoint (state, Poisson
+    sampling and noise generators, accountant history) to the bytes and the ε of an uninterrupted run."""
+    from dataward.config import DPConfig
+
+    dp = DPConfig(epsilon=10.0, batch=10, epochs=2)  # ~20 examples: 3 logical steps per epoch, 6 in all
+    wards = {}
+    for name in ("whole", "stopped"):
+        wards[name] = make_ward(tmp_path / name, data="digits:subset=40", router=False)
+        wards[name].train(progress=False)
+    wards["whole"].enable_dp(dp, compartments=[1], progress=False)
+    stopped = wards["stopped"]
+    with pytest.raises(KeyboardInterrupt) as stop:
+        stopped.enable_dp(dp, compartments=[1], progress=SignalAt("DP fine-tune 1", at))
+    assert f"DP fine-tuning of compartment 1 is checkpointed at step {at} of 6" in stop.value.__notes__
+    assert (tmp_path / "stopped" / "resume" / "denoiser-c1-s0.safetensors").is_file() and 1 not in stopped.served()
+    stopped.train(progress=False)
+    assert served_hashes(stopped) == served_hashes(wards["whole"])
+    whole_record = wards["whole"].privacy()["compartments"]["1"]
+    record = stopped.privacy()["compartments"]["1"]
+    assert record["epsilon"] == whole_record["epsilon"] and record["history"] == whole_record["history"]
+    assert sum(steps for _, _, steps in record["history"]) == 6
+    rows = list(csv.DictReader((tmp_path / "stopped" / stopped.served()[1].path / LOSS_FILE).open()))
+    assert [int(r["stage_step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert not any((tmp_path / "stopped" / "resume").iterdir())
+
+
 def test_python_api_shows_progress_by_default(tmp_path, capfd):
     ward = make_ward(tmp_path / "w", compartments=1, router=False, slices=1)
     capfd.readouterr()

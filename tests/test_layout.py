@@ -94,7 +94,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("models", ("dataward.models",)),
     ("training", ("dataward.training",)),
     ("facade", ("dataward.ward", "dataward.changes", "dataward.forgetting", "dataward.public_base", "dataward.assignment", "dataward.sampling",
-                "dataward.certificate", "dataward.ward_status")),
+                "dataward.certificate", "dataward.ward_status", "dataward.pictures")),
     ("audit", ("dataward.audit",)),
     ("app", ("dataward.app",)),
 )

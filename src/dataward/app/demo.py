@@ -15,6 +15,7 @@ from rich.text import Text
 from dataward.app.terminal import epsilon_delta, print_path, progress_bar
 from dataward.certificate import Certificate
 from dataward.config import DPConfig, GuardConfig, TrainConfig
+from dataward.pictures import ForgetPicture, guard_picture
 from dataward.plots import image_grid
 from dataward.training.forecast import forecast_training
 from dataward.ward import Ward
@@ -96,7 +97,7 @@ def _train(run: _Run, ward: Ward) -> None:
 def _sample(run: _Run, ward: Ward) -> None:
     run.step("3. sample, composed over all compartments")
     composed = ward.sample(64, seed=0)
-    image_grid(composed.images, run.out_dir / "composed.png", composed.labels, columns=16, caption=composed.caption(seed=0))
+    image_grid(composed.images, run.out_dir / "composed.png", composed.labels, caption=composed.caption(seed=0), attribution=composed.attribution)
     share = composed.attribution.mean(0).tolist()
     run.console.print("mean attribution per compartment: " + ", ".join(f"{c}: {w:.2f}" for c, w in enumerate(share)))
     run.done("sample", f"64 samples composed with {composed.weights} weights", str(run.out_dir / "composed.png"))
@@ -107,22 +108,22 @@ def _access_rights_and_guards(run: _Run, ward: Ward) -> None:
     _, key = ward.ledger.create_key("demo-customer", [0, 1])
     grant = ward.ledger.key_for_hash(ward.ledger.hash_key(key))["allow"]  # what the service does with the key it is sent
     restricted = ward.sample(32, seed=1, allowed=grant)
-    image_grid(restricted.images, run.out_dir / "allowed-0-1.png", restricted.labels, columns=16,
+    image_grid(restricted.images, run.out_dir / "allowed-0-1.png", restricted.labels, attribution=restricted.attribution,
                caption="a key allowed compartments {0, 1}: " + restricted.caption(seed=1))
     mass_outside = float(restricted.attribution[:, 2:].sum())
     run.console.print(f"attribution mass on compartments 2 and 3: {mass_outside} (exactly zero: they are never evaluated)")
     run.done("access rights", f"key allowed {{0, 1}}: attribution mass outside = {mass_outside}", str(run.out_dir / "allowed-0-1.png"))
-    guarded = ward.sample(32, seed=1, guard=True)
-    image_grid(guarded.images, run.out_dir / "guarded.png", guarded.labels, columns=16, caption="guarded: " + guarded.caption(seed=1))
+    guarded = guard_picture(ward, run.out_dir / "guarded.png", n=12, seed=1)
     run.figures["guard_guided"] = round(guarded.guard_guided, 4)
     run.console.print(f"guarded sampling: the guards were confident (and steered) on {100 * guarded.guard_guided:.1f}% of their checks"
                       + (" (--quick trains guards too briefly to be confident; run without --quick for guards that steer)" if run.quick else ""))
-    run.done("guarded sampling", f"32 samples; guards steered {100 * guarded.guard_guided:.1f}% of sample-steps", str(run.out_dir / "guarded.png"))
+    run.done("guarded sampling", f"12 samples unguarded and guarded (what the guard changed); guards steered {100 * guarded.guard_guided:.1f}% of sample-steps", str(run.out_dir / "guarded.png"))
 
 
 def _forget(run: _Run, ward: Ward) -> tuple[list[str], Certificate]:
     run.step("5. forget 5 sample IDs")
     victims = sorted(random.Random(0).sample(list(ward.training_data().ids), 5))
+    picture = ForgetPicture.before_forget(ward, victims, seed=3)
     accepted = ward.accept_forget(victims)
     run.console.print(f"request {accepted.request} in effect at once; {accepted.quarantined_models} model(s) quarantined and deleted")
     for c, state in accepted.serving_during_retraining.items():
@@ -130,6 +131,8 @@ def _forget(run: _Run, ward: Ward) -> tuple[list[str], Certificate]:
     with progress_bar() as progress:
         finished = ward.finish_forget(accepted, progress=progress)
     run.figures["forget_retrain_seconds"] = round(finished.retrain_seconds, 1)
+    picture.draw(ward, run.out_dir / "forgotten.png")
+    run.console.print(f"each forgotten image beside its nearest samples before and after the forget: {run.out_dir / 'forgotten.png'}")
     affected = sorted({ward.ledger.sample_rows(victims)[v][0] for v in victims})
     with progress_bar() as progress:
         certificate = ward.verify(progress=progress, compartments=affected)
@@ -137,7 +140,7 @@ def _forget(run: _Run, ward: Ward) -> tuple[list[str], Certificate]:
     verdict = f"certificate of compartments {', '.join(map(str, affected))} (retrained from scratch, compared bit for bit): {'OK' if certificate.ok else 'FAILED'}"
     run.console.print(verdict + " (it covers the models served now; step 6 then trains new ones, which the audit says it does not cover)")
     run.done("forget", f"5 IDs; retrain {run.figures['forget_retrain_seconds']} s vs train {run.figures['train_seconds']} s; {verdict}",
-             "dataward verify")
+             str(run.out_dir / "forgotten.png"))
     return victims, certificate
 
 
@@ -148,7 +151,7 @@ def _dp_finetune(run: _Run, ward: Ward) -> None:
     privacy = ward.privacy()["compartments"]["3"]
     run.figures["dp_epsilon"] = round(privacy["epsilon"], 3)
     dp_samples = ward.sample(32, seed=2, allowed=[3])
-    image_grid(dp_samples.images, run.out_dir / "dp-compartment-3.png", dp_samples.labels, columns=16,
+    image_grid(dp_samples.images, run.out_dir / "dp-compartment-3.png", dp_samples.labels,
                caption=f"DP compartment 3 ({epsilon_delta(privacy['epsilon'], privacy['delta'])}): " + dp_samples.caption(seed=2))
     run.console.print(f"compartment 3: {epsilon_delta(privacy['epsilon'], privacy['delta'])}, σ = {privacy['sigma']:.3f}, "
                       f"{100 * privacy['trainable_fraction']:.1f}% of parameters trained (attention + class embedding)")

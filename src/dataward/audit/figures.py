@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from dataward.audit.metrics import Replication
+from dataward.plots import PALETTE, Row, draw_rows, image_grid
 
-PALETTE = ["#3b6fb6", "#e07b39", "#4c9a5b", "#c04a4a", "#8a6bb8", "#8c6d4f", "#d27db5", "#7f7f7f", "#b5b83a", "#3bb5c4"]
 # line style per (denoiser, attack) in the ROC figures; the colour is the compartment's
 ROC_STYLES = {("raw", "loss"): "-", ("raw", "pia"): ":", ("guarded", "loss"): "--", ("guarded", "pia"): "-."}
 
@@ -32,33 +32,27 @@ def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight", facecolor="white")
     plt.close(fig)
-    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return _img(buffer.getvalue())
 
 
-def _tile(images: torch.Tensor, ncol: int, pad: int = 1) -> np.ndarray:
-    """Images (N, C, H, W) in [-1, 1] tiled into one (H', W') or (H', W', 3) array in [0, 1]."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) / 2).numpy()
-    n, c, h, w = x.shape
-    nrow = -(-n // ncol)
-    canvas = np.ones((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.float32)
-    for i in range(n):
-        r, k = divmod(i, ncol)
-        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = x[i]
-    return canvas[0] if c == 1 else canvas.transpose(1, 2, 0)
+def _img(png: bytes) -> str:
+    """PNG bytes as an ``<img>`` tag with a base64 data URI."""
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def grid_figure(images: torch.Tensor, title: str, ncol: int = 10, labels: torch.Tensor | None = None, size: float = 3.2) -> str:
-    """A grid of images (N, C, H, W) in [-1, 1] (sorted by label when labels are given)."""
-    plt = _plt()
-    if labels is not None:
-        order = torch.argsort(labels, stable=True)
-        images = images[order]
-    tiled = _tile(images, ncol)
-    fig, ax = plt.subplots(figsize=(size, size * tiled.shape[0] / tiled.shape[1] + 0.3))
-    ax.imshow(tiled, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(title)
-    ax.axis("off")
-    return _png(fig)
+def rows_figure(rows: list[Row], caption: str) -> str:
+    """Labelled rows of images (:func:`dataward.plots.draw_rows`) as an ``<img>`` tag: pixels as sampled, not resampled."""
+    buffer = io.BytesIO()
+    draw_rows(rows, buffer, caption=caption)
+    return _img(buffer.getvalue())
+
+
+def class_grid_figure(images: torch.Tensor, labels: torch.Tensor | None, caption: str, attribution: torch.Tensor | None = None) -> str:
+    """Images (N, C, H, W) in [-1, 1] as a grid with one labelled row per class and, with ``attribution`` (N, K), each
+    sample's shares per compartment under it (:func:`dataward.plots.image_grid`)."""
+    buffer = io.BytesIO()
+    image_grid((images.float().clamp(-1, 1) + 1) / 2, buffer, labels, caption=caption, attribution=attribution)
+    return _img(buffer.getvalue())
 
 
 def attribution_figure(attribution: torch.Tensor, compartments: list[int], shown: int = 48) -> str:

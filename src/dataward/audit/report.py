@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from dataward.audit.figures import ROC_STYLES, attribution_figure, grid_figure, nearest_figure, pairs_figure, roc_figure
+from dataward.audit.figures import ROC_STYLES, attribution_figure, class_grid_figure, nearest_figure, pairs_figure, roc_figure, rows_figure
 
 # Top-level keys of the JSON report, in order. Every section in SECTION_KEYS carries "status" ("ok" | "skipped" | "error")
 # and, when not ok, "reason". Changing this list is a schema change: bump dataward.audit.SCHEMA.
@@ -180,9 +180,14 @@ def _samples_html(s: dict, artifacts: dict[str, Any]) -> str:
     figs = []
     if generated is not None:
         labels = None if artifacts.get("labels") is None else artifacts["labels"][:100]
-        figs.append(grid_figure(generated[:100], f"composed ({s.get('weights')}, {s.get('sampler')})", labels=labels, size=4.2))
+        attribution = None if artifacts.get("attribution") is None else artifacts["attribution"][:100]
+        figs.append(class_grid_figure(generated[:100], labels, f"composed ({s.get('weights')} weights, {s.get('sampler')} sampler): one row "
+                                      "per class asked for; under each image, the share each compartment made of it", attribution))
+    labels_of = artifacts.get("per_compartment_labels") or {}
     for c, images in (artifacts.get("per_compartment") or {}).items():
-        figs.append(grid_figure(images[:64], f"compartment {c} only", ncol=8, size=2.6))
+        labels = labels_of.get(c)
+        figs.append(class_grid_figure(images[:64], None if labels is None else labels[:64],
+                                      f"compartment {c} only, seed as the others: one row per class asked for"))
     body = f"<div class='figs'>{''.join(figs)}</div>"
     if artifacts.get("attribution") is not None and artifacts["attribution"].shape[1] > 1:
         body += "<h3>Attribution to compartments</h3>" + attribution_figure(artifacts["attribution"], artifacts.get("compartments", []))
@@ -294,6 +299,13 @@ def _percent(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.1f}%"
 
 
+def _guard_pictures_html(pictures: dict) -> str:
+    """Per guarded compartment: the same seeds unguarded and guarded, their difference and the nearest training images."""
+    if not pictures:
+        return ""
+    return "<h3>What a guard changed</h3>" + "".join(rows_figure(rows, f"compartment {c}. {caption}") for c, (rows, caption) in pictures.items())
+
+
 def _protection_html(protection: dict) -> str:
     """One row per compartment: how often its samples copy a training image, unguarded and guarded, how often its guard
     steered, and what protects it, in words."""
@@ -320,7 +332,8 @@ def render_html(report: dict, artifacts: dict[str, Any]) -> str:
         _section("Membership inference", _membership_html(report.get("membership", {}))),
         _section("Forgetting", _forgetting_html(report.get("forgetting", {}))),
         _section("Privacy budget", _privacy_html(report.get("privacy", {}))),
-        _section("What protects each compartment", _protection_html(report.get("protection", {}))),
+        _section("What protects each compartment", _protection_html(report.get("protection", {}))
+                 + _guard_pictures_html(artifacts.get("guard_pictures") or {})),
         _section("Timings", _table(["step", "seconds"], [[k, float(v)] for k, v in timings.items()], {1})),
     ]
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report_title(report))}</title><style>{CSS}</style></head><body><main>{''.join(parts)}</main></body></html>"

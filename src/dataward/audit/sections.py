@@ -81,11 +81,12 @@ class DrawnSamples:
     labels: torch.Tensor | None  # (N,)
     attribution: torch.Tensor  # (N, K)
     per_compartment: dict[int, torch.Tensor]  # compartment -> (grid, C, H, W) from that compartment alone
+    per_compartment_labels: dict[int, torch.Tensor | None] = field(default_factory=dict)  # compartment -> (grid,) their classes
 
     def artifacts(self, compartments: list[int]) -> dict[str, Any]:
         """The arrays the HTML page draws the samples from."""
         return {"generated": self.generated, "labels": self.labels, "attribution": self.attribution,
-                "per_compartment": self.per_compartment, "compartments": compartments}
+                "per_compartment": self.per_compartment, "per_compartment_labels": self.per_compartment_labels, "compartments": compartments}
 
 
 @dataclass(frozen=True)
@@ -182,10 +183,12 @@ def draw_samples(ward: AuditedWard, n: int, grid: int, compartments: list[int], 
     started = time.perf_counter()
     result = ward.sample(n, seed=seed, steps=steps, sampler=sampler)
     per_compartment: dict[int, torch.Tensor] = {}
+    per_compartment_labels: dict[int, torch.Tensor | None] = {}
     if len(compartments) > 1 and grid > 0:
         for c in compartments:
             try:
-                per_compartment[c] = to_signed(ward.sample(grid, seed=seed, steps=steps, sampler=sampler, allowed=[c]).images)
+                alone = ward.sample(grid, seed=seed, steps=steps, sampler=sampler, allowed=[c])
+                per_compartment[c], per_compartment_labels[c] = to_signed(alone.images), alone.labels
             except DatawardError as error:
                 say(f"compartment {c}: {error}")
     attribution = result.attribution.float()  # (N, K)
@@ -199,7 +202,7 @@ def draw_samples(ward: AuditedWard, n: int, grid: int, compartments: list[int], 
         "attribution_mean": attribution.mean(0).tolist(),
         "attribution_top1_share": top1.tolist(),
     }
-    return entry, DrawnSamples(to_signed(result.images), result.labels, attribution, per_compartment)
+    return entry, DrawnSamples(to_signed(result.images), result.labels, attribution, per_compartment, per_compartment_labels)
 
 
 def quality(audit: Audit) -> Measured:

@@ -44,7 +44,9 @@ class SampleResult:
         if seed is not None:
             parts.append(f"seed {seed}")
         if self.labels is not None:
-            parts.append("the class asked for under each image")
+            parts.append("one row per class asked for")
+        if len(self.compartments) > 1:
+            parts.append("under each image, the share each compartment made of it")
         return "; ".join(parts)
 
 

@@ -26,6 +26,7 @@ from dataward.store.database import Database, connect, copy_tables
 from dataward.store.tables import SCHEMA_VERSION
 
 UNERASED = "unerased-forget:"  # meta key prefix: a forget request whose images may still be in the ledger's files
+ALL_COMPARTMENTS = "all"  # an API key's grant stored as such: every compartment at each request, those added later included
 
 
 @dataclass(frozen=True)
@@ -336,8 +337,8 @@ class Ledger:
         """SHA-256 hex digest of a raw API key (what the ledger stores and looks up)."""
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
-    def create_key(self, name: str, allow: list[int], admin: bool = False) -> tuple[int, str]:
-        """Make an API key reaching compartments ``allow`` (admin keys may also forget); returns ``(id, raw key)``.
+    def create_key(self, name: str, allow: list[int] | str, admin: bool = False) -> tuple[int, str]:
+        """Make an API key reaching compartments ``allow``, or :data:`ALL_COMPARTMENTS` (admin keys may also forget); returns ``(id, raw key)``.
 
         The raw key is shown once: only its hash is stored. Names are unique among keys that are not revoked.
         """
@@ -346,11 +347,9 @@ class Ledger:
             raise DatawardError(f"key name must be 1-100 characters, got {name!r}")
         if name.isdigit():
             raise DatawardError(f"key name {name!r} must not be a number (numbers name key IDs in `keys revoke`)")
-        allow = sorted({int(c) for c in allow})
-        known = self.compartments()
-        unknown = [c for c in allow if c not in known]
-        if unknown:
-            raise DatawardError(f"--allow names unknown compartment(s) {unknown}: this ward has {known}")
+        allow = allow if allow == ALL_COMPARTMENTS else sorted({int(c) for c in allow})
+        if allow != ALL_COMPARTMENTS and (unknown := sorted(set(allow) - set(self.compartments()))):
+            raise DatawardError(f"--allow names unknown compartment(s) {unknown}: this ward has {self.compartments()}")
         if not allow and not admin:
             raise DatawardError("--allow must name at least one compartment (only an --admin key may have none)")
         raw = self.KEY_PREFIX + secrets.token_urlsafe(32)
@@ -363,7 +362,7 @@ class Ledger:
         return key_id, raw
 
     def list_keys(self, include_revoked: bool = True) -> list[dict]:
-        """Every key's record (never the key or its hash), oldest first."""
+        """Every key's record (never the key or its hash), oldest first; ``allow`` is a list of compartments or ``"all"``."""
         query = "SELECT id, name, allow, admin, created_at, revoked_at FROM api_keys"
         if not include_revoked:
             query += " WHERE revoked_at IS NULL"
@@ -393,7 +392,8 @@ class Ledger:
         r = self.db.execute("SELECT id, name, key_hash, allow, admin, revoked_at FROM api_keys WHERE key_hash=?", (key_hash,)).fetchone()
         if r is None or not hmac.compare_digest(r[2], key_hash):
             return None
-        return {"id": r[0], "name": r[1], "allow": json.loads(r[3]), "admin": bool(r[4]), "revoked_at": r[5]}
+        allow = json.loads(r[3])  # "all": every compartment the ward has now
+        return {"id": r[0], "name": r[1], "allow": self.compartments() if allow == ALL_COMPARTMENTS else allow, "admin": bool(r[4]), "revoked_at": r[5]}
 
     def model_sample_ids(self, model_id: int) -> set[str]:
         """The sample IDs a model was trained on."""

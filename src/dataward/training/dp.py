@@ -20,10 +20,11 @@ convolution's input contiguous first (a forward pre-hook, removed by :meth:`Priv
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 from diffusers import DDPMScheduler
@@ -33,7 +34,7 @@ from dataward.config import DPConfig, TrainConfig, Trainable
 from dataward.data import Dataset
 from dataward.errors import DatawardError
 from dataward.models.nets import derive_seed
-from dataward.training.loop import Batch, PerSampleLoss, TrainState, denoiser_loss, finite_mean, train_batches
+from dataward.training.loop import Batch, PerSampleLoss, StageCursor, TrainState, denoiser_loss, finite_mean, train_batches
 from dataward.training.privacy import (
     CLIP_CALIBRATION_EXAMPLES, CLIP_WITHOUT_PUBLIC_DATA, DPPlan, PrivacyRecord, plan_dp, trainable_filter,
 )
@@ -84,16 +85,53 @@ class PrivateTraining:
     config: DPConfig
     plan: DPPlan
     handles: list = field(default_factory=list)  # forward pre-hooks of the contiguity fix
+    resumed_sampling: torch.Tensor | None = None  # a resumed stage's Poisson sampling generator state, set by batches()
 
-    def batches(self, device: str = "cpu") -> Iterator[Batch]:
+    def batches(self, device: str = "cpu", done: int = 0) -> Iterator[Batch]:
         """``config.epochs`` passes of Poisson logical batches, split into physical batches of at most
-        ``max_physical_batch`` (opacus BatchMemoryManager); B varies, and may be 0."""
+        ``max_physical_batch`` (opacus BatchMemoryManager); B varies, and may be 0. ``done``: logical steps taken
+        already (a resumed stage, its sampling generator restored by :meth:`resume`): only the batches still to come."""
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-        with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.config.max_physical_batch, optimizer=self.optimizer) as loader:
-            for _ in range(self.config.epochs):
-                for batch in loader:
-                    yield Batch(batch[0].to(device), batch[1].to(device) if len(batch) > 1 else None, None)
+        per_epoch = self.plan.steps_per_epoch
+        sampler = self.loader.batch_sampler  # opacus UniformWithReplacementSampler: draws `steps` batches per pass
+        resumed, self.resumed_sampling = self.resumed_sampling, None
+        try:
+            with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.config.max_physical_batch, optimizer=self.optimizer) as loader:
+                for epoch in range(done // per_epoch, self.config.epochs):
+                    within = max(done - epoch * per_epoch, 0)
+                    sampler.steps = per_epoch - within
+                    if resumed is not None and within == 0:  # stopped between two passes
+                        sampler.generator.set_state(resumed)
+                        resumed = None
+                    one_pass = iter(loader)  # draws the DataLoader's (unused) worker seed from the sampling generator
+                    if resumed is not None:  # stopped inside a pass: after that draw, as the uninterrupted run
+                        sampler.generator.set_state(resumed)
+                        resumed = None
+                    for batch in one_pass:
+                        yield Batch(batch[0].to(device), batch[1].to(device) if len(batch) > 1 else None, None)
+        finally:
+            sampler.steps = per_epoch
+
+    def cursor(self, generator: torch.Generator) -> StageCursor:
+        """Where the training stands between two logical steps: the steps taken, the loss ``generator``'s state, the
+        Poisson sampling and noise generators' states and the accountant's state (its history of steps)."""
+        if self.config.secure_rng:
+            raise DatawardError("DP training with secure_rng cannot be checkpointed: its random numbers cannot be saved")
+        streams = {"sampling": self.loader.batch_sampler.generator.get_state(), "noise": self.optimizer.generator.get_state()}
+        return StageCursor(self.state.step, torch.empty(0, dtype=torch.long), generator.get_state(), streams,
+                           json.dumps(self.engine.accountant.state_dict()))
+
+    def resume(self, cursor: StageCursor, generator: torch.Generator) -> None:
+        """Continue from :meth:`cursor` (the state itself is restored by the checkpoint): the generators and the
+        accountant, so the remaining steps and the ε are those of an uninterrupted run."""
+        generator.set_state(cursor.generator_state)
+        self.resumed_sampling = cursor.streams["sampling"]  # restored by batches(), where the pass stands
+        self.optimizer.generator.set_state(cursor.streams["noise"])
+        saved = json.loads(cursor.accountant)
+        self.engine.accountant.load_state_dict({"history": [tuple(h) for h in saved["history"]], "mechanism": saved["mechanism"]})
+        if self.engine.accountant.history and sum(h[2] for h in self.engine.accountant.history) != cursor.done:
+            raise DatawardError(f"the DP checkpoint's accountant counts {sum(h[2] for h in self.engine.accountant.history)} steps, its state {cursor.done}")
 
     def zero_grad(self) -> None:
         """Clear ``grad_sample`` (and, after a logical step, the accumulated clipped sum) and the gradients."""
@@ -238,6 +276,16 @@ def run_private_epochs(
     return private.record()
 
 
+class StepSaving(Protocol):
+    """An in-stage checkpoint and when to write it (:class:`dataward.training.resume.CheckpointedSteps`)."""
+
+    def load(self, state: TrainState) -> StageCursor | None:
+        """Restore ``state`` from the checkpoint and return its cursor, or None."""
+
+    def after_step(self, state: TrainState, cursor: Callable[[], StageCursor], done: int) -> None:
+        """After step ``done``: save ``cursor()`` when due; deliver a pending signal."""
+
+
 def dp_finetune(
     model: torch.nn.Module,
     private: Dataset,
@@ -249,16 +297,20 @@ def dp_finetune(
     calibration: Dataset | None = None,
     device: str = "cpu",
     on_step: Callable[[float], None] | None = None,
+    saving: StepSaving | None = None,
     **extra,
 ) -> tuple[TrainState, PrivacyRecord]:
     """DP-SGD fine-tuning of ``model`` (public-pretrained: DP-LDM; freshly built: DP from scratch, DPDM-style) on the
     ``private`` data. Validates everything before training. ``train`` gives EMA decay and threads; ``calibration`` is
     PUBLIC data (as the model sees it) that sets the clipping norm when ``config.clip`` is None (:func:`calibrate_clip`;
-    without it C = 1); ``extra`` goes into the record (e.g. ``public="printed:count=3000"``). Returns the trained state
-    and its :class:`PrivacyRecord`.
+    without it C = 1); ``saving``: an in-stage checkpoint to continue from and to save after steps (its state, generators
+    and accountant: the same bytes and ε as an uninterrupted run; not with ``secure_rng``); ``extra`` goes into the record
+    (e.g. ``public="printed:count=3000"``). Returns the trained state and its :class:`PrivacyRecord`.
     """
     if private.num_classes is not None and getattr(model.config, "num_class_embeds", None) not in (None, private.num_classes):
         raise DatawardError(f"the model has {model.config.num_class_embeds} class embeddings but the private data has {private.num_classes} classes")
+    if saving is not None and config.secure_rng:
+        raise DatawardError("DP training with secure_rng cannot be checkpointed: its random numbers cannot be saved")
     plan = plan_dp(config, len(private), model)
     if config.clip is None:  # without calibration data make_private applies the default
         if calibration is not None:
@@ -266,10 +318,21 @@ def dp_finetune(
         extra["clip_calibrated_on"] = "public data (median per-example gradient norm)" if calibration is not None else f"nothing (default {CLIP_WITHOUT_PUBLIC_DATA})"
     extra["lr"] = config.learning_rate()
     state = TrainState.fresh(model, replace(train, lr=config.learning_rate()), trainable_filter(config.trainable))
+    start = None if saving is None else saving.load(state)
     wrapped = make_private(state, private, config, seed=seed, plan=plan)
     try:
         generator = torch.Generator().manual_seed(derive_seed(seed, "dp-loss"))
-        run_private_epochs(wrapped, denoiser_loss(scheduler), generator, device=device, on_step=on_step)
+        if start is not None:
+            wrapped.resume(start, generator)
+
+        def step_done(value: float) -> None:
+            if on_step is not None:
+                on_step(value)
+            if saving is not None:
+                saving.after_step(state, lambda: wrapped.cursor(generator), state.step)
+
+        train_batches(state, wrapped.batches(device, 0 if start is None else start.done), denoiser_loss(scheduler), generator,
+                      stepper=wrapped, on_step=step_done)
         record = wrapped.record(**extra)
     finally:
         wrapped.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
@@ -202,6 +202,8 @@ class StageCursor:
     done: int  # optimizer steps of the stage taken
     rows_left: torch.Tensor  # (M,) long: the rows of the current shuffle not drawn yet
     generator_state: torch.Tensor  # the stage generator's state (noise, timesteps and the next shuffles come from it)
+    streams: dict[str, torch.Tensor] = field(default_factory=dict)  # other generators' states (DP: Poisson sampling, noise)
+    accountant: str | None = None  # DP: the privacy accountant's state (opacus state_dict) as JSON
 
 
 class ShuffledBatches:

@@ -9,7 +9,9 @@ it and of every earlier stage, variant, budget, steps, seed, numerics, dataward 
 never used. The runner writes one every :data:`CHECKPOINT_SECONDS` of a stage's training (a few tens of milliseconds for
 the tiny preset's 11 MB, so well under 0.1% of the time) and when a signal stops it (:mod:`dataward.interrupts`), and
 removes it once the stage's checkpoint folder is written; :func:`sweep` removes those no current stage can use (after
-a forget: a file that saw a forgotten ID). DP fine-tuning (one phase with Poisson sampling and an accountant) has none.
+a forget: a file that saw a forgotten ID). A DP stage's file also holds its Poisson sampling and noise generators' states
+and its accountant's history (:meth:`dataward.training.dp.PrivateTraining.cursor`), so it resumes to the same bytes and
+the same ε; one with ``secure_rng`` (whose randomness cannot be saved) keeps none and restarts from its first step.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import dataward
 from dataward.data import ids_hash
+from dataward.interrupts import DeferredSignals
 from dataward.store.checkpoints import folder_prefix
 from dataward.training.loop import StageCursor, TrainState
 from dataward.training.planner import Lineage
@@ -78,16 +82,26 @@ class StageCheckpoint:
             meta = handle.metadata()
         state.restore({k[6:]: v for k, v in tensors.items() if k.startswith("state.")}, meta, self.path)
         self.saved_step = int(meta["done"])
-        return StageCursor(self.saved_step, tensors["cursor.rows_left"], tensors["cursor.generator_state"])
+        streams = {k[len("cursor.stream."):]: v for k, v in tensors.items() if k.startswith("cursor.stream.")}
+        return StageCursor(self.saved_step, tensors["cursor.rows_left"], tensors["cursor.generator_state"], streams, meta.get("accountant"))
+
+    def steps_done(self) -> int:
+        """The stage's steps done at this checkpoint (0 when there is none of this spec), read without loading it."""
+        if not self.path.is_file() or _spec_of(self.path) != self.spec:
+            return 0
+        with safe_open(str(self.path), framework="pt") as handle:
+            return int((handle.metadata() or {}).get("done", 0))
 
     def save(self, state: TrainState, cursor: StageCursor) -> None:
         """Write the state and the cursor atomically (a temp file, then a rename)."""
         tensors, meta = state.tensors()
         tensors = {f"state.{k}": v for k, v in tensors.items()} | {"cursor.rows_left": cursor.rows_left.contiguous(),
                                                                    "cursor.generator_state": cursor.generator_state.contiguous()}
+        tensors |= {f"cursor.stream.{name}": value.contiguous() for name, value in cursor.streams.items()}
+        meta = meta | {"spec": self.spec, "done": str(cursor.done)} | ({} if cursor.accountant is None else {"accountant": cursor.accountant})
         self.path.parent.mkdir(exist_ok=True)
         tmp = self.path.with_name(f".tmp-{self.path.name}")
-        save_file(tensors, str(tmp), metadata=meta | {"spec": self.spec, "done": str(cursor.done)})
+        save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, self.path)
         self.saved_at, self.saved_step = time.monotonic(), cursor.done
 
@@ -98,6 +112,31 @@ class StageCheckpoint:
     def remove(self) -> None:
         """Remove the file (the stage is done, or the file is of no use)."""
         self.path.unlink(missing_ok=True)
+
+
+class CheckpointedSteps:
+    """What happens after each step of a stage: its in-stage checkpoint is saved when due, at the stage's last step and
+    when a signal arrived; then a pending signal is delivered, with a note saying where the stage stands."""
+
+    def __init__(self, checkpoint: StageCheckpoint, signals: DeferredSignals, steps: int, where: str):
+        self.checkpoint, self.signals, self.steps, self.where = checkpoint, signals, steps, where
+
+    def load(self, state: TrainState) -> StageCursor | None:
+        """The stage's checkpoint restored into ``state`` (see :meth:`StageCheckpoint.load`)."""
+        return self.checkpoint.load(state)
+
+    def after_step(self, state: TrainState, cursor: Callable[[], StageCursor], done: int, before_stop: Callable[[], None] = lambda: None) -> None:
+        """After the stage's ``done``-th step: save ``cursor()`` with ``state`` if due; on a pending signal, call
+        ``before_stop`` (close the loss log) and deliver it."""
+        if self.signals.pending is not None or self.checkpoint.due() or done == self.steps:
+            self.checkpoint.save(state, cursor())
+        if self.signals.pending is not None:
+            before_stop()
+            try:
+                self.signals.deliver()
+            except BaseException as stop:  # the signal's own exception (KeyboardInterrupt, Interrupted), noted
+                stop.add_note(f"{self.where} is checkpointed at step {done} of {self.steps}")
+                raise
 
 
 def sweep(folder: Path, wanted: dict[str, str]) -> None:

@@ -8,6 +8,7 @@ count and kernels from its config (:func:`configure_torch`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -22,7 +23,7 @@ from dataward import numerics
 from dataward.config import WardConfig
 from dataward.data import Dataset, ids_hash
 from dataward.errors import DataChanged
-from dataward.interrupts import DeferredSignals
+from dataward.interrupts import DeferredSignals, Interrupted
 from dataward.models.adapters import AdapterCheckpoint, add_lora
 from dataward.models.nets import derive_seed
 from dataward.progress import progress_task
@@ -35,7 +36,7 @@ from dataward.training.loop import ShuffledBatches, TrainState, train_batches
 from dataward.training.losslog import LOSS_FILE, LossLog, ReportTo, check_report_to
 from dataward.training.planner import Lineage, Planner, TrainJob
 from dataward.training.privacy import other_accountant, plan_dp
-from dataward.training.resume import StageCheckpoint, stage_name, stage_spec, sweep
+from dataward.training.resume import CheckpointedSteps, StageCheckpoint, stage_name, stage_spec, sweep
 from dataward.training.sources import WardData
 
 
@@ -101,7 +102,10 @@ class JobRunner:
         configure_torch(device, lineage.config.threads)  # thread count (and deterministic CUDA kernels): part of determinism
         numerics.require(self.config.numerics)  # ... and the CPU kernels
         if lineage.dp:
-            return [self._run_dp(lineage, device, progress, out_root, work / f"{stage_name(lineage, 0)}.csv" if report_to == "csv" else None)]
+            checkpoint = StageCheckpoint(work, lineage, 0, stage_spec(lineage, 0, self.config.seed, self.config.numerics))
+            result = self._run_dp(lineage, device, progress, out_root, checkpoint, report_to == "csv")
+            checkpoint.remove()
+            return [result]
         state = TrainState.fresh(self._build(lineage).to(device), lineage.config)
         if job.resume_from is not None:
             if not state_file(self.planner.path / job.resume_from).is_file():  # quarantined by a forget since the plan
@@ -156,19 +160,12 @@ class JobRunner:
         batches = ShuffledBatches(data, lineage.config.batch_for(len(data)), steps, generator, targets, device, start)
         log = LossLog(log_path, 0 if start is None else start.done)
         where = f"{lineage.kind}{'' if lineage.compartment is None else f' {lineage.compartment}'} stage {stage} (0..{len(lineage.stage_ids) - 1})"
+        saving = CheckpointedSteps(checkpoint, signals, steps, where)
 
         def step_done(value: float) -> None:
             on_step(1, loss=value)
             log.write(batches.done, state.step, value, lineage.config.lr)
-            if signals.pending is not None or checkpoint.due() or batches.done == steps:
-                checkpoint.save(state, batches.cursor())
-            if signals.pending is not None:
-                log.close()
-                try:
-                    signals.deliver()
-                except BaseException as stop:  # the signal's own exception (KeyboardInterrupt, Interrupted), noted
-                    stop.add_note(f"{where} is checkpointed at step {batches.done} of {steps}")
-                    raise
+            saving.after_step(state, batches.cursor, batches.done, log.close)
 
         try:
             train_batches(state, batches, loss, generator, on_step=step_done)
@@ -209,30 +206,42 @@ class JobRunner:
             return copy.deepcopy(self.models().model(start)).train()
         return KINDS[lineage.kind].build(self.context, derive_seed(self.config.seed, lineage.kind, lineage.compartment, "init"))
 
-    def _run_dp(self, lineage: Lineage, device: str, progress, out_root: Path, log_path: Path | None) -> dict:
+    def _run_dp(self, lineage: Lineage, device: str, progress, out_root: Path, checkpoint: StageCheckpoint, log_csv: bool) -> dict:
         """DP-SGD fine-tuning of one compartment's denoiser from the public model (DP-LDM), or from scratch (DPDM-style),
-        with its loss log at ``log_path`` (none if None)."""
+        with its loss log beside ``checkpoint`` (when ``log_csv``). It continues from ``checkpoint`` (its state, its
+        generators and its accountant's history: the same bytes and ε as an uninterrupted run) and saves it as other
+        stages do; with ``secure_rng`` it keeps none (that randomness cannot be saved) and an interrupted run restarts."""
         data = self.stage_data(lineage, 0)
         model = self._build(lineage)
         public = self.planner.start_model(lineage)
         dp = self.config.dp
         plan = plan_dp(dp, len(data), model)
+        log_path = checkpoint.path.with_suffix(".csv") if log_csv else None
+        done = 0 if dp.secure_rng else checkpoint.steps_done()
         update = progress_task(progress, f"DP fine-tune {lineage.compartment}", plan.steps)
-        log, steps = LossLog(log_path), [0]
+        update(done)
+        log, steps = LossLog(log_path, done), [done]
 
         def step_done(value: float) -> None:
             steps[0] += 1
             update(1, description=f"DP fine-tune {lineage.compartment} (ε={dp.epsilon})")
             log.write(steps[0], steps[0], value, dp.learning_rate())
 
-        try:
-            state, record = dp_finetune(
-                model.to(device), data, dp, lineage.config, seed=derive_seed(self.config.seed, "dp", lineage.compartment), scheduler=self.context.scheduler,
-                calibration=None if public is None or self.config.public is None else self.models().model_data(self.data.public_data()),
-                device=device, on_step=step_done, public=self.config.public,
-            )
-        finally:
-            log.close()
+        where = f"DP fine-tuning of compartment {lineage.compartment}"
+        with contextlib.nullcontext() if dp.secure_rng else DeferredSignals() as signals:
+            try:
+                state, record = dp_finetune(
+                    model.to(device), data, dp, lineage.config, seed=derive_seed(self.config.seed, "dp", lineage.compartment), scheduler=self.context.scheduler,
+                    calibration=None if public is None or self.config.public is None else self.models().model_data(self.data.public_data()),
+                    device=device, on_step=step_done, saving=None if dp.secure_rng else CheckpointedSteps(checkpoint, signals, plan.steps, where),
+                    public=self.config.public,
+                )
+            except (KeyboardInterrupt, Interrupted) as stop:
+                if dp.secure_rng:
+                    stop.add_note(f"{where} restarts from its first step (secure_rng: its randomness cannot be saved)")
+                raise
+            finally:
+                log.close()
         result = self._save_stage(lineage, 0, lineage.stage_ids[0], state, out_root, {"privacy": record.to_dict(check_accountant=other_accountant(dp.accountant))},
                                   {} if log_path is None else {LOSS_FILE: log_path})
         if log_path is not None:

@@ -47,7 +47,7 @@ def sample(
     if grid:
         from dataward.plots import image_grid
 
-        image_grid(r.images, grid, r.labels, caption=r.caption(seed=seed))
+        image_grid(r.images, grid, r.labels, caption=r.caption(seed=seed), attribution=r.attribution)
     if npz:
         arrays = {"images": r.images.numpy().astype(np.float32), "attribution": r.attribution.numpy(), "final_weights": r.final_weights.numpy(),
                   "compartments": np.array(r.compartments)}

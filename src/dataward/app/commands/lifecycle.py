@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dataward.app.commands.common import open_ward, parse_ids, training
+from dataward.app.commands.common import check_writable, open_ward, parse_ids, training
 from dataward.app.terminal import console, epsilon_delta, out, progress_bar
 from dataward.errors import DatawardError
 
@@ -190,11 +190,15 @@ def forget(
     ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A UTF-8 file with one sample ID per line, exactly as "
                                             "written (spaces included; only the line break is removed); empty lines are skipped."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    show: Optional[Path] = typer.Option(None, "--show", metavar="PNG", help="Write a picture of up to 5 forgotten images, each "
+                                        "beside its nearest samples (pixel L2) before and after the forget (samples twice: slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Forget samples: in effect at once, then retrain what saw them from the slice before."""
     all_ids = list(ids or []) + (read_ids_file(ids_file) if ids_file else [])
+    check_writable(show)
     w = open_ward(ward, resume=False)  # accept first: nothing pending or broken may delay a forget
+    picture = _before_forget(w, all_ids, show)
     accepted = w.accept_forget(all_ids)
     if accepted.request is None:
         if as_json:
@@ -206,9 +210,13 @@ def forget(
         _say_accepted(w, accepted)
     with training(w, not as_json) as progress:
         result = w.finish_forget(accepted, device=device, progress=progress)  # also finishes earlier pending forgets
+    if picture is not None:
+        picture.draw(w, show)
     if as_json:
         print(json.dumps(asdict(result)))
         return
+    if picture is not None:
+        out.print(f"each forgotten image beside its nearest samples before and after: {escape(str(show))}")
     if result.retraining_elsewhere is not None:
         out.print(f"retraining is left to the process training this ward now: {escape(result.retraining_elsewhere)}")
     else:
@@ -217,6 +225,15 @@ def forget(
         out.print("[yellow]in effect, but old pages of the images stay in the ledger's files while another connection reads an older "
                   "snapshot of it: they are erased once it lets go (by the next dataward command on this ward or its running server; "
                   "`dataward status` lists the forgets not yet erased)[/yellow]")
+
+
+def _before_forget(w, ids: list[str], show: Path | None):
+    """With ``--show``: the samples drawn before the forget (:class:`dataward.pictures.ForgetPicture`), else None."""
+    if show is None:
+        return None
+    from dataward.pictures import ForgetPicture
+
+    return ForgetPicture.before_forget(w, ids)
 
 
 def read_ids_file(path: Path) -> list[str]:

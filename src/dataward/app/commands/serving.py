@@ -14,6 +14,7 @@ from rich.table import Table
 from dataward.app.commands.common import open_ward, parse_ids, ward_group
 from dataward.app.terminal import console, out
 from dataward.errors import DatawardError
+from dataward.store.ledger import ALL_COMPARTMENTS
 
 keys_app = ward_group("API keys for `dataward serve`: each key reaches only its compartments.")
 
@@ -22,7 +23,7 @@ keys_app = ward_group("API keys for `dataward serve`: each key reaches only its 
 def keys_create(
     ctx: typer.Context,
     allow: Optional[str] = typer.Option(None, "--allow", help="Required (optional with --admin): compartments the key may use, e.g. "
-                                        "0,2, or all (those that exist now: a compartment added later needs a new key)."),
+                                        "0,2, or all (every compartment, those added later included)."),
     admin: bool = typer.Option(False, "--admin", help="The key may also forget samples (POST /v1/forget)."),
     name: Optional[str] = typer.Option(None, "--name", help="A unique name for the key (default: a random one)."),
 ) -> None:
@@ -32,11 +33,11 @@ def keys_create(
     w = open_ward(ctx.obj["ward"], resume=False)
     if allow is None and not admin:
         raise DatawardError("--allow is required: the compartments the key may use, e.g. --allow 0,2 (or --allow all)")
-    ids = w.compartments() if (allow or "").strip() == "all" else (parse_ids(allow) or [])
+    every = (allow or "").strip() == ALL_COMPARTMENTS
+    ids = ALL_COMPARTMENTS if every else (parse_ids(allow) or [])
     key_id, raw = w.ledger.create_key(name or f"key-{secrets.token_hex(3)}", ids, admin)
-    later = " (--allow all: the compartments that exist now; one added later is not included, so make a new key then)" if allow and allow.strip() == "all" else ""
-    console.print(f"created key #{key_id} for compartments {sorted(set(ids))}{' (admin)' if admin else ''}{later}. "
-                  "Store it now: it is shown only this once.")
+    grant = "every compartment (those added later too)" if every else f"compartments {sorted(set(ids))}"
+    console.print(f"created key #{key_id} for {grant}{' (admin)' if admin else ''}. Store it now: it is shown only this once.")
     print(raw)
 
 
@@ -54,7 +55,8 @@ def keys_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", 
         table.add_column(col)
     for k in keys:
         created = datetime.datetime.fromtimestamp(k["created_at"]).isoformat(timespec="seconds")
-        table.add_row(str(k["id"]), escape(k["name"]), ",".join(map(str, k["allow"])) or "-", "yes" if k["admin"] else "no", created,
+        grant = k["allow"] if k["allow"] == ALL_COMPARTMENTS else ",".join(map(str, k["allow"])) or "-"
+        table.add_row(str(k["id"]), escape(k["name"]), grant, "yes" if k["admin"] else "no", created,
                       "revoked" if k["revoked_at"] else "active")
     out.print(table)
 
