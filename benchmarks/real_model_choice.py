@@ -10,7 +10,8 @@ Arms (K = 1 wards of ``--data``, the ``tiny`` preset, batch 128, each given the 
 
 - ``pixel``: the UNet on the 28x28 images, no base;
 - ``latent``: a public autoencoder (MNIST, the other data set, resized to 32 px; 32 -> 8x8x4 latents) and the UNet on
-  its latents, no base (the public latent denoiser is not the compartment's start);
+  its latents, no base (made after ``latent-base``, it copies that ward and its public models, so both use the same
+  autoencoder bytes, and drops the base: its denoiser starts from random weights);
 - ``latent-base``: the same, starting from a public latent denoiser trained on MNIST (``--base-steps``);
 - ``pixel-base``: the pixel UNet starting from a public pixel denoiser trained on MNIST (``--base-steps``).
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -59,6 +61,10 @@ def prepare(workdir: Path, arm: str, data: str, seconds: float, base_steps: int)
     if (workdir / arm / "ward.json").exists():  # a prepare that was stopped: its public models resume where they were
         ward = Ward.open(workdir / arm)
         ward.train(progress=False, only=PUBLIC_KINDS)
+    elif arm == "latent" and (workdir / "latent-base" / "ward.json").exists():  # the same public autoencoder, no base
+        shutil.copytree(workdir / "latent-base", workdir / arm, ignore=shutil.ignore_patterns("resume", "*.lock", "*-open"))
+        ward = Ward.open(workdir / arm)
+        ward.reconfigure(base=None)
     else:
         ward = Ward.create(workdir / arm, data, image_size=32 if latent else 28, train=TrainConfig(steps=steps),
                            base="mnist" if based and not latent else None, public_train=TrainConfig(steps=base_steps))
@@ -85,10 +91,15 @@ def evaluate(workdir: Path, arm: str, n: int, sample_steps: int) -> None:
     started = time.perf_counter()
     parts = [ward.sample(n // 10, label=c, seed=c, steps=sample_steps, sampler="ddim") for c in range(10)]
     sample_seconds = time.perf_counter() - started
+    name = json.loads((workdir / f"{arm}.json").read_text())["data"].split(":")[0]
+    if ward.config.latent:  # how well the public autoencoder (MNIST) represents these images: 1,000 test images
+        real = load_source(f"{name}:split=test,subset=1000").resized(ward.config.image_size, 1).images
+        with torch.no_grad():
+            mse = float((ward.codec().decode(ward.codec().encode(real)) - real).pow(2).mean())
+        record(workdir, arm, reconstruction_mse=mse)
     ward.close()
     images = torch.cat([p.images for p in parts]) * 2 - 1  # (n, 1, S, S) in [-1, 1]
     labels = torch.cat([p.labels for p in parts])
-    name = Path(json.loads((workdir / f"{arm}.json").read_text())["data"].split(":")[0]).name
     net, test = benchmark_feature_net(name), load_source(f"{name}:split=test")
     reference = net(test.images)
     record(workdir, arm, n=len(images), sample_steps=sample_steps, sample_seconds=round(sample_seconds, 1),
@@ -97,12 +108,12 @@ def evaluate(workdir: Path, arm: str, n: int, sample_steps: int) -> None:
 
 
 def table(workdir: Path) -> None:
-    print("| arm | ward training: steps, seconds | public models: seconds | samples (DDIM steps): seconds | FD | synthetic-trained accuracy | load |")
-    print("|---|---|---|---|---|---|---|")
+    print("| arm | ward training: steps, seconds | public models: seconds | samples (DDIM steps): seconds | autoencoder MSE on test images | FD | synthetic-trained accuracy | load |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in sorted(workdir.glob("*.json")):
         r = json.loads(path.read_text())
         print(f"| {path.stem} | {r.get('steps')}, {r.get('train_seconds')} | {r.get('public_seconds')} | {r.get('n')} ({r.get('sample_steps')}): "
-              f"{r.get('sample_seconds')} | {r.get('fd', float('nan')):.2f} | {100 * r.get('synthetic_accuracy', float('nan')):.1f}% | "
+              f"{r.get('sample_seconds')} | {r.get('reconstruction_mse', '-')} | {r.get('fd', float('nan')):.2f} | {100 * r.get('synthetic_accuracy', float('nan')):.1f}% | "
               f"{r.get('load_prepare', 0):.1f} / {r.get('load_train', 0):.1f} / {r.get('load_eval', 0):.1f} |")
 
 

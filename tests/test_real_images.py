@@ -4,6 +4,8 @@ reached (the ``real`` fixture)."""
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -18,6 +20,13 @@ from dataward.config import TrainConfig
 from dataward.data import load_source
 from dataward.errors import DatawardError
 from dataward.ward import Ward
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess (this process's environment: the test's dataset cache), which must succeed."""
+    proc = subprocess.run([sys.executable, "-c", "from dataward.app.cli import main; main()", *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
@@ -78,3 +87,21 @@ def test_the_classifier_protocol_learns_labels_deterministically_and_fails_on_wr
     assert synthetic_accuracy(train.images, wrong, test.images, test.labels, config) < 0.3
     with pytest.raises(DatawardError, match="at least two classes"):
         synthetic_accuracy(train.images, torch.zeros_like(train.labels), test.images, test.labels, config)
+
+
+def test_init_picks_the_measured_latent_ward_for_the_benchmark_sets_and_keeps_what_the_user_names(real, tmp_path):
+    from dataward.config import WardConfig
+    from dataward.defaults import REAL_AUTOENCODER, init_defaults
+
+    real("fashion-mnist", "test")
+    assert init_defaults("digits:subset=60") == init_defaults("folder:x") and init_defaults("digits").image_size == 8
+    assert init_defaults("mnist").config_changes["public"] == "printed:count=3000,size=32"  # never MNIST itself
+    chosen = run("init", tmp_path / "f", "--data", "fashion-mnist:subset=20")
+    assert "chosen for fashion-mnist:subset=20: latent ward" in chosen.stdout
+    config = WardConfig.load(tmp_path / "f")
+    assert (config.image_size, config.model, config.train.epochs, config.latent) == (32, "tiny", 30.0, True)
+    assert (config.autoencoder, config.autoencoder_data, config.public, config.base) == (REAL_AUTOENCODER, "mnist", "mnist", "public")
+    assert config.model_shape() == (4, 8, 8)
+    run("init", tmp_path / "p", "--data", "fashion-mnist:subset=20", "--image-size", "28")
+    pixel = WardConfig.load(tmp_path / "p")
+    assert (pixel.image_size, pixel.latent, pixel.public, pixel.train.epochs) == (28, False, None, 200.0)
