@@ -6,6 +6,8 @@
   Fashion-MNIST (subset=10000, K = 1) at equal wall-clock training on 2 cores (BENCHMARKS.md, "Real images: model
   choice at 28 px (issue 31)"): the pixel UNet at 28 px made 238 steps in 346 s (FD 364, synthetic-trained accuracy
   58.7%); the latent ward from a public MNIST base made 2,609 steps in 374 s (FD 86, 74.2%), and samples 18x faster.
+  Without the base (same autoencoder, 349 s): FD 90, 75.1%: the base does not clearly help, but it is kept: a latent
+  ward trains the public denoiser anyway (its autoencoder comes with ``public``), and DP fine-tuning starts from it.
   So :func:`real_images`: 30 epochs, 2,344 steps at subset=10000 (~6 min on 2 cores; the whole training split ~34 min),
   plus the public autoencoder (1,500 steps, ~7 min) and base (1,000 steps, ~2.5 min).
 """
