@@ -1,6 +1,6 @@
 """The pinned feature nets of the audit's FD on 28x28 images (issue 31): trained on the fixed test split, measured on the training split.
 
-Figures: BENCHMARKS.md, section "Real images: feature nets and the classifier protocol (issue 31)".
+Figures: BENCHMARKS.md, section "Real images (MNIST, Fashion-MNIST)".
 
     python benchmarks/feature_nets.py [--write mnist,fashion-mnist] [--names mnist,fashion-mnist]
 

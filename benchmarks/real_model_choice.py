@@ -1,6 +1,6 @@
 """Which model for 28x28 Fashion-MNIST on 2 CPU cores (issue 31 item 2): pixel UNet vs latent ward, with and without a public base.
 
-Figures: BENCHMARKS.md, section "Real images: model choice at 28 px (issue 31)".
+Figures: BENCHMARKS.md, section "Real images (MNIST, Fashion-MNIST)".
 
     python benchmarks/real_model_choice.py --workdir DIR --arm ARM [--phase prepare|train|eval] [--data fashion-mnist:subset=10000]
     python benchmarks/real_model_choice.py --workdir DIR --table

@@ -1,6 +1,6 @@
 """Non-private quality on real images (issue 31): FD and synthetic-trained accuracy of a K = 1 ward vs the classifier trained on real images.
 
-Figures: BENCHMARKS.md, section "Real images: non-private quality (issue 31)".
+Figures: BENCHMARKS.md, section "Real images (MNIST, Fashion-MNIST)".
 
     python benchmarks/real_quality.py [--ward DIR] [--data fashion-mnist] [--n 2000] [--sample-steps 20] [--real 10000,60000]
 

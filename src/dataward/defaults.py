@@ -3,8 +3,8 @@
 - ``digits`` and every other source: 8 px, the ``tiny`` preset, 200 epochs; ``--base auto`` is the printed-digits base
   for digits (:func:`dataward.base.choose_base`) and none otherwise.
 - ``mnist`` and ``fashion-mnist`` (issue 31): the choice measured by ``benchmarks/real_model_choice.py`` on
-  Fashion-MNIST (subset=10000, K = 1) at equal wall-clock training on 2 cores (BENCHMARKS.md, "Real images: model
-  choice at 28 px (issue 31)"): the pixel UNet at 28 px made 238 steps in 346 s (FD 364, synthetic-trained accuracy
+  Fashion-MNIST (subset=10000, K = 1) at equal wall-clock training on 2 cores (BENCHMARKS.md, "Real images
+  (MNIST, Fashion-MNIST)"): the pixel UNet at 28 px made 238 steps in 346 s (FD 364, synthetic-trained accuracy
   58.7%); the latent ward from a public MNIST base made 2,609 steps in 374 s (FD 86, 74.2%), and samples 18x faster.
   Without the base (same autoencoder, 349 s): FD 90, 75.1%: the base does not clearly help, but it is kept: a latent
   ward trains the public denoiser anyway (its autoencoder comes with ``public``), and DP fine-tuning starts from it.
