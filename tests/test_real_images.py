@@ -15,7 +15,7 @@ from dataward.audit import features as features_module
 from dataward.audit.classifier import ClassifierConfig, classifier_accuracy, synthetic_accuracy, train_classifier
 from dataward.audit.features import BENCHMARK_FEATURE_NETS, benchmark_feature_net
 from dataward.audit.metrics import frechet_distance
-from dataward.audit.sections import Skip, pick_features
+from dataward.audit.choices import Skip, pick_features
 from dataward.config import TrainConfig
 from dataward.data import load_source
 from dataward.errors import DatawardError

@@ -17,13 +17,14 @@ from typing import Callable
 import torch
 
 from dataward.audit.attacks import DEFAULT_TIMESTEPS, AttackResult, forgetting_attack, loss_attack, pia, pooled_rank_auc, roc
+from dataward.audit.choices import cached_features
 from dataward.audit.features import FeatureExtractor, FeatureNet, FeatureNetConfig, digits_feature_net, inception_features, module_features
 from dataward.audit.metrics import Replication, downstream_accuracy, frechet_distance, recompute_epsilon, replication
 from dataward.audit.protection import protection
 from dataward.audit.protocol import AuditedWard
 from dataward.audit.report import write_html
 from dataward.audit.sections import (
-    Audit, Sections, cached_features, draw_samples, forgetting, membership, privacy, quality, replication_section, ward_summary,
+    Audit, Sections, draw_samples, forgetting, membership, privacy, quality, replication_section, ward_summary,
 )
 from dataward.data import Dataset
 

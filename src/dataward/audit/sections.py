@@ -8,18 +8,15 @@ runs them in order so that one failing section does not lose the others.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from dataward.audit.attacks import FORGETTING_T, forgetting_attack, loss_attack, mismatched_sources, pia, pooled_rank_auc
-from dataward.audit.features import (BENCHMARK_FEATURE_NETS, FeatureExtractor, FeatureNet, ModuleFeatures, benchmark_feature_net,
-                                     digits_feature_net, inception_features, module_features)
+from dataward.audit.choices import AuditFeatures, Skip
 from dataward.audit.metrics import downstream_accuracy, frechet_distance, recompute_epsilon, replication
 from dataward.audit.protocol import AuditedWard, ServedDenoisers
 from dataward.certificate import no_certificate_reason
@@ -30,54 +27,12 @@ from dataward.sampling.export import export_states
 from dataward.training.privacy import other_accountant
 
 
-class Skip(Exception):
-    """A section that does not apply to this ward; the message is the reason."""
-
-
 @dataclass(frozen=True)
 class Measured:
     """What a section measured."""
 
     fields: dict[str, Any]  # the section's report entries (after "status")
     artifacts: dict[str, Any] = field(default_factory=dict)  # arrays the HTML page draws; not part of the JSON
-
-
-@dataclass(frozen=True)
-class AuditFeatures:
-    """The feature network of the audit, whatever the user passed."""
-
-    extract: FeatureExtractor  # features for FD
-    copy: FeatureExtractor  # features for the replication cosine (the digits net's spatial conv features)
-    info: dict[str, Any]  # JSON-ready description, with the net's held-out accuracy when known
-
-    @classmethod
-    def of(cls, extractor: FeatureExtractor) -> "AuditFeatures":
-        """Describe an extractor: the digits net and user modules describe themselves, a bare callable by its type."""
-        if isinstance(extractor, FeatureNet):
-            return cls(extractor, extractor.copy_features, extractor.info())
-        if isinstance(extractor, ModuleFeatures):
-            return cls(extractor, extractor, extractor.info())
-        return cls(extractor, extractor, {"name": type(extractor).__name__, "heldout_accuracy": None})
-
-
-def pick_features(data: str, heldout: Dataset | None, features: FeatureExtractor | torch.nn.Module | None,
-                  inception: str | Path | None) -> AuditFeatures:
-    """Local Inception weights, else the user's module or extractor, else the digits net for digits data and the pinned
-    28x28 net for mnist / fashion-mnist data (not for a ward of their test split: the net trained on it); else Skip."""
-    if inception is not None:
-        return AuditFeatures.of(inception_features(inception))
-    if isinstance(features, torch.nn.Module):
-        return AuditFeatures.of(module_features(features))
-    if features is not None:
-        return AuditFeatures.of(features)
-    if data.startswith("digits") or heldout is not None and tuple(heldout.shape) == (1, 8, 8):
-        return AuditFeatures.of(digits_feature_net())
-    name, _, options = data.partition(":")
-    if name in BENCHMARK_FEATURE_NETS:
-        if "split=test" in options.split(","):
-            raise Skip(f"the {name} feature net trained on {name}'s test split, which this ward holds: pass features= or inception=")
-        return AuditFeatures.of(benchmark_feature_net(name))
-    raise Skip("no feature network for this data: pass features= (a torch module) or inception= (a local safetensors file)")
 
 
 @dataclass(frozen=True)
@@ -119,12 +74,6 @@ class Audit:
         if self.heldout is None:
             raise Skip(reason)
         return self.heldout
-
-
-def cached_features(data: str, heldout: Dataset | None, features: FeatureExtractor | torch.nn.Module | None,
-                    inception: str | Path | None) -> Callable[[], AuditFeatures]:
-    """:func:`pick_features` on first call, kept once it succeeds (a Skip is raised again on every call)."""
-    return functools.cache(functools.partial(pick_features, data, heldout, features, inception))
 
 
 @dataclass
