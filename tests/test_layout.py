@@ -88,11 +88,11 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("dataward.errors", "dataward.interrupts", "dataward.numerics", "dataward.openmp", "dataward.progress",
                     "dataward.config", "dataward.shapes", "dataward.benchmark_data", "dataward.npzfile", "dataward.data",
-                    "dataward.plots")),
+                    "dataward.plots", "dataward.captions", "dataward.imagefiles")),
     ("store", ("dataward.store",)),
     ("diffusion", ("dataward.diffusion",)),
     ("models", ("dataward.models",)),
-    ("training", ("dataward.training",)),
+    ("training", ("dataward.training", "dataward.text")),
     ("facade", ("dataward.ward", "dataward.changes", "dataward.forgetting", "dataward.base", "dataward.assignment", "dataward.generation",
                 "dataward.pipelines", "dataward.export", "dataward.certificate", "dataward.reports")),
     ("audit", ("dataward.audit",)),
