@@ -118,3 +118,31 @@ def test_a_base_that_does_not_fit_is_refused_by_name(saved_stack, tmp_path, case
     edit(folder)
     with pytest.raises(DatawardError, match=message):
         load_stack(folder)
+
+
+def _pretrained(tmp_path, seed, name):
+    from dataward.config import TrainConfig
+    from dataward.data import load_source
+    from dataward.text.pretrain import PretrainConfig, pretrain_stack
+
+    quick = PretrainConfig(autoencoder=TrainConfig(steps=3, batch_size=8), denoiser=TrainConfig(steps=3, batch_size=8))
+    data = load_source("captioned-shapes:split=public,count=16,seed=1")
+    return pretrain_stack(data, StackConfig(), quick, seed, tmp_path / name)
+
+
+def test_pretraining_is_deterministic_from_its_seed(tmp_path):
+    first, again, other = _pretrained(tmp_path, 0, "a"), _pretrained(tmp_path, 0, "b"), _pretrained(tmp_path, 1, "c")
+    for name in ("vae", "unet", "text_encoder"):
+        state, same, different = (p.components[name].state_dict() for p in (first, again, other))
+        assert all(torch.equal(state[k], same[k]) for k in state)
+        assert not all(torch.equal(state[k], different[k]) for k in state)
+    assert first.vae.config.scaling_factor != 0.18215  # measured on the public latents, not diffusers' default
+    assert torch.equal(_images(first), _images(again))
+
+
+def test_pretraining_refuses_data_without_captions(tmp_path):
+    from dataward.data import load_source
+    from dataward.text.pretrain import PretrainConfig, pretrain_stack
+
+    with pytest.raises(DatawardError, match="needs captioned data"):
+        pretrain_stack(load_source("shapes:count=8"), StackConfig(), PretrainConfig(), 0, tmp_path)
