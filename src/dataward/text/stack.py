@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -112,10 +111,3 @@ def load_stack(folder: str | Path) -> StableDiffusionPipeline:
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-@torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """The text encoder's last hidden states (N, max_length, text_width) of ``prompts`` padded to the tokenizer's length
-    (what the UNet cross-attends to; the pipeline's ``encode_prompt`` computes the same)."""
-    tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tokens.input_ids)[0]
