@@ -88,11 +88,11 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("dataward.errors", "dataward.interrupts", "dataward.numerics", "dataward.openmp", "dataward.progress",
                     "dataward.config", "dataward.shapes", "dataward.benchmark_data", "dataward.npzfile", "dataward.data", "dataward.defaults",
-                    "dataward.plots")),
+                    "dataward.plots", "dataward.captions", "dataward.imagefiles")),
     ("store", ("dataward.store",)),
     ("diffusion", ("dataward.diffusion",)),
     ("models", ("dataward.models",)),
-    ("training", ("dataward.training",)),
+    ("training", ("dataward.training", "dataward.text")),
     ("facade", ("dataward.ward", "dataward.changes", "dataward.forgetting", "dataward.public_base", "dataward.assignment", "dataward.sampling",
                 "dataward.certificate", "dataward.ward_status", "dataward.pictures")),
     ("audit", ("dataward.audit",)),

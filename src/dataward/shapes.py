@@ -3,6 +3,8 @@ without any download. ``shapes:count=N,seed=S,size=P`` as a data source; :func:`
 images as a ``folder:`` data set (one sub-folder per class, PNG files), the way users bring their own images.
 
 Three classes (circle, square, triangle), each drawn in a random colour, size and position on a random background colour.
+:func:`draw_shape` draws one shape as told (also the cross and the ring): :mod:`dataward.captions` draws its captioned
+shapes with it.
 """
 
 from __future__ import annotations
@@ -15,26 +17,46 @@ from PIL import Image, ImageDraw
 
 from dataward.errors import DatawardError
 
-SHAPE_CLASSES = ("circle", "square", "triangle")
+SHAPE_CLASSES = ("circle", "square", "triangle")  # the classes of the ``shapes`` source
+SHAPE_KINDS = SHAPE_CLASSES + ("cross", "ring")  # every shape :func:`draw_shape` draws (captioned shapes use all)
+
+
+def draw_shape(kind: str, ink: tuple[int, int, int], background: tuple[int, int, int], centre: tuple[float, float],
+               radius: float, rotation: float, size: int) -> Image.Image:
+    """One shape (a name of ``SHAPE_KINDS``) of colour ``ink`` on ``background``, drawn on a canvas of 4 * ``size`` px
+    (``centre`` and ``radius`` in its pixels, ``rotation`` in degrees), then downsampled to ``size`` px (anti-aliased edges)."""
+    canvas = 4 * size
+    img = Image.new("RGB", (canvas, canvas), background)
+    draw = ImageDraw.Draw(img)
+    (cx, cy), r = centre, radius
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=ink)
+    elif kind in ("square", "triangle"):
+        draw.regular_polygon((cx, cy, r), 4 if kind == "square" else 3, rotation=rotation, fill=ink)
+    elif kind == "cross":  # two bars of a third of its width, turned by ``rotation``
+        bar = [(-r, -r / 3), (r, -r / 3), (r, r / 3), (-r, r / 3)]
+        turn = np.deg2rad(rotation)
+        for quarter in (0.0, np.pi / 2):
+            c, s = np.cos(turn + quarter), np.sin(turn + quarter)
+            draw.polygon([(cx + c * x - s * y, cy + s * x + c * y) for x, y in bar], fill=ink)
+    elif kind == "ring":  # a disc with a hole of half its radius
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=ink)
+        draw.ellipse((cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2), fill=background)
+    else:
+        raise DatawardError(f"unknown shape {kind!r}: expected one of {', '.join(SHAPE_KINDS)}")
+    return img.resize((size, size), Image.LANCZOS)
 
 
 def _draw(rng: np.random.Generator, label: int, size: int) -> Image.Image:
     background, ink = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     while np.abs(background - ink).sum() < 200:  # keep the shape visible
         ink = rng.integers(0, 256, 3)
-    canvas = 4 * size  # drawn at 4x, then downsampled (anti-aliased edges)
-    img = Image.new("RGB", (canvas, canvas), tuple(int(v) for v in background))
-    draw = ImageDraw.Draw(img)
+    canvas = 4 * size
     radius = rng.uniform(0.2, 0.4) * canvas
     cx, cy = rng.uniform(radius, canvas - radius, 2)
-    fill = tuple(int(v) for v in ink)
-    if label == 0:
-        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
-    elif label == 1:
-        draw.regular_polygon((cx, cy, radius), 4, rotation=float(rng.uniform(0, 90)), fill=fill)
-    else:
-        draw.regular_polygon((cx, cy, radius), 3, rotation=float(rng.uniform(0, 120)), fill=fill)
-    return img.resize((size, size), Image.LANCZOS)
+    rotation = 0.0 if label == 0 else float(rng.uniform(0, 90 if label == 1 else 120))
+    ink_rgb, background_rgb = tuple(int(v) for v in ink), tuple(int(v) for v in background)
+    return draw_shape(SHAPE_CLASSES[label], ink_rgb, background_rgb, (cx, cy), radius, rotation, size)  # type: ignore[arg-type]
 
 
 def shape_images(count: int, seed: int = 0, size: int = 32) -> tuple[list[Image.Image], np.ndarray]:
