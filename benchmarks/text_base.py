@@ -6,6 +6,8 @@ Trains :func:`dataward.text.pretrain.pretrain_stack` on ``captioned-shapes:split
 JSON row: the wall time of each stage and the colour gap (:func:`dataward.text.pretrain.colour_gap`: mean R − B of 8
 samples for "a large red square in the centre on a grey background" minus that for "blue", 20 DDIM steps, guidance 3),
 for the pretrained base and for the untrained stack of the same seed (the reference: about 0).
+
+Figures: BENCHMARKS.md, section "Text-to-image base (issue 32)".
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def main() -> None:
                "colour_gap_pretrained": round(gap, 4), "colour_gap_untrained": round(colour_gap(untrained), 4),
                "colour_gap_s": round(sample_s, 1)}
     print(json.dumps(row))
+    print("| count | autoencoder steps | denoiser steps | train time | colour gap, pretrained | colour gap, untrained |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {args.count:,} | {args.ae_steps} | {args.steps} | {row['train_s']} s | {row['colour_gap_pretrained']} | "
+          f"{row['colour_gap_untrained']} |")
 
 
 if __name__ == "__main__":
