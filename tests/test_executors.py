@@ -96,7 +96,7 @@ def test_ray_workers_use_a_postgres_ledger_and_give_the_same_bytes(ray_session, 
     move_ledger(tmp_path / "ward", postgres())
     ward = Ward.open(tmp_path / "ward")
     ward.train(executor="ray")  # each Ray worker opens the ward, and so the PostgreSQL ledger, by itself
-    assert ward.status()["ledger"].startswith("postgresql://") and model_hashes(ward) == reference
+    assert ward.status().ledger.startswith("postgresql://") and model_hashes(ward) == reference
     ward.close()
 
 

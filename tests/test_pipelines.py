@@ -86,6 +86,31 @@ def test_every_scheduler_the_readme_names_samples_the_data_with_a_slightly_wrong
         assert (broken.mean(0) - m[0]).abs().max() > 1
 
 
+@pytest.mark.parametrize("name", README_SCHEDULERS)
+def test_every_scheduler_the_readme_names_samples_latents_with_a_slightly_wrong_eps(name):
+    """Issue 36: the schedulers were checked on pixel wards only. A latent ward's pipeline hands its scheduler config
+    (no x_0 clipping: latents are unbounded) and bounds x_0 at ±LATENT_X0_BOUND for schedulers that do not: each one, run
+    that way on data N(m, 0.1²) with m beyond [-1, 1] (unit-std latents), ends at the data (the ward's own DDIM: within 0.05)
+    (DPM-Solver singlestep starts at t = 999 and, unbounded, ended ~7 off)."""
+    from dataward.diffusion.latent import make_latent_scheduler
+    from dataward.diffusion.sampling import make_training_scheduler
+    from dataward.sampling.pipeline import LATENT_X0_BOUND, ClippedEps, clips_x0, scheduler_loop
+
+    training = make_training_scheduler()
+    config = make_latent_scheduler(training, "ddim").config  # what `pipe.scheduler.config` is in a latent ward
+    g = torch.Generator().manual_seed(0)
+    m = torch.linspace(-2, 2, 64).reshape(1, 4, 4, 4)
+    eps = _gaussian_eps_with_an_error(m, 0.01, training.alphas_cumprod, 0.02 * torch.randn(1, 4, 4, 4, generator=g))
+    x_T = torch.randn(256, 4, 4, 4, generator=g)
+    own = scheduler_loop(eps, x_T, make_latent_scheduler(training, "ddim"), 20)
+    scheduler = _scheduler(name, config)
+    wrapped = eps if clips_x0(scheduler) else ClippedEps(eps, training.alphas_cumprod, LATENT_X0_BOUND)
+    for steps in (20, 50):
+        x = scheduler_loop(wrapped, x_T, scheduler, steps, generator=torch.Generator().manual_seed(1))
+        error, own_error = (x.mean(0) - m[0]).abs().max(), (own.mean(0) - m[0]).abs().max()
+        assert error < 0.1 and 0.05 < x.std(0).mean() < 0.2, (steps, error, own_error, x.std(0).mean())  # unbounded: 3.4-6.9
+
+
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDPMScheduler"])
 def test_a_scheduler_swap_on_a_ward_samples_like_the_wards_own_scheduler(base_ward, name):
     """Issue 36: `pipe.scheduler` shows the ward's own sampler (it was None), and the README's swap draws images as the

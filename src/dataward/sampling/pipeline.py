@@ -12,8 +12,9 @@ linspace or trailing, the default of DPM-Solver, UniPC, DEIS, Euler, Heun, ...) 
 x_0 error of ~sqrt((1 − ᾱ)/ᾱ) ≈ 20,000 there, and none of them clips x_0 as DDPM and DDIM do (``clip_sample``). Two
 fixes, both needed for all of them to draw digits: the ward's scheduler config names DDPM's and DDIM's ``leading``
 spacing, so ``from_config`` hands it on (:func:`dataward.diffusion.sampling.make_training_scheduler`: the first step is
-then at t ≈ 950-980, as DDIM's), and in pixel wards a scheduler that does not clip x_0 itself runs on
-:class:`ClippedEps`, DDIM's clipping done on ε.
+then at t ≈ 950-980, as DDIM's), and a scheduler that does not clip x_0 itself runs on :class:`ClippedEps`, DDIM's
+clipping done on ε (latent wards: at ±:data:`LATENT_X0_BOUND`; DPM-Solver singlestep starts at t = 999 whatever the
+spacing, and unclipped it drew latents ~7 off).
 """
 
 from __future__ import annotations
@@ -54,19 +55,25 @@ def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor | float) -> float
     return 1.0 / (1.0 + sigma ** 2)
 
 
-class ClippedEps:
-    """A denoiser whose implied x_0 = (x_t − sqrt(1 − ᾱ_t) ε) / sqrt(ᾱ_t) is clipped to [-1, 1] (pixel data), returned as
-    the ε of the clipped x_0: what DDPM's and DDIM's ``clip_sample`` do inside ``step``, done where any scheduler sees it."""
+LATENT_X0_BOUND = 6.0  # a latent ward's x_0 bound for other schedulers: 6 standard deviations of the unit-std latents
 
-    def __init__(self, eps: Denoiser, alphas_cumprod: torch.Tensor):
+
+class ClippedEps:
+    """A denoiser whose implied x_0 = (x_t − sqrt(1 − ᾱ_t) ε) / sqrt(ᾱ_t) is clipped to [-bound, bound] ([-1, 1]: pixel
+    data; :data:`LATENT_X0_BOUND`: latents, where it only stops absurd x_0 near t = T − 1, as DPM-Solver singlestep's
+    first step at t = 999 made), returned as the ε of the clipped x_0: what DDPM's and DDIM's ``clip_sample`` do inside
+    ``step``, done where any scheduler sees it."""
+
+    def __init__(self, eps: Denoiser, alphas_cumprod: torch.Tensor, bound: float = 1.0):
         self.eps = eps
         self.alphas_cumprod = alphas_cumprod
+        self.bound = bound
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         e = self.eps(x_t, t, y)
         alpha_bar = alpha_bar_at(self.alphas_cumprod, t)
         a, s = alpha_bar ** 0.5, (1.0 - alpha_bar) ** 0.5
-        x0 = ((x_t - s * e) / a).clamp(-1, 1)
+        x0 = ((x_t - s * e) / a).clamp(-self.bound, self.bound)
         return (x_t - a * x0) / s
 
 
@@ -158,7 +165,8 @@ class WardPipeline(DiffusionPipeline):
         if plan.mode == "density" and not isinstance(scheduler, DDPMScheduler):
             raise DatawardError(f"density weights need DDPM steps, not {type(scheduler).__name__}: use weights router or soup "
                                 "with other schedulers")
-        eps = plan.eps if own or self.ward.config.latent or clips_x0(scheduler) else ClippedEps(plan.eps, self.ward.scheduler.alphas_cumprod)
+        bound = LATENT_X0_BOUND if self.ward.config.latent else 1.0
+        eps = plan.eps if own or clips_x0(scheduler) else ClippedEps(plan.eps, self.ward.scheduler.alphas_cumprod, bound)
         x = scheduler_loop(eps, plan.x_T, scheduler, num_inference_steps, plan.y, plan.generator, self.progress_bar)
         self._check_not_forgotten(plan, routers)
         result = finish_sampling(models, plan, x)
