@@ -13,6 +13,7 @@ at once.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING
 
 from dataward import numerics, openmp
@@ -43,10 +44,18 @@ if TYPE_CHECKING:
     from dataward.ward_status import WardStatus
 
 
-def __getattr__(name: str):
-    """The public API's names, imported on first use (PEP 562)."""
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'dataward' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    globals()[name] = value
-    return value
+def lazy_exports(package: str, table: dict[str, str]):
+    """A package's ``__getattr__`` (PEP 562) that imports each name of ``table`` (name -> defining module) on first use
+    and keeps it in the package (``dataward`` and ``dataward.sampling`` use it)."""
+
+    def __getattr__(name: str):
+        if name not in table:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(table[name]), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__
+
+
+__getattr__ = lazy_exports(__name__, _PUBLIC)

@@ -8,8 +8,9 @@ The names below import torch and diffusers when first used (PEP 562), as the pac
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from dataward import lazy_exports
 
 _PUBLIC = {  # name -> the module that defines it
     "WardPipeline": "dataward.sampling.pipeline", "SampleRequest": "dataward.sampling.plan",
@@ -25,10 +26,4 @@ if TYPE_CHECKING:
     from dataward.sampling.served import ServedModels
 
 
-def __getattr__(name: str):
-    """The sampling API's names, imported on first use (PEP 562)."""
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'dataward.sampling' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _PUBLIC)
